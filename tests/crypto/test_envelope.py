@@ -262,10 +262,10 @@ def test_refuses_symlink_missing_malformed_and_existing(tmp_path, provider):
 def test_env_provider_errors_do_not_echo_the_value():
     with pytest.raises(KeyMaterialError, match="SOM_KEK is not set"):
         EnvKeyProvider(environ={})
-    secret_text = "c2VjcmV0LXNob3J0"  # base64 of 12 bytes
+    short_value = "c2VjcmV0LXNob3J0"  # base64 of 12 bytes
     with pytest.raises(KeyMaterialError) as info:
-        EnvKeyProvider(environ={"SOM_KEK": secret_text})
-    assert secret_text not in str(info.value)
+        EnvKeyProvider(environ={"SOM_KEK": short_value})
+    assert short_value not in str(info.value)
     with pytest.raises(KeyMaterialError) as info:
         EnvKeyProvider(environ={"SOM_KEK": "not*base64*at*all"})
     assert "not*base64" not in str(info.value)

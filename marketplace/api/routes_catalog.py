@@ -1,0 +1,153 @@
+"""Catalog routes: offerings, versions (model uploads), publishing."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+
+from marketplace.api.deps import Auth, Page, Rt, actor_of
+from marketplace.api.schemas import OfferingCreate, OfferingPublic, OfferingUpdate, PageOf, VersionPublic
+from marketplace.db.base import utcnow
+from marketplace.db.models import Offering, OfferingVersion
+from marketplace.errors import Invalid
+from marketplace.services import audit, catalog
+from marketplace.services.identity import Principal
+
+router = APIRouter(prefix="/v1/offerings", tags=["catalog"])
+
+# Features that know more about an offering (agent presence) register a decorator here.
+PUBLIC_DECORATORS: list = []  # type: ignore[type-arg]
+
+
+def to_public(s, off: Offering) -> OfferingPublic:  # type: ignore[no-untyped-def]
+    v = catalog.latest_version(s, off.id)
+    out = OfferingPublic.model_validate(off)
+    out.latest_version = VersionPublic.model_validate(v) if v else None
+    for fn in PUBLIC_DECORATORS:
+        fn(s, off, out)
+    return out
+
+
+def _denier(rt: Rt, p: Principal, request: Request):  # type: ignore[no-untyped-def]
+    def deny(target: str) -> None:
+        audit.emit_detached(rt.sessions, actor_of(p, request), "authz.denied", target=target, outcome="denied")
+
+    return deny
+
+
+@router.post("", response_model=OfferingPublic, status_code=201, summary="Create an offering (provider; starts as draft)")
+def create_offering(body: OfferingCreate, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
+    p.require("provider")
+    with rt.tx() as s:
+        off = Offering(org_id=p.org_id, **body.model_dump())
+        s.add(off)
+        s.flush()
+        audit.emit(s, actor_of(p, request), "offering.create", target=off.id, detail={"name": off.name})
+        return to_public(s, off)
+
+
+@router.get("", response_model=PageOf[OfferingPublic], summary="Search the catalog")
+def search_offerings(
+    p: Auth,
+    rt: Rt,
+    page: Page,
+    q: Annotated[str | None, Query(max_length=200, description="Text in name or description")] = None,
+    task: str | None = None,
+    tag: str | None = None,
+    hosting: Literal["marketplace", "provider"] | None = None,
+    org_id: str | None = None,
+    status: Literal["draft", "published", "withdrawn"] | None = None,
+) -> PageOf[OfferingPublic]:
+    with rt.tx() as s:
+        rows, total = catalog.search(
+            s, p, q=q, task=task, tag=tag, hosting=hosting, org_id=org_id, status=status,
+            limit=page.limit, offset=page.offset,
+        )
+        nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
+        return PageOf[OfferingPublic](
+            items=[to_public(s, r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt
+        )
+
+
+@router.get("/{offering_id}", response_model=OfferingPublic, summary="One offering")
+def get_offering(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
+    with rt.tx() as s:
+        return to_public(s, catalog.get_visible(s, p, offering_id, on_deny=_denier(rt, p, request)))
+
+
+@router.patch("/{offering_id}", response_model=OfferingPublic, summary="Update an offering you own")
+def update_offering(offering_id: str, body: OfferingUpdate, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
+    p.require("provider")
+    with rt.tx() as s:
+        off = catalog.get_owned(s, p, offering_id, on_deny=_denier(rt, p, request))
+        changes = body.model_dump(exclude_unset=True)
+        for k, v in changes.items():
+            if v is None:
+                raise Invalid(f"{k} cannot be null")
+            setattr(off, k, v)
+        off.updated_at = utcnow()
+        audit.emit(s, actor_of(p, request), "offering.update", target=off.id, detail={"fields": sorted(changes)})
+        return to_public(s, off)
+
+
+@router.post("/{offering_id}/publish", response_model=OfferingPublic, summary="Publish to the catalog")
+def publish(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
+    p.require("provider")
+    with rt.tx() as s:
+        off = catalog.get_owned(s, p, offering_id, on_deny=_denier(rt, p, request))
+        return to_public(s, catalog.set_status(s, off, "published", actor_of(p, request)))
+
+
+@router.post("/{offering_id}/withdraw", response_model=OfferingPublic, summary="Withdraw from the catalog")
+def withdraw(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
+    p.require("provider")
+    with rt.tx() as s:
+        off = catalog.get_owned(s, p, offering_id, on_deny=_denier(rt, p, request))
+        return to_public(s, catalog.set_status(s, off, "withdrawn", actor_of(p, request)))
+
+
+@router.post(
+    "/{offering_id}/versions",
+    response_model=VersionPublic,
+    status_code=201,
+    summary="Upload a model version (raw ONNX or .npz bytes as application/octet-stream)",
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    },
+)
+async def upload_version(
+    offering_id: str,
+    p: Auth,
+    rt: Rt,
+    request: Request,
+    format: Annotated[Literal["onnx", "npz"], Query(description="Artifact format")],
+    input_shape: Annotated[str, Query(description="Declared input shape, e.g. '30'")] = "",
+) -> VersionPublic:
+    p.require("provider")
+    try:
+        shape = [int(x) for x in input_shape.split(",") if x.strip()] if input_shape else []
+    except ValueError as e:
+        raise Invalid(f"input_shape must be comma-separated integers, got {input_shape!r}") from e
+    ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    if ctype not in ("application/octet-stream", "application/onnx", "application/x-npz"):
+        from marketplace.errors import UnsupportedMediaType
+
+        raise UnsupportedMediaType(f"send the artifact as application/octet-stream, not {ctype}")
+    data = await request.body()
+    with rt.tx() as s:
+        off = catalog.get_owned(s, p, offering_id, on_deny=_denier(rt, p, request))
+        v = catalog.add_version(rt, s, off, data, fmt=format, input_shape=shape, who=actor_of(p, request))
+        return VersionPublic.model_validate(v)
+
+
+@router.get("/{offering_id}/versions", response_model=list[VersionPublic], summary="Versions of an offering")
+def list_versions(offering_id: str, p: Auth, rt: Rt, request: Request) -> list[VersionPublic]:
+    from sqlalchemy import select
+
+    with rt.tx() as s:
+        catalog.get_visible(s, p, offering_id, on_deny=_denier(rt, p, request))
+        rows = s.scalars(
+            select(OfferingVersion).where(OfferingVersion.offering_id == offering_id).order_by(OfferingVersion.number)
+        )
+        return [VersionPublic.model_validate(r) for r in rows]

@@ -1,0 +1,18 @@
+"""Liveness and version."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import text
+
+import marketplace
+from marketplace.api.deps import Rt
+
+router = APIRouter(prefix="/v1", tags=["health"])
+
+
+@router.get("/health", summary="Liveness: the API answers and the DB is reachable")
+def health(rt: Rt) -> dict[str, str]:
+    with rt.engine.connect() as c:
+        c.execute(text("SELECT 1"))
+    return {"status": "ok", "version": marketplace.__version__}

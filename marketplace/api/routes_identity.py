@@ -1,0 +1,114 @@
+"""Organisations, API keys, whoami."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from sqlalchemy import func, select
+
+from marketplace.api.deps import Auth, Page, Rt, actor_of
+from marketplace.api.schemas import KeyCreate, KeyCreated, KeyPublic, OrgCreate, OrgPublic, PageOf, WhoAmI
+from marketplace.db.models import ApiKey, Org
+from marketplace.errors import Forbidden, NotFound
+from marketplace.services import audit
+from marketplace.services.identity import create_key, create_org, revoke_key
+
+router = APIRouter(prefix="/v1", tags=["identity"])
+
+
+@router.get("/whoami", response_model=WhoAmI, summary="The calling key, its organisation and roles")
+def whoami(p: Auth, rt: Rt) -> WhoAmI:
+    with rt.tx() as s:
+        org = s.get(Org, p.org_id)
+        return WhoAmI(key_id=p.key_id, org_id=p.org_id, org_name=org.name if org else "", roles=sorted(p.roles))
+
+
+@router.post("/orgs", response_model=OrgPublic, status_code=201, summary="Create an organisation (admin)")
+def create_organisation(body: OrgCreate, p: Auth, rt: Rt, request: Request) -> OrgPublic:
+    p.require("admin")
+    with rt.tx() as s:
+        org = create_org(s, body.name)
+        audit.emit(s, actor_of(p, request), "org.create", target=org.id, detail={"name": org.name})
+        return OrgPublic.model_validate(org)
+
+
+@router.get("/orgs", response_model=PageOf[OrgPublic], summary="List organisations (admin: all; others: own)")
+def list_orgs(p: Auth, rt: Rt, page: Page) -> PageOf[OrgPublic]:
+    with rt.tx() as s:
+        stmt = select(Org) if p.has("admin") else select(Org).where(Org.id == p.org_id)
+        total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+        rows = s.scalars(stmt.order_by(Org.created_at).limit(page.limit).offset(page.offset)).all()
+        nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
+        return PageOf[OrgPublic](
+            items=[OrgPublic.model_validate(r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt
+        )
+
+
+def _deny(rt: Rt, p: Auth, request: Request, target: str) -> None:
+    audit.emit_detached(rt.sessions, actor_of(p, request), "authz.denied", target=target, outcome="denied")
+
+
+@router.get("/orgs/{org_id}", response_model=OrgPublic, summary="One organisation (own, or any for admin)")
+def get_org(org_id: str, p: Auth, rt: Rt, request: Request) -> OrgPublic:
+    with rt.tx() as s:
+        org = s.get(Org, org_id)
+        if org is None or (org.id != p.org_id and not p.has("admin")):
+            if org is not None:
+                _deny(rt, p, request, org_id)
+            raise NotFound(f"organisation {org_id} not found")
+        return OrgPublic.model_validate(org)
+
+
+@router.post(
+    "/orgs/{org_id}/keys",
+    response_model=KeyCreated,
+    status_code=201,
+    summary="Create an API key (admin; or a member granting at most its own roles)",
+)
+def create_api_key(org_id: str, body: KeyCreate, p: Auth, rt: Rt, request: Request) -> KeyCreated:
+    with rt.tx() as s:
+        if not p.has("admin"):
+            if org_id != p.org_id or s.get(Org, org_id) is None:
+                _deny(rt, p, request, org_id)
+                raise NotFound(f"organisation {org_id} not found")
+            extra = set(body.roles) - set(p.roles)
+            if extra:
+                audit.emit_detached(
+                    rt.sessions, actor_of(p, request), "role.grant", target=org_id, outcome="denied",
+                    detail={"roles": sorted(extra)},
+                )
+                raise Forbidden(f"you cannot grant roles you do not hold: {sorted(extra)}")
+        row, plaintext = create_key(
+            s, org_id=org_id, roles=list(body.roles), name=body.name, ttl_days=body.ttl_days, created_by=p.key_id
+        )
+        who = actor_of(p, request)
+        audit.emit(s, who, "key.create", target=row.id, detail={"org": org_id, "prefix": row.prefix})
+        audit.emit(s, who, "role.grant", target=row.id, detail={"roles": row.roles})
+        return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=plaintext)
+
+
+@router.get("/keys", response_model=PageOf[KeyPublic], summary="API keys of your organisation (admin: ?org_id=)")
+def list_keys(p: Auth, rt: Rt, page: Page, org_id: str | None = None) -> PageOf[KeyPublic]:
+    with rt.tx() as s:
+        target = org_id if (org_id and p.has("admin")) else p.org_id
+        stmt = select(ApiKey).where(ApiKey.org_id == target)
+        total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+        rows = s.scalars(stmt.order_by(ApiKey.created_at).limit(page.limit).offset(page.offset)).all()
+        nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
+        return PageOf[KeyPublic](
+            items=[KeyPublic.model_validate(r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt
+        )
+
+
+@router.delete("/keys/{key_id}", response_model=KeyPublic, summary="Revoke an API key")
+def revoke_api_key(key_id: str, p: Auth, rt: Rt, request: Request) -> KeyPublic:
+    with rt.tx() as s:
+        row = s.get(ApiKey, key_id)
+        if row is None or (row.org_id != p.org_id and not p.has("admin")):
+            if row is not None:
+                _deny(rt, p, request, key_id)
+            raise NotFound(f"key {key_id} not found")
+        if not (p.has("admin") or row.id == p.key_id or set(row.roles) <= set(p.roles)):
+            raise Forbidden("you can revoke only keys whose roles you hold")
+        revoke_key(s, row)
+        audit.emit(s, actor_of(p, request), "key.revoke", target=row.id, detail={"org": row.org_id})
+        return KeyPublic.model_validate(row)

@@ -1,0 +1,139 @@
+"""Wire schemas (pydantic) of the foundation routes: XCreate / XUpdate / XPublic."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+Role = Literal["provider", "consumer", "compliance", "admin"]
+Hosting = Literal["marketplace", "provider"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PageOf(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class OrgCreate(Strict):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class OrgPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    name: str
+    created_at: datetime
+
+
+class KeyCreate(Strict):
+    roles: list[Role] = Field(min_length=1)
+    name: str = Field(default="", max_length=200)
+    ttl_days: int = Field(default=365, ge=1, le=3650)
+
+
+class KeyPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    org_id: str
+    prefix: str
+    roles: list[str]
+    name: str
+    kind: str
+    offering_ids: list[str] | None = None
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="The API key. Shown once; store it now.")
+
+
+class WhoAmI(BaseModel):
+    key_id: str
+    org_id: str
+    org_name: str
+    roles: list[str]
+
+
+class OfferingCreate(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=10_000)
+    model_card: str = Field(default="", max_length=200_000, description="Markdown.")
+    task: str = Field(min_length=1, max_length=60, examples=["binary-classification"])
+    input_schema: dict[str, Any] = Field(default_factory=dict)
+    output_schema: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list, max_length=32)
+    licence: str = Field(default="proprietary", max_length=100)
+    hosting: Hosting = "marketplace"
+
+
+class OfferingUpdate(Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=10_000)
+    model_card: str | None = Field(default=None, max_length=200_000)
+    task: str | None = Field(default=None, min_length=1, max_length=60)
+    input_schema: dict[str, Any] | None = None
+    output_schema: dict[str, Any] | None = None
+    tags: list[str] | None = Field(default=None, max_length=32)
+    licence: str | None = Field(default=None, max_length=100)
+
+
+class VersionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    offering_id: str
+    number: int
+    format: str
+    digest: str
+    size: int
+    input_shape: list[int]
+    info: dict[str, Any]
+    he_plan: dict[str, Any] | None = None
+    he_report: dict[str, Any] | None = None
+    created_at: datetime
+
+
+class OfferingPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    org_id: str
+    name: str
+    description: str
+    model_card: str
+    task: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    tags: list[str]
+    licence: str
+    hosting: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    latest_version: VersionPublic | None = None
+    agent_online: bool | None = None
+
+
+class AuditPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    seq: int
+    time: datetime
+    actor: str
+    org_id: str | None
+    action: str
+    target: str
+    outcome: str
+    request_id: str
+    detail: dict[str, Any]

@@ -1,0 +1,1 @@
+"""Database layer: SQLAlchemy 2.x typed ORM, engine/session factory, Alembic migrations."""

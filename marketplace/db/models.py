@@ -1,0 +1,113 @@
+"""Foundation tables: organisations, API keys, offerings and versions, artifacts, audit events.
+
+Other features add their own model modules on the same :class:`Base` (ledger, contracts,
+metering, key sets, jobs, agents) and their own Alembic revision.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from marketplace.db.base import Base, UTCDateTime, new_id, utcnow
+
+__all__ = ["ApiKey", "Artifact", "AuditEvent", "Offering", "OfferingVersion", "Org"]
+
+
+class Org(Base):
+    __tablename__ = "orgs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("org"))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    hash: Mapped[str] = mapped_column(String(200))
+    roles: Mapped[list[str]] = mapped_column(JSON)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    kind: Mapped[str] = mapped_column(String(20), default="user")  # user | agent
+    offering_ids: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+    org: Mapped[Org] = relationship()
+
+
+class Offering(Base):
+    __tablename__ = "offerings"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("off"))
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    model_card: Mapped[str] = mapped_column(Text, default="")
+    task: Mapped[str] = mapped_column(String(60))
+    input_schema: Mapped[dict[str, Any]] = mapped_column(JSON)
+    output_schema: Mapped[dict[str, Any]] = mapped_column(JSON)
+    tags: Mapped[list[str]] = mapped_column(JSON)
+    licence: Mapped[str] = mapped_column(String(100), default="proprietary")
+    hosting: Mapped[str] = mapped_column(String(20))  # marketplace | provider
+    status: Mapped[str] = mapped_column(String(20), default="draft")  # draft|published|withdrawn
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index("ix_offerings_status_task", "status", "task"),)
+
+
+class OfferingVersion(Base):
+    __tablename__ = "offering_versions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ver"))
+    offering_id: Mapped[str] = mapped_column(ForeignKey("offerings.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(10))  # onnx | npz
+    digest: Mapped[str] = mapped_column(String(80))  # sha256:<hex> of the plaintext artifact
+    size: Mapped[int] = mapped_column(BigInteger)
+    input_shape: Mapped[list[int]] = mapped_column(JSON)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)  # operators, layer shapes, dims
+    he_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    he_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Artifact(Base):
+    """An envelope-encrypted blob: the ciphertext lives in the blob store, the wrapped DEK here."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("art"))
+    version_id: Mapped[str] = mapped_column(ForeignKey("offering_versions.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(20))  # model | compiled
+    blob: Mapped[str] = mapped_column(String(80))  # sha256 address of the ciphertext
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(String(80))
+    aad: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only: rows are inserted, never updated or deleted."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("evt"))
+    time: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(80))  # key id, or "system", or "anonymous"
+    org_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    action: Mapped[str] = mapped_column(String(60), index=True)
+    target: Mapped[str] = mapped_column(String(200), default="")
+    outcome: Mapped[str] = mapped_column(String(20))  # success | denied | failure
+    request_id: Mapped[str] = mapped_column(String(80), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -1,0 +1,91 @@
+"""The service's runtime: settings, DB engine and sessions, blob store, key provider, log files.
+
+Built by :func:`marketplace.api.app.create_app` (never at import time) and shared by routes and
+workers. Everything with a lifetime hangs off one :class:`Runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from marketplace.db.session import make_engine, make_sessionmaker, upgrade
+from marketplace.settings import Settings
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("som")
+
+
+class Runtime:
+    """Owns the engine, the session factory and the data directory's files."""
+
+    def __init__(self, settings: Settings, *, migrate: bool = True) -> None:
+        settings.check_secrets()
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.data_dir / "logs").mkdir(exist_ok=True, mode=0o700)
+        self.engine: Engine = make_engine(settings.resolved_database_url())
+        if migrate:
+            upgrade(self.engine)
+        self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
+        self._closers: list[Callable[[], None]] = []
+        self.extras: dict[str, Any] = {}
+        self._blobs: Any = None
+        self._keys: Any = None
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """One short transaction. Never hold one across a long computation."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    @property
+    def blobs(self) -> Any:
+        if self._blobs is None:
+            from marketplace.services.blobstore import BlobStore
+
+            self._blobs = BlobStore(self.data_dir / "blobs")
+        return self._blobs
+
+    @property
+    def key_provider(self) -> Any:
+        if self._keys is None:
+            if self.settings.key_provider == "env":
+                from crypto.keyproviders import EnvKeyProvider
+
+                env = dict(os.environ)
+                if self.settings.kek is not None:
+                    env["SOM_KEK"] = self.settings.kek.get_secret_value()
+                self._keys = EnvKeyProvider(environ=env)
+            else:
+                from crypto.keyproviders import LocalFileKeyProvider
+
+                keys = self.data_dir / "keys"
+                keys.mkdir(exist_ok=True, mode=0o700)
+                self._keys = LocalFileKeyProvider(keys / "kek.json")
+        return self._keys
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception:  # pragma: no cover - best effort shutdown
+                log.exception("error while closing runtime")
+        self._closers.clear()
+        self.engine.dispose()
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "logs" / "som.log"

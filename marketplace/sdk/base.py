@@ -1,0 +1,84 @@
+"""HTTP plumbing shared by the SDK's feature mixins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+__all__ = ["BaseClient", "SomAPIError"]
+
+
+class SomAPIError(Exception):
+    """The API answered with an error ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str, body: dict[str, Any] | None = None, headers: Any = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body or {}
+        self.headers = dict(headers or {})
+
+
+class BaseClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        headers = {"User-Agent": "som-sdk/0.1"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self._http = http or httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        if http is not None and api_key:
+            self._http.headers.update(headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _raise(r: httpx.Response) -> None:
+        if r.status_code < 400:
+            return
+        try:
+            body = r.json()
+            err = body.get("error", {})
+            code, message = str(err.get("code", "http_error")), str(err.get("message", r.text))
+        except ValueError:
+            body, code, message = {}, "http_error", r.text[:500]
+        raise SomAPIError(r.status_code, code, message, body, r.headers)
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        r = self._http.request(method, path, **kw)
+        self._raise(r)
+        return r
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        clean = {k: v for k, v in params.items() if v is not None}
+        return self.request("GET", path, params=clean).json()
+
+    def post_json(self, path: str, body: Any = None, **kw: Any) -> Any:
+        return self.request("POST", path, json=body, **kw).json()
+
+    def paginate(self, path: str, *, limit: int = 100, **params: Any) -> list[Any]:
+        """Fetch every page of a list endpoint."""
+        out: list[Any] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = self.get_json(path, limit=limit, offset=offset, **params)
+            out.extend(page["items"])
+            offset = page.get("next_offset")
+        return out

@@ -1,0 +1,64 @@
+"""Identity, catalog and audit calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marketplace.sdk.base import BaseClient
+
+
+class CatalogAPI(BaseClient):
+    # identity
+    def whoami(self) -> dict[str, Any]:
+        return dict(self.get_json("/v1/whoami"))
+
+    def create_org(self, name: str) -> dict[str, Any]:
+        return dict(self.post_json("/v1/orgs", {"name": name}))
+
+    def list_orgs(self) -> list[dict[str, Any]]:
+        return self.paginate("/v1/orgs")
+
+    def create_key(self, org_id: str, roles: list[str], *, name: str = "", ttl_days: int = 365) -> dict[str, Any]:
+        return dict(self.post_json(f"/v1/orgs/{org_id}/keys", {"roles": roles, "name": name, "ttl_days": ttl_days}))
+
+    def list_keys(self, org_id: str | None = None) -> list[dict[str, Any]]:
+        return self.paginate("/v1/keys", org_id=org_id)
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/v1/keys/{key_id}").json())
+
+    # catalog
+    def create_offering(self, **fields: Any) -> dict[str, Any]:
+        return dict(self.post_json("/v1/offerings", fields))
+
+    def update_offering(self, offering_id: str, **fields: Any) -> dict[str, Any]:
+        return dict(self.request("PATCH", f"/v1/offerings/{offering_id}", json=fields).json())
+
+    def get_offering(self, offering_id: str) -> dict[str, Any]:
+        return dict(self.get_json(f"/v1/offerings/{offering_id}"))
+
+    def search_offerings(self, **filters: Any) -> list[dict[str, Any]]:
+        return self.paginate("/v1/offerings", **filters)
+
+    def upload_version(self, offering_id: str, data: bytes, *, format: str, input_shape: list[int] | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"format": format}
+        if input_shape:
+            params["input_shape"] = ",".join(str(int(x)) for x in input_shape)
+        r = self.request(
+            "POST", f"/v1/offerings/{offering_id}/versions", params=params, content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return dict(r.json())
+
+    def list_versions(self, offering_id: str) -> list[dict[str, Any]]:
+        return list(self.get_json(f"/v1/offerings/{offering_id}/versions"))
+
+    def publish(self, offering_id: str) -> dict[str, Any]:
+        return dict(self.post_json(f"/v1/offerings/{offering_id}/publish"))
+
+    def withdraw(self, offering_id: str) -> dict[str, Any]:
+        return dict(self.post_json(f"/v1/offerings/{offering_id}/withdraw"))
+
+    # audit
+    def audit(self, **filters: Any) -> list[dict[str, Any]]:
+        return self.paginate("/v1/audit", **filters)

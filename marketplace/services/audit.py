@@ -1,0 +1,114 @@
+"""The one place that emits audit events.
+
+Every access and permission change goes through :func:`emit`: keys created or revoked, roles
+granted, offerings published or withdrawn, artifacts decrypted for a computation, failed
+authorization. Events are append-only rows, and each also becomes a ledger leaf (see
+:mod:`marketplace.services.ledger`) in the same transaction.
+
+Denials are recorded with :func:`emit_detached`, in a transaction of their own, because the
+request's own transaction is rolled back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from marketplace.db.base import utcnow
+from marketplace.db.models import AuditEvent
+
+__all__ = ["Actor", "LeafSink", "emit", "emit_detached", "query", "set_leaf_sink"]
+
+# Called with (session, event) inside the emitting transaction; the ledger installs itself here.
+LeafSink = Callable[[Session, AuditEvent], None]
+_leaf_sink: LeafSink | None = None
+
+
+def set_leaf_sink(sink: LeafSink | None) -> None:
+    global _leaf_sink
+    _leaf_sink = sink
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts, for which organisation, in which request."""
+
+    actor: str
+    org_id: str | None
+    request_id: str = ""
+
+    @classmethod
+    def system(cls, request_id: str = "") -> Actor:
+        return cls(actor="system", org_id=None, request_id=request_id)
+
+
+def emit(
+    session: Session,
+    who: Actor,
+    action: str,
+    *,
+    target: str = "",
+    outcome: str = "success",
+    detail: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> AuditEvent:
+    event = AuditEvent(
+        time=now or utcnow(),
+        actor=who.actor,
+        org_id=who.org_id,
+        action=action,
+        target=target,
+        outcome=outcome,
+        request_id=who.request_id,
+        detail=detail or {},
+    )
+    session.add(event)
+    session.flush()
+    if _leaf_sink is not None:
+        _leaf_sink(session, event)
+    return event
+
+
+def emit_detached(factory: sessionmaker[Session], who: Actor, action: str, **kw: Any) -> None:
+    """Emit in a fresh transaction (for denials whose request transaction is rolled back)."""
+    with factory() as session, session.begin():
+        emit(session, who, action, **kw)
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
+def query(
+    *,
+    org_id: str | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    outcome: str | None = None,
+    target: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Select[tuple[AuditEvent]]:
+    stmt = select(AuditEvent)
+    since = _aware(since)
+    until = _aware(until)
+    if org_id:
+        stmt = stmt.where(AuditEvent.org_id == org_id)
+    if actor:
+        stmt = stmt.where(AuditEvent.actor == actor)
+    if action:
+        stmt = stmt.where(AuditEvent.action == action)
+    if outcome:
+        stmt = stmt.where(AuditEvent.outcome == outcome)
+    if target:
+        stmt = stmt.where(AuditEvent.target == target)
+    if since:
+        stmt = stmt.where(AuditEvent.time >= since)
+    if until:
+        stmt = stmt.where(AuditEvent.time < until)
+    return stmt.order_by(AuditEvent.seq)

@@ -1,0 +1,210 @@
+"""Catalog: offerings, their versions, and model artifacts encrypted at rest.
+
+An uploaded artifact is validated (size, format, declared input shape, supported operators),
+its SHA-256 becomes the version digest, and it is stored envelope-encrypted (fresh AES-256-GCM
+data key per version, wrapped by the key-encryption key) in the content-addressed blob store.
+The plaintext is never written anywhere: not to disk, the DB or the logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from marketplace.db.base import utcnow
+from marketplace.db.models import Artifact, Offering, OfferingVersion
+from marketplace.errors import Conflict, Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType
+from marketplace.services import audit
+from marketplace.services.identity import Principal
+
+__all__ = [
+    "add_version",
+    "decrypt_artifact",
+    "get_owned",
+    "get_visible",
+    "latest_version",
+    "search",
+    "set_status",
+    "store_artifact",
+]
+
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+DenyHook = Callable[[str], None]
+
+
+def get_visible(s: Session, p: Principal, offering_id: str, *, on_deny: DenyHook | None = None) -> Offering:
+    """An offering the caller may read: published ones, or any of its own organisation's."""
+    off = s.get(Offering, offering_id)
+    if off is None:
+        raise NotFound(f"offering {offering_id} not found")
+    if off.status != "published" and off.org_id != p.org_id and not p.has("admin"):
+        if on_deny:
+            on_deny(offering_id)
+        raise NotFound(f"offering {offering_id} not found")
+    return off
+
+
+def get_owned(s: Session, p: Principal, offering_id: str, *, on_deny: DenyHook | None = None) -> Offering:
+    """An offering the caller's organisation owns (provider role checked by the caller)."""
+    off = s.get(Offering, offering_id)
+    if off is None or off.org_id != p.org_id:
+        if off is not None and on_deny:
+            on_deny(offering_id)
+        raise NotFound(f"offering {offering_id} not found")
+    return off
+
+
+def search(
+    s: Session,
+    p: Principal,
+    *,
+    q: str | None,
+    task: str | None,
+    tag: str | None,
+    hosting: str | None,
+    org_id: str | None,
+    status: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[Offering], int]:
+    stmt = select(Offering)
+    if p.has("admin"):
+        pass
+    else:
+        stmt = stmt.where(or_(Offering.status == "published", Offering.org_id == p.org_id))
+    if q:
+        like = f"%{q.lower()}%"
+        stmt = stmt.where(
+            or_(func.lower(Offering.name).like(like), func.lower(Offering.description).like(like))
+        )
+    if task:
+        stmt = stmt.where(Offering.task == task)
+    if hosting:
+        stmt = stmt.where(Offering.hosting == hosting)
+    if org_id:
+        stmt = stmt.where(Offering.org_id == org_id)
+    if status:
+        stmt = stmt.where(Offering.status == status)
+    rows = list(s.scalars(stmt.order_by(Offering.created_at, Offering.id)))
+    if tag:
+        rows = [r for r in rows if tag in (r.tags or [])]
+    return rows[offset : offset + limit], len(rows)
+
+
+def set_status(s: Session, off: Offering, status: str, who: audit.Actor) -> Offering:
+    transitions = {"published": {"draft", "withdrawn"}, "withdrawn": {"published", "draft"}}
+    if off.status not in transitions[status]:
+        raise Conflict(f"offering {off.id} is {off.status}; cannot become {status}")
+    if status == "published" and off.hosting == "marketplace" and latest_version(s, off.id) is None:
+        raise Conflict("upload a model version before publishing a marketplace-hosted offering")
+    off.status = status
+    off.updated_at = utcnow()
+    audit.emit(s, who, f"offering.{'publish' if status == 'published' else 'withdraw'}", target=off.id)
+    return off
+
+
+def latest_version(s: Session, offering_id: str) -> OfferingVersion | None:
+    return s.scalar(
+        select(OfferingVersion)
+        .where(OfferingVersion.offering_id == offering_id)
+        .order_by(OfferingVersion.number.desc())
+        .limit(1)
+    )
+
+
+def _validate(data: bytes, fmt: str, input_shape: list[int], max_bytes: int) -> dict[str, Any]:
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"artifact of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if not data:
+        raise Invalid("empty artifact")
+    if data[:2] in PICKLE_MAGIC or data[:1] == b"\x80":
+        raise UnsupportedMediaType(
+            "pickled artifacts are refused (loading one runs its author's code); upload ONNX or an .npz of arrays"
+        )
+    if fmt not in ("onnx", "npz"):
+        raise UnsupportedMediaType(f"format must be 'onnx' or 'npz', got {fmt!r}")
+    from crypto.errors import HEError
+    from crypto.he import validate_artifact
+
+    try:
+        info = validate_artifact(data, fmt, max_bytes=max_bytes)  # type: ignore[arg-type]
+    except HEError as e:
+        raise Invalid(f"artifact refused: {e}") from e
+    except ValueError as e:
+        msg = str(e)
+        if "pickle" in msg.lower() or "object arrays" in msg.lower():
+            raise UnsupportedMediaType(f"artifact refused: {msg}") from e
+        raise Invalid(f"artifact refused: {msg}") from e
+    info_d: dict[str, Any] = info.to_dict() if hasattr(info, "to_dict") else dict(vars(info))
+    declared = int(info_d.get("input_dim", 0))
+    if input_shape and (len(input_shape) != 1 or input_shape[0] != declared):
+        raise Invalid(f"declared input_shape {input_shape} does not match the model's input [{declared}]")
+    return info_d
+
+
+def store_artifact(
+    rt: Any, s: Session, version: OfferingVersion, purpose: str, plaintext: bytes
+) -> Artifact:
+    """Encrypt ``plaintext`` under a fresh data key and store it; returns the Artifact row."""
+    from crypto.envelope import encrypt_artifact
+
+    aad = f"som:{version.id}:{purpose}"
+    ciphertext, wrapped = encrypt_artifact(plaintext, provider=rt.key_provider, aad=aad.encode())
+    addr = rt.blobs.put(ciphertext)
+    art = Artifact(
+        version_id=version.id,
+        purpose=purpose,
+        blob=addr,
+        wrapped_key=wrapped.to_json().encode(),
+        kek_id=wrapped.kek_id,
+        aad=aad,
+    )
+    s.add(art)
+    s.flush()
+    return art
+
+
+def decrypt_artifact(rt: Any, art: Artifact) -> bytes:
+    """Decrypt an artifact in memory (callers emit ``artifact.decrypt`` audit events)."""
+    from crypto.envelope import WrappedKey, decrypt_artifact as _dec
+
+    wrapped = WrappedKey.from_json(art.wrapped_key.decode())
+    return _dec(rt.blobs.get(art.blob), wrapped, provider=rt.key_provider, aad=art.aad.encode())
+
+
+def add_version(
+    rt: Any,
+    s: Session,
+    off: Offering,
+    data: bytes,
+    *,
+    fmt: str,
+    input_shape: list[int],
+    who: audit.Actor,
+) -> OfferingVersion:
+    if off.hosting != "marketplace":
+        raise Conflict(
+            "this offering is provider-hosted: its weights stay with the provider agent and are never uploaded"
+        )
+    info = _validate(data, fmt, input_shape, rt.settings.max_upload_bytes)
+    number = (s.scalar(select(func.max(OfferingVersion.number)).where(OfferingVersion.offering_id == off.id)) or 0) + 1
+    version = OfferingVersion(
+        offering_id=off.id,
+        number=number,
+        format=fmt,
+        digest="sha256:" + hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        input_shape=[int(info.get("input_dim", 0))],
+        info=info,
+    )
+    s.add(version)
+    s.flush()
+    store_artifact(rt, s, version, "model", data)
+    off.updated_at = utcnow()
+    audit.emit(s, who, "offering.version.add", target=f"{off.id}/v{number}", detail={"digest": version.digest})
+    return version

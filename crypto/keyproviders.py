@@ -38,6 +38,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -57,6 +58,8 @@ __all__ = [
     "LocalFileKeyProvider",
     "generate_kek_text",
 ]
+
+log = logging.getLogger(__name__)
 
 WRAP_ALG = "A256GCMKW"
 _KEK_LEN = 32
@@ -198,7 +201,9 @@ class LocalFileKeyProvider:
     The file holds every KEK ever made active that has not been retired, and which one is
     active. :meth:`rotate` adds a new active KEK; old ones still unwrap until :meth:`retire`
     removes them (after :func:`crypto.envelope.rewrap` moved every DEK to the new one).
-    The constructor loads an existing file; :meth:`create` makes a new one.
+    The constructor loads the file, creating it with one fresh KEK if it does not exist and
+    ``create_if_missing`` (the default, so a first run just works; logged at INFO);
+    :meth:`create` only makes a new one.
 
     Raises KeyMaterialError if the file is missing, malformed, a symlink, or readable or
     writable by group or others (fix with ``chmod 600 <file>``).
@@ -206,11 +211,23 @@ class LocalFileKeyProvider:
 
     __slots__ = ("_path", "_keys", "_active", "_rng")
 
-    def __init__(self, path: str | os.PathLike[str], *, rng: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create_if_missing: bool = True,
+        rng: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         self._path = Path(path)
         self._rng = rng
         self._keys: dict[str, bytes] = {}
         self._active = ""
+        if create_if_missing and not os.path.lexists(self._path):
+            try:
+                self._create_file(self._path, rng)
+                log.info("created a new KEK keyring at %s", self._path)
+            except KeyMaterialError:
+                pass  # another process created it first: load theirs
         self._load()
 
     @classmethod
@@ -219,6 +236,11 @@ class LocalFileKeyProvider:
     ) -> LocalFileKeyProvider:
         """Create a keyring file with one fresh KEK. Refuses to overwrite an existing file."""
         p = Path(path)
+        cls._create_file(p, rng)
+        return cls(p, create_if_missing=False, rng=rng)
+
+    @staticmethod
+    def _create_file(p: Path, rng: Callable[[int], bytes]) -> None:
         key = _check_rng_output(rng(_KEK_LEN))
         kid = "local:" + _fingerprint(key)
         data = _dump(kid, {kid: key})
@@ -231,7 +253,6 @@ class LocalFileKeyProvider:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return cls(p, rng=rng)
 
     @property
     def kek_id(self) -> str:

@@ -227,6 +227,17 @@ def test_retire_refuses_active_and_unknown(provider):
 # ---- key files -------------------------------------------------------------------------------
 
 
+def test_first_use_creates_keyring_then_reuses_it(tmp_path):
+    path = tmp_path / "keys" / "kek.json"
+    path.parent.mkdir(mode=0o700)
+    first = LocalFileKeyProvider(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    blob, wrapped = encrypt_artifact(b"w", provider=first, aad=AAD)
+    second = LocalFileKeyProvider(path)
+    assert second.kek_id == first.kek_id
+    assert decrypt_artifact(blob, wrapped, provider=second, aad=AAD) == b"w"
+
+
 def test_key_file_is_0600_after_create_and_rotate(provider):
     assert stat.S_IMODE(os.stat(provider.path).st_mode) == 0o600
     provider.rotate()
@@ -248,7 +259,8 @@ def test_refuses_symlink_missing_malformed_and_existing(tmp_path, provider):
     with pytest.raises(KeyMaterialError):
         LocalFileKeyProvider(link)
     with pytest.raises(KeyMaterialError, match="does not exist"):
-        LocalFileKeyProvider(tmp_path / "missing.json")
+        LocalFileKeyProvider(tmp_path / "missing.json", create_if_missing=False)
+    assert not (tmp_path / "missing.json").exists()
     bad = tmp_path / "bad.json"
     fd = os.open(bad, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b'{"format": "something else"}')

@@ -1,0 +1,334 @@
+"""Raw TenSEAL (Microsoft SEAL, CKKS) calls and the tunables behind ``crypto.he``.
+
+This is the hazmat layer: nothing here checks that a caller keeps a secret key secret or that
+a result is circuit-private. Use ``crypto.he`` (SecretContext, PublicContext, evaluate) instead.
+
+What lives here:
+* CKKS parameter selection at 128-bit security (HE-standard bounds on log q),
+* context creation and serialization of a *public* key set with only chosen Galois keys
+  (TenSEAL 0.3.18 can only generate all power-of-two keys, so we build the subset with SEAL's
+  ``KeyGenerator`` and splice it into TenSEAL's protobuf context message),
+* non-adjacent-form (NAF) decomposition of rotation steps, which is how SEAL composes a rotation
+  for which it has no key,
+* a public-key encryption of zero brought down to the last modulus level (TenSEAL exposes no
+  ``mod_switch``; adding a ciphertext at a lower level switches the other operand down).
+
+Measured with TenSEAL 0.3.18 on the build machine: N=8192 with [60,40,40,60] at 2^40 allows
+depth 2; [50,30,30,30,50] at 2^30 allows depth 3; deeper needs N=16384. A public context is
+~35 MB with all Galois keys, ~1.9 MB without.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import tenseal as ts
+
+__all__ = [
+    "FIRST_PRIME_HEADROOM_BITS",
+    "HE_STANDARD_MAX_LOG_Q",
+    "batch_affine",
+    "powers",
+    "single_affine",
+    "MAX_PRIME_BITS",
+    "CkksParameters",
+    "choose_parameters",
+    "context_is_private",
+    "encrypt_zero_at_last_level",
+    "load_context",
+    "load_vector",
+    "naf",
+    "new_secret_context",
+    "public_context_bytes",
+    "rotation_key_steps",
+]
+
+# HomomorphicEncryption.org standard (2018), Table 1, classical 128-bit security, ternary secret.
+HE_STANDARD_MAX_LOG_Q: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+# Bits above the scale in the first (and special) prime: the largest |value| is ~2^(this - 1).
+FIRST_PRIME_HEADROOM_BITS = 20
+MAX_PRIME_BITS = 60
+# Scale candidates, best precision first. 2^30 still leaves ~2^-12 CKKS error on small nets.
+_SCALE_BITS_CHOICES = (40, 36, 33, 30)
+
+
+@dataclass(frozen=True)
+class CkksParameters:
+    """CKKS parameters: ring degree, coefficient modulus bit sizes, scale bits."""
+
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    scale_bits: int
+
+    @property
+    def depth(self) -> int:
+        """Multiplicative depth (rescales) these parameters allow."""
+        return len(self.coeff_mod_bit_sizes) - 2
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def log_q(self) -> int:
+        return sum(self.coeff_mod_bit_sizes)
+
+
+def choose_parameters(depth: int, *, min_scale_bits: int = 30) -> CkksParameters:
+    """Smallest ring (then largest scale) giving ``depth`` rescales at 128-bit security.
+
+    Raises ValueError if no standard ring fits.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    for n, max_log_q in sorted(HE_STANDARD_MAX_LOG_Q.items()):
+        for s in _SCALE_BITS_CHOICES:
+            if s < min_scale_bits:
+                continue
+            first = min(s + FIRST_PRIME_HEADROOM_BITS, MAX_PRIME_BITS)
+            bits = (first, *([s] * depth), first)
+            if sum(bits) <= max_log_q:
+                return CkksParameters(n, bits, s)
+    raise ValueError(f"no 128-bit CKKS parameters for depth {depth} (max N=32768)")
+
+
+def new_secret_context(params: CkksParameters) -> ts.Context:
+    """A fresh asymmetric CKKS context with secret, public and relinearisation keys."""
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+    )
+    ctx.global_scale = float(2**params.scale_bits)
+    return ctx
+
+
+def naf(n: int) -> list[int]:
+    """Non-adjacent form of ``n`` as signed powers of two (SEAL's decomposition of a rotation)."""
+    out: list[int] = []
+    k = 0
+    while n:
+        if n & 1:
+            z = 2 - (n % 4)
+            out.append(z * (1 << k))
+            n -= z
+        n //= 2
+        k += 1
+    return out
+
+
+def rotation_key_steps(steps: Iterable[int]) -> list[int]:
+    """The power-of-two steps whose Galois keys let SEAL perform every rotation in ``steps``."""
+    out: set[int] = set()
+    for s in steps:
+        if s:
+            out.update(naf(s))
+    return sorted(out)
+
+
+# --- minimal protobuf wire codec (TenSEALContextProto, tenseal/proto/tensealcontext.proto) ---
+
+
+def _read_varint(b: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(b):
+            raise ValueError("truncated protobuf varint")
+        x = b[i]
+        i += 1
+        value |= (x & 0x7F) << shift
+        shift += 7
+        if x < 0x80:
+            return value, i
+
+
+def _write_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        x = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(x | 0x80)
+        else:
+            out.append(x)
+            return bytes(out)
+
+
+def _fields(b: bytes) -> list[tuple[int, int, Any]]:
+    i = 0
+    out: list[tuple[int, int, Any]] = []
+    while i < len(b):
+        key, i = _read_varint(b, i)
+        num, wt = key >> 3, key & 7
+        v: Any
+        if wt == 0:
+            v, i = _read_varint(b, i)
+        elif wt == 2:
+            ln, i = _read_varint(b, i)
+            v = b[i : i + ln]
+            i += ln
+        elif wt == 1:
+            v = b[i : i + 8]
+            i += 8
+        elif wt == 5:
+            v = b[i : i + 4]
+            i += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+        out.append((num, wt, v))
+    return out
+
+
+def _encode(fields: Sequence[tuple[int, int, Any]]) -> bytes:
+    out = bytearray()
+    for num, wt, v in fields:
+        out += _write_varint(num << 3 | wt)
+        if wt == 0:
+            out += _write_varint(v)
+        elif wt == 2:
+            out += _write_varint(len(v)) + v
+        else:
+            out += v
+    return bytes(out)
+
+
+def _galois_keys_bytes(ctx: ts.Context, steps: list[int]) -> bytes:
+    cpp = ts._ts_cpp
+    keygen = cpp.KeyGenerator(ctx.data.seal_context(), ctx.data.secret_key())
+    keys = cpp.GaloisKeys()
+    keygen.create_galois_keys(steps, keys)
+    fd, path = tempfile.mkstemp(prefix="som-gk-")
+    os.close(fd)
+    try:
+        keys.save(path)  # SEAL serialization, the format TenSEAL stores in the proto
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.remove(path)
+
+
+def public_context_bytes(ctx: ts.Context, *, galois_steps: Sequence[int]) -> bytes:
+    """Serialize public + relinearisation keys and Galois keys for exactly ``galois_steps``.
+
+    The secret key is never written. ``ctx`` must hold the secret key (to make Galois keys).
+    """
+    base: bytes = ctx.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=True
+    )
+    if not galois_steps:
+        return base
+    gk = _galois_keys_bytes(ctx, list(galois_steps))
+    out: list[tuple[int, int, Any]] = []
+    for num, wt, v in _fields(base):
+        if num == 2 and wt == 2:  # TenSEALPublicProto public_context = 2
+            sub = [f for f in _fields(v) if f[0] != 5]
+            sub.append((5, 2, gk))  # bytes galois_keys = 5
+            v = _encode(sub)
+        out.append((num, wt, v))
+    return _encode(out)
+
+
+def load_context(data: bytes) -> ts.Context:
+    """Deserialize a TenSEAL context (raises ValueError on garbage)."""
+    try:
+        return ts.context_from(data)
+    except Exception as e:  # TenSEAL raises assorted C++ exceptions
+        raise ValueError(f"not a TenSEAL context: {type(e).__name__}") from e
+
+
+def context_is_private(ctx: ts.Context) -> bool:
+    """Whether ``ctx`` carries a secret key."""
+    return bool(ctx.is_private())
+
+
+def load_vector(ctx: ts.Context, data: bytes) -> ts.CKKSVector:
+    """Deserialize a CKKS vector under ``ctx`` (raises ValueError on garbage)."""
+    try:
+        return ts.ckks_vector_from(ctx, data)
+    except Exception as e:
+        raise ValueError(f"not a CKKS vector for this context: {type(e).__name__}") from e
+
+
+def encrypt_zero_at_last_level(ctx: ts.Context, size: int, *, levels_down: int) -> ts.CKKSVector:
+    """A fresh public-key encryption of ``size`` zeros, rescaled ``levels_down`` times.
+
+    Adding it to a result re-randomises the result and (TenSEAL's auto_mod_switch) brings the
+    result down to the level of this ciphertext, so it serializes with the fewest primes.
+    """
+    z = ts.ckks_vector(ctx, [0.0] * size)
+    for _ in range(levels_down):
+        z = z * 1.0  # multiply_plain + rescale: drops one prime, value stays 0
+    return z
+
+
+# --- evaluation kernels -------------------------------------------------------------------
+
+
+def powers(h: list[Any], degree: int) -> dict[int, list[Any]]:
+    """x, x^2, x^3, x^4 of every ciphertext in ``h`` (depth ceil(log2(degree)))."""
+    p: dict[int, list[Any]] = {1: h}
+    if degree >= 2:
+        p[2] = [v.square() for v in h]
+    if degree >= 3:
+        p[3] = [a * b for a, b in zip(p[2], h, strict=True)]
+    if degree >= 4:
+        p[4] = [v.square() for v in p[2]]
+    if degree > 4:
+        raise ValueError(f"activation degree must be <= 4, got {degree}")
+    return p
+
+
+def batch_affine(
+    pw: dict[int, list[Any]],
+    coeffs: Sequence[float],
+    weight: Any,
+    bias: Any,
+    mask: Any | None,
+) -> list[Any]:
+    """Slot-per-sample ``sum_q (c_q * W)^T x^q + (b + c_0 W^T 1)``; ``mask`` (0/1 over slots)
+    is folded into the plaintext multiplies so the result is zero outside it."""
+    d_in, d_out = weight.shape
+    consts = bias + coeffs[0] * weight.sum(axis=0)
+    out: list[Any] = []
+    for k in range(d_out):
+        acc = None
+        for q in range(1, len(coeffs)):
+            c = coeffs[q]
+            if c == 0.0:
+                continue
+            for j in range(d_in):
+                w = float(weight[j, k] * c)
+                if w == 0.0:
+                    continue
+                t = pw[q][j] * (w if mask is None else (mask * w).tolist())
+                if acc is None:
+                    acc = t
+                else:
+                    acc += t
+        if acc is None:  # an all-zero column: an encryption of zero at the right level
+            acc = pw[1][0] * 0.0
+        b = float(consts[k])
+        if b != 0.0:
+            acc += b if mask is None else (mask * b).tolist()
+        out.append(acc)
+    return out
+
+
+def single_affine(pw: dict[int, Any], coeffs: Sequence[float], weight: Any, bias: Any) -> Any:
+    """One-ciphertext-per-sample ``sum_q x^q @ (c_q W) + (b + c_0 1 W)`` with TenSEAL's
+    diagonal vector-matrix product (rotations by 0..d_in-1)."""
+    acc = None
+    for q in range(1, len(coeffs)):
+        c = coeffs[q]
+        if c == 0.0:
+            continue
+        t = pw[q].mm((weight * c).tolist())
+        acc = t if acc is None else acc + t
+    if acc is None:
+        raise ValueError("activation polynomial has no non-constant term")
+    consts = bias + coeffs[0] * weight.sum(axis=0)
+    return acc + consts.tolist()

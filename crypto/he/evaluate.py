@@ -1,0 +1,129 @@
+"""Evaluate a compiled model on an encrypted request, at the compute site.
+
+For: ``evaluate(model, ctx, request) -> response`` where both are ``crypto.he.wire`` frames;
+the compute site holds the weights and a ``PublicContext`` (never a secret key). Results are
+masked (non-output slots zero, folded into the last multiply), re-randomised and flooded before
+serialization (``crypto.he.privacy``). Not for: key generation or decryption.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from crypto.errors import HEError
+from crypto.hazmat import tenseal_ops as ops
+from crypto.he import privacy, wire
+from crypto.he.compiler import CompiledModel
+from crypto.he.context import PublicContext
+
+__all__ = ["evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+def _load(ctx: Any, blobs: tuple[bytes, ...], *, size: int, n_primes: int) -> list[Any]:
+    out = []
+    for i, b in enumerate(blobs):
+        v = ops.load_vector(ctx, b)
+        cts = v.ciphertext()
+        if v.size() != size or len(cts) != 1:
+            raise ValueError(f"ciphertext {i}: expected a vector of {size} slots, got {v.size()}")
+        ct = cts[0]
+        if ct.size() != 2 or ct.coeff_modulus_size() != n_primes:
+            raise ValueError(
+                f"ciphertext {i}: expected a fresh 2-component ciphertext at {n_primes} primes, "
+                f"got {ct.size()} components at {ct.coeff_modulus_size()} primes"
+            )
+        out.append(v)
+    return out
+
+
+def _eval_batch(model: CompiledModel, xs: list[Any], n_valid: int, slots: int) -> list[Any]:
+    mask = None
+    if n_valid < slots:
+        mask = np.zeros(slots)
+        mask[:n_valid] = 1.0
+    pw: dict[int, list[Any]] = {1: xs}
+    coeffs: tuple[float, ...] = (0.0, 1.0)
+    last = len(model.layers) - 1
+    for i, layer in enumerate(model.layers):
+        h = ops.batch_affine(pw, coeffs, layer.weight, layer.bias, mask if i == last else None)
+        if i < last:
+            coeffs = layer.coeffs
+            pw = ops.powers(h, len(coeffs) - 1)
+        else:
+            return h
+    raise HEError("model has no layers")
+
+
+def _eval_single(model: CompiledModel, x: Any, slots: int) -> Any:
+    pw: dict[int, Any] = {1: x}
+    coeffs: tuple[float, ...] = (0.0, 1.0)
+    last = len(model.layers) - 1
+    for i, layer in enumerate(model.layers):
+        w, b = layer.weight, layer.bias
+        if i == last:  # pad columns to every slot: zero outside the outputs (the mask)
+            w = np.pad(w, ((0, 0), (0, slots - w.shape[1])))
+            b = np.pad(b, (0, slots - b.shape[0]))
+        h = ops.single_affine(pw, coeffs, w, b)
+        if i < last:
+            coeffs = layer.coeffs
+            pw = {q: v[0] for q, v in ops.powers([h], len(coeffs) - 1).items()}
+        else:
+            return h
+    raise HEError("model has no layers")
+
+
+def evaluate(
+    model: CompiledModel,
+    ctx: PublicContext,
+    request: bytes,
+    *,
+    rng: privacy.Rng | None = None,
+    unsafe_no_circuit_privacy: bool = False,
+) -> bytes:
+    """Run ``model`` on an encrypted request frame; return the response frame.
+
+    ``rng(nbytes) -> bytes`` feeds the flooding noise (default ``os.urandom``).
+    Raises TypeError/ValueError for malformed requests (before HE work), HEError if the
+    context, plan and layout do not fit together.
+    """
+    if not isinstance(model, CompiledModel) or not isinstance(ctx, PublicContext):
+        raise TypeError("expected a CompiledModel and a PublicContext")
+    plan = model.public_plan
+    if ctx.plan.digest() != plan.digest():
+        raise HEError("key set was registered for a different plan")
+    frame = wire.decode(request, plan, kind=wire.KIND_REQUEST)
+    if frame.layout not in ctx.layouts:
+        raise HEError(f"key set does not support layout {frame.layout!r} (missing Galois keys)")
+    if unsafe_no_circuit_privacy:
+        log.warning("unsafe_no_circuit_privacy: result ciphertexts are NOT re-randomised or flooded")
+    tctx = ctx.tenseal
+    s = plan.slots
+    fresh_primes = len(plan.coeff_mod_bit_sizes) - 1
+    outputs: list[Any] = []
+    if frame.layout == "batch":
+        xs = _load(tctx, frame.blobs, size=s, n_primes=fresh_primes)
+        d = plan.input_dim
+        for c in range(len(xs) // d):
+            n_valid = min(s, frame.n_samples - c * s)
+            outputs.extend(_eval_batch(model, xs[c * d : (c + 1) * d], n_valid, s))
+    else:
+        xs = _load(tctx, frame.blobs, size=plan.input_dim, n_primes=fresh_primes)
+        outputs = [_eval_single(model, x, s) for x in xs]
+    if not unsafe_no_circuit_privacy:
+        sigma = 2.0 ** -plan.noise_bits
+        outputs = [
+            privacy.sanitize(
+                v, tctx, size=s, levels_down=plan.depth, sigma=sigma, rng=rng or os.urandom
+            )
+            for v in outputs
+        ]
+    blobs = [v.serialize() for v in outputs]
+    return wire.make_frame(
+        plan, kind=wire.KIND_RESPONSE, layout=frame.layout, n_samples=frame.n_samples, blobs=blobs
+    )

@@ -56,20 +56,25 @@ def terms(
     rate: st.SearchStrategy[int] = st.integers(1, 10**6),
     window: st.SearchStrategy[int] = st.integers(1, 86_400),
     price: st.SearchStrategy[int] = st.integers(0, 10**6),
+    length: st.SearchStrategy[timedelta] = st.timedeltas(
+        min_value=timedelta(microseconds=1), max_value=timedelta(days=3650)
+    ),
+    modes: st.SearchStrategy[frozenset[str]] = _nonempty_subset(MODES),
+    limits: st.SearchStrategy[JobLimits] = job_limits,
 ) -> Terms:
     vf = draw(utc_datetimes) if valid_from is None else valid_from
-    length = draw(st.timedeltas(min_value=timedelta(microseconds=1), max_value=timedelta(days=3650)))
+    length_ = draw(length)
     return Terms(
-        modes=draw(_nonempty_subset(MODES)),
+        modes=draw(modes),
         quota_units=draw(quota),
         rate_units=draw(rate),
         rate_window_seconds=draw(window),
         valid_from=vf,
-        valid_until=vf + length,
+        valid_until=vf + length_,
         unit_price_minor=draw(price),
         currency=draw(currencies),
         max_batch=draw(st.integers(1, 10_000)),
-        job_limits=draw(job_limits),
+        job_limits=draw(limits),
     )
 
 
@@ -77,10 +82,13 @@ def small_terms(**kw: object) -> st.SearchStrategy[Terms]:
     """Terms where quota, rate and batch limits are reachable in a short simulation."""
     return terms(
         valid_from=T0,
-        quota=st.integers(0, 200),
-        rate=st.integers(1, 40),
+        quota=st.integers(0, 300).map(lambda q: 300 - q),  # shrinks towards a usable quota
+        rate=st.integers(1, 40).map(lambda r: 41 - r),
         window=st.integers(1, 30),
         price=st.integers(0, 1000),
+        length=st.timedeltas(min_value=timedelta(minutes=5), max_value=timedelta(days=30)),
+        modes=st.just(frozenset(MODES)) | _nonempty_subset(MODES),
+        limits=st.just(JobLimits(frozenset(JOB_KINDS), 60, 256, 60)) | job_limits,
         **kw,  # type: ignore[arg-type]
     )
 

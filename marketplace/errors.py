@@ -36,11 +36,16 @@ class MarketplaceError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(
+        self, message: str, *, headers: dict[str, str] | None = None, denied: str | None = None, **extra: Any
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
         self.extra = extra
+        # A failed authorization on this target: the error handler records an ``authz.denied``
+        # audit event after the request's transaction has ended (never inside it: SQLite has one writer).
+        self.denied = denied
 
 
 class Unauthenticated(MarketplaceError):

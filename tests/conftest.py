@@ -150,6 +150,7 @@ def world(tmp_path: Path, db_url: str) -> Iterator[World]:
     app = create_app(make_settings(tmp_path, db_url))
     try:
         yield build_world(app)
+        assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500; see data/logs/som.log"
     finally:
         app.state.runtime.close()
 
@@ -162,5 +163,6 @@ def sqlite_world(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
     app = create_app(make_settings(tmp_path, sqlite_url))
     try:
         yield build_world(app)
+        assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500; see data/logs/som.log"
     finally:
         app.state.runtime.close()

@@ -37,6 +37,18 @@ def _clean(errors: list[Any]) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MarketplaceError)
     async def _domain(request: Request, exc: MarketplaceError) -> JSONResponse:
+        principal = getattr(request.state, "principal", None)
+        if exc.denied is not None and principal is not None:
+            from starlette.concurrency import run_in_threadpool
+
+            from marketplace.services import audit
+
+            who = audit.Actor(actor=principal.key_id, org_id=principal.org_id,
+                              request_id=str(getattr(request.state, "request_id", "")))
+            await run_in_threadpool(
+                audit.emit_detached, request.app.state.runtime.sessions, who, "authz.denied",
+                target=exc.denied, outcome="denied", detail={"status": exc.status, "method": request.method},
+            )
         return JSONResponse(
             error_body(exc.code, exc.message, request, **exc.extra),
             status_code=exc.status,
@@ -66,6 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
+        request.app.state.internal_errors = getattr(request.app.state, "internal_errors", 0) + 1
         return JSONResponse(
             error_body("internal", "internal error; the request id identifies it in the logs", request),
             status_code=500,

@@ -29,13 +29,6 @@ def to_public(s, off: Offering) -> OfferingPublic:  # type: ignore[no-untyped-de
     return out
 
 
-def _denier(rt: Rt, p: Principal, request: Request):  # type: ignore[no-untyped-def]
-    def deny(target: str) -> None:
-        audit.emit_detached(rt.sessions, actor_of(p, request), "authz.denied", target=target, outcome="denied")
-
-    return deny
-
-
 @router.post("", response_model=OfferingPublic, status_code=201, summary="Create an offering (provider; starts as draft)")
 def create_offering(body: OfferingCreate, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     p.require("provider")
@@ -73,14 +66,14 @@ def search_offerings(
 @router.get("/{offering_id}", response_model=OfferingPublic, summary="One offering")
 def get_offering(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     with rt.tx() as s:
-        return to_public(s, catalog.get_visible(s, p, offering_id, on_deny=_denier(rt, p, request)))
+        return to_public(s, catalog.get_visible(s, p, offering_id))
 
 
 @router.patch("/{offering_id}", response_model=OfferingPublic, summary="Update an offering you own")
 def update_offering(offering_id: str, body: OfferingUpdate, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     p.require("provider")
     with rt.tx() as s:
-        off = catalog.get_owned(s, p, offering_id, on_deny=_denier(rt, p, request))
+        off = catalog.get_owned(s, p, offering_id)
         changes = body.model_dump(exclude_unset=True)
         for k, v in changes.items():
             if v is None:
@@ -95,7 +88,7 @@ def update_offering(offering_id: str, body: OfferingUpdate, p: Auth, rt: Rt, req
 def publish(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     p.require("provider")
     with rt.tx() as s:
-        off = catalog.get_owned(s, p, offering_id, on_deny=_denier(rt, p, request))
+        off = catalog.get_owned(s, p, offering_id)
         return to_public(s, catalog.set_status(s, off, "published", actor_of(p, request)))
 
 
@@ -103,7 +96,7 @@ def publish(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPubl
 def withdraw(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     p.require("provider")
     with rt.tx() as s:
-        off = catalog.get_owned(s, p, offering_id, on_deny=_denier(rt, p, request))
+        off = catalog.get_owned(s, p, offering_id)
         return to_public(s, catalog.set_status(s, off, "withdrawn", actor_of(p, request)))
 
 
@@ -136,7 +129,7 @@ async def upload_version(
         raise UnsupportedMediaType(f"send the artifact as application/octet-stream, not {ctype}")
     data = await request.body()
     with rt.tx() as s:
-        off = catalog.get_owned(s, p, offering_id, on_deny=_denier(rt, p, request))
+        off = catalog.get_owned(s, p, offering_id)
         v = catalog.add_version(rt, s, off, data, fmt=format, input_shape=shape, who=actor_of(p, request))
         return VersionPublic.model_validate(v)
 
@@ -146,7 +139,7 @@ def list_versions(offering_id: str, p: Auth, rt: Rt, request: Request) -> list[V
     from sqlalchemy import select
 
     with rt.tx() as s:
-        catalog.get_visible(s, p, offering_id, on_deny=_denier(rt, p, request))
+        catalog.get_visible(s, p, offering_id)
         rows = s.scalars(
             select(OfferingVersion).where(OfferingVersion.offering_id == offering_id).order_by(OfferingVersion.number)
         )

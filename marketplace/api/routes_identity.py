@@ -43,18 +43,12 @@ def list_orgs(p: Auth, rt: Rt, page: Page) -> PageOf[OrgPublic]:
         )
 
 
-def _deny(rt: Rt, p: Auth, request: Request, target: str) -> None:
-    audit.emit_detached(rt.sessions, actor_of(p, request), "authz.denied", target=target, outcome="denied")
-
-
 @router.get("/orgs/{org_id}", response_model=OrgPublic, summary="One organisation (own, or any for admin)")
 def get_org(org_id: str, p: Auth, rt: Rt, request: Request) -> OrgPublic:
     with rt.tx() as s:
         org = s.get(Org, org_id)
         if org is None or (org.id != p.org_id and not p.has("admin")):
-            if org is not None:
-                _deny(rt, p, request, org_id)
-            raise NotFound(f"organisation {org_id} not found")
+            raise NotFound(f"organisation {org_id} not found", denied=org_id if org else None)
         return OrgPublic.model_validate(org)
 
 
@@ -68,15 +62,10 @@ def create_api_key(org_id: str, body: KeyCreate, p: Auth, rt: Rt, request: Reque
     with rt.tx() as s:
         if not p.has("admin"):
             if org_id != p.org_id or s.get(Org, org_id) is None:
-                _deny(rt, p, request, org_id)
-                raise NotFound(f"organisation {org_id} not found")
+                raise NotFound(f"organisation {org_id} not found", denied=org_id)
             extra = set(body.roles) - set(p.roles)
             if extra:
-                audit.emit_detached(
-                    rt.sessions, actor_of(p, request), "role.grant", target=org_id, outcome="denied",
-                    detail={"roles": sorted(extra)},
-                )
-                raise Forbidden(f"you cannot grant roles you do not hold: {sorted(extra)}")
+                raise Forbidden(f"you cannot grant roles you do not hold: {sorted(extra)}", denied=org_id)
         row, plaintext = create_key(
             s, org_id=org_id, roles=list(body.roles), name=body.name, ttl_days=body.ttl_days, created_by=p.key_id
         )
@@ -104,9 +93,7 @@ def revoke_api_key(key_id: str, p: Auth, rt: Rt, request: Request) -> KeyPublic:
     with rt.tx() as s:
         row = s.get(ApiKey, key_id)
         if row is None or (row.org_id != p.org_id and not p.has("admin")):
-            if row is not None:
-                _deny(rt, p, request, key_id)
-            raise NotFound(f"key {key_id} not found")
+            raise NotFound(f"key {key_id} not found", denied=key_id if row else None)
         if not (p.has("admin") or row.id == p.key_id or set(row.roles) <= set(p.roles)):
             raise Forbidden("you can revoke only keys whose roles you hold")
         revoke_key(s, row)

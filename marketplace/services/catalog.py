@@ -9,7 +9,6 @@ The plaintext is never written anywhere: not to disk, the DB or the logs.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -34,28 +33,28 @@ __all__ = [
 
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
-DenyHook = Callable[[str], None]
 
 
-def get_visible(s: Session, p: Principal, offering_id: str, *, on_deny: DenyHook | None = None) -> Offering:
-    """An offering the caller may read: published ones, or any of its own organisation's."""
+def get_visible(s: Session, p: Principal, offering_id: str) -> Offering:
+    """An offering the caller may read: published ones, or any of its own organisation's.
+
+    Someone else's unpublished offering is a 404 that is audited as a denied access.
+    """
     off = s.get(Offering, offering_id)
     if off is None:
         raise NotFound(f"offering {offering_id} not found")
     if off.status != "published" and off.org_id != p.org_id and not p.has("admin"):
-        if on_deny:
-            on_deny(offering_id)
-        raise NotFound(f"offering {offering_id} not found")
+        raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     return off
 
 
-def get_owned(s: Session, p: Principal, offering_id: str, *, on_deny: DenyHook | None = None) -> Offering:
+def get_owned(s: Session, p: Principal, offering_id: str) -> Offering:
     """An offering the caller's organisation owns (provider role checked by the caller)."""
     off = s.get(Offering, offering_id)
-    if off is None or off.org_id != p.org_id:
-        if off is not None and on_deny:
-            on_deny(offering_id)
+    if off is None:
         raise NotFound(f"offering {offering_id} not found")
+    if off.org_id != p.org_id:
+        raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     return off
 
 

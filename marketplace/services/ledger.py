@@ -1,0 +1,610 @@
+"""The tamper-evident usage ledger: one sequencer, an RFC 9162 Merkle tree in the DB, signed
+checkpoints, proofs and receipts.
+
+For: appending leaves (usage records from metering, audit events, contract records; dicts built
+by :mod:`contracts.records`) in the caller's transaction, signing C2SP checkpoints with the log's
+Ed25519 key, serving inclusion/consistency proofs and receipts. Not for: what a leaf means
+(:mod:`contracts.compliance` checks that offline), offline verification (``crypto.logverify``),
+HTTP (``marketplace.api.routes_ledger``).
+
+How it works (docs/ledger.md has the long version):
+
+* **One sequencer.** Every append locks the single ``ledger_state`` row (``SELECT ... FOR UPDATE``
+  on PostgreSQL; on SQLite every transaction is ``BEGIN IMMEDIATE``), so indexes are gapless and
+  there is one order even with several API replicas on one database.
+* **O(log n) appends.** The state row holds the tree's compact range (right frontier). An append
+  folds the new leaf hash into it and inserts the perfect-subtree nodes it completes; the tree is
+  never recomputed from all leaves.
+* **O(log n) proofs.** :func:`crypto.merkle.inclusion_plan` / ``consistency_plan`` / ``root_plan``
+  name the stored nodes a proof needs; they are read in one query and folded.
+* **The log never signs two inconsistent checkpoints.** Before signing size ``n`` after the last
+  signed size ``m``: the stored nodes must still give the root signed at ``m``; the leaves in
+  ``[m, n)`` are re-hashed from their bytes and replayed onto the frontier at ``m``, and every
+  node they complete must equal the stored one; the result must equal the state's frontier; and
+  a consistency proof built from stored nodes must verify from ``m`` to ``n``. Otherwise
+  :class:`LedgerIntegrityError` and nothing is signed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sqlalchemy import Engine, Table, event, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from contracts.errors import ContractError
+from contracts.records import USAGE_SCHEMA, audit_record, validate_record
+from crypto.canonical import canonicalize
+from crypto.checkpoint import Checkpoint
+from crypto.checkpoint import sign_checkpoint as _sign_note
+from crypto.errors import InvalidProof
+from crypto.merkle import (
+    HASH_SIZE,
+    CompactRange,
+    NodeId,
+    consistency_plan,
+    inclusion_plan,
+    root_plan,
+    verify_consistency,
+)
+from crypto.note import ALG_ED25519, NoteSigner
+from crypto.signing import SigningKey
+from marketplace.db.base import utcnow
+from marketplace.db.models import AuditEvent
+from marketplace.db.models_ledger import (
+    NODE_LEVEL_SHIFT,
+    LedgerCheckpoint,
+    LedgerLeaf,
+    LedgerNode,
+    LedgerState,
+)
+from marketplace.errors import MarketplaceError, NotFound
+
+if TYPE_CHECKING:
+    from marketplace.runtime import Runtime
+
+__all__ = [
+    "Checkpointer",
+    "LeafRef",
+    "LedgerIntegrityError",
+    "StoredCheckpoint",
+    "append",
+    "append_many",
+    "audit_leaf_sink",
+    "checkpoint_at",
+    "consistency_proof",
+    "find_leaf",
+    "inclusion_proof",
+    "install",
+    "iter_leaves",
+    "latest_checkpoint",
+    "latest_or_sign",
+    "leaf_row",
+    "log_signer",
+    "receipt",
+    "root_at",
+    "sign_checkpoint",
+    "tree_size",
+    "vkey",
+]
+
+log = logging.getLogger("som.ledger")
+
+_STATE: Table = LedgerState.__table__  # type: ignore[assignment]
+_LEAVES: Table = LedgerLeaf.__table__  # type: ignore[assignment]
+_NODES: Table = LedgerNode.__table__  # type: ignore[assignment]
+_CPS: Table = LedgerCheckpoint.__table__  # type: ignore[assignment]
+_sha256 = hashlib.sha256
+_VERIFY_BATCH = 20_000
+_SIGNER_KEY = "ledger.signer"
+
+
+class LedgerIntegrityError(MarketplaceError):
+    """The stored tree does not match the signed history; the log refuses to sign (HTTP 503)."""
+
+    status: ClassVar[int] = 503
+    code: ClassVar[str] = "ledger_integrity"
+
+
+@dataclass(frozen=True)
+class LeafRef:
+    """Where a leaf landed: its gapless index and RFC 9162 leaf hash."""
+
+    index: int
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A signed checkpoint as stored: tree size, root hash, the signed note, when."""
+
+    size: int
+    root_hash: bytes
+    note: bytes
+    created_at: datetime
+
+
+# ---------------------------------------------------------------------------- appends
+
+
+def _node_key(n: NodeId) -> int:
+    return n.index if n.level == 0 else (n.level << NODE_LEVEL_SHIFT) | n.index
+
+
+def _split(frontier: bytes) -> list[bytes]:
+    return [frontier[i : i + HASH_SIZE] for i in range(0, len(frontier), HASH_SIZE)]
+
+
+_USAGE_COLS = (
+    "contract_id",
+    "offering_id",
+    "consumer_org",
+    "provider_org",
+    "mode",
+    "outcome",
+    "units",
+    "amount_minor",
+    "currency",
+    "time",
+)
+
+
+def _prepare(record: Mapping[str, Any]) -> tuple[bytes, bytes, dict[str, Any]]:
+    """Validate, canonicalize and hash one record (outside the lock)."""
+    if not isinstance(record, dict):
+        raise TypeError(f"record must be a dict from contracts.records, got {type(record).__name__}")
+    try:
+        validate_record(record)
+    except ContractError as e:
+        raise ValueError(f"not a ledger record: {e}") from e
+    data = canonicalize(record)
+    row: dict[str, Any] = {"data": data, "schema": record["schema"]}
+    if record["schema"] == USAGE_SCHEMA:
+        for k in _USAGE_COLS:
+            row[k] = record[k]
+    return data, _sha256(b"\x00" + data).digest(), row
+
+
+def _lock_state(s: Session) -> Any:
+    """The state row, locked until the end of the caller's transaction (the sequencer)."""
+    stmt = select(_STATE).where(_STATE.c.id == 1).with_for_update()
+    row = s.execute(stmt).one_or_none()
+    if row is None:  # pragma: no cover - the migration inserts it
+        raise LedgerIntegrityError("ledger_state row is missing: run `som db upgrade`")
+    return row
+
+
+def append(session: Session, record: dict[str, Any]) -> LeafRef:
+    """Append one leaf in the caller's transaction; see :func:`append_many`."""
+    return append_many(session, [record])[0]
+
+
+def append_many(session: Session, records: Sequence[dict[str, Any]]) -> list[LeafRef]:
+    """Append leaves in order in the caller's transaction; return where each landed.
+
+    Each record is a dict from :mod:`contracts.records` (``ValueError`` if it is not a valid
+    leaf). It is RFC 8785-canonicalized (those exact bytes are hashed and stored), the sequencer
+    lock is taken, the next gapless indexes assigned, the leaves and the Merkle nodes they
+    complete inserted and the frontier updated. Commits or rolls back with the caller.
+    """
+    if not records:
+        return []
+    prepared = [_prepare(r) for r in records]
+    st = _lock_state(session)
+    cr = CompactRange(st.size, _split(st.frontier))
+    node_rows: list[dict[str, Any]] = []
+
+    def on_node(n: NodeId, h: bytes) -> None:
+        if n.level:
+            node_rows.append({"id": (n.level << NODE_LEVEL_SHIFT) | n.index, "hash": h})
+
+    leaf_rows: list[dict[str, Any]] = []
+    refs: list[LeafRef] = []
+    for _data, h, row in prepared:
+        idx = cr.size
+        cr.append(h, on_node)
+        full = dict.fromkeys(_USAGE_COLS)
+        full.update(row)
+        full["idx"] = idx
+        full["leaf_hash"] = h
+        leaf_rows.append(full)
+        refs.append(LeafRef(idx, h))
+    session.execute(insert(_LEAVES), leaf_rows)
+    if node_rows:
+        session.execute(insert(_NODES), node_rows)
+    session.execute(
+        update(_STATE)
+        .where(_STATE.c.id == 1)
+        .values(size=cr.size, frontier=b"".join(cr.hashes))
+    )
+    _maybe_notify(session, cr.size, st.signed_size)
+    return refs
+
+
+def audit_leaf_sink(session: Session, ev: AuditEvent) -> None:
+    """``audit.set_leaf_sink`` hook: every audit event becomes a ``som.audit/v1`` leaf in the
+    emitting transaction. Stateless (uses only the session), so apps sharing a process are fine."""
+    append(
+        session,
+        audit_record(
+            event_id=ev.id,
+            actor=ev.actor,
+            org=ev.org_id,
+            action=ev.action,
+            target=ev.target or None,
+            outcome=ev.outcome,
+            request_id=ev.request_id or None,
+            time=ev.time,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------- reads and proofs
+
+
+def tree_size(s: Session) -> int:
+    """Leaves committed so far (no lock)."""
+    return int(s.execute(select(_STATE.c.size).where(_STATE.c.id == 1)).scalar_one())
+
+
+def _fetch(s: Session, ids: Sequence[NodeId]) -> list[bytes]:
+    """Hashes of the stored perfect subtrees ``ids`` (same order), in one query."""
+    if not ids:
+        return []
+    low = [n.index for n in ids if n.level == 0]
+    high = [_node_key(n) for n in ids if n.level]
+    q_low = select(_LEAVES.c.idx, _LEAVES.c.leaf_hash).where(_LEAVES.c.idx.in_(low))
+    q_high = select(_NODES.c.id, _NODES.c.hash).where(_NODES.c.id.in_(high))
+    q = q_low.union_all(q_high) if low and high else (q_low if low else q_high)
+    got: dict[int, bytes] = {int(k): bytes(h) for k, h in s.execute(q).all()}
+    try:
+        return [got[_node_key(n)] for n in ids]
+    except KeyError as e:
+        raise LedgerIntegrityError(f"stored Merkle node {e.args[0]:#x} is missing") from None
+
+
+def _check_size(s: Session, size: int) -> None:
+    have = tree_size(s)
+    if size > have:
+        raise NotFound(f"the log has {have} leaves, not {size}")
+
+
+def inclusion_proof(s: Session, index: int, size: int) -> list[bytes]:
+    """RFC 9162 §2.1.3 inclusion proof of leaf ``index`` in the tree of ``size`` (O(log n))."""
+    _check_size(s, size)
+    plan = inclusion_plan(index, size)
+    return plan.rehash(_fetch(s, plan.ids))
+
+
+def consistency_proof(s: Session, size1: int, size2: int) -> list[bytes]:
+    """RFC 9162 §2.1.4 consistency proof from ``size1`` to ``size2``. From size 0 (or between
+    equal sizes) the proof is empty, as c2sp.org/tlog-witness expects."""
+    if not 0 <= size1 <= size2:
+        raise ValueError(f"need 0 <= size1 <= size2, got {size1}, {size2}")
+    _check_size(s, size2)
+    if size1 == 0:
+        return []
+    plan = consistency_plan(size1, size2)
+    return plan.rehash(_fetch(s, plan.ids))
+
+
+def root_at(s: Session, size: int) -> bytes:
+    """``MTH(D[0:size])`` from stored nodes (O(log n))."""
+    _check_size(s, size)
+    plan = root_plan(size)
+    return plan.rehash(_fetch(s, plan.ids))[0]
+
+
+def leaf_row(s: Session, index: int) -> Any:
+    """The stored leaf row (``idx``, ``data``, ``leaf_hash``, usage columns); NotFound if none."""
+    row = s.execute(select(_LEAVES).where(_LEAVES.c.idx == index)).one_or_none()
+    if row is None:
+        raise NotFound(f"no leaf {index}")
+    return row
+
+
+def find_leaf(s: Session, leaf_hash: bytes) -> int:
+    """The lowest index whose leaf hash is ``leaf_hash``; NotFound if none."""
+    idx = s.execute(select(func.min(_LEAVES.c.idx)).where(_LEAVES.c.leaf_hash == leaf_hash)).scalar()
+    if idx is None:
+        raise NotFound("no leaf with that hash")
+    return int(idx)
+
+
+def _to_cp(row: Any) -> StoredCheckpoint:
+    return StoredCheckpoint(int(row.size), bytes(row.root_hash), row.note.encode(), row.created_at)
+
+
+def latest_checkpoint(s: Session) -> StoredCheckpoint | None:
+    row = s.execute(select(_CPS).order_by(_CPS.c.size.desc()).limit(1)).one_or_none()
+    return None if row is None else _to_cp(row)
+
+
+def checkpoint_at(s: Session, size: int) -> StoredCheckpoint:
+    row = s.execute(select(_CPS).where(_CPS.c.size == size)).one_or_none()
+    if row is None:
+        raise NotFound(f"no checkpoint of size {size}")
+    return _to_cp(row)
+
+
+def iter_leaves(rt: Runtime, start: int, end: int, *, batch: int = 5000) -> Iterator[tuple[int, bytes]]:
+    """``(index, leaf bytes)`` for ``[start, end)``, in short transactions of ``batch`` rows."""
+    i = start
+    while i < end:
+        j = min(end, i + batch)
+        with rt.sessions() as s:
+            rows = s.execute(
+                select(_LEAVES.c.idx, _LEAVES.c.data)
+                .where(_LEAVES.c.idx >= i, _LEAVES.c.idx < j)
+                .order_by(_LEAVES.c.idx)
+            ).all()
+        for idx, data in rows:
+            yield int(idx), bytes(data)
+        i = j
+
+
+# ---------------------------------------------------------------------------- signing
+
+
+def _skey_text(name: str, key: SigningKey) -> str:
+    # Go sumdb/note private key text: PRIVATE+KEY+name+hex(key id)+base64(0x01 || seed).
+    signer = NoteSigner(name, key)
+    seed = bytes([ALG_ED25519]) + key.unsafe_private_bytes()
+    return f"PRIVATE+KEY+{name}+{signer.key_id.hex()}+{base64.b64encode(seed).decode()}\n"
+
+
+def _load_or_create_key(path: Path, name: str) -> NoteSigner:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_skey_text(name, SigningKey.generate()))
+        try:
+            os.link(tmp, path)  # atomic; loses to a concurrent creator
+            log.info("created the ledger's log key %s", path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    if path.stat().st_mode & 0o077:
+        log.warning("ledger key %s is readable by others; chmod 600 it", path)
+    return NoteSigner.from_skey(path.read_text())
+
+
+def log_signer(rt: Runtime) -> NoteSigner:
+    """The log's Ed25519 note signer from ``data_dir/keys/log.key`` (0600; created on first use,
+    named after ``settings.log_origin``). Every replica of one ledger must share this file."""
+    signer: NoteSigner | None = rt.extras.get(_SIGNER_KEY)
+    if signer is None:
+        signer = _load_or_create_key(rt.data_dir / "keys" / "log.key", rt.settings.log_origin)
+        rt.extras[_SIGNER_KEY] = signer
+    return signer
+
+
+def _verify_extension(
+    s: Session, last: StoredCheckpoint | None, size: int, frontier: list[bytes]
+) -> bytes:
+    """Recompute the root at ``size`` from the signed history; raise LedgerIntegrityError."""
+    old = 0 if last is None else last.size
+    old_ids = root_plan(old).ids  # smallest subtree first
+    old_hashes = _fetch(s, old_ids)
+    if last is not None and root_plan(old).rehash(old_hashes)[0] != last.root_hash:
+        raise LedgerIntegrityError(
+            f"the stored tree no longer gives the root signed at size {old}: nodes were changed"
+        )
+    cr = CompactRange(old, list(reversed(old_hashes)))
+    made: list[tuple[int, bytes]] = []
+
+    def on_node(n: NodeId, h: bytes) -> None:
+        if n.level:
+            made.append(((n.level << NODE_LEVEL_SHIFT) | n.index, h))
+
+    i = old
+    while i < size:
+        j = min(size, i + _VERIFY_BATCH)
+        rows = s.execute(
+            select(_LEAVES.c.idx, _LEAVES.c.data, _LEAVES.c.leaf_hash)
+            .where(_LEAVES.c.idx >= i, _LEAVES.c.idx < j)
+            .order_by(_LEAVES.c.idx)
+        ).all()
+        for idx, data, stored in rows:
+            if idx != cr.size:
+                raise LedgerIntegrityError(f"leaf {cr.size} is missing")
+            h = _sha256(b"\x00" + bytes(data)).digest()
+            if h != bytes(stored):
+                raise LedgerIntegrityError(f"leaf {idx}: its bytes do not match its stored hash")
+            cr.append(h, on_node)
+        if cr.size != j:
+            raise LedgerIntegrityError(f"leaf {cr.size} is missing")
+        if made:
+            keys = [k for k, _ in made]
+            stored_nodes = {
+                int(k): bytes(h)
+                for k, h in s.execute(select(_NODES.c.id, _NODES.c.hash).where(_NODES.c.id.in_(keys)))
+            }
+            for k, h in made:
+                if stored_nodes.get(k) != h:
+                    level, index = k >> NODE_LEVEL_SHIFT, k & ((1 << NODE_LEVEL_SHIFT) - 1)
+                    raise LedgerIntegrityError(
+                        f"stored node (level {level}, index {index}) does not match the leaves"
+                    )
+            made.clear()
+        i = j
+    if cr.hashes != frontier:
+        raise LedgerIntegrityError("the sequencer's frontier does not match the stored leaves")
+    root = cr.root()
+    if last is not None and old < size:
+        proof = consistency_proof(s, old, size)
+        try:
+            verify_consistency(old, size, proof, last.root_hash, root)
+        except InvalidProof as e:
+            raise LedgerIntegrityError(
+                f"no valid consistency proof from the checkpoint at size {old} to size {size}"
+            ) from e
+    return root
+
+
+def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckpoint:
+    """Sign (and store) a checkpoint of the current tree, unless the latest one already has
+    this size (then return it). Verifies the new tree extends the last signed one first
+    (module docstring); raises :class:`LedgerIntegrityError` and signs nothing otherwise."""
+    signer = log_signer(rt)
+    vkey = signer.verifier.vkey()
+    with rt.tx() as s:
+        st = _lock_state(s)
+        if st.vkey is None:
+            s.execute(update(_STATE).where(_STATE.c.id == 1).values(vkey=vkey))
+        elif st.vkey != vkey:
+            raise LedgerIntegrityError(
+                "this replica's log key differs from the one that signed this ledger; copy "
+                "data_dir/keys/log.key from the first replica"
+            )
+        last = latest_checkpoint(s)
+        size = int(st.size)
+        if last is not None and last.size == size:
+            return last
+        if last is not None and last.size > size:
+            raise LedgerIntegrityError(
+                f"a checkpoint of size {last.size} exists but the log has only {size} leaves"
+            )
+        try:
+            root = _verify_extension(s, last, size, _split(st.frontier))
+        except LedgerIntegrityError as e:
+            log.error("refusing to sign a checkpoint of size %d: %s", size, e.message)
+            raise
+        note = _sign_note(Checkpoint(rt.settings.log_origin, size, root), signer)
+        created = now or utcnow()
+        s.execute(
+            insert(_CPS).values(size=size, root_hash=root, note=note.decode(), created_at=created)
+        )
+        s.execute(update(_STATE).where(_STATE.c.id == 1).values(signed_size=size))
+    log.info("signed checkpoint size=%d", size)
+    return StoredCheckpoint(size, root, note, created)
+
+
+def latest_or_sign(rt: Runtime) -> StoredCheckpoint:
+    """The latest signed checkpoint, signing one (possibly of size 0) if there is none."""
+    with rt.tx() as s:
+        cp = latest_checkpoint(s)
+    return cp if cp is not None else sign_checkpoint(rt)
+
+
+def receipt(rt: Runtime, index: int) -> dict[str, Any]:
+    """A receipt for leaf ``index``, verifiable offline with crypto only::
+
+        {"index", "leaf": b64 leaf bytes, "leaf_hash": b64, "inclusion_proof": [b64],
+         "checkpoint": "<signed note text>"}
+
+    Signs a fresh checkpoint if none covers ``index`` yet. Call after the leaf's transaction
+    committed. NotFound if there is no such leaf.
+    """
+    if type(index) is not int or index < 0:
+        raise NotFound(f"no leaf {index!r}")
+    with rt.tx() as s:
+        cp = latest_checkpoint(s)
+        if index >= tree_size(s):
+            raise NotFound(f"no leaf {index}")
+    if cp is None or cp.size <= index:
+        cp = sign_checkpoint(rt)
+    with rt.tx() as s:
+        row = leaf_row(s, index)
+        proof = inclusion_proof(s, index, cp.size)
+    b64 = base64.b64encode
+    return {
+        "index": index,
+        "leaf": b64(bytes(row.data)).decode(),
+        "leaf_hash": b64(bytes(row.leaf_hash)).decode(),
+        "inclusion_proof": [b64(p).decode() for p in proof],
+        "checkpoint": cp.note.decode(),
+    }
+
+
+# ---------------------------------------------------------------------------- background signer
+
+
+class Checkpointer:
+    """Signs checkpoints in a background thread: every ``checkpoint_interval_seconds`` when there
+    are new leaves, and soon after ``checkpoint_every`` leaves accumulate (appends wake it)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.every = max(1, rt.settings.checkpoint_every)
+        self.interval = max(0.05, rt.settings.checkpoint_interval_seconds)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="som-ledger-checkpointer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def pending(self) -> bool:
+        with self.rt.sessions() as s:
+            row = s.execute(select(_STATE.c.size, _STATE.c.signed_size).where(_STATE.c.id == 1)).one()
+        return int(row.size) > int(row.signed_size) and int(row.size) > 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                if self.pending():
+                    sign_checkpoint(self.rt)
+            except Exception:
+                log.exception("background checkpoint failed")
+
+
+_checkpointers: weakref.WeakKeyDictionary[Engine, Checkpointer] = weakref.WeakKeyDictionary()
+
+
+def _maybe_notify(session: Session, size: int, signed_size: int) -> None:
+    bind = session.get_bind()
+    cp = _checkpointers.get(bind) if isinstance(bind, Engine) else None
+    if cp is None or size - max(signed_size, 0) < cp.every or session.info.get("ledger.notify"):
+        return
+    session.info["ledger.notify"] = True
+
+    def _after(sess: Session) -> None:
+        sess.info.pop("ledger.notify", None)
+        cp.wake()
+
+    event.listen(session, "after_commit", _after, once=True)
+
+
+def install(rt: Runtime) -> Checkpointer:
+    """Register this runtime's background signer (started/stopped by the caller)."""
+    cp = _checkpointers.get(rt.engine)
+    if cp is None:
+        cp = Checkpointer(rt)
+        _checkpointers[rt.engine] = cp
+    return cp
+
+
+def vkey(rt: Runtime) -> str:
+    """The log's verifier key text (c2sp.org/signed-note vkey)."""
+    return log_signer(rt).verifier.vkey()

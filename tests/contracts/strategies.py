@@ -94,7 +94,9 @@ def small_terms(**kw: object) -> st.SearchStrategy[Terms]:
 
 
 @st.composite
-def contracts(draw: st.DrawFn, *, terms_strategy: st.SearchStrategy[Terms] | None = None) -> Contract:
+def contracts(
+    draw: st.DrawFn, *, terms_strategy: st.SearchStrategy[Terms] | None = None
+) -> Contract:
     t = draw(terms() if terms_strategy is None else terms_strategy)
     created = t.valid_from - draw(st.timedeltas(timedelta(0), timedelta(days=30)))
     offer = make_offer(

@@ -262,7 +262,11 @@ def test_wrong_key_for_party_is_an_invalid_signature(contract):
 def test_every_field_of_an_event_is_signed(contract):
     s0 = initial_state(contract)
     ev = _event(
-        contract, s0, "amendment", signers=("provider", "consumer"), reason="more",
+        contract,
+        s0,
+        "amendment",
+        signers=("provider", "consumer"),
+        reason="more",
         terms=standard_terms(quota_units=7),
     )
     d = ev.to_dict()
@@ -301,7 +305,10 @@ def test_chain_order_and_termination_is_final(contract):
 
 def test_amendment_cannot_change_currency(contract):
     ev = _event(
-        contract, initial_state(contract), "amendment", signers=("provider", "consumer"),
+        contract,
+        initial_state(contract),
+        "amendment",
+        signers=("provider", "consumer"),
         terms=standard_terms(currency="USD"),
     )
     with pytest.raises(ChainError, match="currency"):

@@ -65,8 +65,10 @@ def test_every_deny_reason(reason, terms_kw, usage_kw, req, now):
     assert d.reason is reason
     assert d.message
     # The same request without the obstacle is allowed: the reason is the real one.
-    fixed = replace(req, job_kind="predict") if req.mode == "remote_job" else replace(
-        req, keyset_id="k1"
+    fixed = (
+        replace(req, job_kind="predict")
+        if req.mode == "remote_job"
+        else replace(req, keyset_id="k1")
     )
     assert isinstance(decide(standard_terms(), BOUND, fixed, NOW), Allow)
 
@@ -183,7 +185,9 @@ def test_usage_invariants_and_offline_agreement(terms, operations):
     assert final.reserved_units == 0
     charged = [leaf for leaf in leaves[1:] if leaf["outcome"] == "charged"]
     assert sum(leaf["units"] for leaf in charged) == final.used_units  # additive
-    assert sum(leaf["amount_minor"] for leaf in charged) == final.used_units * terms.unit_price_minor
+    assert (
+        sum(leaf["amount_minor"] for leaf in charged) == final.used_units * terms.unit_price_minor
+    )
     # The offline checker, from the ledger alone, agrees the online decisions kept the terms.
     summary = check_records(enumerate(leaves))
     totals = summary.contracts[contract.contract_id]
@@ -213,8 +217,14 @@ def test_overriding_a_quota_or_rate_denial_is_caught_offline(terms, operations):
         return
     req, now = usable[-1]
     forced = usage_record(
-        contract, usage_id="forced", mode=req.mode, units=req.units, outcome="charged",
-        request_digest=DIGEST, idempotency_key_digest=DIGEST, time=now,
+        contract,
+        usage_id="forced",
+        mode=req.mode,
+        units=req.units,
+        outcome="charged",
+        request_digest=DIGEST,
+        idempotency_key_digest=DIGEST,
+        time=now,
     )
     with pytest.raises(ComplianceViolation, match="quota|rate") as e:
         check_records(enumerate([*leaves, forced]))

@@ -294,3 +294,22 @@ def test_library_is_pure():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_a_million_leaves_streamed():
+    c = standard_contract(standard_terms(quota_units=10**9, rate_units=10**6))
+    base = _use(c, "u", 0, units=1)
+    head = contract_record(c, time=T0)
+
+    def leaves():
+        yield 0, head
+        for i in range(1_000_000):
+            t = T0 + timedelta(microseconds=10 * i + 1)
+            yield i + 1, {**base, "usage_id": f"u{i}", "time": t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+
+    start = time.perf_counter()
+    summary = check_records(leaves())
+    elapsed = time.perf_counter() - start
+    assert summary.contracts[c.contract_id].amount_minor == 1_000_000 * 5
+    assert elapsed < 60, f"1M leaves took {elapsed:.1f} s"  # ~3.5 s checking + generation here

@@ -1,0 +1,193 @@
+"""Encrypted (CKKS) inference from the consumer's side: keys stay here, ciphertexts travel.
+
+``infer_encrypted(offering_id, X)`` fetches the offering's public plan, generates (once) and
+caches the consumer's CKKS keys locally (``SecretContext.to_bytes`` in a 0600 file under
+``key_dir``, default ``~/.cache/som/he``), registers the *public* key set once per contract and
+plan, encrypts ``X`` in the plan's layout, sends it with a fresh ``Idempotency-Key``, decrypts
+the result and applies the plan's post-processing. ``last_receipt`` holds the usage receipt.
+
+Not for: anything the server should see in the clear. The secret key never leaves this
+machine: only ``public_keyset_bytes()`` (no secret key) and request frames are sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marketplace.sdk.base import BaseClient, SomAPIError
+
+__all__ = ["HEAPI", "default_key_dir"]
+
+
+def default_key_dir() -> Path:
+    """``$SOM_KEY_DIR``, else ``$XDG_CACHE_HOME/som/he``, else ``~/.cache/som/he``."""
+    env = os.environ.get("SOM_KEY_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "som" / "he"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def decode_receipt(header: str | None) -> dict[str, Any] | None:
+    """The receipt from an ``X-Som-Receipt`` header (base64url of canonical JSON)."""
+    if not header:
+        return None
+    pad = "=" * (-len(header) % 4)
+    return dict(json.loads(base64.urlsafe_b64decode(header + pad)))
+
+
+class HEAPI(BaseClient):
+    last_receipt: dict[str, Any] | None = None
+    last_usage_id: str | None = None
+
+    # -- provider ---------------------------------------------------------------------------
+
+    def compile_version(self, offering_id: str, version: int, calibration: np.ndarray | bytes) -> dict[str, Any]:
+        """Compile a version for HE with calibration samples (array (n, d) or .npy bytes)."""
+        if isinstance(calibration, np.ndarray):
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(calibration, dtype=np.float64), allow_pickle=False)
+            data = buf.getvalue()
+        else:
+            data = bytes(calibration)
+        r = self.request(
+            "POST", f"/v1/offerings/{offering_id}/versions/{int(version)}/compile", content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return dict(r.json())
+
+    def set_he_plan(self, offering_id: str, plan: dict[str, Any], report: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish a provider-hosted offering's HE plan (compiled by its agent)."""
+        return dict(self.request("PUT", f"/v1/offerings/{offering_id}/he/plan", json={"plan": plan, "report": report}).json())
+
+    # -- consumer ---------------------------------------------------------------------------
+
+    def he_plan(self, offering_id: str) -> dict[str, Any]:
+        """``{"plan", "plan_digest", "report", "version", "hosting"}`` of an offering."""
+        return dict(self.get_json(f"/v1/offerings/{offering_id}/he"))
+
+    def upload_keyset(self, data: bytes, *, contract_id: str | None = None, offering_id: str | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in {"contract_id": contract_id, "offering_id": offering_id}.items() if v}
+        r = self.request(
+            "POST", "/v1/keysets", params=params, content=bytes(data),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return dict(r.json())
+
+    def list_keysets(self) -> list[dict[str, Any]]:
+        return self.paginate("/v1/keysets")
+
+    def delete_keyset(self, keyset_id: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/v1/keysets/{keyset_id}").json())
+
+    def infer_raw(
+        self, offering_id: str, request: bytes, *, keyset_id: str, idempotency_key: str | None = None,
+        contract_id: str | None = None,
+    ) -> bytes:
+        """Send one request frame; return the response frame (sets ``last_receipt``)."""
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Idempotency-Key": idempotency_key or str(uuid.uuid4()),
+            "X-Som-Keyset": keyset_id,
+        }
+        if contract_id:
+            headers["X-Som-Contract"] = contract_id
+        r = self.request("POST", f"/v1/offerings/{offering_id}/infer", content=bytes(request), headers=headers)
+        self.last_receipt = decode_receipt(r.headers.get("x-som-receipt"))
+        self.last_usage_id = r.headers.get("x-som-usage-id")
+        return r.content
+
+    def he_keys(self, offering_id: str, *, key_dir: str | os.PathLike[str] | None = None, layout: str = "batch") -> Any:
+        """The cached (or freshly generated) ``SecretContext`` for an offering's current plan."""
+        from crypto.he import PublicPlan, SecretContext
+
+        info = self.he_plan(offering_id)
+        plan = PublicPlan.from_dict(info["plan"])
+        path = self._key_path(plan.digest(), layout, key_dir)
+        if path.exists():
+            return SecretContext.from_bytes(path.read_bytes())
+        sk = SecretContext.generate(plan, layout=layout)  # type: ignore[arg-type]
+        _write_private(path, sk.to_bytes())
+        return sk
+
+    def _key_path(self, plan_digest: str, layout: str, key_dir: str | os.PathLike[str] | None) -> Path:
+        root = Path(key_dir) if key_dir is not None else default_key_dir()
+        server = hashlib.sha256(self.base_url.encode()).hexdigest()[:16]
+        return root / f"{server}-{plan_digest.removeprefix('sha256:')[:32]}-{layout}.sk"
+
+    def _keyset_for(
+        self, offering_id: str, sk: Any, *, contract_id: str | None, key_dir: str | os.PathLike[str] | None,
+        refresh: bool = False,
+    ) -> str:
+        idx_path = self._key_path(sk.plan.digest(), sk.layout, key_dir).with_suffix(".keysets.json")
+        index: dict[str, str] = json.loads(idx_path.read_text()) if idx_path.exists() else {}
+        slot = f"{offering_id}|{contract_id or '*'}"
+        if slot in index and not refresh:
+            return index[slot]
+        ks = self.upload_keyset(sk.public_keyset_bytes(), contract_id=contract_id, offering_id=offering_id)
+        index[slot] = ks["id"]
+        _write_private(idx_path, json.dumps(index).encode())
+        return str(ks["id"])
+
+    def infer_encrypted(
+        self,
+        offering_id: str,
+        X: np.ndarray,
+        *,
+        contract_id: str | None = None,
+        key_dir: str | os.PathLike[str] | None = None,
+        layout: str = "batch",
+        batch_size: int | None = None,
+        postprocess: bool = True,
+    ) -> np.ndarray:
+        """Encrypt ``X`` (n, input_dim), infer, decrypt: outputs (n, output_dim).
+
+        Requests carry at most ``batch_size`` samples (default: the plan's slot count).
+        """
+        x = np.asarray(X, dtype=np.float64)
+        if x.ndim == 1:
+            x = x.reshape(1, -1)
+        sk = self.he_keys(offering_id, key_dir=key_dir, layout=layout)
+        if x.ndim != 2 or x.shape[1] != sk.plan.input_dim:
+            raise ValueError(f"expected X of shape (n, {sk.plan.input_dim}), got {x.shape}")
+        step = batch_size or sk.plan.slots
+        keyset_id = self._keyset_for(offering_id, sk, contract_id=contract_id, key_dir=key_dir)
+        outs: list[np.ndarray] = []
+        for start in range(0, x.shape[0], step):
+            req = sk.encrypt(x[start : start + step])
+            key = str(uuid.uuid4())
+            try:
+                resp = self.infer_raw(offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id)
+            except SomAPIError as e:
+                stale = e.status == 404 or (e.status == 403 and "revoked" in e.message) or (
+                    e.status == 409 and "plan" in e.message
+                )
+                if not stale:
+                    raise
+                keyset_id = self._keyset_for(offering_id, sk, contract_id=contract_id, key_dir=key_dir, refresh=True)
+                resp = self.infer_raw(offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id)
+            outs.append(sk.decrypt(resp, postprocess=postprocess))
+        return np.concatenate(outs, axis=0)

@@ -23,6 +23,9 @@ Schemas (every field required; times are RFC 3339 UTC with microseconds and ``Z`
 A usage leaf's ``time`` is the *reservation* time (when :func:`contracts.policy.decide` allowed the
 use), so the offline checker recomputes the same rate window the online policy used. ``units`` of a
 released leaf are the units that were reserved and given back; its ``amount_minor`` is 0.
+
+:func:`format_time` / :func:`parse_time` are the one wire time format (re-exported here so
+callers need not import the private ``contracts._validate``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from contracts._validate import (
     get_int,
     get_opt_str,
     get_str,
+    parse_time,
 )
 from contracts.errors import SchemaError
 from contracts.offer import Contract, ContractEvent
@@ -58,6 +62,8 @@ __all__ = [
     "USAGE_OUTCOMES",
     "USAGE_SCHEMA",
     "audit_record",
+    "format_time",
+    "parse_time",
     "contract_event_record",
     "contract_record",
     "job_approval_record",

@@ -59,7 +59,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = _clean(list(exc.errors()))
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
-        msg = f"{'.'.join(first['loc'])}: {first['msg']}" if first["loc"] else first["msg"]
+        msg = f"{'.'.join(first['loc'])}: {first['msg']}" if first["loc"] else str(first["msg"])
         return JSONResponse(
             error_body("invalid", msg, request, details=details), status_code=422
         )

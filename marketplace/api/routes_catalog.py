@@ -7,12 +7,17 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 
 from marketplace.api.deps import Auth, Page, Rt, actor_of
-from marketplace.api.schemas import OfferingCreate, OfferingPublic, OfferingUpdate, PageOf, VersionPublic
+from marketplace.api.schemas import (
+    OfferingCreate,
+    OfferingPublic,
+    OfferingUpdate,
+    PageOf,
+    VersionPublic,
+)
 from marketplace.db.base import utcnow
 from marketplace.db.models import Offering, OfferingVersion
 from marketplace.errors import Invalid
 from marketplace.services import audit, catalog
-from marketplace.services.identity import Principal
 
 router = APIRouter(prefix="/v1/offerings", tags=["catalog"])
 

@@ -6,7 +6,15 @@ from fastapi import APIRouter, Request
 from sqlalchemy import func, select
 
 from marketplace.api.deps import Auth, Page, Rt, actor_of
-from marketplace.api.schemas import KeyCreate, KeyCreated, KeyPublic, OrgCreate, OrgPublic, PageOf, WhoAmI
+from marketplace.api.schemas import (
+    KeyCreate,
+    KeyCreated,
+    KeyPublic,
+    OrgCreate,
+    OrgPublic,
+    PageOf,
+    WhoAmI,
+)
 from marketplace.db.models import ApiKey, Org
 from marketplace.errors import Forbidden, NotFound
 from marketplace.services import audit

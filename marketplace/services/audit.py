@@ -93,7 +93,7 @@ def query(
     target: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-) -> Select[tuple[AuditEvent]]:
+) -> Select[AuditEvent]:
     stmt = select(AuditEvent)
     since = _aware(since)
     until = _aware(until)

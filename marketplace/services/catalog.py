@@ -131,7 +131,7 @@ def _validate(data: bytes, fmt: str, input_shape: list[int], max_bytes: int) -> 
     from crypto.he import validate_artifact
 
     try:
-        info = validate_artifact(data, fmt, max_bytes=max_bytes)  # type: ignore[arg-type]
+        info = validate_artifact(data, fmt, max_bytes=max_bytes)
     except HEError as e:
         raise Invalid(f"artifact refused: {e}") from e
     except ValueError as e:
@@ -170,7 +170,8 @@ def store_artifact(
 
 def decrypt_artifact(rt: Any, art: Artifact) -> bytes:
     """Decrypt an artifact in memory (callers emit ``artifact.decrypt`` audit events)."""
-    from crypto.envelope import WrappedKey, decrypt_artifact as _dec
+    from crypto.envelope import WrappedKey
+    from crypto.envelope import decrypt_artifact as _dec
 
     wrapped = WrappedKey.from_json(art.wrapped_key.decode())
     return _dec(rt.blobs.get(art.blob), wrapped, provider=rt.key_provider, aad=art.aad.encode())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from marketplace.db.base import Base
 import marketplace.db.all_models  # noqa: F401  (registers every table on Base.metadata)
+from marketplace.db.base import Base
 
 config = context.config
 engine = config.attributes["engine"]

@@ -1,0 +1,121 @@
+"""Encrypted vs plaintext predictions on real datasets (real TenSEAL)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.neural_network import MLPClassifier
+
+from crypto.he import PublicContext, SecretContext, compile_model, evaluate
+
+
+def _labels(z):
+    return (z[:, 0] > 0).astype(int) if z.shape[1] == 1 else z.argmax(axis=1)
+
+
+def run_he(model, x, layout="batch"):
+    plan = model.public_plan
+    sk = SecretContext.generate(plan, layout=layout)
+    pub = PublicContext.from_bytes(sk.public_keyset_bytes(), plan=plan)
+    return sk.decrypt(evaluate(model, pub, sk.encrypt(x)), postprocess=False)
+
+
+def check(model, x, *, against_exact=True):
+    he = run_he(model, x)
+    ref = model.predict_plain(x, exact=against_exact)
+    poly = model.predict_plain(x)
+    agree = float(np.mean(_labels(he) == _labels(ref)))
+    err = float(np.abs(he - poly).max())
+    print(f"agreement={agree:.4f} max_abs_logit_error={err:.2e}")
+    assert agree >= 0.99
+    assert err < 2.0 ** -model.public_plan.precision_bits
+    return he
+
+
+def test_logistic_regression_breast_cancer(lr_cancer, cancer):
+    xtr, xte, _, yte = cancer
+    model = compile_model(lr_cancer, "npz", calibration=xtr)
+    assert model.public_plan.depth == 1 and model.public_plan.postprocess == "sigmoid"
+    he = check(model, xte)
+    assert np.mean(_labels(he) == yte) > 0.9  # and the model is actually useful
+
+
+def test_multinomial_lr_digits(mlr_digits, digits):
+    xtr, xte, _, _ = digits
+    model = compile_model(mlr_digits, "npz", calibration=xtr)
+    assert model.public_plan.postprocess == "softmax" and model.public_plan.output_dim == 10
+    check(model, xte)
+
+
+@pytest.mark.slow
+def test_mlp_square_digits(mlp_digits, digits):
+    xtr, xte, _, yte = digits
+    model = compile_model(mlp_digits, "npz", calibration=xtr)
+    plan = model.public_plan
+    assert plan.layer_dims == (64, 32, 10) and plan.depth == 3
+    # depth 3 at a 2^40 scale does not fit N=8192 (HE standard: 218 bits)
+    assert plan.poly_modulus_degree == 16384 and plan.scale_bits == 40
+    assert sum(plan.coeff_mod_bit_sizes) <= 438
+    he = check(model, xte)
+    assert np.mean(he.argmax(1) == yte) > 0.9
+
+
+def _onnx_mlp(w1, b1, w2, b2, act):
+    inits = [
+        numpy_helper.from_array(w1.astype(np.float32), "W1"),
+        numpy_helper.from_array(b1.astype(np.float32), "B1"),
+        numpy_helper.from_array(w2.astype(np.float32), "W2"),
+        numpy_helper.from_array(b2.astype(np.float32), "B2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "B1"], ["h"]),
+        helper.make_node(act, ["h"], ["a"]),
+        helper.make_node("MatMul", ["a", "W2"], ["z0"]),
+        helper.make_node("Add", ["z0", "B2"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
+        inits,
+    )
+    m = helper.make_model(graph)
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def test_onnx_mlp_with_relu_replaced_by_polynomial(cancer):
+    xtr, xte, ytr, _ = cancer
+    clf = MLPClassifier((8,), activation="relu", alpha=1.0, max_iter=600, random_state=0).fit(xtr, ytr)
+    data = _onnx_mlp(clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1], "Relu")
+    model = compile_model(data, "onnx", calibration=xtr)
+    assert model.public_plan.postprocess == "sigmoid"
+    assert model.public_plan.activation_degrees == (2,)
+    # the compiled plaintext network (ONNX semantics) matches sklearn's own logits
+    z = clf.predict_proba(xte)[:, 1]
+    assert np.allclose(1 / (1 + np.exp(-model.predict_plain(xte, exact=True)[:, 0])), z, atol=1e-5)
+    he = run_he(model, xte)
+    poly = model.predict_plain(xte)
+    assert np.mean(_labels(he) == _labels(poly)) >= 0.99
+    exact_agree = np.mean(_labels(he) == clf.predict(xte))
+    print(f"onnx relu->poly agreement with the exact model: {exact_agree:.4f}")
+    assert exact_agree >= 0.95
+    assert np.abs(he - poly).max() < 2.0 ** -model.public_plan.precision_bits
+
+
+def test_single_query_layout_matches_batch(mlr_digits, digits):
+    xtr, xte, _, _ = digits
+    model = compile_model(mlr_digits, "npz", calibration=xtr)
+    plan = model.public_plan
+    sk = SecretContext.generate(plan, layout="single")
+    keys = sk.public_keyset_bytes()
+    pub = PublicContext.from_bytes(keys, plan=plan)
+    assert pub.layouts == ("batch", "single")
+    x = xte[:3]
+    out = sk.decrypt(evaluate(model, pub, sk.encrypt(x, layout="single")), postprocess=False)
+    assert np.abs(out - model.predict_plain(x)).max() < 2.0**-plan.precision_bits
+    probs = sk.decrypt(evaluate(model, pub, sk.encrypt(x, layout="single")))
+    assert np.allclose(probs.sum(axis=1), 1.0)

@@ -18,7 +18,6 @@ import importlib
 import importlib.util
 import re
 import threading
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -74,8 +73,6 @@ __all__ = [
 #: How far a signed record's own time may be from the server's clock.
 CLOCK_SKEW = timedelta(minutes=10)
 OFFER_ID_RE = re.compile(r"ofr_[A-Za-z0-9_-]{8,60}")
-
-DenyHook = Callable[[str], None]
 
 # -- the ledger (integration point; the ledger service is another feature) ------------------
 
@@ -168,7 +165,6 @@ def publish_offer(
     signed: Any,
     who: audit.Actor,
     *,
-    on_deny: DenyHook | None = None,
     now: datetime | None = None,
 ) -> OfferRow:
     """Store a provider-signed offer (``Offer.to_dict()``) for an offering the caller owns."""
@@ -176,9 +172,7 @@ def publish_offer(
     t = now or utcnow()
     off = s.get(Offering, offering_id)
     if off is None or off.org_id != p.org_id:
-        if off is not None and on_deny:
-            on_deny(offering_id)
-        raise NotFound(f"offering {offering_id} not found")
+        raise NotFound(f"offering {offering_id} not found", denied=offering_id if off else None)
     try:
         offer = Offer.from_dict(signed)
     except (SchemaError, ValueError, TypeError) as e:
@@ -217,7 +211,7 @@ def publish_offer(
     return row
 
 
-def get_offer(s: Session, p: Principal, offer_id: str, *, on_deny: DenyHook | None = None) -> OfferRow:
+def get_offer(s: Session, p: Principal, offer_id: str) -> OfferRow:
     """An offer the caller may see: its own organisation's, or an open offer of a published offering."""
     row = s.get(OfferRow, offer_id)
     if row is None:
@@ -226,9 +220,7 @@ def get_offer(s: Session, p: Principal, offer_id: str, *, on_deny: DenyHook | No
         return row
     off = s.get(Offering, row.offering_id)
     if row.status != "open" or off is None or off.status != "published":
-        if on_deny:
-            on_deny(offer_id)
-        raise NotFound(f"offer {offer_id} not found")
+        raise NotFound(f"offer {offer_id} not found", denied=offer_id)
     return row
 
 
@@ -240,19 +232,17 @@ def list_offers(s: Session, p: Principal, offering_id: str) -> list[OfferRow]:
     stmt = select(OfferRow).where(OfferRow.offering_id == offering_id)
     if off.org_id != p.org_id and not p.has("admin"):
         if off.status != "published":
-            raise NotFound(f"offering {offering_id} not found")
+            raise NotFound(f"offering {offering_id} not found", denied=offering_id)
         stmt = stmt.where(OfferRow.status == "open")
     return list(s.scalars(stmt.order_by(OfferRow.created_at, OfferRow.id)))
 
 
-def withdraw_offer(s: Session, p: Principal, offer_id: str, who: audit.Actor, *, on_deny: DenyHook | None = None) -> OfferRow:
+def withdraw_offer(s: Session, p: Principal, offer_id: str, who: audit.Actor) -> OfferRow:
     """Close an offer to new acceptances (existing contracts are unaffected)."""
     p.require("provider")
     row = s.get(OfferRow, offer_id)
     if row is None or row.provider_org_id != p.org_id:
-        if row is not None and on_deny:
-            on_deny(offer_id)
-        raise NotFound(f"offer {offer_id} not found")
+        raise NotFound(f"offer {offer_id} not found", denied=offer_id if row else None)
     if row.status != "withdrawn":
         row.status = "withdrawn"
         audit.emit(s, who, "offer.withdraw", target=row.id, detail={"offering_id": row.offering_id})
@@ -269,13 +259,12 @@ def accept_offer(
     signed_acceptance: Any,
     who: audit.Actor,
     *,
-    on_deny: DenyHook | None = None,
     now: datetime | None = None,
 ) -> ContractRow:
     """Record a consumer-signed acceptance of an open offer: the contract, ledgered and audited."""
     p.require("consumer")
     t = now or utcnow()
-    orow = get_offer(s, p, offer_id, on_deny=on_deny)
+    orow = get_offer(s, p, offer_id)
     if orow.status != "open":
         raise Conflict(f"offer {offer_id} is {orow.status}; ask the provider for an open offer")
     if orow.provider_org_id == p.org_id:
@@ -337,13 +326,11 @@ def accept_offer(
     return row
 
 
-def get_for_party(s: Session, p: Principal, contract_id: str, *, on_deny: DenyHook | None = None) -> ContractRow:
+def get_for_party(s: Session, p: Principal, contract_id: str) -> ContractRow:
     """A contract the caller's organisation is a party to (others: 404)."""
     row = s.get(ContractRow, contract_id)
     if row is None or p.org_id not in (row.provider_org_id, row.consumer_org_id):
-        if row is not None and on_deny:
-            on_deny(contract_id)
-        raise NotFound(f"contract {contract_id} not found")
+        raise NotFound(f"contract {contract_id} not found", denied=contract_id if row else None)
     return row
 
 
@@ -395,13 +382,12 @@ def add_event(
     signed_event: Any,
     who: audit.Actor,
     *,
-    on_deny: DenyHook | None = None,
     now: datetime | None = None,
 ) -> ContractEventRow:
     """Record a signed event that follows the contract's chain (verified with the parties' keys
     from the contract itself). The caller's organisation must be the party in ``event.by``."""
     t = now or utcnow()
-    if get_for_party(s, p, contract_id, on_deny=on_deny) is None:  # pragma: no cover
+    if get_for_party(s, p, contract_id) is None:  # pragma: no cover
         raise NotFound(f"contract {contract_id} not found")
     row = lock_contract(s, contract_id)
     if row is None:  # pragma: no cover - checked above

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from marketplace.sdk.base import SomAPIError
 from marketplace.sdk.catalog_api import CatalogAPI
+from marketplace.sdk.contracts_api import ContractsAPI
+from marketplace.sdk.he_api import HEAPI
+from marketplace.sdk.jobs_api import JobsAPI
+from marketplace.sdk.ledger_api import LedgerAPI
 
 __all__ = ["SomAPIError", "SomClient"]
 
 
-class SomClient(CatalogAPI):
+class SomClient(CatalogAPI, LedgerAPI, HEAPI, ContractsAPI, JobsAPI):
     """Talks to a Share-of-Model server. ``transport=`` accepts an ``httpx`` test transport."""

@@ -1,0 +1,235 @@
+"""``som ledger`` (export, verify, witness, checkpoint) and ``som receipt verify``.
+
+``verify`` and ``receipt verify`` are offline: they use ``crypto`` and ``contracts`` only, never
+the server. ``export``, ``witness`` and ``checkpoint`` talk to the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from marketplace.cli.common import client, die, emit, state
+
+LEDGER_HELP = "The tamper-evident usage ledger: export, verify offline, witness, checkpoints."
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    from contracts.records import parse_record
+    from crypto.logverify import read_export_leaves
+
+    for index, leaf in read_export_leaves(path):
+        try:
+            yield index, parse_record(leaf)
+        except ValueError as e:
+            from contracts.errors import ComplianceViolation
+
+            raise ComplianceViolation(index, str(e)) from e
+
+
+def verify_dir(path: Path, *, trusted: Path | None = None) -> dict[str, Any]:
+    """Verify an export directory offline; return a summary dict or raise (see ``verify``)."""
+    from contracts.compliance import check_records
+    from crypto.logverify import verify_export_dir
+
+    trusted_note = trusted.read_bytes() if trusted is not None else None
+    log = verify_export_dir(path, trusted_checkpoint=trusted_note)
+    comp = check_records(_records(path / "leaves.jsonl"))
+    return {
+        "log": str(log),
+        "origin": log.origin,
+        "leaves": log.leaves,
+        "checkpoints": log.checkpoints,
+        "latest_size": log.latest_size,
+        "latest_root": base64.b64encode(log.latest_root).decode(),
+        "trusted_size": log.trusted_size,
+        "compliance": comp.to_dict(),
+    }
+
+
+def register(app: typer.Typer) -> None:
+    led = typer.Typer(help=LEDGER_HELP, no_args_is_help=True)
+    app.add_typer(led, name="ledger")
+    rec = typer.Typer(help="Usage receipts.", no_args_is_help=True)
+    app.add_typer(rec, name="receipt")
+
+    @led.command("export")
+    def export(
+        ctx: typer.Context,
+        directory: Path = typer.Argument(..., help="Directory to write (created)."),
+    ) -> None:
+        """Export the ledger: leaves.jsonl, checkpoints/<size>.note, log.vkey (compliance, admin)."""
+        c = client(ctx)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "log.vkey").write_text(c.ledger_key() + "\n")
+        cps = c.ledger_checkpoints()
+        cp_dir = directory / "checkpoints"
+        cp_dir.mkdir(exist_ok=True)
+        for cp in cps:
+            (cp_dir / f"{cp['size']}.note").write_text(cp["note"])
+        # Only leaves covered by the newest checkpoint we saved: the export is then self-contained.
+        latest = max((cp["size"] for cp in cps), default=0)
+        n = 0
+        tmp = directory / ".leaves.jsonl.tmp"
+        with tmp.open("wb") as f:
+            for line in c.ledger_export_lines(size=latest):
+                f.write(line + b"\n")
+                n += 1
+        tmp.replace(directory / "leaves.jsonl")
+        emit(ctx, {"directory": str(directory), "leaves": n, "checkpoints": len(cps), "latest_size": latest})
+
+    @led.command("verify")
+    def verify(
+        ctx: typer.Context,
+        directory: Path = typer.Argument(..., help="An export directory (`som ledger export`)."),
+        trusted_checkpoint: Path | None = typer.Option(
+            None, "--trusted-checkpoint", help="A signed checkpoint note you kept from before."
+        ),
+    ) -> None:
+        """Verify an export offline: leaf hashes, roots at every checkpoint, signatures,
+        contiguity, consistency with a kept checkpoint, and every contract's totals against its terms."""
+        from contracts.errors import ComplianceViolation
+        from crypto.logverify import LogVerificationError
+
+        try:
+            summary = verify_dir(directory, trusted=trusted_checkpoint)
+        except LogVerificationError as e:
+            die(f"ledger does NOT verify: {e}", 3)
+        except ComplianceViolation as e:
+            die(f"ledger does NOT comply: leaf {e.index}: {e}", 4)
+        except OSError as e:
+            die(f"cannot read the export: {e}", 2)
+        if state(ctx).json:
+            emit(ctx, summary)
+            return
+        comp = summary["compliance"]
+        typer.echo(f"OK {summary['log']}")
+        typer.echo(f"leaves per schema: {json.dumps(comp['per_schema'], sort_keys=True)}")
+        for cid, t in comp["contracts"].items():
+            typer.echo(
+                f"contract {cid}: {t['charged_units']} units charged, {t['amount_minor']} {t['currency']} "
+                f"(minor units), {t['usage_records']} usage records ({t['released_records']} released)"
+            )
+
+    @led.command("checkpoint")
+    def checkpoint(
+        ctx: typer.Context,
+        sign: bool = typer.Option(False, "--sign", help="Sign a new checkpoint now (compliance, admin)."),
+        out: Path | None = typer.Option(None, "--out", help="Also write the note to this file."),
+    ) -> None:
+        """Show the latest signed checkpoint (or sign one with --sign)."""
+        c = client(ctx)
+        note = c.sign_ledger_checkpoint()["note"].encode() if sign else c.ledger_checkpoint()
+        if out is not None:
+            out.write_bytes(note)
+        sys.stdout.write(note.decode())
+
+    @led.command("witness")
+    def witness(
+        ctx: typer.Context,
+        state_file: Path = typer.Option(..., "--state", help="Witness state (JSON; created on first run)."),
+        name: str = typer.Option("som-witness", "--name", help="The witness's key name."),
+        key: Path | None = typer.Option(None, "--key", help="Witness signing key (default: STATE.key; created)."),
+    ) -> None:
+        """Cosign the latest checkpoint after checking it extends the last one this witness saw."""
+        from crypto.checkpoint import open_checkpoint
+        from crypto.errors import InvalidProof, InvalidSignature
+        from crypto.note import NoteVerifier, add_signature_lines
+        from crypto.signing import SigningKey
+        from crypto.witness import ForkDetected, Witness, WitnessError, WitnessState
+
+        c = client(ctx)
+        key_path = key or state_file.with_name(state_file.name + ".key")
+        if key_path.exists():
+            sk = SigningKey.from_private_bytes(base64.b64decode(key_path.read_text().strip()))
+        else:
+            sk = SigningKey.generate()
+            _write_private(key_path, base64.b64encode(sk.unsafe_private_bytes()) + b"\n")
+        saved: dict[str, Any] = json.loads(state_file.read_text()) if state_file.exists() else {}
+        server_vkey = c.ledger_key()
+        log_vkey = saved.get("log_vkey", server_vkey)
+        if log_vkey != server_vkey:
+            die(
+                "the server now presents a different log key than the one this witness follows "
+                f"({log_vkey}); refusing. If the operator rotated keys, start a new state file.",
+                5,
+            )
+        prev = WitnessState.from_json(saved["state"]) if "state" in saved else None
+        note = c.ledger_checkpoint()
+        w = Witness(name, sk, log_vkey)
+        try:
+            size = open_checkpoint(note, NoteVerifier.from_vkey(log_vkey)).size
+        except InvalidSignature as e:
+            die(f"the checkpoint is not signed by the log key: {e}", 5)
+        old = prev.size if prev is not None else 0
+        proof: list[bytes] = []
+        if prev is not None and 0 < old < size:
+            got = c.consistency_proof(old, size)
+            proof = [base64.b64decode(h) for h in got["proof"]]
+        try:
+            new_state, line = w.update(prev, note, old, proof)
+        except ForkDetected as e:
+            die(f"FORK: {e}", 6)
+        except InvalidProof as e:
+            die(
+                f"refusing to cosign: the log's checkpoint of size {size} is not consistent with "
+                f"the one this witness cosigned at size {old} ({e}); the log rewrote history "
+                f"or forked. Keep {state_file} and the served note as evidence.",
+                6,
+            )
+        except (WitnessError, InvalidSignature) as e:
+            die(f"refusing to cosign: {e}", 6)
+        cosigned = add_signature_lines(note, line)
+        saved = {"log_vkey": log_vkey, "witness_vkey": w.vkey, "state": new_state.to_json(), "cosigned": cosigned.decode()}
+        _write_private(state_file, json.dumps(saved, indent=2).encode() + b"\n")
+        emit(ctx, {"cosigned_size": new_state.size, "previous_size": old, "witness_vkey": w.vkey})
+
+    @rec.command("verify")
+    def receipt_verify(
+        ctx: typer.Context,
+        receipt_file: Path = typer.Argument(..., help="A receipt (JSON) from a metered response."),
+        vkey: Path = typer.Option(..., "--vkey", help="The log's vkey file (`som ledger export` writes log.vkey)."),
+    ) -> None:
+        """Verify one receipt offline: leaf hash, inclusion proof against the checkpoint, signature."""
+        from crypto.errors import CryptoError
+        from marketplace.sdk.ledger_api import verify_receipt
+
+        try:
+            obj = json.loads(receipt_file.read_text())
+            if isinstance(obj, dict) and "receipt" in obj and "index" not in obj:
+                obj = obj["receipt"]
+            cp = verify_receipt(obj, vkey.read_text().strip())
+        except (OSError, ValueError) as e:
+            die(f"not a readable receipt: {e}", 2)
+        except CryptoError as e:
+            die(f"receipt does NOT verify: {e}", 3)
+        record = json.loads(base64.b64decode(obj["leaf"]))
+        emit(
+            ctx,
+            {
+                "ok": True,
+                "index": obj["index"],
+                "checkpoint_size": cp.size,
+                "origin": cp.origin,
+                "record": record,
+            },
+        )

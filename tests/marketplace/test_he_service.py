@@ -21,7 +21,12 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import build_world, make_settings
-from tests.marketplace.test_he_service_support import lr_breast_cancer, lr_offering, make_contract, npy
+from tests.marketplace.test_he_service_support import (
+    lr_breast_cancer,
+    lr_offering,
+    make_contract,
+    npy,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -125,7 +130,7 @@ def test_server_never_holds_a_secret_key_or_the_inputs(hw: Any, tmp_path: Path) 
     for addr in rt.blobs.iter_addresses():
         try:
             ctx = ts.context_from(rt.blobs.get(addr))
-        except Exception:  # noqa: BLE001 - not a context (artifact, ciphertexts, results)
+        except Exception:  # noqa: BLE001, S112 - not a context (artifact, ciphertexts, results)
             continue
         loaded += 1
         assert not ctx.is_private(), f"blob {addr} holds a secret key"

@@ -320,8 +320,9 @@ def test_log_key_file_is_private_and_shared_by_replicas(world, tmp_path, db_url)
 
 
 def test_background_signer_after_checkpoint_every_leaves(sqlite_url, tmp_path):
-    from marketplace.api.app import create_app
     from fastapi.testclient import TestClient
+
+    from marketplace.api.app import create_app
 
     app = create_app(make_settings(tmp_path, sqlite_url, checkpoint_every=5, checkpoint_interval_seconds=3600))
     rt = app.state.runtime
@@ -345,8 +346,9 @@ def test_background_signer_after_checkpoint_every_leaves(sqlite_url, tmp_path):
 
 
 def test_background_signer_on_interval(sqlite_url, tmp_path):
-    from marketplace.api.app import create_app
     from fastapi.testclient import TestClient
+
+    from marketplace.api.app import create_app
 
     app = create_app(make_settings(tmp_path, sqlite_url, checkpoint_every=10**6, checkpoint_interval_seconds=0.1))
     rt = app.state.runtime

@@ -1,0 +1,272 @@
+"""The provider agent process: ``som agent --offering ID --model PATH``.
+
+For: running on the provider's machine beside the weights. It connects outbound only (HTTP
+long-poll on ``POST /v1/agent/lease``), authenticates with an agent key, registers its sealing
+public key (the private key stays in a 0600 file next to it), heartbeats, and for each piece of
+work: fetches the input, computes (jobs via :mod:`marketplace.agent.compute`, HE requests via
+:func:`crypto.he.evaluate` on a :class:`crypto.he.PublicContext` from the consumer's key set,
+fetched once and cached), posts the result. With ``--calibration`` it compiles the HE plan
+locally and publishes only the PUBLIC plan and report. It reconnects with exponential backoff.
+Not for: anything on the marketplace's side; the weights never leave this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from crypto.sealing import SealKeyPair
+from marketplace.agent.compute import JobFailed, Limits, Model, load_model, run_job
+from marketplace.agent.payload import open_input, seal_result
+from marketplace.sdk.base import BaseClient, SomAPIError
+
+__all__ = ["AgentConfig", "ProviderAgent", "load_seal_key"]
+
+log = logging.getLogger("som.agent")
+MAX_INPUT_BYTES = 1 << 30
+_KEYSET_CACHE = 8
+
+
+def load_seal_key(path: Path) -> SealKeyPair:
+    """The agent's sealing key pair from ``path`` (raw 32 bytes, 0600), created if missing."""
+    try:
+        return SealKeyPair.from_private_bytes(path.read_bytes())
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kp = SealKeyPair.generate()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another agent on this machine made it first
+            return SealKeyPair.from_private_bytes(path.read_bytes())
+        with os.fdopen(fd, "wb") as f:
+            f.write(kp.unsafe_private_bytes())
+        return kp
+
+
+@dataclass
+class AgentConfig:
+    url: str
+    api_key: str
+    model_path: Path
+    offering_ids: list[str] = field(default_factory=list)  # empty: every offering of the key
+    seal_key_path: Path | None = None
+    calibration_path: Path | None = None
+    name: str = ""
+    capabilities: tuple[str, ...] = ("predict", "evaluate", "custom", "he_infer")
+    workdir: Path | None = None
+    lease_wait: float = 20.0
+    backoff_max: float = 30.0
+
+
+class ProviderAgent:
+    """One agent: ``run()`` until ``stop`` is set (or ``max_items`` pieces of work are done)."""
+
+    def __init__(self, cfg: AgentConfig, *, http: httpx.Client | None = None) -> None:
+        self.cfg = cfg
+        data = cfg.model_path.read_bytes()
+        fmt = "onnx" if cfg.model_path.suffix.lower() == ".onnx" else "npz"
+        self.model: Model = load_model(data, fmt)
+        self.seal = load_seal_key(cfg.seal_key_path or cfg.model_path.with_suffix(".seal.key"))
+        self.api = BaseClient(cfg.url, cfg.api_key, http=http, timeout=cfg.lease_wait + 60)
+        self.agent_id: str | None = None
+        self.heartbeat_seconds = 5.0
+        self.holding: set[str] = set()
+        self.lost: set[str] = set()
+        self._lock = threading.Lock()
+        self.compiled: Any = None
+        self._keysets: OrderedDict[str, Any] = OrderedDict()
+        self.done = 0
+        self.workdir = cfg.workdir or Path(tempfile.gettempdir()) / f"som-agent-{os.getpid()}"
+        if cfg.calibration_path is not None:
+            self._compile(data, fmt, cfg.calibration_path)
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _compile(self, data: bytes, fmt: str, cal_path: Path) -> None:
+        import numpy as np
+
+        from crypto.he import compile_model, compile_report
+
+        cal = np.load(cal_path, allow_pickle=False)
+        self.compiled = compile_model(data, fmt, calibration=cal)
+        self.report = compile_report(self.compiled, cal[:64]).to_dict()
+
+    def _hello(self) -> None:
+        body: dict[str, Any] = {
+            "seal_public": self.seal.public_text(), "name": self.cfg.name or f"agent@{os.uname().nodename}",
+            "capabilities": list(self.cfg.capabilities) if self.compiled is not None
+            else [c for c in self.cfg.capabilities if c != "he_infer"],
+        }
+        if self.cfg.offering_ids:
+            body["offering_ids"] = self.cfg.offering_ids
+        out = self.api.post_json("/v1/agent/hello", body)
+        self.agent_id = out["id"]
+        self.offerings = list(out["offering_ids"])
+        self.heartbeat_seconds = float(out["heartbeat_seconds"])
+        self.cfg.lease_wait = min(self.cfg.lease_wait, float(out["lease_wait_max"]))
+        if self.compiled is not None:
+            for oid in self.offerings:
+                self.api.post_json(
+                    f"/v1/agent/offerings/{oid}/plan",
+                    {"plan": self.compiled.public_plan.to_dict(), "report": self.report},
+                    headers=self._h(),
+                )
+        log.info("agent %s connected for %s", self.agent_id, self.offerings)
+
+    def _h(self) -> dict[str, str]:
+        return {"X-Som-Agent": self.agent_id or ""}
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None, *, max_items: int | None = None) -> None:
+        stop = stop or threading.Event()
+        hb = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True, name="som-agent-heartbeat")
+        delay = 0.5
+        started = False
+        try:
+            while not stop.is_set() and (max_items is None or self.done < max_items):
+                try:
+                    if self.agent_id is None:
+                        self._hello()
+                        if not started:
+                            hb.start()
+                            started = True
+                    r = self.api._http.post(
+                        "/v1/agent/lease", json={"wait": self.cfg.lease_wait}, headers=self._h()
+                    )
+                    if r.status_code == 404:  # the server forgot us (new DB?): say hello again
+                        self.agent_id = None
+                        continue
+                    self.api._raise(r)
+                    delay = 0.5
+                    if r.status_code == 204:
+                        continue
+                    self._handle(r.json())
+                    self.done += 1
+                except (httpx.TransportError, SomAPIError) as e:
+                    if isinstance(e, SomAPIError) and e.status in (401, 403):
+                        log.error("agent key refused (%s); stopping", e)
+                        raise
+                    log.warning("agent: %s; retrying in %.1f s", e, delay)
+                    stop.wait(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, self.cfg.backoff_max)
+        finally:
+            stop.set()
+            if self.agent_id is not None:
+                with contextlib.suppress(Exception):
+                    self.api._http.post("/v1/agent/bye", headers=self._h(), timeout=5)
+
+    def _heartbeats(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_seconds):
+            if self.agent_id is None:
+                continue
+            with self._lock:
+                holding = sorted(self.holding)
+            try:
+                out = self.api.post_json("/v1/agent/heartbeat", {"holding": holding}, headers=self._h())
+                with self._lock:
+                    self.lost.update(out.get("lost", []))
+            except (httpx.TransportError, SomAPIError) as e:
+                log.warning("heartbeat failed: %s", e)
+
+    # -- work ------------------------------------------------------------------------------
+
+    def _handle(self, item: dict[str, Any]) -> None:
+        wid = str(item["id"])
+        with self._lock:
+            self.holding.add(wid)
+        try:
+            payload = self.api.request("GET", f"/v1/agent/work/{wid}/payload", headers=self._h()).content
+            if item["type"] == "task":
+                self._task(wid, item, payload)
+            else:
+                self._job(wid, item, payload)
+        finally:
+            with self._lock:
+                self.holding.discard(wid)
+                self.lost.discard(wid)
+
+    def _post_result(self, wid: str, data: bytes) -> None:
+        try:
+            self.api.request(
+                "POST", f"/v1/agent/work/{wid}/result", content=data,
+                headers={**self._h(), "Content-Type": "application/octet-stream"},
+            )
+        except SomAPIError as e:
+            if e.status == 409:  # cancelled or expired meanwhile: drop it
+                log.info("result for %s discarded: %s", wid, e.message)
+                return
+            raise
+
+    def _fail(self, wid: str, reason: str, message: str) -> None:
+        with contextlib.suppress(SomAPIError):
+            self.api.post_json(f"/v1/agent/work/{wid}/fail", {"reason": reason, "message": message[:4000]}, headers=self._h())
+
+    def _job(self, wid: str, item: dict[str, Any], payload: bytes) -> None:
+        from crypto.errors import DecryptionError
+
+        meta = item.get("meta") or {}
+        try:
+            inp = open_input(self.seal, wid, payload, max_size=MAX_INPUT_BYTES)
+        except (DecryptionError, ValueError) as e:
+            self._fail(wid, "bad_input", f"the sealed input did not open: {e}")
+            return
+        try:
+            out = run_job(
+                self.model, inp, expected_kind=str(item["kind"]), max_rows=meta.get("max_rows"),
+                approved_digest=meta.get("code_digest"), limits=Limits.from_dict(meta.get("limits") or {}),
+                workdir=self.workdir,
+            )
+        except JobFailed as e:
+            self._fail(wid, e.reason, e.message)
+            return
+        self._post_result(wid, seal_result(inp.reply_public, out))
+
+    def _context(self, keyset_id: str) -> Any:
+        from crypto.he import PublicContext
+
+        ctx = self._keysets.get(keyset_id)
+        if ctx is None:
+            data = self.api.request("GET", f"/v1/agent/keysets/{keyset_id}", headers=self._h()).content
+            ctx = PublicContext.from_bytes(data, plan=self.compiled.public_plan)
+            self._keysets[keyset_id] = ctx
+            while len(self._keysets) > _KEYSET_CACHE:
+                self._keysets.popitem(last=False)
+        else:
+            self._keysets.move_to_end(keyset_id)
+        return ctx
+
+    def _task(self, wid: str, item: dict[str, Any], payload: bytes) -> None:
+        from crypto.errors import CryptoError
+        from crypto.he import evaluate
+
+        if self.compiled is None:
+            self._fail(wid, "no_plan", "this agent has no HE plan (start it with --calibration)")
+            return
+        meta = item.get("meta") or {}
+        try:
+            out = evaluate(self.compiled, self._context(str(meta["keyset_id"])), payload)
+        except (CryptoError, ValueError, TypeError, KeyError) as e:
+            self._fail(wid, "invalid", f"{type(e).__name__}: {e}")
+            return
+        self._post_result(wid, out)
+
+
+def run_forever(cfg: AgentConfig) -> None:  # pragma: no cover - the CLI entry point
+    agent = ProviderAgent(cfg)
+    stop = threading.Event()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.run(stop)

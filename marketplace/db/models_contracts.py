@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from marketplace.db.base import Base, UTCDateTime, new_id, utcnow
@@ -109,6 +109,7 @@ class UsageRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     release_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
     result_blob: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    result_inline: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # small results
     result_media_type: Mapped[str | None] = mapped_column(String(100), nullable=True)
     ledger_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     record: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -84,6 +84,8 @@ __all__ = [
     "sweep_expired",
 ]
 
+#: Results up to this size are kept in the usage row; larger ones in the blob store.
+INLINE_RESULT_BYTES = 64 * 1024
 #: Default lease of a reservation: after this long without commit/release it may be reclaimed.
 LEASE_SECONDS = 600.0
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
@@ -223,9 +225,15 @@ def _finish(
     u.finished_at = now
     if reason is not None:
         u.release_reason = reason[:200]
-    idem = s.get(IdempotencyKey, (u.consumer_org_id, u.idempotency_key_digest))
-    if idem is not None and idem.usage_id == u.id:
-        idem.state = outcome
+    s.execute(
+        update(IdempotencyKey)
+        .where(
+            IdempotencyKey.org_id == u.consumer_org_id,
+            IdempotencyKey.key_digest == u.idempotency_key_digest,
+            IdempotencyKey.usage_id == u.id,
+        )
+        .values(state=outcome)
+    )
 
 
 def _sweep(s: Session, c: ContractRow, now: datetime) -> int:
@@ -247,16 +255,16 @@ def _sweep(s: Session, c: ContractRow, now: datetime) -> int:
     return len(expired)
 
 
-def _resolve(s: Session, p: Principal, offering_id: str) -> str:
-    rows = list(
-        s.execute(
-            select(ContractRow.id, ContractRow.status).where(
-                ContractRow.consumer_org_id == p.org_id,
-                ContractRow.offering_id == offering_id,
-                ContractRow.status != Status.TERMINATED.value,
-            )
-        )
+def _resolve(s: Session, p: Principal, offering_id: str) -> ContractRow:
+    """The caller's single live contract for ``offering_id``, locked (one query)."""
+    stmt = select(ContractRow).where(
+        ContractRow.consumer_org_id == p.org_id,
+        ContractRow.offering_id == offering_id,
+        ContractRow.status != Status.TERMINATED.value,
     )
+    if s.get_bind().dialect.name != "sqlite":
+        stmt = stmt.with_for_update()
+    rows = list(s.scalars(stmt))
     if not rows:
         raise NotFound(
             f"no contract of your organisation for offering {offering_id}; accept an offer first "
@@ -270,7 +278,7 @@ def _resolve(s: Session, p: Principal, offering_id: str) -> str:
                 f"choose one with the X-Som-Contract header"
             )
         rows = active
-    return str(rows[0].id)
+    return rows[0]
 
 
 def _validate(
@@ -328,12 +336,12 @@ def begin(
     p.require("consumer")
     lease = timedelta(seconds=LEASE_SECONDS if lease_seconds is None else lease_seconds)
     denied: policy.Deny | None = None
-    replay_of: tuple[str, str, str, int | None] | None = None
+    replay_of: tuple[str, str, bytes | None, str, int | None] | None = None
     res: Reservation | None = None
     try:
         with rt.tx() as s:
-            cid = contract_id or _resolve(s, p, offering_id)
-            c = lock_contract(s, cid)
+            c = lock_contract(s, contract_id) if contract_id else _resolve(s, p, offering_id)
+            cid = contract_id or (c.id if c else "")
             if c is None or c.consumer_org_id != p.org_id:
                 raise NotFound(f"contract {cid} not found", denied=cid if c else None)
             if c.offering_id != offering_id:
@@ -347,7 +355,8 @@ def begin(
                     )
                 prev = s.get(UsageRow, idem.usage_id)
                 if idem.state == "charged" and prev is not None:
-                    replay_of = (prev.id, prev.result_blob or "", prev.result_media_type or "", prev.ledger_index)
+                    replay_of = (prev.id, prev.result_blob or "", prev.result_inline,
+                                 prev.result_media_type or "", prev.ledger_index)
                 elif idem.state == "reserved" and prev is not None:
                     if prev.lease_expires_at > t:
                         wait = int((prev.lease_expires_at - t).total_seconds()) + 1
@@ -405,8 +414,8 @@ def begin(
     if denied is not None:
         raise PolicyDenied(denied.message, reason=denied.reason.value, retry_after=denied.retry_after)
     if replay_of is not None:
-        uid, blob, media, index = replay_of
-        body = rt.blobs.get(blob) if blob else b""
+        uid, blob, inline, media, index = replay_of
+        body = rt.blobs.get(blob) if blob else (inline or b"")
         stored = StoredResult(body=body, media_type=media, receipt=ledger_receipt(rt, index), usage_id=uid)
         return Reservation(
             usage_id=uid, contract_id=cid, offering_id=offering_id, mode=mode, units=units,
@@ -432,7 +441,8 @@ def commit(
     if not reservation.metered:
         return Charged(usage_id=reservation.usage_id, ledger_index=None, receipt={})
     t = now or utcnow()
-    addr = rt.blobs.put(bytes(result))
+    data = bytes(result)
+    addr = rt.blobs.put(data) if len(data) > INLINE_RESULT_BYTES else None
     with rt.tx() as s:
         c = lock_contract(s, reservation.contract_id or "")
         u = s.get(UsageRow, reservation.usage_id)
@@ -444,6 +454,7 @@ def commit(
                 f"retry with the same Idempotency-Key"
             )
         u.result_blob = addr
+        u.result_inline = None if addr else data
         u.result_media_type = media_type
         _finish(s, c, u, "charged", t)
         index = u.ledger_index

@@ -111,6 +111,7 @@ def upgrade() -> None:
     sa.Column('finished_at', marketplace.db.base.UTCDateTime(), nullable=True),
     sa.Column('release_reason', sa.String(length=200), nullable=True),
     sa.Column('result_blob', sa.String(length=80), nullable=True),
+    sa.Column('result_inline', sa.LargeBinary(), nullable=True),
     sa.Column('result_media_type', sa.String(length=100), nullable=True),
     sa.Column('ledger_index', sa.Integer(), nullable=True),
     sa.Column('record', sa.JSON(), nullable=True),

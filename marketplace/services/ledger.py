@@ -159,7 +159,27 @@ _USAGE_COLS = (
 )
 
 
-def _prepare(record: Mapping[str, Any]) -> tuple[bytes, bytes, dict[str, Any]]:
+_LEAF_COLS = ("idx", "leaf_hash", "data", "schema", *_USAGE_COLS)
+_NO_USAGE = (None,) * len(_USAGE_COLS)
+_SQL_CACHE: dict[str, tuple[str, str]] = {}
+
+
+def _insert_sql(paramstyle: str) -> tuple[str, str]:
+    """Driver-level INSERTs (executemany of tuples: the hot path of appends)."""
+    got = _SQL_CACHE.get(paramstyle)
+    if got is None:
+        ph = "?" if paramstyle == "qmark" else "%s"
+        cols, marks = ", ".join(_LEAF_COLS), ", ".join([ph] * len(_LEAF_COLS))
+        leaves = f"INSERT INTO {_LEAVES.name} ({cols}) VALUES ({marks})"  # noqa: S608 (constants)
+        nodes = f"INSERT INTO {_NODES.name} (id, hash) VALUES ({ph}, {ph})"  # noqa: S608
+        got = _SQL_CACHE[paramstyle] = (leaves, nodes)
+    return got
+
+
+Prepared = tuple[bytes, bytes, str, tuple[Any, ...]]
+
+
+def _prepare(record: Mapping[str, Any]) -> Prepared:
     """Validate, canonicalize and hash one record (outside the lock)."""
     if not isinstance(record, dict):
         raise TypeError(f"record must be a dict from contracts.records, got {type(record).__name__}")
@@ -168,11 +188,9 @@ def _prepare(record: Mapping[str, Any]) -> tuple[bytes, bytes, dict[str, Any]]:
     except ContractError as e:
         raise ValueError(f"not a ledger record: {e}") from e
     data = canonicalize(record)
-    row: dict[str, Any] = {"data": data, "schema": record["schema"]}
-    if record["schema"] == USAGE_SCHEMA:
-        for k in _USAGE_COLS:
-            row[k] = record[k]
-    return data, _sha256(b"\x00" + data).digest(), row
+    schema = record["schema"]
+    cols = tuple(record[k] for k in _USAGE_COLS) if schema == USAGE_SCHEMA else _NO_USAGE
+    return data, _sha256(b"\x00" + data).digest(), schema, cols
 
 
 def _lock_state(s: Session) -> Any:
@@ -199,29 +217,31 @@ def append_many(session: Session, records: Sequence[dict[str, Any]]) -> list[Lea
     """
     if not records:
         return []
-    prepared = [_prepare(r) for r in records]
+    return _append_prepared(session, [_prepare(r) for r in records])
+
+
+def _append_prepared(session: Session, prepared: Sequence[Prepared]) -> list[LeafRef]:
     st = _lock_state(session)
     cr = CompactRange(st.size, _split(st.frontier))
-    node_rows: list[dict[str, Any]] = []
+    node_rows: list[tuple[int, bytes]] = []
+    shift = NODE_LEVEL_SHIFT
 
     def on_node(n: NodeId, h: bytes) -> None:
         if n.level:
-            node_rows.append({"id": (n.level << NODE_LEVEL_SHIFT) | n.index, "hash": h})
+            node_rows.append(((n.level << shift) | n.index, h))
 
-    leaf_rows: list[dict[str, Any]] = []
+    leaf_rows: list[tuple[Any, ...]] = []
     refs: list[LeafRef] = []
-    for _data, h, row in prepared:
+    for data, h, schema, cols in prepared:
         idx = cr.size
         cr.append(h, on_node)
-        full = dict.fromkeys(_USAGE_COLS)
-        full.update(row)
-        full["idx"] = idx
-        full["leaf_hash"] = h
-        leaf_rows.append(full)
+        leaf_rows.append((idx, h, data, schema, *cols))
         refs.append(LeafRef(idx, h))
-    session.execute(insert(_LEAVES), leaf_rows)
+    conn = session.connection()
+    leaves_sql, nodes_sql = _insert_sql(conn.dialect.paramstyle)
+    conn.exec_driver_sql(leaves_sql, leaf_rows)
     if node_rows:
-        session.execute(insert(_NODES), node_rows)
+        conn.exec_driver_sql(nodes_sql, node_rows)
     session.execute(
         update(_STATE)
         .where(_STATE.c.id == 1)

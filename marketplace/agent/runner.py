@@ -18,6 +18,7 @@ import os
 import random
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = ["AgentConfig", "ProviderAgent", "load_seal_key"]
 log = logging.getLogger("som.agent")
 MAX_INPUT_BYTES = 1 << 30
 _KEYSET_CACHE = 8
+RESULT_RETRY_SECONDS = 120.0
 
 
 def load_seal_key(path: Path) -> SealKeyPair:
@@ -197,16 +199,26 @@ class ProviderAgent:
                 self.lost.discard(wid)
 
     def _post_result(self, wid: str, data: bytes) -> None:
-        try:
-            self.api.request(
-                "POST", f"/v1/agent/work/{wid}/result", content=data,
-                headers={**self._h(), "Content-Type": "application/octet-stream"},
-            )
-        except SomAPIError as e:
-            if e.status == 409:  # cancelled or expired meanwhile: drop it
-                log.info("result for %s discarded: %s", wid, e.message)
+        """Post a result, retrying through a server restart (a duplicate post is harmless)."""
+        delay, end = 0.5, time.monotonic() + RESULT_RETRY_SECONDS
+        while True:
+            try:
+                self.api.request(
+                    "POST", f"/v1/agent/work/{wid}/result", content=data,
+                    headers={**self._h(), "Content-Type": "application/octet-stream"},
+                )
                 return
-            raise
+            except SomAPIError as e:
+                if e.status == 409:  # cancelled or expired meanwhile: drop it
+                    log.info("result for %s discarded: %s", wid, e.message)
+                    return
+                if e.status < 500 or time.monotonic() > end:
+                    raise
+            except httpx.TransportError:
+                if time.monotonic() > end:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _fail(self, wid: str, reason: str, message: str) -> None:
         with contextlib.suppress(SomAPIError):

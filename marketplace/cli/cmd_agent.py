@@ -1,0 +1,67 @@
+"""``som agent``: run the provider agent beside the weights; manage agent keys.
+
+``som agent --offering ID --model PATH [--calibration cal.npy]`` runs until interrupted,
+connecting outbound to SOM_URL with the agent key in SOM_API_KEY.
+``som agent key create --offering ID`` (with a provider key) makes that agent key.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from marketplace.cli.common import client, die, emit, state
+
+
+def register(app: typer.Typer) -> None:
+    agent = typer.Typer(help="The provider agent (weights stay on this machine).", invoke_without_command=True)
+    app.add_typer(agent, name="agent")
+
+    @agent.callback()
+    def run(
+        ctx: typer.Context,
+        offering: list[str] = typer.Option(None, "--offering", help="Offering id to serve (repeatable; default: all of the key's)."),
+        model: Path = typer.Option(None, "--model", exists=True, dir_okay=False, help="The model artifact (.npz or .onnx)."),
+        calibration: Path = typer.Option(None, "--calibration", exists=True, dir_okay=False,
+                                         help="Calibration .npy: compile the HE plan here, publish only the public plan."),
+        seal_key: Path = typer.Option(None, "--seal-key", help="Sealing key file (0600; default: next to the model)."),
+        name: str = typer.Option("", "--name", help="A name shown to the provider."),
+        workdir: Path = typer.Option(None, "--workdir", help="Scratch folder for custom jobs."),
+        lease_wait: float = typer.Option(20.0, "--lease-wait", help="Long-poll wait in seconds."),
+        verbose: bool = typer.Option(False, "--verbose", "-v"),
+    ) -> None:
+        """Run the agent (when no subcommand is given)."""
+        if ctx.invoked_subcommand is not None:
+            return
+        if model is None:
+            die("--model is required to run the agent (or use `som agent key create`)")
+        st = state(ctx)
+        if not st.api_key:
+            die("no agent key: set SOM_API_KEY to a key from `som agent key create`")
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+        from marketplace.agent.runner import AgentConfig, run_forever
+
+        run_forever(AgentConfig(
+            url=st.url, api_key=str(st.api_key), model_path=model, offering_ids=list(offering or []),
+            seal_key_path=seal_key, calibration_path=calibration, name=name, workdir=workdir, lease_wait=lease_wait,
+        ))
+
+    key = typer.Typer(help="Agent keys (bound to your organisation and offerings).", no_args_is_help=True)
+    agent.add_typer(key, name="key")
+
+    @key.command("create")
+    def key_create(
+        ctx: typer.Context,
+        offering: list[str] = typer.Option(..., "--offering", help="Offering id (repeatable)."),
+        name: str = typer.Option("agent", "--name"),
+        ttl_days: int = typer.Option(365, "--ttl-days"),
+    ) -> None:
+        """Create an agent key (provider). The key is shown once."""
+        emit(ctx, client(ctx).create_agent_key(list(offering), name=name, ttl_days=ttl_days))
+
+    @agent.command("list")
+    def list_(ctx: typer.Context, offering: str = typer.Option(None, "--offering")) -> None:
+        """Your organisation's agents and whether they are online (provider)."""
+        emit(ctx, client(ctx).agents(offering_id=offering), columns=["id", "name", "offering_ids", "online", "last_seen_at"])

@@ -225,13 +225,17 @@ class ComputePool:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+_pool_lock = threading.Lock()
+
+
 def get_pool(rt: Any) -> ComputePool:
     """The runtime's pool (one per runtime; shut down with it)."""
-    pool = rt.extras.get("he.compute")
-    if pool is None:
-        pool = ComputePool(rt.settings.workers)
-        rt.extras["he.compute"] = pool
-        rt.on_close(pool.shutdown)
+    with _pool_lock:
+        pool = rt.extras.get("he.compute")
+        if pool is None:
+            pool = ComputePool(rt.settings.workers)
+            rt.extras["he.compute"] = pool
+            rt.on_close(pool.shutdown)
     return pool  # type: ignore[no-any-return]
 
 

@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Reject a custom job's code (provider)."""
         c = client(ctx)
-        digest = digest or c.job(job_id).get("code_digest")
-        if not digest:
+        chosen = digest or c.job(job_id).get("code_digest")
+        if not chosen:
             die(f"job {job_id} has no code to reject")
-        emit(ctx, _brief(c.reject_job(job_id, str(digest), reason)))
+        emit(ctx, _brief(c.reject_job(job_id, str(chosen), reason)))

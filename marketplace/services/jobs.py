@@ -328,9 +328,10 @@ def submit_input(rt: Runtime, p: Principal, job_id: str, blob: bytes, *, who: au
     addr = rt.blobs.put(blob)
     try:
         with rt.tx() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.status != "created":
+            row = s.get(Job, job_id)
+            if row is None or row.status != "created":
                 raise Conflict(f"job {job_id} changed state while submitting; fetch it again")
+            job = row
             job.input_blob, job.input_size, job.input_digest = addr, len(blob), digest
             job.request_digest = req
             job.contract_id = res.contract_id

@@ -177,9 +177,9 @@ def test_run_on_agent_round_trip_and_unavailable(jw: Any, tmp_path: Path) -> Non
 def test_lost_lease_goes_back_to_the_queue_and_charges_once(jw: Any, tmp_path: Path) -> None:
     """An agent leases a job and dies; after the lease expires another agent gets it; the first
     agent's late result and the second's both arrive: one charge."""
+    from marketplace.agent.compute import load_model, run_job
     from marketplace.agent.payload import open_input, seal_result
     from marketplace.agent.runner import load_seal_key
-    from marketplace.agent.compute import load_model, run_job
 
     st = offering(jw, tmp_path, hosting="provider")
     key = agent_key(jw, st.offering_id)
@@ -231,3 +231,27 @@ def test_job_fails_after_too_many_lost_leases(jw: Any, tmp_path: Path) -> None:
     assert attempts == 3
     assert job["status"] == "failed" and job["error_reason"] == "lost" and not job["charged"]
     assert usage_rows(jw, st.contract_id) == [("released", 2)]
+
+
+def test_he_inference_through_a_real_agent(jw: Any, tmp_path: Path) -> None:
+    """The agent compiles the plan beside the weights (publishing only the public plan), fetches
+    the consumer's key set, and evaluates ciphertexts; the consumer decrypts the right answers."""
+    st = offering(jw, tmp_path, hosting="provider")
+    assert st.model_path is not None
+    cal = st.model_path.parent / "cal.npy"
+    np.save(cal, features(64, seed=11))
+    key = agent_key(jw, st.offering_id)
+    with running_agent(jw, st, key, tmp_path, calibration_path=cal) as agent:
+        assert agent.compiled is not None
+        plan = jw.consumer.he_plan(st.offering_id)
+        assert plan["plan"]["input_dim"] == features(1).shape[1]
+        x = features(5, seed=12)
+        proba = jw.consumer.infer_encrypted(st.offering_id, x, contract_id=st.contract_id, key_dir=tmp_path / "ck")
+        np.testing.assert_allclose(proba, expected(st.weight, st.bias, x), atol=0.02)
+        # the key set was fetched once and cached
+        assert len(agent._keysets) == 1
+    weights = np.concatenate([st.weight.reshape(-1), st.bias])
+    paths: list[Any] = [jw.rt.data_dir]
+    if jw.rt.engine.dialect.name == "sqlite":
+        paths.append(Path(str(jw.rt.engine.url.database)))
+    assert find_bytes(float_patterns(weights), paths=paths) == []

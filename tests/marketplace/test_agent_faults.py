@@ -33,8 +33,10 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([*SOM, "serve", "--port", str(self.port)], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
+            [*SOM, "serve", "--port", str(self.port)], env=self.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -83,7 +85,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     agents: list[subprocess.Popen[bytes]] = []
 
     def start_agent() -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(
+        p = subprocess.Popen(  # noqa: S603 - fixed argv
             [*SOM, "agent", "--offering", off["id"], "--model", str(machine / "model.npz"), "--lease-wait", "2",
              "--workdir", str(machine / "work")],
             env={**env, "SOM_API_KEY": agent_key}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -278,3 +278,28 @@ def test_receipt_verify_cli(sqlite_world, as_client, tmp_path):
     assert r.exit_code == 3 and "does NOT verify" in r.output
     f.write_text("{not json")
     assert som("receipt", "verify", str(f), "--vkey", str(vk)).exit_code == 2
+
+
+def test_parallel_verification_gives_the_same_answers(sqlite_world, as_client, tmp_path):
+    from contracts.errors import ComplianceViolation
+    from crypto.logverify import LogVerificationError
+    from marketplace.cli.cmd_ledger import verify_dir
+
+    rt = sqlite_world.rt
+    c = seed(sqlite_world)
+    as_client(sqlite_world.compliance)
+    d = export(tmp_path)
+    assert verify_dir(d, parallel=True) == verify_dir(d, parallel=False)
+    ls = lines(d)
+    del ls[3]
+    (d / "leaves.jsonl").write_text("".join(ls))
+    for parallel in (True, False):
+        with pytest.raises(LogVerificationError, match="leaf 3"):
+            verify_dir(d, parallel=parallel)
+    with rt.tx() as s:
+        ledger.append_many(s, [usage(c, 100, units=30), usage(c, 101, units=30)])  # over quota
+    ledger.sign_checkpoint(rt)
+    d2 = export(tmp_path, "over")
+    for parallel in (True, False):
+        with pytest.raises(ComplianceViolation, match="quota"):
+            verify_dir(d2, parallel=parallel)

@@ -8,6 +8,7 @@ Exit code 0 means every step did what it says.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -25,7 +27,10 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from contracts.terms import JobLimits, Terms  # noqa: E402
+from crypto.signing import SigningKey  # noqa: E402
 from marketplace.sdk import SomClient  # noqa: E402
+from marketplace.sdk.ledger_api import verify_receipt  # noqa: E402
 
 console = Console()
 SOM = [sys.executable, "-m", "marketplace.cli"]
@@ -137,12 +142,89 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     assert [o["id"] for o in found] == [off["id"]], found
     ok(f"search 'cancer' + tag 'medical' -> {found[0]['name']} ({found[0]['id']})")
 
-    step("4. Compliance officer reviews the audit trail")
+    step("4. Provider compiles the HE plan and offers a signed contract")
+    report = provider.compile_version(off["id"], v["number"], Xtr)
+    card = report.get("he_report") or {}
+    ok(f"HE model card: {json.dumps({k: card[k] for k in list(card)[:6]}, default=str)[:150]}…")
+    p_key, c_key = SigningKey.generate(), SigningKey.generate()
+    now = datetime.now(UTC)
+    terms = Terms(
+        modes=frozenset({"he_inference", "remote_job"}), quota_units=5_000, rate_units=10_000,
+        rate_window_seconds=60, valid_from=now - timedelta(minutes=1), valid_until=now + timedelta(days=30),
+        unit_price_minor=2, currency="EUR", max_batch=4096,
+        job_limits=JobLimits(allowed_kinds=frozenset({"predict", "evaluate"}), cpu_seconds=30, memory_mb=512, wall_seconds=60),
+    )
+    offer = provider.publish_offer(off["id"], terms, signing_key=p_key)
+    offer_id = offer.get("offer_id") or offer["offer"]["offer_id"]
+    ok(f"offer {offer_id}: 5,000 units at EUR 0.02, he_inference + remote_job, signed by the provider")
+
+    step("5. Consumer accepts and runs encrypted inference")
+    contract = consumer.accept_offer(offer_id, signing_key=c_key, provider_key=p_key.verify_key.to_text())
+    cid = contract.get("contract_id") or contract["id"]
+    ok(f"contract {cid} accepted (signed by the consumer over the offer's hash)")
+    t0 = time.perf_counter()
+    probs = np.asarray(consumer.infer_encrypted(off["id"], Xte, contract_id=cid, key_dir=work / "consumer-keys")).reshape(-1)
+    took = time.perf_counter() - t0
+    plain = 1 / (1 + np.exp(-plain_logits))
+    agree = float(np.mean((probs > 0.5) == (plain > 0.5)))
+    ok(f"{len(Xte)} samples encrypted, computed on ciphertexts, decrypted in {took:.2f} s; "
+       f"agreement with plaintext {agree:.1%}, max |Δp| {np.max(np.abs(probs - plain)):.2e}")
+    assert agree >= 0.99
+    receipt = consumer.last_receipt
+    verify_receipt(receipt, consumer.ledger_key())
+    ok(f"usage receipt verified offline: leaf #{receipt['index']} included in the signed checkpoint")
+
+    step("6. A provider-hosted model and a remote job: the weights never move")
+    model_path = work / "provider-host" / "model.npz"
+    model_path.parent.mkdir()
+    model_path.write_bytes(npz)
+    off2 = provider.create_offering(
+        name="breast-cancer-risk-onprem", task="binary-classification", tags=["medical"], hosting="provider",
+        description="Same model, kept on the provider's own machine behind `som agent`.",
+    )
+    agent_key = provider.create_agent_key([off2["id"]], name="demo agent")["key"]
+    agent = subprocess.Popen([*SOM, "agent", "--offering", off2["id"], "--model", str(model_path), "--lease-wait", "2"],
+                             env={**env, "SOM_API_KEY": agent_key}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not provider.get_offering(off2["id"]).get("agent_online"):
+            if time.monotonic() > deadline or agent.poll() is not None:
+                raise SystemExit("the provider agent did not come online")
+            time.sleep(0.3)
+        ok(f"agent online for {off2['id']} (outbound long-poll only)")
+        provider.publish(off2["id"])
+        offer2 = provider.publish_offer(off2["id"], terms, signing_key=p_key)
+        contract2 = consumer.accept_offer(offer2.get("offer_id") or offer2["offer"]["offer_id"], signing_key=c_key)
+        cid2 = contract2.get("contract_id") or contract2["id"]
+        rows = "\n".join(",".join(f"{x:.6f}" for x in row) for row in Xte[:50]) + "\n"
+        sub = consumer.submit_job(off2["id"], "predict", rows.encode(), format="csv", contract_id=cid2)
+        ok(f"job {sub.id}: 50 rows sealed (HPKE) to the agent's key; the marketplace relays opaque bytes")
+        consumer.wait_job(sub.id, timeout=120)
+        res = consumer.job_result(sub.id, sub.reply_key)
+        preds = np.loadtxt(io.StringIO(res.body.decode()), delimiter=",").reshape(-1)
+        match = float(np.mean((preds > 0.5) == (plain[:50] > 0.5))) if preds.max() <= 1 else float(np.mean(preds == (plain[:50] > 0.5)))
+        ok(f"result opened with the consumer's reply key: {len(preds)} predictions, {match:.0%} match the model")
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+
+    step("7. Compliance officer: audit trail, ledger export, offline verification, witness")
     events = compliance.audit()
-    for e in events[-6:]:
+    for e in events[-5:]:
         ok(f"{e['time'][:19]} {e['action']:<22} {e['target']:<28} {e['outcome']}")
-    assert {"offering.publish", "key.create", "role.grant"} <= {e["action"] for e in events}
+    assert {"offering.publish", "key.create", "role.grant", "artifact.decrypt"} <= {e["action"] for e in events}
     ok(f"{len(events)} audit events")
+    cenv = {**env, "SOM_API_KEY": keys["compliance"]}
+    som("ledger", "checkpoint", "--sign", env=cenv)
+    export = work / "ledger-export"
+    som("ledger", "export", str(export), env=cenv)
+    for line in som("ledger", "verify", str(export), env=cenv).strip().splitlines():
+        ok(line)
+    state = work / "witness.json"
+    for line in som("ledger", "witness", "--state", str(state), env=cenv).strip().splitlines()[-2:]:
+        ok("witness: " + line)
+    for t in compliance.ledger_totals():
+        ok(f"contract totals: {json.dumps(t, default=str)[:140]}")
 
 
 if __name__ == "__main__":

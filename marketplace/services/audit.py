@@ -24,9 +24,18 @@ from marketplace.db.models import AuditEvent
 
 __all__ = ["Actor", "LeafSink", "emit", "emit_detached", "query", "set_leaf_sink"]
 
-# Called with (session, event) inside the emitting transaction; the ledger installs itself here.
+# Called with (session, event) inside the emitting transaction. By default every audit event
+# becomes a ledger leaf, whoever emits it (API, CLI on the server host, workers).
 LeafSink = Callable[[Session, AuditEvent], None]
-_leaf_sink: LeafSink | None = None
+
+
+def _ledger_sink(session: Session, event: AuditEvent) -> None:
+    from marketplace.services.ledger import audit_leaf_sink
+
+    audit_leaf_sink(session, event)
+
+
+_leaf_sink: LeafSink | None = _ledger_sink
 
 
 def set_leaf_sink(sink: LeafSink | None) -> None:

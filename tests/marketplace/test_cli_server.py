@@ -82,6 +82,13 @@ def test_cli_story_over_a_real_server(server, tmp_path: Path) -> None:
     assert "cancer-lr" in human
     events = json.loads(som("--json", "audit", "list", env=comp).stdout)
     assert {"offering.publish", "offering.version.add", "key.create"} <= {e["action"] for e in events}
+    # every audit event, including the bootstrap done by the CLI before the server ran, is a ledger leaf
+    from marketplace.sdk import SomClient
+
+    leaves = SomClient(env["SOM_URL"], akey).ledger_leaves()
+    audit_ids = {json.loads(__import__("base64").b64decode(x["leaf"]))["event_id"] for x in leaves
+                 if json.loads(__import__("base64").b64decode(x["leaf"]))["schema"] == "som.audit/v1"}
+    assert {e["id"] for e in events} <= audit_ids
 
     # errors: clear message, non-zero exit, no traceback
     r = som("offering", "show", off["id"], env={**env, "SOM_API_KEY": "som_bad_key"}, check=False)

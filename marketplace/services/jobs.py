@@ -469,7 +469,7 @@ def _start(rt: Runtime, job: Job, owner: str, now: datetime) -> dict[str, Any]:
 
 def lease_for_agent(rt: Runtime, s: Session, agent: Agent, now: datetime) -> dict[str, Any] | None:
     """In the caller's transaction: lease the oldest queued job the agent can run, or None."""
-    _reap(rt, s, now, hosting="provider")
+    _reap(rt, s, now, hosting="provider", fail_lost=False)
     kinds = [k for k in agent.capabilities if k in KINDS]
     if not kinds:
         return None
@@ -596,8 +596,8 @@ def fail(rt: Runtime, job_id: str, *, owner: str, reason: str, message: str, p: 
 # -- background: expiry, lost leases, marketplace workers ------------------------------------------
 
 
-def _reap(rt: Runtime, s: Session, now: datetime, *, hosting: str | None = None) -> list[dict[str, Any]]:
-    """In ``s``: lost leases go back to the queue or fail; jobs past deadline expire.
+def _reap(rt: Runtime, s: Session, now: datetime, *, hosting: str | None = None, fail_lost: bool = True) -> list[dict[str, Any]]:
+    """In ``s``: lost leases go back to the queue or (``fail_lost``) fail.
     Returns reservations to release after the transaction commits."""
     released: list[dict[str, Any]] = []
     stmt = select(Job).where(
@@ -606,6 +606,8 @@ def _reap(rt: Runtime, s: Session, now: datetime, *, hosting: str | None = None)
     if hosting:
         stmt = stmt.where(Job.hosting == hosting)
     for job in s.scalars(stmt):
+        if job.attempts >= job.max_attempts and not fail_lost:
+            continue  # the sweeper fails it and releases its units after its commit
         if job.attempts >= job.max_attempts:
             job.status, job.error_reason = "failed", "lost"
             job.error = f"the compute site stopped answering {job.attempts} times; giving up"

@@ -25,6 +25,7 @@ from tests.marketplace.test_jobs_support import (
     running_agent,
     to_csv,
     usage_rows,
+    wait_usage,
 )
 from tests.scan import find_bytes, float_patterns
 
@@ -223,14 +224,10 @@ def test_job_fails_after_too_many_lost_leases(jw: Any, tmp_path: Path) -> None:
         if r.status_code == 204:
             break
         attempts += 1
-    job = jw.consumer.job(sub.id)
-    if job["status"] == "running":  # the last lease is still running out
-        time.sleep(jw.rt.settings.agent_lease_seconds + 0.2)
-        c._http.post("/v1/agent/lease", json={"wait": 0}, headers={"X-Som-Agent": a})
-        job = jw.consumer.job(sub.id)
+    job = jw.consumer.wait_job(sub.id, timeout=10, poll=0.1)  # the sweeper fails it after the last lease
     assert attempts == 3
     assert job["status"] == "failed" and job["error_reason"] == "lost" and not job["charged"]
-    assert usage_rows(jw, st.contract_id) == [("released", 2)]
+    assert wait_usage(jw, st.contract_id, [("released", 2)]) == [("released", 2)]
 
 
 def test_he_inference_through_a_real_agent(jw: Any, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from tests.marketplace.test_jobs_support import (
     offering,
     to_csv,
     usage_rows,
+    wait_usage,
 )
 from tests.scan import find_bytes, float_patterns
 
@@ -93,7 +94,7 @@ def test_too_many_rows_fails_and_releases(jw: Any, tmp_path: Path) -> None:
     sub = jw.consumer.submit_job(st.offering_id, "predict", to_csv(features(10)), units=3)
     job = jw.consumer.wait_job(sub.id, timeout=30)
     assert job["status"] == "failed" and job["error_reason"] == "too_many_rows" and not job["charged"]
-    assert usage_rows(jw, st.contract_id) == [("released", 3)]
+    assert wait_usage(jw, st.contract_id, [("released", 3)]) == [("released", 3)]
     with pytest.raises(SomAPIError) as e:
         jw.consumer.job_result_sealed(sub.id)
     assert e.value.status == 409
@@ -146,7 +147,7 @@ def test_rejected_custom_job_fails_uncharged(jw: Any, tmp_path: Path) -> None:
     sub = jw.consumer.submit_job(st.offering_id, "custom", b"1,2\n", code=code)
     out = jw.provider.reject_job(sub.id, code_digest(code), reason="no network code")
     assert out["status"] == "failed" and out["error_reason"] == "rejected"
-    assert usage_rows(jw, st.contract_id) == [("released", 1)]
+    assert wait_usage(jw, st.contract_id, [("released", 1)]) == [("released", 1)]
     leaves = _ledger_leaves(jw)
     assert any(r["schema"] == "som.job-approval/v1" and r["decision"] == "rejected" for r in leaves)
 
@@ -166,7 +167,7 @@ def test_custom_job_over_its_limits_fails_cleanly(jw: Any, tmp_path: Path, code:
     job = jw.consumer.wait_job(sub.id, timeout=60)
     assert job["status"] == "failed" and job["error_reason"] == reason, job
     assert job["error"] and not job["charged"]
-    assert usage_rows(jw, st.contract_id) == [("released", 1)]
+    assert wait_usage(jw, st.contract_id, [("released", 1)]) == [("released", 1)]
 
 
 def test_cancel_releases_and_final_jobs_cannot_be_cancelled(jw: Any, tmp_path: Path) -> None:
@@ -183,7 +184,7 @@ def test_cancel_releases_and_final_jobs_cannot_be_cancelled(jw: Any, tmp_path: P
     with pytest.raises(SomAPIError) as e:
         jw.provider.approve_job(sub.id, code_digest(code))
     assert e.value.status == 409
-    assert usage_rows(jw, st.contract_id) == [("released", 1)]
+    assert wait_usage(jw, st.contract_id, [("released", 1)]) == [("released", 1)]
 
 
 def test_malformed_oversized_and_replayed_payloads(jw: Any, tmp_path: Path) -> None:

@@ -122,3 +122,15 @@ def usage_rows(world: Any, contract_id: str) -> list[Any]:
             (u.state, u.units)
             for u in s.scalars(select(UsageRow).where(UsageRow.contract_id == contract_id).order_by(UsageRow.reserved_at))
         ]
+
+
+def wait_usage(world: Any, contract_id: str, want: list[Any], timeout: float = 5.0) -> list[Any]:
+    """Usage rows once they equal ``want`` (a release follows a job's failure by a moment)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        got = usage_rows(world, contract_id)
+        if got == want or time.monotonic() > end:
+            return got
+        time.sleep(0.05)

@@ -11,7 +11,13 @@ What lives here:
 * non-adjacent-form (NAF) decomposition of rotation steps, which is how SEAL composes a rotation
   for which it has no key,
 * a public-key encryption of zero brought down to the last modulus level (TenSEAL exposes no
-  ``mod_switch``; adding a ciphertext at a lower level switches the other operand down).
+  ``mod_switch``; adding a ciphertext at a lower level switches the other operand down),
+* the exact RNS primes of a context and the *scale-drift* correction: after every rescale by a
+  prime ``q`` TenSEAL 0.3.18 resets the ciphertext's scale to the global scale ``2^s`` although
+  the true scale is ``2^(2s)/q``, so each rescale silently multiplies the value by ``2^s/q``
+  (measured: 1 - 2.4e-4 for the 30-bit primes of [50,30,30,30,50], a 2.8e-2 logit error on the
+  digits MLP). ``power_levels`` tracks that factor and ``affine_corrections`` folds its inverse
+  into the next plaintext multiply, which leaves only the CKKS noise.
 
 Measured with TenSEAL 0.3.18 on the build machine: N=8192 with [60,40,40,60] at 2^40 allows
 depth 2; [50,30,30,30,50] at 2^30 allows depth 3; deeper needs N=16384. A public context is
@@ -36,7 +42,11 @@ __all__ = [
     "single_affine",
     "MAX_PRIME_BITS",
     "CkksParameters",
+    "affine_corrections",
+    "candidate_parameters",
     "choose_parameters",
+    "data_primes",
+    "power_levels",
     "context_is_private",
     "encrypt_zero_at_last_level",
     "load_context",
@@ -94,6 +104,84 @@ def choose_parameters(depth: int, *, min_scale_bits: int = 30) -> CkksParameters
             if sum(bits) <= max_log_q:
                 return CkksParameters(n, bits, s)
     raise ValueError(f"no 128-bit CKKS parameters for depth {depth} (max N=32768)")
+
+
+def candidate_parameters(
+    depth: int, *, headroom_bits: int, min_scale_bits: int = 20, max_scale_bits: int = 50
+) -> list[CkksParameters]:
+    """Parameter sets for ``depth`` rescales, cheapest first: one per ring degree N.
+
+    ``[s + headroom, s x depth, s + headroom]`` with the largest scale ``s`` (in
+    ``[min_scale_bits, max_scale_bits]``) inside the HE-standard 128-bit bound for N. At a given N
+    and depth the cost does not depend on ``s`` (same number of RNS primes, each in one 64-bit
+    word), so the largest ``s`` is the most precise choice at that cost. ``headroom_bits``: bits
+    of the first prime above the scale; a result ``|v|`` must stay below ``2^(headroom - 1)``.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if not 1 <= headroom_bits <= MAX_PRIME_BITS - min_scale_bits:
+        raise ValueError(f"headroom_bits must be in [1, {MAX_PRIME_BITS - min_scale_bits}], got {headroom_bits}")
+    out: list[CkksParameters] = []
+    for n, max_log_q in sorted(HE_STANDARD_MAX_LOG_Q.items()):
+        for s in range(min(max_scale_bits, MAX_PRIME_BITS - headroom_bits), min_scale_bits - 1, -1):
+            bits = (s + headroom_bits, *([s] * depth), s + headroom_bits)
+            if sum(bits) <= max_log_q:
+                if not out or out[-1].coeff_mod_bit_sizes != bits:  # same precision, dearer: skip
+                    out.append(CkksParameters(n, bits, s))
+                break
+    return out
+
+
+def data_primes(ctx: ts.Context) -> tuple[int, ...]:
+    """The data primes ``q_0..q_L`` of ``ctx`` (not the special prime), read from SEAL.
+
+    TenSEAL does not bind ``seal::Modulus``; ``total_coeff_modulus()`` gives the low 64 bits of
+    each level's product ``Q_i = Q_(i-1) q_i``, and since ``q_i < 2^64`` and ``Q_(i-1)`` is odd,
+    ``q_i = Q_i * Q_(i-1)^-1 mod 2^64`` exactly.
+    """
+    m = 1 << 64
+    sc = ctx.data.seal_context()
+    top = sc.first_context_data().chain_index()
+    cd = sc.last_context_data()
+    prev = 1
+    out: list[int] = []
+    while True:
+        t = int(cd.total_coeff_modulus()) % m
+        out.append(t * pow(prev, -1, m) % m)
+        prev = t
+        if cd.chain_index() >= top:
+            break
+        cd = cd.prev_context_data()
+    return tuple(out)
+
+
+def power_levels(
+    primes: Sequence[int], n_primes: int, degree: int, scale_bits: int, factor: float = 1.0
+) -> dict[int, tuple[int, float]]:
+    """``q -> (primes left, value factor)`` of ``x^q`` as ``powers`` computes it, given ``x`` at
+    ``n_primes`` primes whose decryption is ``factor * x`` (TenSEAL's scale reset after each
+    rescale by ``p`` multiplies the value by ``2^s / p``)."""
+    d = float(2**scale_bits)
+    out = {1: (n_primes, factor)}
+    if degree >= 2:
+        n2, f2 = n_primes - 1, factor * factor * d / primes[n_primes - 1]
+        out[2] = (n2, f2)
+        if degree >= 3:  # x^2 * x: x is mod-switched to n2 primes, then rescaled by primes[n2-1]
+            out[3] = (n2 - 1, f2 * factor * d / primes[n2 - 1])
+        if degree >= 4:
+            out[4] = (n2 - 1, f2 * f2 * d / primes[n2 - 1])
+    if min(n for n, _ in out.values()) < 1:
+        raise ValueError("not enough primes left for this power")
+    return out
+
+
+def affine_corrections(
+    levels: dict[int, tuple[int, float]], primes: Sequence[int], scale_bits: int
+) -> dict[int, float]:
+    """Per power ``q``, the factor to fold into the plaintext multiplier so that after the
+    rescale by ``primes[n_q - 1]`` the term decrypts to its exact value (factor 1)."""
+    d = float(2**scale_bits)
+    return {q: primes[n - 1] / (d * f) for q, (n, f) in levels.items()}
 
 
 def new_secret_context(params: CkksParameters) -> ts.Context:
@@ -288,10 +376,14 @@ def batch_affine(
     weight: Any,
     bias: Any,
     mask: Any | None,
+    *,
+    corrections: dict[int, float] | None = None,
 ) -> list[Any]:
     """Slot-per-sample ``sum_q (c_q * W)^T x^q + (b + c_0 W^T 1)``; ``mask`` (0/1 over slots)
-    is folded into the plaintext multiplies so the result is zero outside it."""
+    is folded into the plaintext multiplies so the result is zero outside it; ``corrections[q]``
+    (``affine_corrections``) multiplies the plaintext of power ``q`` (scale-drift fix)."""
     d_in, d_out = weight.shape
+    corr = corrections or {}
     consts = bias + coeffs[0] * weight.sum(axis=0)
     out: list[Any] = []
     for k in range(d_out):
@@ -300,6 +392,7 @@ def batch_affine(
             c = coeffs[q]
             if c == 0.0:
                 continue
+            c *= corr.get(q, 1.0)
             for j in range(d_in):
                 w = float(weight[j, k] * c)
                 if w == 0.0:
@@ -318,15 +411,24 @@ def batch_affine(
     return out
 
 
-def single_affine(pw: dict[int, Any], coeffs: Sequence[float], weight: Any, bias: Any) -> Any:
+def single_affine(
+    pw: dict[int, Any],
+    coeffs: Sequence[float],
+    weight: Any,
+    bias: Any,
+    *,
+    corrections: dict[int, float] | None = None,
+) -> Any:
     """One-ciphertext-per-sample ``sum_q x^q @ (c_q W) + (b + c_0 1 W)`` with TenSEAL's
-    diagonal vector-matrix product (rotations by 0..d_in-1)."""
+    diagonal vector-matrix product (rotations by 0..d_in-1); ``corrections`` as in
+    ``batch_affine``."""
+    corr = corrections or {}
     acc = None
     for q in range(1, len(coeffs)):
         c = coeffs[q]
         if c == 0.0:
             continue
-        t = pw[q].mm((weight * c).tolist())
+        t = pw[q].mm((weight * (c * corr.get(q, 1.0))).tolist())
         acc = t if acc is None else acc + t
     if acc is None:
         raise ValueError("activation polynomial has no non-constant term")

@@ -9,7 +9,14 @@ tells it how many samples a request carries). See docs/he.md.
 
 from __future__ import annotations
 
-from crypto.he.compiler import ArtifactInfo, CompiledModel, compile_model, validate_artifact
+from crypto.he.compiler import (
+    ArtifactInfo,
+    CompiledModel,
+    ParameterSearch,
+    ParameterTrial,
+    compile_model,
+    validate_artifact,
+)
 from crypto.he.context import PublicContext, SecretContext, apply_postprocess
 from crypto.he.evaluate import evaluate
 from crypto.he.plan import PublicPlan
@@ -20,6 +27,8 @@ __all__ = [
     "ArtifactInfo",
     "CompiledModel",
     "HEModelCard",
+    "ParameterSearch",
+    "ParameterTrial",
     "PublicContext",
     "PublicPlan",
     "SecretContext",

@@ -3,8 +3,10 @@
 For: validating an uploaded artifact without calibration data (``validate_artifact``), and
 compiling it (``compile_model``): non-polynomial activations are replaced by least-squares
 Chebyshev fits over the input range seen on calibration data, the multiplicative depth is
-counted, CKKS parameters are chosen at 128-bit security, and the Galois keys of the single-query
-layout are listed. Not for: running the model (``evaluate``) or making keys (``context``).
+counted, CKKS parameters are chosen at 128-bit security by *measurement* (candidates from the
+cheapest ring up are tried on a sample of the calibration data with real keys; the first whose
+measured encrypted-vs-plaintext error meets the requested precision wins, and the plan promises
+what was measured), and the Galois keys of the single-query layout are listed. Not for: running the model (``evaluate``) or making keys (``context``).
 
 The ``.npz`` layer format (``som-layers-v1``), loaded with ``np.load(allow_pickle=False)``:
 
@@ -20,23 +22,30 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
+import tenseal as ts
 
 from crypto.errors import HEError
-from crypto.hazmat.tenseal_ops import choose_parameters, rotation_key_steps
+from crypto.hazmat import tenseal_ops as ops
+from crypto.hazmat.tenseal_ops import CkksParameters, rotation_key_steps
+from crypto.he import circuit
 from crypto.he.onnx_import import ACTIVATIONS, RawLayer, RawModel, parse_onnx
 from crypto.he.plan import PublicPlan
 
 __all__ = [
     "DEFAULT_DEGREES",
+    "SAFETY_FACTOR",
     "ArtifactInfo",
     "CompiledLayer",
     "CompiledModel",
+    "ParameterSearch",
+    "ParameterTrial",
     "compile_model",
     "load_artifact",
     "validate_artifact",
@@ -46,6 +55,11 @@ ArtifactFormat = Literal["onnx", "npz"]
 DEFAULT_DEGREES = {"none": 1, "square": 2, "relu": 2, "sigmoid": 3, "tanh": 3}
 DEFAULT_MAX_BYTES = 64 * 2**20
 _MARGIN = 0.05  # widen the calibrated range by 5% on each side
+# The promise covers SAFETY_FACTOR x the measured CKKS error (inputs unlike the calibration
+# sample, maxima over more samples) plus 8 sigma of flooding noise (P(|N(0,1)| > 8) ~ 1e-15).
+SAFETY_FACTOR = 4.0
+_FLOOD_SIGMAS = 8.0
+_MIN_AGREEMENT = 0.99
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -178,26 +192,81 @@ def _poly(coeffs: tuple[float, ...], z: np.ndarray) -> np.ndarray:
     return np.asarray(np.polynomial.polynomial.polyval(z, np.asarray(coeffs)))
 
 
+def _forward(layers: Sequence[CompiledLayer], x: np.ndarray, *, exact: bool = False) -> np.ndarray:
+    h = np.asarray(x, dtype=np.float64)
+    for layer in layers:
+        h = h @ layer.weight + layer.bias
+        if layer.activation != "none" or layer.coeffs:
+            h = _EXACT[layer.activation](h) if exact else _poly(layer.coeffs, h)
+    return h
+
+
+@dataclass(frozen=True)
+class ParameterTrial:
+    """One candidate parameter set and what was measured with it on the calibration sample."""
+
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    scale_bits: int
+    max_abs_error: float  # HE (re-randomised, no flooding) vs the polynomial network
+    agreement: float  # argmax (or sign) agreement HE vs polynomial network
+    precision_bits: int  # what could be promised: floor(-log2(SAFETY x error + 8 sigma))
+    accepted: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ParameterSearch:
+    """How the compiler chose the CKKS parameters (recorded in the compile report)."""
+
+    requested_precision_bits: int
+    samples: int
+    safety_factor: float
+    headroom_bits: int
+    trials: tuple[ParameterTrial, ...]
+
+    @property
+    def chosen(self) -> ParameterTrial:
+        return next(t for t in self.trials if t.accepted)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for t in d["trials"]:
+            t["coeff_mod_bit_sizes"] = list(t["coeff_mod_bit_sizes"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ParameterSearch:
+        trials = tuple(
+            ParameterTrial(**{**t, "coeff_mod_bit_sizes": tuple(t["coeff_mod_bit_sizes"])})
+            for t in d["trials"]
+        )
+        return cls(
+            int(d["requested_precision_bits"]), int(d["samples"]), float(d["safety_factor"]),
+            int(d["headroom_bits"]), trials,
+        )
+
+
 @dataclass(frozen=True)
 class CompiledModel:
-    """The compute site's private part (weights) and the consumer-visible ``public_plan``."""
+    """The compute site's private part (weights) and the consumer-visible ``public_plan``.
+
+    ``search`` records the measured parameter choice (None for models built by hand)."""
 
     layers: tuple[CompiledLayer, ...]
     public_plan: PublicPlan
+    search: ParameterSearch | None = None
 
     def predict_plain(self, x: np.ndarray, *, exact: bool = False) -> np.ndarray:
         """Plaintext logits: with the polynomial activations, or the original ones if ``exact``."""
-        h = np.asarray(x, dtype=np.float64)
-        for layer in self.layers:
-            h = h @ layer.weight + layer.bias
-            if layer.activation != "none" or layer.coeffs:
-                h = _EXACT[layer.activation](h) if exact else _poly(layer.coeffs, h)
-        return h
+        return _forward(self.layers, x, exact=exact)
 
     def to_bytes(self) -> bytes:
         """npz (no pickle): weights, biases, polynomial coefficients, plan JSON."""
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {"plan": self.public_plan.to_dict(), "activations": []}
+        if self.search is not None:
+            meta["search"] = self.search.to_dict()
         for i, layer in enumerate(self.layers):
             arrays[f"layer{i}.weight"] = layer.weight
             arrays[f"layer{i}.bias"] = layer.bias
@@ -224,11 +293,33 @@ class CompiledModel:
                 )
                 for i, act in enumerate(meta["activations"])
             )
-        except (KeyError, ValueError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            search = ParameterSearch.from_dict(meta["search"]) if "search" in meta else None
+        except (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
             raise HEError(f"not a compiled model: {type(e).__name__}: {e}") from e
         if len(layers) != len(plan.layer_dims) - 1:
             raise HEError("compiled model does not match its plan")
-        return cls(layers, plan)
+        return cls(layers, plan, search)
+
+
+def _labels(z: np.ndarray) -> np.ndarray:
+    return np.asarray(z[:, 0] > 0) if z.shape[1] == 1 else np.asarray(z.argmax(axis=1))
+
+
+def _measure(
+    layers: tuple[CompiledLayer, ...], params: CkksParameters, depth: int, x: np.ndarray
+) -> np.ndarray:
+    """Encrypt ``x`` (n <= slots) under fresh keys, run the circuit, add a re-randomising
+    encryption of zero at the last level (as ``evaluate`` does; no flooding), decrypt."""
+    ctx = ops.new_secret_context(params)
+    n, s = x.shape[0], params.slots
+    pad = np.zeros((s, x.shape[1]))
+    pad[:n] = x
+    xs = [ts.ckks_vector(ctx, pad[:, j].tolist()) for j in range(x.shape[1])]
+    outs = circuit.run_batch(
+        layers, xs, n_valid=n, slots=s, primes=ops.data_primes(ctx), scale_bits=params.scale_bits
+    )
+    zero = ops.encrypt_zero_at_last_level(ctx, s, levels_down=depth)
+    return np.stack([np.asarray((v + zero).decrypt())[:n] for v in outs], axis=1)
 
 
 def compile_model(
@@ -239,17 +330,31 @@ def compile_model(
     precision_bits: int = 8,
     noise_bits: int = 12,
     degrees: dict[str, int] | None = None,
-    min_scale_bits: int = 40,
+    min_scale_bits: int = 20,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_poly_modulus_degree: int = 32768,
 ) -> CompiledModel:
     """Compile an artifact for CKKS inference.
 
     ``calibration``: (n, input_dim) provider-supplied samples; fixes the ranges over which
-    Relu/Sigmoid/Tanh are approximated. ``min_scale_bits``: CKKS scale; 40 keeps the CKKS error
-    (measured ~1e-6 on logits) far below the 2^-12 flooding noise; 30-33 bits lets depth 3 fit
-    N=8192 but leaves ~1e-2 error on the digits MLP, above the promise. Raises as ``validate_artifact``, and ValueError for
-    calibration of the wrong shape or non-finite values.
+    Relu/Sigmoid/Tanh are approximated, the headroom of the first prime, and is the data on which
+    candidate parameters are measured (up to one ciphertext's worth of samples, evenly spaced).
+    ``precision_bits``: the requested output precision: every candidate (cheapest ring first,
+    at most ``max_poly_modulus_degree``, scales of at least ``min_scale_bits``) is run with real
+    keys, and the first with ``SAFETY_FACTOR x max error + 8 x 2^-noise_bits <= 2^-precision_bits``
+    and >= 99% argmax agreement with the plaintext network is chosen; the plan then promises
+    ``floor(-log2(that bound))`` bits (>= the request). Raises as ``validate_artifact``,
+    ValueError for calibration of the wrong shape, non-finite values or a precision the flooding
+    noise alone exceeds (``precision_bits > noise_bits - 3``), and HEError if no candidate meets
+    the precision (the message gives the best measured).
     """
+    if not isinstance(precision_bits, int) or not isinstance(noise_bits, int):
+        raise TypeError("precision_bits and noise_bits must be int")
+    if not 1 <= precision_bits <= noise_bits - 3:
+        raise ValueError(
+            f"precision_bits must be in [1, noise_bits - 3 = {noise_bits - 3}] (8 sigma of the "
+            f"2^-{noise_bits} flooding noise must fit in the promise), got {precision_bits}"
+        )
     raw = load_artifact(data, fmt, max_bytes=max_bytes)
     d_in = raw.layers[0].weight.shape[0]
     cal = np.asarray(calibration, dtype=np.float64)
@@ -262,6 +367,7 @@ def compile_model(
     h = cal
     depth = 0
     act_degrees: list[int] = []
+    hidden_max = 0.0
     for i, rl in enumerate(raw.layers):
         z = h @ rl.weight + rl.bias
         depth += 1
@@ -271,18 +377,70 @@ def compile_model(
         lo, hi = float(z.min()), float(z.max())
         pad = max(hi - lo, 1e-3) * _MARGIN
         coeffs = _fit(rl.activation, lo - pad, hi + pad, degs[rl.activation])
+        while len(coeffs) > 2 and coeffs[-1] == 0.0:  # the top power must be non-zero
+            coeffs = coeffs[:-1]
         deg = len(coeffs) - 1
         act_degrees.append(deg)
         depth += math.ceil(math.log2(deg)) if deg > 1 else 0
         layers.append(CompiledLayer(rl.weight, rl.bias, rl.activation, coeffs))
+        hidden_max = max(hidden_max, float(np.abs(z).max()) ** max(deg, 1))
         h = _poly(coeffs, z)
-    params = choose_parameters(depth, min_scale_bits=min_scale_bits)
+        hidden_max = max(hidden_max, float(np.abs(h).max()))
+    poly_cal = _forward(layers, cal)
+    out_max = float(np.abs(poly_cal).max())
+    # the result must stay below 2^(headroom - 1) at the last level: 16x above the calibration max
+    headroom = max(8, math.ceil(math.log2(max(out_max, 1.0))) + 5)
+    if headroom > ops.MAX_PRIME_BITS - min_scale_bits:
+        raise HEError(f"outputs up to {out_max:.3g} on calibration data do not fit a CKKS prime")
+    cands = [
+        p
+        for p in ops.candidate_parameters(depth, headroom_bits=headroom, min_scale_bits=min_scale_bits)
+        if p.poly_modulus_degree <= max_poly_modulus_degree
+        and p.slots >= max(d_in, *(x.weight.shape[1] for x in raw.layers))
+        # hidden values live at >= 2 primes: below 2^(scale + headroom - 1) with 4x margin
+        and hidden_max < 2.0 ** (p.scale_bits + headroom - 3)
+    ]
+    if not cands:
+        raise HEError(f"no 128-bit CKKS parameters for depth {depth} (N <= {max_poly_modulus_degree})")
+    sigma = 2.0**-noise_bits
+    trials: list[ParameterTrial] = []
+    chosen: ParameterTrial | None = None
+    sample_n = 0
+    for params in cands:
+        m = min(cal.shape[0], params.slots)
+        idx = np.unique(np.linspace(0, cal.shape[0] - 1, m).round().astype(int))
+        x, ref = cal[idx], poly_cal[idx]
+        sample_n = len(idx)
+        t0 = time.perf_counter()
+        he = _measure(tuple(layers), params, depth, x)
+        err = float(np.abs(he - ref).max())
+        agree = float(np.mean(_labels(he) == _labels(ref)))
+        bound = SAFETY_FACTOR * err + _FLOOD_SIGMAS * sigma
+        k = int(math.floor(-math.log2(bound)))
+        ok = k >= precision_bits and agree >= _MIN_AGREEMENT
+        trial = ParameterTrial(
+            params.poly_modulus_degree, params.coeff_mod_bit_sizes, params.scale_bits,
+            err, agree, k, ok, time.perf_counter() - t0,
+        )
+        trials.append(trial)
+        if ok:
+            chosen = trial
+            break
+    search = ParameterSearch(precision_bits, sample_n, SAFETY_FACTOR, headroom, tuple(trials))
+    if chosen is None:
+        best = max(trials, key=lambda t: t.precision_bits)
+        raise HEError(
+            f"no CKKS parameters meet the requested precision 2^-{precision_bits}: best measured "
+            f"max error {best.max_abs_error:.3g} (promise 2^-{best.precision_bits}, agreement "
+            f"{best.agreement:.3f}) at N={best.poly_modulus_degree} {list(best.coeff_mod_bit_sizes)}; "
+            f"lower precision_bits or noise_bits, or raise max_poly_modulus_degree"
+        )
     dims = (d_in, *(int(x.weight.shape[1]) for x in raw.layers))
     steps = rotation_key_steps(range(1, max(dims[:-1])))
     plan = PublicPlan(
-        poly_modulus_degree=params.poly_modulus_degree,
-        coeff_mod_bit_sizes=params.coeff_mod_bit_sizes,
-        scale_bits=params.scale_bits,
+        poly_modulus_degree=chosen.poly_modulus_degree,
+        coeff_mod_bit_sizes=chosen.coeff_mod_bit_sizes,
+        scale_bits=chosen.scale_bits,
         input_dim=d_in,
         output_dim=dims[-1],
         layer_dims=dims,
@@ -290,8 +448,9 @@ def compile_model(
         depth=depth,
         galois_steps=tuple(steps),
         postprocess=raw.postprocess,  # type: ignore[arg-type]
-        precision_bits=precision_bits,
+        precision_bits=chosen.precision_bits,
         noise_bits=noise_bits,
     )
     plan.check()
-    return CompiledModel(tuple(layers), plan)
+    return CompiledModel(tuple(layers), plan, search)
+

@@ -12,11 +12,9 @@ import logging
 import os
 from typing import Any
 
-import numpy as np
-
 from crypto.errors import HEError
 from crypto.hazmat import tenseal_ops as ops
-from crypto.he import privacy, wire
+from crypto.he import circuit, privacy, wire
 from crypto.he.compiler import CompiledModel
 from crypto.he.context import PublicContext
 
@@ -40,42 +38,6 @@ def _load(ctx: Any, blobs: tuple[bytes, ...], *, size: int, n_primes: int) -> li
             )
         out.append(v)
     return out
-
-
-def _eval_batch(model: CompiledModel, xs: list[Any], n_valid: int, slots: int) -> list[Any]:
-    mask = None
-    if n_valid < slots:
-        mask = np.zeros(slots)
-        mask[:n_valid] = 1.0
-    pw: dict[int, list[Any]] = {1: xs}
-    coeffs: tuple[float, ...] = (0.0, 1.0)
-    last = len(model.layers) - 1
-    for i, layer in enumerate(model.layers):
-        h = ops.batch_affine(pw, coeffs, layer.weight, layer.bias, mask if i == last else None)
-        if i < last:
-            coeffs = layer.coeffs
-            pw = ops.powers(h, len(coeffs) - 1)
-        else:
-            return h
-    raise HEError("model has no layers")
-
-
-def _eval_single(model: CompiledModel, x: Any, slots: int) -> Any:
-    pw: dict[int, Any] = {1: x}
-    coeffs: tuple[float, ...] = (0.0, 1.0)
-    last = len(model.layers) - 1
-    for i, layer in enumerate(model.layers):
-        w, b = layer.weight, layer.bias
-        if i == last:  # pad columns to every slot: zero outside the outputs (the mask)
-            w = np.pad(w, ((0, 0), (0, slots - w.shape[1])))
-            b = np.pad(b, (0, slots - b.shape[0]))
-        h = ops.single_affine(pw, coeffs, w, b)
-        if i < last:
-            coeffs = layer.coeffs
-            pw = {q: v[0] for q, v in ops.powers([h], len(coeffs) - 1).items()}
-        else:
-            return h
-    raise HEError("model has no layers")
 
 
 def evaluate(
@@ -105,16 +67,27 @@ def evaluate(
     tctx = ctx.tenseal
     s = plan.slots
     fresh_primes = len(plan.coeff_mod_bit_sizes) - 1
+    primes = ops.data_primes(tctx)
+    if len(model.layers) == 0:
+        raise HEError("model has no layers")
     outputs: list[Any] = []
     if frame.layout == "batch":
         xs = _load(tctx, frame.blobs, size=s, n_primes=fresh_primes)
         d = plan.input_dim
         for c in range(len(xs) // d):
             n_valid = min(s, frame.n_samples - c * s)
-            outputs.extend(_eval_batch(model, xs[c * d : (c + 1) * d], n_valid, s))
+            outputs.extend(
+                circuit.run_batch(
+                    model.layers, xs[c * d : (c + 1) * d], n_valid=n_valid, slots=s,
+                    primes=primes, scale_bits=plan.scale_bits,
+                )
+            )
     else:
         xs = _load(tctx, frame.blobs, size=plan.input_dim, n_primes=fresh_primes)
-        outputs = [_eval_single(model, x, s) for x in xs]
+        outputs = [
+            circuit.run_single(model.layers, x, slots=s, primes=primes, scale_bits=plan.scale_bits)
+            for x in xs
+        ]
     if not unsafe_no_circuit_privacy:
         sigma = 2.0 ** -plan.noise_bits
         outputs = [

@@ -40,6 +40,10 @@ class HEModelCard:
     max_abs_error_vs_exact: float
     promised_precision: float
     flood_sigma: float
+    # the compiler's measured parameter search (None for hand-built models)
+    compile_max_abs_error: float | None = None  # chosen parameters, no flooding, calibration sample
+    requested_precision_bits: int | None = None
+    parameter_search: dict[str, Any] | None = None  # ParameterSearch.to_dict(): every candidate tried
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -89,4 +93,7 @@ def compile_report(model: CompiledModel, calibration: np.ndarray) -> HEModelCard
         max_abs_error_vs_exact=float(np.abs(he - exact).max()),
         promised_precision=2.0**-plan.precision_bits,
         flood_sigma=2.0**-plan.noise_bits,
+        compile_max_abs_error=model.search.chosen.max_abs_error if model.search else None,
+        requested_precision_bits=model.search.requested_precision_bits if model.search else None,
+        parameter_search=model.search.to_dict() if model.search else None,
     )

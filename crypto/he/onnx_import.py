@@ -1,7 +1,7 @@
 """Translate an ONNX graph into affine layers separated by activations.
 
 For: the small feed-forward graphs the HE compiler supports (Gemm, MatMul, Add, Sub, Mul,
-Flatten, Identity, with Relu/Sigmoid/Tanh between affine blocks, and a final Sigmoid or Softmax
+Flatten, Identity, with Relu/Sigmoid/Tanh or a square ``Mul(h, h)`` between affine blocks, and a final Sigmoid or Softmax
 that becomes consumer-side post-processing). Consecutive affine operators are folded into one
 layer. Not for: convolutions, control flow, or graphs with more than one input or output.
 Anything else raises ``UnsupportedOperator`` naming the operator.
@@ -115,6 +115,9 @@ def parse_onnx(data: bytes) -> RawModel:
                 raise ValueError(f"MatMul weight: expected ({dim}, k), got {mat.shape}")
             w, b = w @ mat, b @ mat
             dim = mat.shape[1]
+        elif op == "Mul" and ins[0] == cur and len(ins) > 1 and ins[1] == cur:  # x * x
+            layers.append(RawLayer(w, b, "square"))
+            w, b = np.eye(dim), np.zeros(dim)
         elif op in ("Add", "Sub", "Mul"):
             other = ins[1] if ins[0] == cur else ins[0]
             c = np.broadcast_to(const(other).reshape(-1), (dim,)).astype(np.float64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import pytest
@@ -102,8 +104,74 @@ def test_onnx_mlp_with_relu_replaced_by_polynomial(cancer):
     assert np.mean(_labels(he) == _labels(poly)) >= 0.99
     exact_agree = np.mean(_labels(he) == clf.predict(xte))
     print(f"onnx relu->poly agreement with the exact model: {exact_agree:.4f}")
-    assert exact_agree >= 0.95
+    # distribution-weighted degree-2 fit: 100% measured (a uniform Chebyshev fit gave 96.5%)
+    assert exact_agree >= 0.98
     assert np.abs(he - poly).max() < 2.0 ** -model.public_plan.precision_bits
+
+
+def _onnx_graph(nodes, inits, d_in, d_out):
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d_out])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def _onnx_reference(data, x):
+    """The ONNX model's own plaintext predictions (onnx's reference evaluator, float32)."""
+    from onnx.reference import ReferenceEvaluator
+
+    return np.asarray(ReferenceEvaluator(onnx.load_from_string(data)).run(None, {"x": x.astype(np.float32)})[0])
+
+
+def test_onnx_logistic_regression_agrees_with_onnx_runtime_semantics(cancer):
+    """Gemm + Sigmoid, exactly supported (the Sigmoid is the consumer's post-processing)."""
+    xtr, xte, ytr, _ = cancer
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(max_iter=2000).fit(xtr, ytr)
+    data = _onnx_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["z"], transB=1), helper.make_node("Sigmoid", ["z"], ["y"])],
+        {"W": lr.coef_, "B": lr.intercept_}, 30, 1,
+    )
+    model = compile_model(data, "onnx", calibration=xtr)
+    plan = model.public_plan
+    sk = SecretContext.generate(plan)
+    pub = PublicContext.from_bytes(sk.public_keyset_bytes(), plan=plan)
+    probs = sk.decrypt(evaluate(model, pub, sk.encrypt(xte)))
+    ref = _onnx_reference(data, xte)
+    agree = np.mean((probs[:, 0] > 0.5) == (ref[:, 0] > 0.5))
+    print(f"onnx LR: agreement {agree:.4f}, max prob diff {np.abs(probs - ref).max():.2e}")
+    assert agree >= 0.99
+    assert np.abs(probs - ref).max() < 2.0**-plan.precision_bits + 1e-5  # float32 graph
+
+
+def test_onnx_square_mlp_digits(mlp_digits, digits):
+    """Gemm, Mul(h, h), Gemm, Softmax: the digits MLP as ONNX, every operator exact in CKKS."""
+    xtr, xte, _, _ = digits
+    with np.load(io.BytesIO(mlp_digits)) as f:
+        w1, b1, w2, b2 = (f[k] for k in ("layer0.weight", "layer0.bias", "layer1.weight", "layer1.bias"))
+    data = _onnx_graph(
+        [
+            helper.make_node("Gemm", ["x", "W1", "B1"], ["h"], transB=1),
+            helper.make_node("Mul", ["h", "h"], ["a"]),
+            helper.make_node("Gemm", ["a", "W2", "B2"], ["z"], transB=1),
+            helper.make_node("Softmax", ["z"], ["y"], axis=1),
+        ],
+        {"W1": w1, "B1": b1, "W2": w2, "B2": b2}, 64, 10,
+    )
+    model = compile_model(data, "onnx", calibration=xtr)
+    plan = model.public_plan
+    assert plan.depth == 3 and plan.poly_modulus_degree == 8192 and plan.postprocess == "softmax"
+    he = run_he(model, xte)
+    ref = _onnx_reference(data, xte)
+    agree = np.mean(he.argmax(1) == ref.argmax(1))
+    print(f"onnx square MLP: agreement with the ONNX model {agree:.4f}")
+    assert agree >= 0.99
 
 
 def test_single_query_layout_matches_batch(mlr_digits, digits):

@@ -33,7 +33,4 @@ def list_audit(
     with rt.tx() as s:
         total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
         rows = s.scalars(stmt.limit(page.limit).offset(page.offset)).all()
-        nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
-        return PageOf[AuditPublic](
-            items=[AuditPublic.model_validate(r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt
-        )
+        return PageOf[AuditPublic].build([AuditPublic.model_validate(r) for r in rows], total, page)

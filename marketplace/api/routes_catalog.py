@@ -62,10 +62,7 @@ def search_offerings(
             s, p, q=q, task=task, tag=tag, hosting=hosting, org_id=org_id, status=status,
             limit=page.limit, offset=page.offset,
         )
-        nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
-        return PageOf[OfferingPublic](
-            items=[to_public(s, r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt
-        )
+        return PageOf[OfferingPublic].build([to_public(s, r) for r in rows], total, page)
 
 
 @router.get("/{offering_id}", response_model=OfferingPublic, summary="One offering")

@@ -155,8 +155,7 @@ def list_contracts(
         rows = svc.list_for_party(s, p, role=role, offering_id=offering_id, status=status)
         items = [_contract_public(s, r, events=False) for r in rows[page.offset : page.offset + page.limit]]
         total = len(rows)
-        nxt = page.offset + len(items) if page.offset + len(items) < total else None
-        return PageOf[ContractPublic](items=items, total=total, limit=page.limit, offset=page.offset, next_offset=nxt)
+        return PageOf[ContractPublic].build(items, total, page)
 
 
 @router.get("/v1/contracts/{contract_id}", response_model=ContractPublic, summary="One contract (its parties only)")

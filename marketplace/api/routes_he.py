@@ -139,10 +139,7 @@ async def create_keyset(
 @router.get("/keysets", response_model=PageOf[KeysetPublic], summary="Your organisation's key sets")
 def list_keysets(p: Auth, rt: Rt, page: Page) -> PageOf[KeysetPublic]:
     rows, total = he.list_keysets(rt, p, limit=page.limit, offset=page.offset)
-    nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
-    return PageOf[KeysetPublic](
-        items=[KeysetPublic(**r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt
-    )
+    return PageOf[KeysetPublic].build([KeysetPublic(**r) for r in rows], total, page)
 
 
 @router.get("/keysets/{keyset_id}", response_model=KeysetPublic, summary="One key set")

@@ -45,10 +45,7 @@ def list_orgs(p: Auth, rt: Rt, page: Page) -> PageOf[OrgPublic]:
         stmt = select(Org) if p.has("admin") else select(Org).where(Org.id == p.org_id)
         total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
         rows = s.scalars(stmt.order_by(Org.created_at).limit(page.limit).offset(page.offset)).all()
-        nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
-        return PageOf[OrgPublic](
-            items=[OrgPublic.model_validate(r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt
-        )
+        return PageOf[OrgPublic].build([OrgPublic.model_validate(r) for r in rows], total, page)
 
 
 @router.get("/orgs/{org_id}", response_model=OrgPublic, summary="One organisation (own, or any for admin)")
@@ -90,10 +87,7 @@ def list_keys(p: Auth, rt: Rt, page: Page, org_id: str | None = None) -> PageOf[
         stmt = select(ApiKey).where(ApiKey.org_id == target)
         total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
         rows = s.scalars(stmt.order_by(ApiKey.created_at).limit(page.limit).offset(page.offset)).all()
-        nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
-        return PageOf[KeyPublic](
-            items=[KeyPublic.model_validate(r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt
-        )
+        return PageOf[KeyPublic].build([KeyPublic.model_validate(r) for r in rows], total, page)
 
 
 @router.delete("/keys/{key_id}", response_model=KeyPublic, summary="Revoke an API key")

@@ -127,8 +127,7 @@ def list_jobs(
 ) -> PageOf[JobPublic]:
     with rt.tx() as s:
         rows, total = jobs.list_for(s, p, role=role, status=status, offering_id=offering_id, limit=page.limit, offset=page.offset)
-        nxt = page.offset + len(rows) if page.offset + len(rows) < total else None
-        return PageOf[JobPublic](items=[_out(r) for r in rows], total=total, limit=page.limit, offset=page.offset, next_offset=nxt)
+        return PageOf[JobPublic].build([_out(r) for r in rows], total, page)
 
 
 @router.get("/{job_id}", response_model=JobPublic, summary="One job (its consumer or its provider)")

@@ -131,8 +131,7 @@ def list_checkpoints(p: Auth, rt: Rt, page: Page) -> PageOf[CheckpointPublic]:
         total = s.scalar(select(func.count()).select_from(t)) or 0
         rows = s.execute(select(t).order_by(t.c.size).limit(page.limit).offset(page.offset)).all()
     items = [_cp_public(ledger._to_cp(r)) for r in rows]
-    nxt = page.offset + len(items) if page.offset + len(items) < total else None
-    return PageOf[CheckpointPublic](items=items, total=total, limit=page.limit, offset=page.offset, next_offset=nxt)
+    return PageOf[CheckpointPublic].build(items, total, page)
 
 
 @router.post("/checkpoints", response_model=CheckpointPublic, summary="Sign a checkpoint now (compliance, admin)")
@@ -284,8 +283,7 @@ def get_usage(
         total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
         rows = s.execute(stmt.order_by(t.c.idx).limit(page.limit).offset(page.offset)).all()
     items = [_leaf_public(r) for r in rows]
-    nxt = page.offset + len(items) if page.offset + len(items) < total else None
-    return PageOf[LeafPublic](items=items, total=total, limit=page.limit, offset=page.offset, next_offset=nxt)
+    return PageOf[LeafPublic].build(items, total, page)
 
 
 @router.get("/totals", response_model=list[ContractTotalsPublic], summary="Usage totals per contract (compliance, admin)")

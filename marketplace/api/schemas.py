@@ -24,6 +24,13 @@ class PageOf(BaseModel, Generic[T]):
     offset: int
     next_offset: int | None
 
+    @classmethod
+    def build(cls, items: list[Any], total: int, page: Any) -> Any:
+        """One page of ``total`` items at ``page.offset``; ``next_offset`` is None on the last page."""
+        end = page.offset + len(items)
+        return cls(items=items, total=total, limit=page.limit, offset=page.offset,
+                   next_offset=end if end < total else None)
+
 
 class OrgCreate(Strict):
     name: str = Field(min_length=1, max_length=200)

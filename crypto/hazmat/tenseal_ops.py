@@ -27,17 +27,21 @@ depth 2; [50,30,30,30,50] at 2^30 allows depth 3; deeper needs N=16384. A public
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import tenseal as ts
 
 __all__ = [
     "FIRST_PRIME_HEADROOM_BITS",
     "HE_STANDARD_MAX_LOG_Q",
     "batch_affine",
+    "ciphertext_polynomials",
     "powers",
     "single_affine",
     "MAX_PRIME_BITS",
@@ -318,6 +322,54 @@ def public_context_bytes(ctx: ts.Context, *, galois_steps: Sequence[int]) -> byt
             v = _encode(sub)
         out.append((num, wt, v))
     return _encode(out)
+
+
+_SEAL_MAGIC = 0xA15E
+_COMPR_NONE, _COMPR_ZLIB, _COMPR_ZSTD = 0, 1, 2
+
+
+def _seal_object(b: bytes) -> tuple[bytes, int]:
+    """Parse a SEALHeader (16 bytes, little-endian: magic u16, header size u8, version u8 u8,
+    compr_mode u8, reserved u16, total size u64); return (decompressed body, total size)."""
+    if len(b) < 16:
+        raise ValueError("truncated SEAL header")
+    magic, hsize, _maj, _min, mode, _res, size = struct.unpack_from("<HBBBBHQ", b)
+    if magic != _SEAL_MAGIC or hsize != 16 or not 16 <= size <= len(b):
+        raise ValueError("not a SEAL object (bad magic, header size or length)")
+    body = b[16:size]
+    if mode == _COMPR_NONE:
+        return body, size
+    if mode == _COMPR_ZLIB:
+        return zlib.decompress(body), size
+    if mode == _COMPR_ZSTD:
+        import zstandard  # optional: only audits need coefficient-level access
+
+        return zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30), size
+    raise ValueError(f"unknown SEAL compression mode {mode}")
+
+
+def ciphertext_polynomials(vector_bytes: bytes) -> np.ndarray:
+    """The RNS coefficients of a serialized TenSEAL CKKSVector's (single) SEAL ciphertext.
+
+    Returns uint64 ``(size, n_primes, N)`` (NTT form, as CKKS keeps them): ``[1]`` is the second
+    polynomial ``c1``. For audits and tests (needs the ``zstandard`` package for TenSEAL's
+    zstd-compressed output). Raises ValueError on anything else.
+    """
+    ct = [v for num, wt, v in _fields(vector_bytes) if num == 2 and wt == 2]
+    if len(ct) != 1:
+        raise ValueError("expected a CKKSVector with exactly one ciphertext")
+    body, _ = _seal_object(ct[0])
+    # Ciphertext::save_members: parms_id (4 x u64), is_ntt_form u8, size u64, N u64,
+    # coeff_modulus_size u64, scale f64, correction_factor u64, then a DynArray<u64>
+    off = 32
+    (is_ntt,) = struct.unpack_from("<B", body, off)
+    size, n, k = struct.unpack_from("<QQQ", body, off + 1)
+    off += 1 + 24 + 8 + 8
+    arr, _ = _seal_object(body[off:])
+    (count,) = struct.unpack_from("<Q", arr)
+    if not is_ntt or count != size * n * k or len(arr) < 8 + 8 * count:
+        raise ValueError("unexpected SEAL ciphertext layout")
+    return np.frombuffer(arr, dtype="<u8", count=count, offset=8).reshape(size, k, n)
 
 
 def load_context(data: bytes) -> ts.Context:

@@ -30,3 +30,24 @@ def npz_bytes(weight: np.ndarray, bias: np.ndarray, activation: str = "sigmoid")
     np.savez(buf, **{"layer0.weight": w, "layer0.bias": np.asarray(bias, dtype=np.float64).reshape(-1),
                      "layer0.activation": np.array(activation)})
     return buf.getvalue()
+
+
+def onnx_bytes(weight: np.ndarray, bias: np.ndarray, *, op: str = "Gemm") -> bytes:
+    """A one-layer ONNX model: Gemm (transB=1) + Sigmoid, or an unsupported ``op`` in its place."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.atleast_2d(weight).astype(np.float32)
+    b = np.asarray(bias, dtype=np.float32).reshape(-1)
+    d_out, d_in = w.shape
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    if op == "Gemm":
+        nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["z"], transB=1), helper.make_node("Sigmoid", ["z"], ["y"])]
+    else:
+        nodes = [helper.make_node(op, ["x"], ["z"]), helper.make_node("Sigmoid", ["z"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "lr", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d_out])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()

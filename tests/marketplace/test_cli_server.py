@@ -32,10 +32,11 @@ def som(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Compl
 
 
 @pytest.fixture
-def server(tmp_path: Path):  # type: ignore[no-untyped-def]
+def server(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+    """`som serve` on loopback, on SQLite and on PostgreSQL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
-    env.update({"SOM_DATA_DIR": str(tmp_path / "data"), "SOM_URL": f"http://127.0.0.1:{port}"})
+    env.update({"SOM_DATA_DIR": str(tmp_path / "data"), "SOM_URL": f"http://127.0.0.1:{port}", "DATABASE_URL": db_url})
     boot = json.loads(som("--json", "admin", "bootstrap", env=env).stdout)
     proc = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

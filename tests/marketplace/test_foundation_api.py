@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from marketplace.sdk import SomAPIError
-from tests.marketplace.models import breast_cancer_lr, npz_bytes
+from tests.marketplace.models import breast_cancer_lr, npz_bytes, onnx_bytes
 
 
 def _status(fn, *a, **kw) -> tuple[int, str]:  # type: ignore[no-untyped-def]
@@ -220,3 +220,16 @@ def test_openapi_document_is_complete(world) -> None:
         for method, op in ops.items():
             assert op.get("summary"), f"{method.upper()} {path} has no summary"
             assert op.get("responses"), f"{method.upper()} {path} has no responses"
+
+
+def test_onnx_upload_and_unsupported_operator(world) -> None:
+    _, _, _, w, b, _ = breast_cancer_lr()
+    off = _offering(world.provider)
+    data = onnx_bytes(w, b)
+    v = world.provider.upload_version(off["id"], data, format="onnx", input_shape=[30])
+    assert v["format"] == "onnx" and v["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert v["input_shape"] == [30]
+    with pytest.raises(SomAPIError) as ei:
+        world.provider.upload_version(off["id"], onnx_bytes(w, b, op="Softplus"), format="onnx")
+    assert ei.value.status == 422 and "Softplus" in ei.value.message
+    assert len(world.provider.list_versions(off["id"])) == 1

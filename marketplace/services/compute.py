@@ -26,7 +26,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from marketplace.worker.dispatch import CeleryPool
 
 __all__ = ["ComputeError", "ComputePool", "HETask", "StoreSpec", "get_pool", "run_he_task"]
 
@@ -228,12 +231,18 @@ class ComputePool:
 _pool_lock = threading.Lock()
 
 
-def get_pool(rt: Any) -> ComputePool:
-    """The runtime's pool (one per runtime; shut down with it)."""
+def get_pool(rt: Any) -> ComputePool | CeleryPool:
+    """The runtime's pool (one per runtime; shut down with it): local processes, or Celery
+    workers when ``settings.job_backend == "celery"`` (same ``run``/``shutdown``, same errors)."""
     with _pool_lock:
         pool = rt.extras.get("he.compute")
         if pool is None:
-            pool = ComputePool(rt.settings.workers)
+            if rt.settings.job_backend == "celery":  # scale-out (docs/deployment.md)
+                from marketplace.worker.dispatch import CeleryPool, celery_for
+
+                pool = CeleryPool(rt.settings, app=celery_for(rt))
+            else:
+                pool = ComputePool(rt.settings.workers)
             rt.extras["he.compute"] = pool
             rt.on_close(pool.shutdown)
     return pool  # type: ignore[no-any-return]

@@ -756,11 +756,25 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
         audit.emit(s, audit.Actor.system(), "artifact.decrypt", target=art.id,
                    detail={"purpose": "job", "job_id": job.id, "version": version.number})
         fmt, kind, limits, approved, max_rows = version.format, job.kind, job.limits, job.code_digest, job.units
-        addr = job.input_blob
+        addr, deadline = job.input_blob, job.deadline_at
     done = threading.Event()
     keeper = threading.Thread(target=_keep_lease, args=(rt, job_id, owner, done), daemon=True)
     keeper.start()
     try:
+        if rt.settings.job_backend == "celery":  # scale-out: a Celery worker computes (docs/deployment.md)
+            from marketplace.worker.dispatch import JOB_GRACE_SECONDS, run_job_on_worker
+
+            sealed, reason, message = run_job_on_worker(
+                rt, job_id=job_id, input_blob=addr, model_blob=art.blob, wrapped_key=bytes(art.wrapped_key),
+                aad=art.aad, fmt=fmt, kind=kind, limits=limits, approved_digest=approved,
+                max_rows=max_rows if kind != "custom" else None,
+                timeout=max(1.0, (deadline - utcnow()).total_seconds()) + JOB_GRACE_SECONDS,
+            )
+            if sealed is None:
+                fail(rt, job_id, owner=owner, reason=reason, message=message)
+            else:
+                complete(rt, job_id, owner=owner, result=sealed)
+            return
         try:
             inp = open_input(marketplace_seal_key(rt), job_id, rt.blobs.get(addr), max_size=rt.settings.max_sealed_bytes)
         except (DecryptionError, ValueError) as e:

@@ -1,0 +1,131 @@
+"""What a Celery worker runs: the worker-side bodies of the compute tasks (no Celery here).
+
+For: turning one task message (a JSON dict; bytes as base64) into one reply dict, with the same
+code as the local compute pool: :func:`marketplace.services.compute.run_he_task` for HE
+evaluation, :func:`marketplace.agent.compute.run_job` for marketplace-hosted jobs. A message
+names where things are, never what they are: the encrypted model's blob address, its wrapped
+data key and AAD, the key set's blob address, the sealed input's blob address. The worker opens
+the shared blob store and its own key-encryption-key provider (:class:`StoreSpec` from the
+*worker's* settings: a KEK never travels over Redis), decrypts the model only in its memory, and
+answers with ciphertexts or sealed bytes only.
+
+Replies: ``{"ok": True, "out": b64}`` or ``{"ok": False, "kind"|"reason": ..., "message": ...}``.
+A task never raises: a failure is a reply, so the API maps it to the same errors as the local
+pool (``ComputeError`` kinds ``invalid``/``internal``; job failures ``JobFailed.reason``).
+
+Not for: anything that needs the database (the API replicas do metering, audit and job state).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from marketplace.services.compute import ComputeError, HETask, StoreSpec, run_he_task
+from marketplace.settings import Settings
+
+__all__ = ["JOB_SEAL_KEY_PATH", "b64d", "b64e", "he_evaluate", "run_marketplace_job", "worker_store"]
+
+log = logging.getLogger("som.worker")
+
+JOB_SEAL_KEY_PATH = Path("keys") / "job_seal.key"
+"""The marketplace's job sealing key, relative to the data directory (made by the API replicas)."""
+
+_seal_lock = threading.Lock()
+_seal_keys: dict[str, Any] = {}
+
+
+def b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64d(text: str) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"expected base64 text, got {type(text).__name__}")
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def worker_store(settings: Settings) -> StoreSpec:
+    """The worker's own view of the shared data directory and its KEK provider."""
+    kek: str | None = None
+    if settings.key_provider == "env":
+        kek = settings.kek.get_secret_value() if settings.kek is not None else os.environ.get("SOM_KEK")
+    return StoreSpec(data_dir=str(settings.data_dir.resolve()), key_provider=settings.key_provider, kek=kek)
+
+
+def he_evaluate(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate one HE request. ``msg``: version_id, model_blob, wrapped_key (b64), aad, keyset_id,
+    keyset_blob, plan_json, request (b64). Returns a reply dict (never raises)."""
+    try:
+        task = HETask(
+            store=store, version_id=str(msg["version_id"]), model_blob=str(msg["model_blob"]),
+            wrapped_key=b64d(msg["wrapped_key"]), aad=str(msg["aad"]), keyset_id=str(msg["keyset_id"]),
+            keyset_blob=str(msg["keyset_blob"]), plan_json=str(msg["plan_json"]), request=b64d(msg["request"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        return {"ok": False, "kind": "internal", "message": f"malformed task message ({type(e).__name__})"}
+    try:
+        return {"ok": True, "out": b64e(run_he_task(task))}
+    except ComputeError as e:
+        return {"ok": False, "kind": e.kind, "message": e.message}
+
+
+def _seal_key(data_dir: str) -> Any:
+    from crypto.sealing import SealKeyPair
+
+    with _seal_lock:
+        kp = _seal_keys.get(data_dir)
+        if kp is None:
+            kp = SealKeyPair.from_private_bytes((Path(data_dir) / JOB_SEAL_KEY_PATH).read_bytes())
+            _seal_keys[data_dir] = kp
+        return kp
+
+
+def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]:
+    """Run one leased marketplace-hosted job. ``msg``: job_id, input_blob, model_blob, wrapped_key
+    (b64), aad, format, kind, limits, approved_digest, max_rows, max_sealed_bytes.
+
+    Opens the sealed input with the marketplace's sealing key (``<data_dir>/keys/job_seal.key``),
+    decrypts the model in memory, computes, seals the result to the consumer's reply key.
+    Returns ``{"ok": True, "out": b64 sealed result}`` or ``{"ok": False, "reason", "message"}``.
+    """
+    from crypto.envelope import WrappedKey, decrypt_artifact
+    from crypto.errors import DecryptionError
+    from marketplace.agent.compute import JobFailed, Limits, load_model, run_job
+    from marketplace.agent.payload import open_input, seal_result
+    from marketplace.services.compute import _open_store
+
+    try:
+        job_id, kind = str(msg["job_id"]), str(msg["kind"])
+        max_rows = msg.get("max_rows")
+        blobs, provider = _open_store(store)
+        sealed = blobs.get(str(msg["input_blob"]))
+        keypair = _seal_key(store.data_dir)
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        log.error("job task cannot start: %s", type(e).__name__)
+        return {"ok": False, "reason": "error", "message": f"the worker cannot read the job ({type(e).__name__})"}
+    try:
+        inp = open_input(keypair, job_id, sealed, max_size=int(msg["max_sealed_bytes"]))
+    except (DecryptionError, ValueError) as e:
+        return {"ok": False, "reason": "bad_input", "message": f"the sealed input did not open: {e}"}
+    try:
+        wrapped = WrappedKey.from_json(b64d(msg["wrapped_key"]).decode())
+        plaintext = decrypt_artifact(blobs.get(str(msg["model_blob"])), wrapped, provider=provider,
+                                     aad=str(msg["aad"]).encode())
+        model = load_model(plaintext, str(msg["format"]))
+        del plaintext
+        out = run_job(
+            model, inp, expected_kind=kind, max_rows=int(max_rows) if max_rows is not None else None,
+            approved_digest=msg.get("approved_digest"), limits=Limits.from_dict(dict(msg["limits"])),
+            workdir=Path(store.data_dir) / "work",
+        )
+        return {"ok": True, "out": b64e(seal_result(inp.reply_public, out))}
+    except JobFailed as e:
+        return {"ok": False, "reason": e.reason, "message": e.message}
+    except Exception:  # noqa: BLE001 - a worker answers; the job fails, the worker lives
+        log.exception("job %s crashed in the worker", job_id)
+        return {"ok": False, "reason": "error", "message": "internal error in the worker"}

@@ -60,6 +60,8 @@ _MARGIN = 0.05  # widen the calibrated range by 5% on each side
 SAFETY_FACTOR = 4.0
 _FLOOD_SIGMAS = 8.0
 _MIN_AGREEMENT = 0.99
+# The flooding noise must dominate the (weight-dependent) CKKS error: sigma >= 4 x measured error.
+_FLOOD_OVER_ERROR = 4.0
 # Activation fits: this share of the least-squares weight is on a uniform grid over the range
 # (keeps the fit defined when calibration has few distinct values); the rest on the data.
 _GRID_WEIGHT = 1e-3
@@ -355,8 +357,9 @@ def compile_model(
     candidate parameters are measured (up to one ciphertext's worth of samples, evenly spaced).
     ``precision_bits``: the requested output precision: every candidate (cheapest ring first,
     at most ``max_poly_modulus_degree``, scales of at least ``min_scale_bits``) is run with real
-    keys, and the first with ``SAFETY_FACTOR x max error + 8 x 2^-noise_bits <= 2^-precision_bits``
-    and >= 99% argmax agreement with the plaintext network is chosen; the plan then promises
+    keys, and the first with ``SAFETY_FACTOR x max error + 8 x 2^-noise_bits <= 2^-precision_bits``,
+    >= 99% argmax agreement with the plaintext network and flooding std >= 4 x max error (so the
+    weight-dependent CKKS error is drowned in noise) is chosen; the plan then promises
     ``floor(-log2(that bound))`` bits (>= the request). Raises as ``validate_artifact``,
     ValueError for calibration of the wrong shape, non-finite values or a precision the flooding
     noise alone exceeds (``precision_bits > noise_bits - 3``), and HEError if no candidate meets
@@ -431,7 +434,7 @@ def compile_model(
         agree = float(np.mean(_labels(he) == _labels(ref)))
         bound = SAFETY_FACTOR * err + _FLOOD_SIGMAS * sigma
         k = int(math.floor(-math.log2(bound)))
-        ok = k >= precision_bits and agree >= _MIN_AGREEMENT
+        ok = k >= precision_bits and agree >= _MIN_AGREEMENT and _FLOOD_OVER_ERROR * err <= sigma
         trial = ParameterTrial(
             params.poly_modulus_degree, params.coeff_mod_bit_sizes, params.scale_bits,
             err, agree, k, ok, time.perf_counter() - t0,
@@ -447,7 +450,8 @@ def compile_model(
             f"no CKKS parameters meet the requested precision 2^-{precision_bits}: best measured "
             f"max error {best.max_abs_error:.3g} (promise 2^-{best.precision_bits}, agreement "
             f"{best.agreement:.3f}) at N={best.poly_modulus_degree} {list(best.coeff_mod_bit_sizes)}; "
-            f"lower precision_bits or noise_bits, or raise max_poly_modulus_degree"
+            f"the flooding std 2^-{noise_bits} must also be >= 4x the error; lower precision_bits, "
+            f"raise max_poly_modulus_degree, or lower noise_bits"
         )
     dims = (d_in, *(int(x.weight.shape[1]) for x in raw.layers))
     steps = rotation_key_steps(range(1, max(dims[:-1])))

@@ -110,6 +110,8 @@ def test_promise_is_measured_and_kept(lr_cancer, cancer):
     model = compile_model(lr_cancer, "npz", calibration=xtr, precision_bits=10, noise_bits=20)
     plan = model.public_plan
     assert plan.precision_bits >= 10
+    assert 4 * model.search.chosen.max_abs_error <= 2.0**-20  # flooding dominates the CKKS error
+    assert all(4 * t.max_abs_error > 2.0**-20 for t in model.search.trials[:-1])
     bound = model.search.safety_factor * model.search.chosen.max_abs_error + 8 * 2.0**-20
     assert 2.0**-plan.precision_bits >= bound > 2.0 ** -(plan.precision_bits + 1)
     err = np.abs(_run(model, xte) - model.predict_plain(xte)).max()

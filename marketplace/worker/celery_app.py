@@ -55,7 +55,6 @@ def make_celery(settings: Settings | None = None, *, worker: bool = False) -> Ce
         result_expires=RESULT_TTL_SECONDS,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 4 * 3600},
-        worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
@@ -65,8 +64,12 @@ def make_celery(settings: Settings | None = None, *, worker: bool = False) -> Ce
 
 
 def _register(app: Celery, settings: Settings) -> None:
+    from celery.app import trace
+
     from marketplace.worker import tasks
 
+    # Celery logs every return value; ours are ciphertexts and sealed bytes: log the outcome only.
+    trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
     store = tasks.worker_store(settings)
 
     @app.task(name=TASK_HE, ignore_result=False)  # type: ignore[untyped-decorator]

@@ -60,7 +60,7 @@ def _fast_ok(value: Any, depth: int) -> bool:
     if t is str:
         return _str_ok(value)
     if t is int:
-        return -_MAX_SAFE <= value <= _MAX_SAFE
+        return bool(-_MAX_SAFE <= value <= _MAX_SAFE)
     if value is None or t is bool:
         return True
     if t is dict:

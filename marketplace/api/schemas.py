@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,7 +25,7 @@ class PageOf(BaseModel, Generic[T]):
     next_offset: int | None
 
     @classmethod
-    def build(cls, items: list[Any], total: int, page: Any) -> Any:
+    def build(cls, items: list[Any], total: int, page: Any) -> Self:
         """One page of ``total`` items at ``page.offset``; ``next_offset`` is None on the last page."""
         end = page.offset + len(items)
         return cls(items=items, total=total, limit=page.limit, offset=page.offset,

@@ -7,6 +7,9 @@ right, each use is charged exactly once, the ledger is one gapless order that ve
 (`som ledger verify`), and audit events come from both replicas.
 (b) Concurrent metered requests split across both replicas against a small quota: exactly the
 quota succeeds (no overspend across replicas).
+Fast, without Celery: the worker's task bodies (a job runs from a message that names only blob
+addresses and the wrapped key, and answers sealed bytes only the consumer opens; failures are
+replies), and the API side's clean error when no worker listens.
 
 Redis and PostgreSQL are started if they are down (the machine's documented commands); the
 tests skip, with the reason, only if they truly cannot run.
@@ -32,14 +35,28 @@ import httpx
 import numpy as np
 import pytest
 
+from crypto.envelope import encrypt_artifact
+from crypto.keyproviders import LocalFileKeyProvider
+from crypto.sealing import SealKeyPair
 from crypto.signing import SigningKey
+from marketplace.agent.payload import JobInput, open_result, seal_input
 from marketplace.sdk import SomAPIError, SomClient
+from marketplace.services.blobstore import BlobStore
+from marketplace.services.compute import ComputeError, HETask, StoreSpec
+from marketplace.worker import tasks
 from tests.conftest import PG_ADMIN_URL, _pg_up
 from tests.marketplace.test_cli_server import SOM, free_port, som
 from tests.marketplace.test_he_service_support import lr_breast_cancer
-from tests.marketplace.test_jobs_support import terms, to_csv
+from tests.marketplace.test_jobs_support import (
+    expected,
+    features,
+    model_arrays,
+    model_npz,
+    terms,
+    to_csv,
+)
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 REDIS_CMD = [
     "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
@@ -95,8 +112,10 @@ def _tagged(url: str, key: str, tag: str) -> SomClient:
     return c
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Shared by the module's cluster tests (each makes its own organisations and contracts)."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     reason = _redis_up()
     if reason:
         pytest.skip(reason)
@@ -203,6 +222,7 @@ def _setup(cluster: dict[str, Any], *, quota: int = 10_000) -> dict[str, Any]:
             "admin": (admin, _tagged(b_url, cluster["admin_key"], "b")), "keys": keys}
 
 
+@pytest.mark.slow
 def test_two_replicas_one_worker_charge_once_one_ledger(cluster: dict[str, Any], tmp_path: Path) -> None:
     st = _setup(cluster)
     off, cid = st["offering"], st["contract"]
@@ -225,8 +245,16 @@ def test_two_replicas_one_worker_charge_once_one_ledger(cluster: dict[str, Any],
         res = other.job_result(sub.id, sub.reply_key)
         got = np.array([[float(v) for v in ln.split(",")] for ln in res.body.decode().splitlines() if ln])
         np.testing.assert_allclose(got, 1.0 / (1.0 + np.exp(-(x @ w.T + b))), rtol=1e-9)
+    # a job the worker refuses (more rows than units) fails there and is released, not charged
+    sub = cons_a.submit_job(off, "predict", to_csv(d.x_test[:10]), units=3)
+    job = cons_b.wait_job(sub.id, timeout=90)
+    assert job["status"] == "failed" and job["error_reason"] == "too_many_rows" and not job["charged"], job
     # each use charged exactly once, whatever replica took it
-    assert _usage(cluster["db_url"], cid) == [("charged", 8), ("charged", 8), ("charged", 10), ("charged", 10)]
+    want = [("charged", 8), ("charged", 8), ("charged", 10), ("charged", 10), ("released", 3)]
+    deadline = time.monotonic() + 10
+    while _usage(cluster["db_url"], cid) != want and time.monotonic() < deadline:
+        time.sleep(0.1)  # the release follows the failure
+    assert _usage(cluster["db_url"], cid) == want
     # audit events from both replicas, in the one shared log
     admin_a, admin_b = st["admin"]
     events = admin_b.paginate("/v1/audit", limit=200)
@@ -244,9 +272,10 @@ def test_two_replicas_one_worker_charge_once_one_ledger(cluster: dict[str, Any],
     assert indexes == list(range(len(indexes))) and len(indexes) > 4
     summary = json.loads(som("--json", "ledger", "verify", str(export), env=env).stdout)
     totals = summary["compliance"]["contracts"][cid]
-    assert totals["charged_units"] == 36 and totals["usage_records"] == 4 and totals["released_records"] == 0
+    assert totals["charged_units"] == 36 and totals["usage_records"] == 5 and totals["released_records"] == 1
 
 
+@pytest.mark.slow
 def test_concurrent_requests_across_replicas_never_overspend(cluster: dict[str, Any], tmp_path: Path) -> None:
     quota, n = 4, 10
     st = _setup(cluster, quota=quota)
@@ -282,3 +311,114 @@ def test_concurrent_requests_across_replicas_never_overspend(cluster: dict[str, 
     assert len(ok) == quota, outcomes
     assert len(denied) == n - quota and all(e.status == 403 for e in denied), [(e.status, e.code, e.message) for e in denied]
     assert _usage(cluster["db_url"], cid) == [("charged", 1)] * quota
+
+
+# ------------------------------------------------------------------ the worker side, fast
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> dict[str, Any]:
+    """A data directory as the API replicas leave it: KEK, job sealing key, an encrypted model."""
+    root = tmp_path / "data"
+    (root / "keys").mkdir(parents=True)
+    provider = LocalFileKeyProvider.create(root / "keys" / "kek.json")
+    seal = SealKeyPair.generate()
+    (root / tasks.JOB_SEAL_KEY_PATH).write_bytes(seal.unsafe_private_bytes())
+    w, b = model_arrays()
+    aad = "som:ver_test:model"
+    ct, wrapped = encrypt_artifact(model_npz(w, b), provider=provider, aad=aad.encode())
+    blobs = BlobStore(root / "blobs")
+    return {"root": root, "seal": seal, "blobs": blobs, "w": w, "b": b, "aad": aad,
+            "model_blob": blobs.put(ct), "wrapped": wrapped.to_json().encode()}
+
+
+def _msg(site: dict[str, Any], job_id: str, sealed: bytes, **kw: Any) -> dict[str, Any]:
+    msg = {
+        "job_id": job_id, "input_blob": site["blobs"].put(sealed), "model_blob": site["model_blob"],
+        "wrapped_key": tasks.b64e(site["wrapped"]), "aad": site["aad"], "format": "npz", "kind": "predict",
+        "limits": {"cpu_seconds": 10, "memory_mb": 512, "wall_seconds": 10.0}, "approved_digest": None,
+        "max_rows": 20, "max_sealed_bytes": 1 << 20,
+    }
+    msg.update(kw)
+    return msg
+
+
+def test_job_task_predicts_sealed_to_the_reply_key(site: dict[str, Any]) -> None:
+    reply = SealKeyPair.generate()
+    x = features(12)
+    sealed = seal_input(site["seal"].public_text(), JobInput("job_1", "predict", reply.public_text(), to_csv(x)))
+    out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local"), _msg(site, "job_1", sealed))
+    assert out["ok"] is True
+    res = open_result(reply, "job_1", tasks.b64d(out["out"]))
+    got = np.array([[float(v) for v in ln.split(",")] for ln in res.body.decode().splitlines() if ln])
+    np.testing.assert_allclose(got, expected(site["w"], site["b"], x), rtol=1e-9)
+    with pytest.raises(Exception):  # noqa: B017 - opaque DecryptionError: only the reply key opens it
+        open_result(site["seal"], "job_1", tasks.b64d(out["out"]))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("other_key", "bad_input"),  # sealed to someone else: does not open
+        ("other_job", "bad_input"),  # sealed for another job id
+        ("rows", "too_many_rows"),
+        ("aad", "error"),  # the wrapped key does not unwrap under another AAD
+        ("no_seal_key", "error"),
+        ("malformed", "error"),
+    ],
+)
+def test_job_task_failures_are_replies(site: dict[str, Any], change: str, reason: str) -> None:
+    reply = SealKeyPair.generate()
+    to = SealKeyPair.generate().public_text() if change == "other_key" else site["seal"].public_text()
+    sealed = seal_input(to, JobInput("job_other" if change == "other_job" else "job_2", "predict",
+                                     reply.public_text(), to_csv(features(5))))
+    msg = _msg(site, "job_2", sealed, **({"max_rows": 3} if change == "rows" else {}))
+    if change == "aad":
+        msg["aad"] = "som:ver_other:model"
+    if change == "no_seal_key":
+        (site["root"] / tasks.JOB_SEAL_KEY_PATH).unlink()
+        tasks._seal_keys.clear()
+    if change == "malformed":
+        del msg["input_blob"]
+    out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local"), msg)
+    tasks._seal_keys.clear()
+    assert out["ok"] is False and out["reason"] == reason, out
+    assert "out" not in out
+
+
+def test_he_task_malformed_message_is_an_internal_reply(site: dict[str, Any]) -> None:
+    store = StoreSpec(str(site["root"]), "local")
+    assert tasks.he_evaluate(store, {})["kind"] == "internal"
+    bad = {"version_id": "v", "model_blob": site["model_blob"], "wrapped_key": "!!not base64!!", "aad": "a",
+           "keyset_id": "k", "keyset_blob": "sha256:" + "0" * 64, "plan_json": "{}", "request": ""}
+    out = tasks.he_evaluate(store, bad)
+    assert out["ok"] is False and out["kind"] == "internal" and "malformed" in out["message"]
+
+
+def test_worker_store_never_puts_a_kek_in_a_message(tmp_path: Path) -> None:
+    from marketplace.settings import Settings
+
+    spec = tasks.worker_store(Settings(data_dir=tmp_path, key_provider="env", kek="a" * 44))
+    assert spec.kek == "a" * 44 and "a" * 44 not in repr(spec)  # the worker's own env, not Redis
+
+
+def test_celery_pool_without_a_worker_is_internal(tmp_path: Path) -> None:
+    """No worker listening on the queue: a clean ComputeError (the HE route's 503), fast."""
+    import redis
+
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping()
+    except redis.RedisError:
+        pytest.skip("Redis is not running on 127.0.0.1:6379 (tests/marketplace/test_scaleout.py starts it)")
+    from marketplace.settings import Settings
+    from marketplace.worker.dispatch import CeleryPool
+
+    pool = CeleryPool(Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/15"))
+    task = HETask(store=StoreSpec(str(tmp_path), "local"), version_id="v", model_blob="m", wrapped_key=b"{}",
+                  aad="a", keyset_id="k", keyset_blob="b", plan_json="{}", request=b"x")
+    try:
+        with pytest.raises(ComputeError) as e:
+            pool.run(task, timeout=5)
+        assert e.value.kind == "internal" and "som worker" in e.value.message
+    finally:
+        pool.shutdown()

@@ -11,10 +11,15 @@ Layout:
   its compact range (right frontier, ``size.bit_count()`` 32-byte hashes concatenated), the size of
   the last signed checkpoint, and the vkey of the key that signs (replicas must share it).
 * ``ledger_leaves``: one row per leaf: gapless ``idx``, the exact bytes that were hashed
-  (RFC 8785 canonical JSON), the RFC 9162 leaf hash, and a few columns copied from usage leaves
-  for compliance filters (never payloads).
-* ``ledger_nodes``: every completed perfect subtree above the leaves, keyed by
-  ``(level << 48) | index`` (level >= 1; level-0 hashes live in ``ledger_leaves.leaf_hash``).
+  (RFC 8785 canonical JSON), the RFC 9162 leaf hash, its first 8 bytes as a signed 64-bit
+  integer (``leaf_hash_prefix``, indexed: finding a leaf by hash is an integer index lookup
+  and a comparison of the full hash; an index on the 32-byte hash itself cost more than all
+  the rest of an append), and a few columns copied from usage leaves for compliance filters
+  (never payloads).
+* ``ledger_nodes``: every completed perfect subtree at level ``NODE_MIN_LEVEL`` (4) or above,
+  keyed by ``(level << 48) | index``. A subtree below that level spans at most 16 leaves; its
+  hash is recomputed from their ``leaf_hash`` when a proof needs it (in the same query as the
+  stored nodes), so the table holds 1/16 as many rows as the leaves, not one per leaf.
 * ``ledger_checkpoints``: every signed checkpoint note, by tree size.
 """
 
@@ -27,10 +32,25 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from marketplace.db.base import Base, UTCDateTime, utcnow
 
-__all__ = ["LedgerCheckpoint", "LedgerLeaf", "LedgerNode", "LedgerState", "NODE_LEVEL_SHIFT"]
+__all__ = [
+    "NODE_LEVEL_SHIFT",
+    "NODE_MIN_LEVEL",
+    "LedgerCheckpoint",
+    "LedgerLeaf",
+    "LedgerNode",
+    "LedgerState",
+    "leaf_hash_prefix",
+]
 
 # Node keys: (level << 48) | index. 2**48 leaves is far beyond any ledger this service will hold.
 NODE_LEVEL_SHIFT = 48
+# Perfect subtrees of 2**NODE_MIN_LEVEL leaves or more are stored; smaller ones are recomputed.
+NODE_MIN_LEVEL = 4
+
+
+def leaf_hash_prefix(leaf_hash: bytes) -> int:
+    """The indexed lookup key of a leaf hash: its first 8 bytes, big-endian, signed 64-bit."""
+    return int.from_bytes(leaf_hash[:8], "big", signed=True)
 
 # 64-bit keys; on SQLite an INTEGER PRIMARY KEY (the rowid itself, also 64-bit) is much faster.
 Key64 = BigInteger().with_variant(Integer(), "sqlite")
@@ -50,7 +70,8 @@ class LedgerLeaf(Base):
     __tablename__ = "ledger_leaves"
 
     idx: Mapped[int] = mapped_column(Key64, primary_key=True, autoincrement=False)
-    leaf_hash: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
+    leaf_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    leaf_hash_prefix: Mapped[int] = mapped_column(BigInteger, index=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     schema: Mapped[str] = mapped_column(String(40))
     # Copied from som.usage/v1 leaves (NULL for other schemas) for filters and totals.

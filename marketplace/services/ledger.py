@@ -13,10 +13,12 @@ How it works (docs/ledger.md has the long version):
   on PostgreSQL; on SQLite every transaction is ``BEGIN IMMEDIATE``), so indexes are gapless and
   there is one order even with several API replicas on one database.
 * **O(log n) appends.** The state row holds the tree's compact range (right frontier). An append
-  folds the new leaf hash into it and inserts the perfect-subtree nodes it completes; the tree is
-  never recomputed from all leaves.
+  folds the new leaf hash into it and inserts the perfect-subtree nodes it completes at level
+  ``NODE_MIN_LEVEL`` (4) or above (one row per 16 leaves); the tree is never recomputed from all
+  leaves. A batch is one ``executemany`` for its leaves and one for its nodes.
 * **O(log n) proofs.** :func:`crypto.merkle.inclusion_plan` / ``consistency_plan`` / ``root_plan``
-  name the stored nodes a proof needs; they are read in one query and folded.
+  name the perfect subtrees a proof needs; stored ones and the leaf hashes under the unstored
+  small ones (at most 16 leaves each) are read in one query, then folded.
 * **The log never signs two inconsistent checkpoints.** Before signing size ``n`` after the last
   signed size ``m``: the stored nodes must still give the root signed at ``m``; the leaves in
   ``[m, n)`` are re-hashed from their bytes and replayed onto the frontier at ``m``, and every
@@ -30,16 +32,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import operator
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import Engine, Table, event, func, insert, select, update
+from sqlalchemy import Engine, Table, event, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from contracts.errors import ContractError
@@ -63,10 +66,12 @@ from marketplace.db.base import utcnow
 from marketplace.db.models import AuditEvent
 from marketplace.db.models_ledger import (
     NODE_LEVEL_SHIFT,
+    NODE_MIN_LEVEL,
     LedgerCheckpoint,
     LedgerLeaf,
     LedgerNode,
     LedgerState,
+    leaf_hash_prefix,
 )
 from marketplace.errors import MarketplaceError, NotFound
 
@@ -145,6 +150,38 @@ def _split(frontier: bytes) -> list[bytes]:
     return [frontier[i : i + HASH_SIZE] for i in range(0, len(frontier), HASH_SIZE)]
 
 
+def _fold(
+    size: int, frontier: list[bytes], leaf_hashes: Iterable[bytes], nodes: list[tuple[int, bytes]]
+) -> int:
+    """Append leaf hashes to the compact range ``(size, frontier)`` (largest subtree first,
+    changed in place; RFC 9162 §2.1.1 hashing, as :class:`crypto.merkle.CompactRange`, which the
+    property tests check it against). Every completed perfect subtree at level
+    ``NODE_MIN_LEVEL`` or above is added to ``nodes`` as ``(key, hash)``. Returns the new size.
+    The appends' hot loop: plain ints and bytes, no objects per node."""
+    sha, pop, push, add = _sha256, frontier.pop, frontier.append, nodes.append
+    lo, shift = NODE_MIN_LEVEL, NODE_LEVEL_SHIFT
+    for h in leaf_hashes:
+        idx, level = size, 0
+        size += 1
+        while idx & 1:
+            h = sha(b"\x01" + pop() + h).digest()  # RFC 9162 §2.1.1: SHA-256(0x01 || l || r)
+            idx >>= 1
+            level += 1
+            if level >= lo:
+                add(((level << shift) | idx, h))
+        push(h)
+    return size
+
+
+def _subtree_hash(hashes: Sequence[bytes]) -> bytes:
+    """MTH of a perfect subtree (2**k leaves) from its leaf hashes."""
+    sha = _sha256
+    level = list(hashes)
+    while len(level) > 1:
+        level = [sha(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)]
+    return level[0]
+
+
 _USAGE_COLS = (
     "contract_id",
     "offering_id",
@@ -159,7 +196,7 @@ _USAGE_COLS = (
 )
 
 
-_LEAF_COLS = ("idx", "leaf_hash", "data", "schema", *_USAGE_COLS)
+_LEAF_COLS = ("idx", "leaf_hash", "leaf_hash_prefix", "data", "schema", *_USAGE_COLS)
 _NO_USAGE = (None,) * len(_USAGE_COLS)
 _SQL_CACHE: dict[str, tuple[str, str]] = {}
 
@@ -176,7 +213,10 @@ def _insert_sql(paramstyle: str) -> tuple[str, str]:
     return got
 
 
-Prepared = tuple[bytes, bytes, str, tuple[Any, ...]]
+#: A leaf ready to store: its hash and its row without the index
+#: (``leaf_hash, leaf_hash_prefix, data, schema, *usage columns``).
+Prepared = tuple[bytes, tuple[Any, ...]]
+_usage_cols = operator.itemgetter(*_USAGE_COLS)
 
 
 def _prepare(record: Mapping[str, Any]) -> Prepared:
@@ -188,9 +228,10 @@ def _prepare(record: Mapping[str, Any]) -> Prepared:
     except ContractError as e:
         raise ValueError(f"not a ledger record: {e}") from e
     data = canonicalize(record)
+    h = _sha256(b"\x00" + data).digest()  # RFC 9162 §2.1.1 leaf hash
     schema = record["schema"]
-    cols = tuple(record[k] for k in _USAGE_COLS) if schema == USAGE_SCHEMA else _NO_USAGE
-    return data, _sha256(b"\x00" + data).digest(), schema, cols
+    cols = _usage_cols(record) if schema == USAGE_SCHEMA else _NO_USAGE
+    return h, (h, leaf_hash_prefix(h), data, schema, *cols)
 
 
 def _lock_state(s: Session) -> Any:
@@ -222,33 +263,23 @@ def append_many(session: Session, records: Sequence[dict[str, Any]]) -> list[Lea
 
 def _append_prepared(session: Session, prepared: Sequence[Prepared]) -> list[LeafRef]:
     st = _lock_state(session)
-    cr = CompactRange(st.size, _split(st.frontier))
+    start = int(st.size)
+    frontier = _split(st.frontier)
+    if len(frontier) != start.bit_count():
+        raise LedgerIntegrityError(f"the sequencer's frontier does not fit its size {start}")
     node_rows: list[tuple[int, bytes]] = []
-    shift = NODE_LEVEL_SHIFT
-
-    def on_node(n: NodeId, h: bytes) -> None:
-        if n.level:
-            node_rows.append(((n.level << shift) | n.index, h))
-
-    leaf_rows: list[tuple[Any, ...]] = []
-    refs: list[LeafRef] = []
-    for data, h, schema, cols in prepared:
-        idx = cr.size
-        cr.append(h, on_node)
-        leaf_rows.append((idx, h, data, schema, *cols))
-        refs.append(LeafRef(idx, h))
+    size = _fold(start, frontier, [p[0] for p in prepared], node_rows)
+    leaf_rows = [(i, *p[1]) for i, p in enumerate(prepared, start)]
     conn = session.connection()
     leaves_sql, nodes_sql = _insert_sql(conn.dialect.paramstyle)
     conn.exec_driver_sql(leaves_sql, leaf_rows)
     if node_rows:
         conn.exec_driver_sql(nodes_sql, node_rows)
     session.execute(
-        update(_STATE)
-        .where(_STATE.c.id == 1)
-        .values(size=cr.size, frontier=b"".join(cr.hashes))
+        update(_STATE).where(_STATE.c.id == 1).values(size=size, frontier=b"".join(frontier))
     )
-    _maybe_notify(session, cr.size, st.signed_size)
-    return refs
+    _maybe_notify(session, size, st.signed_size)
+    return [LeafRef(i, p[0]) for i, p in enumerate(prepared, start)]
 
 
 def audit_leaf_sink(session: Session, ev: AuditEvent) -> None:
@@ -277,20 +308,46 @@ def tree_size(s: Session) -> int:
     return int(s.execute(select(_STATE.c.size).where(_STATE.c.id == 1)).scalar_one())
 
 
+def _spans(ids: Sequence[NodeId]) -> list[tuple[int, int]]:
+    """The leaf ranges ``[a, b)`` under the unstored (small) subtrees of ``ids``, merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted((n.index << n.level, (n.index + 1) << n.level) for n in ids):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
 def _fetch(s: Session, ids: Sequence[NodeId]) -> list[bytes]:
-    """Hashes of the stored perfect subtrees ``ids`` (same order), in one query."""
+    """Hashes of the perfect subtrees ``ids`` (same order), in one query: stored nodes at level
+    ``NODE_MIN_LEVEL`` and above, and the leaf hashes under the smaller ones (at most
+    ``2**NODE_MIN_LEVEL - 1`` leaves each), which are folded here."""
     if not ids:
         return []
-    low = [n.index for n in ids if n.level == 0]
-    high = [_node_key(n) for n in ids if n.level]
-    q_low = select(_LEAVES.c.idx, _LEAVES.c.leaf_hash).where(_LEAVES.c.idx.in_(low))
+    small = [n for n in ids if n.level < NODE_MIN_LEVEL]
+    high = [_node_key(n) for n in ids if n.level >= NODE_MIN_LEVEL]
+    c = _LEAVES.c
+    q_low = select(c.idx, c.leaf_hash).where(
+        or_(*(c.idx.between(a, b - 1) for a, b in _spans(small)))
+    )
     q_high = select(_NODES.c.id, _NODES.c.hash).where(_NODES.c.id.in_(high))
-    q = q_low.union_all(q_high) if low and high else (q_low if low else q_high)
+    q = q_low.union_all(q_high) if small and high else (q_low if small else q_high)
+    # Leaf indexes are < 2**48 <= every stored node key, so one dict holds both.
     got: dict[int, bytes] = {int(k): bytes(h) for k, h in s.execute(q).all()}
+    out: list[bytes] = []
     try:
-        return [got[_node_key(n)] for n in ids]
+        for n in ids:
+            if n.level >= NODE_MIN_LEVEL:
+                out.append(got[_node_key(n)])
+            elif n.level == 0:
+                out.append(got[n.index])
+            else:
+                a = n.index << n.level
+                out.append(_subtree_hash([got[i] for i in range(a, a + (1 << n.level))]))
     except KeyError as e:
-        raise LedgerIntegrityError(f"stored Merkle node {e.args[0]:#x} is missing") from None
+        raise LedgerIntegrityError(f"stored Merkle node or leaf {e.args[0]:#x} is missing") from None
+    return out
 
 
 def _check_size(s: Session, size: int) -> None:
@@ -335,7 +392,13 @@ def leaf_row(s: Session, index: int) -> Any:
 
 def find_leaf(s: Session, leaf_hash: bytes) -> int:
     """The lowest index whose leaf hash is ``leaf_hash``; NotFound if none."""
-    idx = s.execute(select(func.min(_LEAVES.c.idx)).where(_LEAVES.c.leaf_hash == leaf_hash)).scalar()
+    c = _LEAVES.c
+    idx = s.execute(
+        select(c.idx)
+        .where(c.leaf_hash_prefix == leaf_hash_prefix(leaf_hash), c.leaf_hash == leaf_hash)
+        .order_by(c.idx)
+        .limit(1)
+    ).scalar()
     if idx is None:
         raise NotFound("no leaf with that hash")
     return int(idx)
@@ -413,7 +476,7 @@ def log_signer(rt: Runtime) -> NoteSigner:
 
 
 def _verify_extension(
-    s: Session, last: StoredCheckpoint | None, size: int, frontier: list[bytes]
+    s: Session, last: StoredCheckpoint | None, size: int, state_frontier: list[bytes]
 ) -> bytes:
     """Recompute the root at ``size`` from the signed history; raise LedgerIntegrityError."""
     old = 0 if last is None else last.size
@@ -423,13 +486,9 @@ def _verify_extension(
         raise LedgerIntegrityError(
             f"the stored tree no longer gives the root signed at size {old}: nodes were changed"
         )
-    cr = CompactRange(old, list(reversed(old_hashes)))
+    frontier = list(reversed(old_hashes))
     made: list[tuple[int, bytes]] = []
-
-    def on_node(n: NodeId, h: bytes) -> None:
-        if n.level:
-            made.append(((n.level << NODE_LEVEL_SHIFT) | n.index, h))
-
+    done = old
     i = old
     while i < size:
         j = min(size, i + _VERIFY_BATCH)
@@ -438,15 +497,17 @@ def _verify_extension(
             .where(_LEAVES.c.idx >= i, _LEAVES.c.idx < j)
             .order_by(_LEAVES.c.idx)
         ).all()
+        hashes: list[bytes] = []
         for idx, data, stored in rows:
-            if idx != cr.size:
-                raise LedgerIntegrityError(f"leaf {cr.size} is missing")
+            if idx != done + len(hashes):
+                raise LedgerIntegrityError(f"leaf {done + len(hashes)} is missing")
             h = _sha256(b"\x00" + bytes(data)).digest()
             if h != bytes(stored):
                 raise LedgerIntegrityError(f"leaf {idx}: its bytes do not match its stored hash")
-            cr.append(h, on_node)
-        if cr.size != j:
-            raise LedgerIntegrityError(f"leaf {cr.size} is missing")
+            hashes.append(h)
+        done = _fold(done, frontier, hashes, made)
+        if done != j:
+            raise LedgerIntegrityError(f"leaf {done} is missing")
         if made:
             keys = [k for k, _ in made]
             stored_nodes = {
@@ -461,9 +522,9 @@ def _verify_extension(
                     )
             made.clear()
         i = j
-    if cr.hashes != frontier:
+    if frontier != state_frontier:
         raise LedgerIntegrityError("the sequencer's frontier does not match the stored leaves")
-    root = cr.root()
+    root = CompactRange(size, frontier).root()
     if last is not None and old < size:
         proof = consistency_proof(s, old, size)
         try:

@@ -15,9 +15,9 @@ from sqlalchemy import select, update
 
 from crypto.checkpoint import open_checkpoint
 from crypto.errors import InvalidProof, InvalidSignature
-from crypto.merkle import MerkleTree, leaf_hash, verify_consistency, verify_inclusion
+from crypto.merkle import MerkleTree, NodeId, leaf_hash, verify_consistency, verify_inclusion
 from crypto.note import NoteVerifier
-from marketplace.db.models_ledger import NODE_LEVEL_SHIFT, LedgerLeaf, LedgerNode
+from marketplace.db.models_ledger import NODE_LEVEL_SHIFT, NODE_MIN_LEVEL, LedgerLeaf, LedgerNode
 from marketplace.runtime import Runtime
 from marketplace.sdk import SomAPIError
 from marketplace.sdk.ledger_api import verify_receipt
@@ -250,24 +250,37 @@ def ref_node(rt, level: int, index: int) -> bytes:
 
 def test_refuses_to_sign_over_a_tampered_tree(world):
     rt = world.rt
-    c, _ = seed_usage(world, 10)
+    c, _ = seed_usage(world, 40)
     signed = ledger.sign_checkpoint(rt)
+    assert signed.size >= 48  # (4, 1) = leaves [16, 32) lies under (5, 0), off the frontier
     with rt.tx() as s:
         ledger.append_many(s, [usage(c, 100 + i) for i in range(5)])
     # 0. A node off every path the signer checks (O(log n)) is changed: the log may still sign,
-    #    but any inclusion proof through it fails against the signed root, offline.
+    #    but any inclusion proof through it fails against the signed root, offline. The same
+    #    for a leaf hash under an unstored small subtree (its hash is recomputed from them).
+    key4 = (NODE_MIN_LEVEL << NODE_LEVEL_SHIFT) | 1
     with rt.tx() as s:
-        s.execute(update(LedgerNode).where(LedgerNode.id == (1 << NODE_LEVEL_SHIFT)).values(hash=bytes(32)))
+        s.execute(update(LedgerNode).where(LedgerNode.id == key4).values(hash=bytes(32)))
         bad = ledger.inclusion_proof(s, 2, signed.size)
         leaf2 = s.execute(select(LedgerLeaf.leaf_hash).where(LedgerLeaf.idx == 2)).scalar_one()
     with pytest.raises(InvalidProof):
         verify_inclusion(leaf2, 2, signed.size, bad, signed.root_hash)
+    ref = MerkleTree(all_leaves(rt))
     with rt.tx() as s:
-        s.execute(update(LedgerNode).where(LedgerNode.id == (1 << NODE_LEVEL_SHIFT)).values(hash=ref_node(rt, 1, 0)))
+        s.execute(update(LedgerNode).where(LedgerNode.id == key4).values(hash=ref.node(NodeId(NODE_MIN_LEVEL, 1))))
+        assert ledger.inclusion_proof(s, 2, signed.size) == ref.inclusion_proof(2, signed.size)
+    for j in (3, 5, 9):  # the level-0, level-2 and level-3 siblings of leaf 2
+        with rt.tx() as s:
+            h = s.execute(select(LedgerLeaf.leaf_hash).where(LedgerLeaf.idx == j)).scalar_one()
+            s.execute(update(LedgerLeaf).where(LedgerLeaf.idx == j).values(leaf_hash=bytes(32)))
+            bad = ledger.inclusion_proof(s, 2, signed.size)
+            s.execute(update(LedgerLeaf).where(LedgerLeaf.idx == j).values(leaf_hash=h))
+        with pytest.raises(InvalidProof):
+            verify_inclusion(leaf2, 2, signed.size, bad, signed.root_hash)
     # 1. A stored node on the signed tree's frontier is changed.
     from crypto.merkle import root_plan
 
-    node = next(n for n in root_plan(signed.size).ids if n.level)
+    node = next(n for n in root_plan(signed.size).ids if n.level >= NODE_MIN_LEVEL)
     key = (node.level << NODE_LEVEL_SHIFT) | node.index
     with rt.tx() as s:
         h = s.execute(select(LedgerNode.hash).where(LedgerNode.id == key)).scalar_one()

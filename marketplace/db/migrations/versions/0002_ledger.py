@@ -31,6 +31,7 @@ def upgrade() -> None:
     op.create_table('ledger_leaves',
     sa.Column('idx', Key64, autoincrement=False, nullable=False),
     sa.Column('leaf_hash', sa.LargeBinary(length=32), nullable=False),
+    sa.Column('leaf_hash_prefix', sa.BigInteger(), nullable=False),
     sa.Column('data', sa.LargeBinary(), nullable=False),
     sa.Column('schema', sa.String(length=40), nullable=False),
     sa.Column('contract_id', sa.String(length=256), nullable=True),
@@ -47,7 +48,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('ledger_leaves', schema=None) as batch_op:
         batch_op.create_index('ix_ledger_leaves_contract_id', ['contract_id'], unique=False)
-        batch_op.create_index(batch_op.f('ix_ledger_leaves_leaf_hash'), ['leaf_hash'], unique=False)
+        batch_op.create_index(batch_op.f('ix_ledger_leaves_leaf_hash_prefix'), ['leaf_hash_prefix'], unique=False)
     op.create_table('ledger_nodes',
     sa.Column('id', Key64, autoincrement=False, nullable=False),
     sa.Column('hash', sa.LargeBinary(length=32), nullable=False),
@@ -66,7 +67,7 @@ def downgrade() -> None:
     op.drop_table('ledger_checkpoints')
     op.drop_table('ledger_nodes')
     with op.batch_alter_table('ledger_leaves', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_ledger_leaves_leaf_hash'))
+        batch_op.drop_index(batch_op.f('ix_ledger_leaves_leaf_hash_prefix'))
         batch_op.drop_index('ix_ledger_leaves_contract_id')
     op.drop_table('ledger_leaves')
     op.drop_table('ledger_state')

@@ -1,0 +1,741 @@
+// The Share-of-Model web UI: a client of the /v1 API, like the SDK.
+//
+// The API key is entered once, kept in sessionStorage (gone when the tab closes), sent only as
+// "Authorization: Bearer ..." and never put in a URL. Every node is built with the DOM API
+// (h() below, textContent); nothing is ever assigned to innerHTML. API errors are shown as the
+// message of their JSON body, {"error": {"code", "message"}}.
+
+import { renderMarkdown } from "./md.js";
+import { b64decode, parseCheckpoint, verifyInclusion, verifyNoteSignature } from "./merkle.js";
+
+const KEY = "som.apiKey";
+const PAGE = 20;
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+const who = document.getElementById("who");
+const banner = document.getElementById("message");
+let me = null;
+let renderSeq = 0;
+
+// -- helpers ---------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs ?? {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function flash(text, kind = "error") {
+  banner.replaceChildren();
+  if (!text) {
+    banner.hidden = true;
+    return;
+  }
+  banner.className = `message ${kind}`;
+  banner.append(h("span", {}, text), h("button", { class: "link", type: "button", "aria-label": "Dismiss", onclick: () => flash("") }, "×"));
+  banner.hidden = false;
+}
+
+async function api(path, { method = "GET", params, accept = "application/json", raw = false } = {}) {
+  const url = new URL(path, location.origin);
+  for (const [k, v] of Object.entries(params ?? {})) {
+    if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, String(v));
+  }
+  const headers = { Accept: accept };
+  const key = sessionStorage.getItem(KEY);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  let r;
+  try {
+    r = await fetch(url, { method, headers, cache: "no-store", credentials: "omit" });
+  } catch (e) {
+    throw new ApiError(0, "network", `Cannot reach the marketplace: ${e.message}`);
+  }
+  if (!r.ok) {
+    let code = "http_error";
+    let message = `${r.status} ${r.statusText}`;
+    try {
+      const body = await r.json();
+      if (body && body.error && body.error.message) ({ code, message } = body.error);
+    } catch {
+      // not JSON: keep the status line
+    }
+    throw new ApiError(r.status, code, message);
+  }
+  return raw ? r : r.json();
+}
+
+function fmtTime(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString();
+}
+
+function fmtBytes(n) {
+  if (typeof n !== "number") return "";
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i += 1;
+  }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+function fmtMoney(minor, currency) {
+  if (!currency) return String(minor);
+  try {
+    const f = new Intl.NumberFormat(undefined, { style: "currency", currency });
+    return f.format(minor / 10 ** f.resolvedOptions().maximumFractionDigits);
+  } catch {
+    return `${minor} ${currency} (minor units)`;
+  }
+}
+
+function short(s, n = 12) {
+  s = String(s ?? "");
+  return s.length > n + 1 ? `${s.slice(0, n)}…` : s;
+}
+
+function badge(text, kind = "") {
+  return h("span", { class: `badge ${kind}` }, text);
+}
+
+function hashFor(view, params = {}) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== "") q.set(k, v);
+  const qs = q.toString();
+  return `#/${view}${qs ? `?${qs}` : ""}`;
+}
+
+function go(view, params) {
+  location.hash = hashFor(view, params);
+}
+
+function pager(page, onGo) {
+  const { total, offset, limit, next_offset: next } = page;
+  const first = total ? offset + 1 : 0;
+  const last = offset + page.items.length;
+  return h(
+    "nav",
+    { class: "pager", "aria-label": "Pages" },
+    h("button", { type: "button", disabled: offset <= 0, onclick: () => onGo(Math.max(0, offset - limit)) }, "← Previous"),
+    h("span", { class: "muted" }, `${first}–${last} of ${total}`),
+    h("button", { type: "button", disabled: next === null || next === undefined, onclick: () => onGo(next) }, "Next →"),
+  );
+}
+
+function table(headers, rows, cls = "") {
+  return h(
+    "table",
+    { class: cls },
+    h("thead", {}, h("tr", {}, headers.map((t) => h("th", { scope: "col" }, t)))),
+    h("tbody", {}, rows),
+  );
+}
+
+function field(label, control) {
+  return h("label", { class: "field" }, h("span", {}, label), control);
+}
+
+function select(name, value, options) {
+  return h(
+    "select",
+    { name },
+    options.map(([v, t]) => h("option", { value: v, selected: v === (value ?? "") }, t)),
+  );
+}
+
+function hasRole(...roles) {
+  return !!me && roles.some((r) => me.roles.includes(r));
+}
+
+// datetime-local (local time, no zone) <-> ISO 8601 UTC for the API and the URL.
+function toLocalInput(iso) {
+  const d = new Date(iso);
+  if (!iso || Number.isNaN(d.getTime())) return "";
+  const p = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}`;
+}
+
+function fromLocalInput(v) {
+  if (!v) return "";
+  const d = new Date(v);
+  return Number.isNaN(d.getTime()) ? "" : d.toISOString();
+}
+
+// -- sign in / out -----------------------------------------------------------------------------
+
+function signInView(message) {
+  nav.replaceChildren();
+  who.replaceChildren();
+  const input = h("input", {
+    id: "api-key", name: "api-key", type: "password", autocomplete: "off", spellcheck: "false",
+    placeholder: "som_…", required: true,
+  });
+  const err = h("p", { class: "error", id: "signin-error", role: "alert", hidden: !message }, message ?? "");
+  const form = h(
+    "form",
+    { class: "signin panel", id: "signin" },
+    h("h2", {}, "Sign in"),
+    h("p", { class: "muted" }, "Paste your API key. It stays in this browser tab (session storage) and is sent only as an Authorization header."),
+    field("API key", input),
+    err,
+    h("button", { type: "submit", class: "primary" }, "Sign in"),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const key = input.value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY, key);
+    try {
+      me = await api("/v1/whoami");
+    } catch (e) {
+      sessionStorage.removeItem(KEY);
+      me = null;
+      err.textContent = e.message;
+      err.hidden = false;
+      return;
+    }
+    input.value = "";
+    renderChrome();
+    if (!location.hash || location.hash === "#/" || location.hash === "#") go(defaultView());
+    else render();
+  });
+  main.replaceChildren(form);
+  input.focus();
+}
+
+function signOut() {
+  sessionStorage.removeItem(KEY);
+  me = null;
+  flash("");
+  history.replaceState(null, "", location.pathname);
+  signInView();
+}
+
+function defaultView() {
+  return "catalog";
+}
+
+function renderChrome() {
+  const links = [["catalog", "Catalog"]];
+  if (hasRole("consumer", "provider", "admin")) links.push(["contracts", "Contracts"]);
+  if (hasRole("compliance", "admin")) links.push(["audit", "Audit trail"], ["ledger", "Ledger"]);
+  links.push(["me", "Account"]);
+  const current = (location.hash.slice(2).split(/[/?]/)[0] || defaultView());
+  nav.replaceChildren(
+    ...links.map(([v, t]) =>
+      h("a", { href: `#/${v}`, "aria-current": current === v || (current === "offering" && v === "catalog") ? "page" : null }, t),
+    ),
+  );
+  who.replaceChildren(
+    h("span", { class: "org", title: me.org_id }, me.org_name),
+    " ",
+    ...me.roles.map((r) => badge(r, "role")),
+    h("button", { type: "button", id: "sign-out", class: "secondary", onclick: signOut }, "Sign out"),
+  );
+}
+
+// -- catalog ---------------------------------------------------------------------------------
+
+async function catalogView(params) {
+  const q = Object.fromEntries(params);
+  const form = h(
+    "form",
+    { class: "filters", id: "catalog-filters", role: "search" },
+    field("Search", h("input", { name: "q", type: "search", value: q.q ?? "", placeholder: "name or description" })),
+    field("Task", h("input", { name: "task", value: q.task ?? "", placeholder: "e.g. binary-classification" })),
+    field("Tag", h("input", { name: "tag", value: q.tag ?? "" })),
+    field("Hosting", select("hosting", q.hosting, [["", "any"], ["marketplace", "marketplace"], ["provider", "provider"]])),
+    h("button", { type: "submit", class: "primary" }, "Search"),
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    go("catalog", Object.fromEntries(new FormData(form)));
+  });
+  const offset = Number(q.offset ?? 0) || 0;
+  const page = await api("/v1/offerings", {
+    params: { q: q.q, task: q.task, tag: q.tag, hosting: q.hosting, limit: PAGE, offset },
+  });
+  const items = page.items.map((o) =>
+    h(
+      "li",
+      { class: "offering" },
+      h("h3", {}, h("a", { href: `#/offering/${encodeURIComponent(o.id)}` }, o.name)),
+      h("p", { class: "desc" }, short(o.description, 240)),
+      h(
+        "div",
+        { class: "badges" },
+        badge(o.task, "task"),
+        badge(`${o.hosting}-hosted`),
+        o.status !== "published" ? badge(o.status, "warn") : null,
+        agentBadge(o),
+        o.latest_version ? badge(`v${o.latest_version.number}`) : badge("no version", "warn"),
+        o.latest_version && o.latest_version.he_report ? badge("HE-compiled", "ok") : null,
+        o.tags.map((t) => badge(`#${t}`, "tag")),
+      ),
+    ),
+  );
+  return [
+    h("h2", {}, "Catalog"),
+    form,
+    items.length ? h("ul", { class: "offerings", id: "offerings" }, items) : h("p", { class: "empty" }, "No offerings match."),
+    pager(page, (off) => go("catalog", { ...q, offset: off })),
+  ];
+}
+
+function agentBadge(o) {
+  if (o.hosting !== "provider") return null;
+  if (o.agent_online === true) return badge("agent online", "ok agent");
+  if (o.agent_online === false) return badge("agent offline", "bad agent");
+  return badge("agent status unknown", "agent");
+}
+
+const HE_FIELDS = [
+  ["Multiplicative depth", "depth"],
+  ["Ring degree N", "poly_modulus_degree"],
+  ["Coefficient moduli (bits)", "coeff_mod_bit_sizes", (v) => (Array.isArray(v) ? v.join(", ") : v)],
+  ["Security", "security_bits", (v) => `${v} bits`],
+  ["Agreement with plaintext model", "argmax_agreement", (v) => `${(100 * v).toFixed(2)} %`],
+  ["Max |error| vs plaintext", "max_abs_error_vs_exact", (v) => Number(v).toExponential(2)],
+  ["Promised output precision", "promised_precision", (v) => Number(v).toExponential(2)],
+  ["Throughput", "throughput_samples_per_s", (v) => `${Number(v).toFixed(1)} samples/s`],
+  ["Key set size", "keyset_bytes_batch", fmtBytes],
+  ["Request per sample", "request_bytes_per_sample", (v) => fmtBytes(Math.round(v))],
+  ["Response per sample", "response_bytes_per_sample", (v) => fmtBytes(Math.round(v))],
+  ["Calibration samples", "calibration_samples"],
+  ["Plan digest", "plan_digest", (v) => h("code", {}, v)],
+  ["Compiled", "compiled_at", fmtTime],
+];
+
+function heCard(version) {
+  const r = version.he_report;
+  const rows = HE_FIELDS.filter(([, k]) => r[k] !== undefined && r[k] !== null).map(([label, k, f]) =>
+    h("tr", {}, h("th", { scope: "row" }, label), h("td", {}, f ? f(r[k]) : String(r[k]))),
+  );
+  return h("section", { class: "panel he-card", id: "he-card" }, h("h3", {}, `HE model card (version ${version.number})`), h("table", { class: "kv" }, h("tbody", {}, rows)));
+}
+
+function termsSummary(t) {
+  if (!t) return "";
+  const parts = [];
+  if (t.modes) parts.push(t.modes.join(", "));
+  if (t.quota_units !== undefined) parts.push(`quota ${t.quota_units} units`);
+  if (t.rate) parts.push(`rate ${t.rate.units}/${t.rate.window_seconds}s`);
+  if (t.price) parts.push(`${fmtMoney(t.price.unit_price_minor, t.price.currency)} per unit`);
+  if (t.valid_until) parts.push(`until ${fmtTime(t.valid_until)}`);
+  return parts.join(" · ");
+}
+
+async function offeringView(params, [id]) {
+  if (!id) throw new ApiError(404, "not_found", "No offering id in the address.");
+  const path = `/v1/offerings/${encodeURIComponent(id)}`;
+  const [o, versions] = await Promise.all([api(path), api(`${path}/versions`)]);
+  let offers = null;
+  let offersError = null;
+  try {
+    offers = await api(`${path}/offers`);
+  } catch (e) {
+    offersError = e.message;
+  }
+  const card = h("div", { class: "markdown", id: "model-card" });
+  if (o.model_card) card.append(renderMarkdown(o.model_card));
+  else card.append(h("p", { class: "empty" }, "No model card."));
+  const sorted = [...versions].sort((a, b) => b.number - a.number);
+  const withHE = sorted.find((v) => v.he_report);
+  return [
+    h("p", {}, h("a", { href: "#/catalog" }, "← Catalog")),
+    h("h2", {}, o.name, " ", agentBadge(o)),
+    h(
+      "dl",
+      { class: "meta" },
+      [
+        ["Offering", h("code", {}, o.id)],
+        ["Task", o.task],
+        ["Hosting", o.hosting === "provider" ? "provider-hosted (weights stay with the provider's agent)" : "marketplace-hosted (encrypted at rest)"],
+        ["Status", o.status],
+        ["Licence", o.licence],
+        ["Tags", o.tags.length ? o.tags.map((t) => badge(`#${t}`, "tag")) : "none"],
+        ["Provider org", h("code", {}, o.org_id)],
+        ["Updated", fmtTime(o.updated_at)],
+      ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+    ),
+    o.description ? h("p", { class: "desc" }, o.description) : null,
+    h("section", { class: "panel" }, h("h3", {}, "Model card"), card),
+    withHE ? heCard(withHE) : h("section", { class: "panel" }, h("h3", {}, "HE model card"), h("p", { class: "empty" }, "Not compiled for encrypted inference yet.")),
+    h(
+      "section",
+      { class: "panel" },
+      h("h3", {}, "Versions"),
+      sorted.length
+        ? table(
+            ["#", "Format", "Digest", "Size", "Input shape", "Created"],
+            sorted.map((v) =>
+              h(
+                "tr",
+                {},
+                h("td", {}, v.number),
+                h("td", {}, v.format),
+                h("td", {}, h("code", { class: "digest", title: v.digest }, v.digest)),
+                h("td", {}, fmtBytes(v.size)),
+                h("td", {}, `[${v.input_shape.join(", ")}]`),
+                h("td", {}, fmtTime(v.created_at)),
+              ),
+            ),
+            "versions",
+          )
+        : h("p", { class: "empty" }, "No versions uploaded."),
+    ),
+    h(
+      "section",
+      { class: "panel" },
+      h("h3", {}, "Offers"),
+      offersError
+        ? h("p", { class: "error" }, offersError)
+        : offers.length
+          ? table(
+              ["Offer", "Status", "Terms"],
+              offers.map((of) =>
+                h("tr", {}, h("td", {}, h("code", {}, short(of.id, 16))), h("td", {}, of.status), h("td", {}, termsSummary(of.offer && of.offer.terms))),
+              ),
+            )
+          : h("p", { class: "empty" }, "No open offers."),
+    ),
+  ];
+}
+
+// -- contracts -------------------------------------------------------------------------------
+
+async function downloadStatement(id, button) {
+  button.disabled = true;
+  try {
+    const r = await api(`/v1/contracts/${encodeURIComponent(id)}/statement`, { params: { format: "csv" }, accept: "text/csv", raw: true });
+    const url = URL.createObjectURL(await r.blob());
+    const a = h("a", { href: url, download: `statement-${id}.csv`, hidden: true });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  } catch (e) {
+    flash(e.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function contractsView(params) {
+  const q = Object.fromEntries(params);
+  const roles = ["consumer", "provider"].filter((r) => hasRole(r, "admin"));
+  const role = roles.includes(q.role) ? q.role : roles[0] ?? "consumer";
+  const offset = Number(q.offset ?? 0) || 0;
+  const page = await api("/v1/contracts", { params: { role, limit: PAGE, offset } });
+  const tabs = h(
+    "div",
+    { class: "tabs", role: "tablist" },
+    roles.map((r) => h("a", { href: hashFor("contracts", { role: r }), role: "tab", "aria-selected": String(r === role) }, `As ${r}`)),
+  );
+  const rows = page.items.map((c) => {
+    const u = c.usage;
+    const t = c.terms;
+    const statusKind = c.effective_status === "active" ? "ok" : c.effective_status === "terminated" ? "bad" : "warn";
+    const btn = h("button", { type: "button", class: "secondary statement" }, "Statement (CSV)");
+    btn.addEventListener("click", () => downloadStatement(c.id, btn));
+    const charged = t.price ? fmtMoney(u.used_units * t.price.unit_price_minor, t.price.currency) : "";
+    return h(
+      "tr",
+      { "data-contract": c.id },
+      h("td", {}, h("code", {}, short(c.id, 16)), h("br"), h("a", { href: `#/offering/${encodeURIComponent(c.offering_id)}`, class: "muted" }, "offering")),
+      h("td", {}, h("code", { title: role === "consumer" ? c.provider_org_id : c.consumer_org_id }, short(role === "consumer" ? c.provider_org_id : c.consumer_org_id, 16))),
+      h("td", {}, badge(c.effective_status, statusKind)),
+      h("td", { class: "terms" }, termsSummary(t)),
+      h(
+        "td",
+        { class: "usage" },
+        h("meter", { min: 0, max: Math.max(u.quota_units, 1), value: u.used_units }),
+        h("div", {}, `${u.used_units} / ${u.quota_units} units used`),
+        h("div", { class: "muted" }, `${u.reserved_units} reserved · ${u.remaining_units} left${charged ? ` · ${charged} charged` : ""}`),
+      ),
+      h("td", {}, btn),
+    );
+  });
+  return [
+    h("h2", {}, "Contracts"),
+    roles.length > 1 ? tabs : null,
+    rows.length
+      ? table(["Contract", role === "consumer" ? "Provider" : "Consumer", "Status", "Terms", "Usage", ""], rows, "contracts")
+      : h("p", { class: "empty" }, "No contracts."),
+    pager(page, (off) => go("contracts", { role, offset: off })),
+  ];
+}
+
+// -- compliance: audit trail -----------------------------------------------------------------
+
+async function auditView(params) {
+  const q = Object.fromEntries(params);
+  const form = h(
+    "form",
+    { class: "filters", id: "audit-filters" },
+    field("Action", h("input", { name: "action", value: q.action ?? "", placeholder: "e.g. offering.create" })),
+    field("Outcome", select("outcome", q.outcome, [["", "any"], ["success", "success"], ["denied", "denied"], ["failure", "failure"]])),
+    field("Organisation id", h("input", { name: "org_id", value: q.org_id ?? "", placeholder: "org_…" })),
+    field("Actor", h("input", { name: "actor", value: q.actor ?? "", placeholder: "key id" })),
+    field("From", h("input", { name: "since", type: "datetime-local", value: toLocalInput(q.since) })),
+    field("Until", h("input", { name: "until", type: "datetime-local", value: toLocalInput(q.until) })),
+    h("button", { type: "submit", class: "primary" }, "Filter"),
+    h("button", { type: "button", class: "secondary", onclick: () => go("audit") }, "Clear"),
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const f = Object.fromEntries(new FormData(form));
+    f.since = fromLocalInput(f.since);
+    f.until = fromLocalInput(f.until);
+    go("audit", f);
+  });
+  const offset = Number(q.offset ?? 0) || 0;
+  const page = await api("/v1/audit", {
+    params: { action: q.action, outcome: q.outcome, org_id: q.org_id, actor: q.actor, since: q.since, until: q.until, limit: PAGE, offset },
+  });
+  const rows = page.items.map((e) =>
+    h(
+      "tr",
+      { "data-seq": e.seq },
+      h("td", {}, e.seq),
+      h("td", {}, fmtTime(e.time)),
+      h("td", {}, h("code", {}, e.actor)),
+      h("td", {}, e.org_id ? h("code", {}, short(e.org_id, 16)) : ""),
+      h("td", { class: "action" }, e.action),
+      h("td", {}, h("code", { title: e.target }, short(e.target, 24))),
+      h("td", { class: "outcome" }, badge(e.outcome, e.outcome === "success" ? "ok" : e.outcome === "denied" ? "bad" : "warn")),
+      h("td", {}, Object.keys(e.detail ?? {}).length ? h("code", { class: "detail" }, JSON.stringify(e.detail)) : ""),
+    ),
+  );
+  return [
+    h("h2", {}, "Audit trail"),
+    form,
+    rows.length ? table(["#", "Time", "Actor", "Org", "Action", "Target", "Outcome", "Detail"], rows, "audit") : h("p", { class: "empty" }, "No events match."),
+    pager(page, (off) => go("audit", { ...q, offset: off })),
+  ];
+}
+
+// -- compliance: ledger ----------------------------------------------------------------------
+
+function recordSummary(r) {
+  switch (r.schema) {
+    case "som.usage/v1":
+      return `usage · ${r.mode} · ${r.units} units · ${r.outcome} · ${fmtMoney(r.amount_minor, r.currency)} · contract ${short(r.contract_id, 14)}`;
+    case "som.audit/v1":
+      return `audit · ${r.action} · ${r.outcome} · by ${r.actor}`;
+    case "som.contract/v1":
+      return `contract accepted · ${short(r.contract_id, 14)}`;
+    case "som.contract-event/v1":
+      return `contract event · ${(r.event && r.event.kind) || ""} · ${short(r.contract_id, 14)}`;
+    case "som.job-approval/v1":
+      return `job approval · ${r.decision} · job ${short(r.job_id, 14)}`;
+    default:
+      return r.schema ?? "record";
+  }
+}
+
+async function verifyLeaf(leaf, cp, cell, button) {
+  button.disabled = true;
+  cell.replaceChildren(h("span", { class: "muted" }, "verifying…"));
+  try {
+    const proof = await api("/v1/ledger/proof/inclusion", { params: { index: leaf.index, size: cp.size } });
+    if (proof.size !== cp.size || proof.index !== leaf.index) throw new Error("the server answered for another leaf or tree");
+    await verifyInclusion(b64decode(leaf.leaf), leaf.index, cp.size, proof.proof.map(b64decode), cp.root);
+    cell.replaceChildren(h("span", { class: "verified ok", title: `SHA-256 inclusion proof of ${proof.proof.length} hashes checked against the checkpoint root (size ${cp.size})` }, "✓ included"));
+  } catch (e) {
+    cell.replaceChildren(h("span", { class: "verified bad", title: e.message }, `✗ ${e.message}`));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function ledgerView(params) {
+  const q = Object.fromEntries(params);
+  const r = await api("/v1/ledger/checkpoint", { accept: "text/plain", raw: true });
+  const note = await r.text();
+  const cp = parseCheckpoint(note);
+  const sig = h("span", { class: "muted", id: "checkpoint-signature" }, "checking signature…");
+  api("/v1/ledger/key", { accept: "text/plain", raw: true })
+    .then((kr) => kr.text())
+    .then((vkey) => verifyNoteSignature(note, vkey).then(() => vkey))
+    .then((vkey) => sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by ${vkey.split("+")[0]}`)))
+    .catch((e) => sig.replaceChildren(h("span", { class: "verified bad" }, `✗ ${e.message}`)));
+
+  const lastPage = Math.max(0, Math.floor(Math.max(cp.size - 1, 0) / PAGE) * PAGE);
+  const start = q.start !== undefined && /^\d+$/.test(q.start) ? Number(q.start) : lastPage;
+  const [leaves, totals] = await Promise.all([
+    api("/v1/ledger/leaves", { params: { start, end: start + PAGE } }),
+    api("/v1/ledger/totals"),
+  ]);
+  const signNow = h("button", { type: "button", class: "secondary", id: "sign-checkpoint" }, "Sign a checkpoint now");
+  signNow.addEventListener("click", async () => {
+    signNow.disabled = true;
+    try {
+      await api("/v1/ledger/checkpoints", { method: "POST" });
+      render();
+    } catch (e) {
+      flash(e.message);
+      signNow.disabled = false;
+    }
+  });
+  const rows = leaves.map((leaf) => {
+    const cell = h("td", { class: "verify-result" });
+    const btn = h("button", { type: "button", class: "secondary verify", disabled: leaf.index >= cp.size, title: leaf.index >= cp.size ? "Not covered by the latest checkpoint yet: sign a checkpoint first" : "Fetch the inclusion proof and check it here, in your browser" }, "Verify inclusion");
+    btn.addEventListener("click", () => verifyLeaf(leaf, cp, cell, btn));
+    return h(
+      "tr",
+      { "data-index": leaf.index },
+      h("td", {}, leaf.index),
+      h("td", {}, fmtTime(leaf.record.time)),
+      h(
+        "td",
+        { class: "record" },
+        h("details", {}, h("summary", {}, recordSummary(leaf.record)), h("pre", {}, JSON.stringify(leaf.record, null, 2))),
+      ),
+      h("td", {}, h("code", { title: leaf.leaf_hash }, short(leaf.leaf_hash, 10))),
+      h("td", {}, btn),
+      cell,
+    );
+  });
+  const totalRows = totals.map((t) =>
+    h(
+      "tr",
+      {},
+      h("td", {}, h("code", {}, t.contract_id)),
+      h("td", {}, t.charged_units),
+      h("td", {}, fmtMoney(t.amount_minor, t.currency)),
+      h("td", {}, t.usage_records),
+      h("td", {}, t.released_records),
+    ),
+  );
+  const prev = Math.max(0, start - PAGE);
+  return [
+    h("h2", {}, "Ledger"),
+    h(
+      "section",
+      { class: "panel checkpoint" },
+      h("h3", {}, "Latest signed checkpoint"),
+      h("p", {}, "Tree size ", h("strong", { id: "tree-size" }, String(cp.size)), " · origin ", h("code", {}, cp.origin), " · ", sig),
+      h("pre", { id: "checkpoint-note" }, note),
+      signNow,
+    ),
+    h(
+      "section",
+      { class: "panel" },
+      h("h3", {}, "Totals per contract"),
+      totalRows.length
+        ? table(["Contract", "Charged units", "Amount", "Usage records", "Released"], totalRows, "totals")
+        : h("p", { class: "empty" }, "No usage recorded yet."),
+    ),
+    h(
+      "section",
+      { class: "panel" },
+      h("h3", {}, `Leaves ${start}–${start + leaves.length - 1}`),
+      leaves.length
+        ? table(["#", "Time", "Record", "Leaf hash", "", "Inclusion"], rows, "leaves")
+        : h("p", { class: "empty" }, "No leaves here."),
+      h(
+        "nav",
+        { class: "pager" },
+        h("button", { type: "button", disabled: start <= 0, onclick: () => go("ledger", { start: prev }) }, "← Earlier"),
+        h("button", { type: "button", disabled: leaves.length < PAGE, onclick: () => go("ledger", { start: start + PAGE }) }, "Later →"),
+      ),
+    ),
+  ];
+}
+
+// -- account ---------------------------------------------------------------------------------
+
+async function meView() {
+  me = await api("/v1/whoami");
+  renderChrome();
+  return [
+    h("h2", {}, "Account"),
+    h(
+      "dl",
+      { class: "meta", id: "whoami" },
+      [
+        ["Organisation", me.org_name],
+        ["Organisation id", h("code", {}, me.org_id)],
+        ["Key id", h("code", {}, me.key_id)],
+        ["Roles", me.roles.map((r) => badge(r, "role"))],
+      ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+    ),
+    h("p", { class: "muted" }, "The key is kept in this tab's session storage only; closing the tab or signing out forgets it."),
+  ];
+}
+
+// -- router ----------------------------------------------------------------------------------
+
+const VIEWS = {
+  catalog: catalogView,
+  offering: offeringView,
+  contracts: contractsView,
+  audit: auditView,
+  ledger: ledgerView,
+  me: meView,
+};
+
+async function render() {
+  if (!sessionStorage.getItem(KEY)) {
+    signInView();
+    return;
+  }
+  const seq = ++renderSeq;
+  const raw = location.hash.replace(/^#\/?/, "");
+  const [path, query] = raw.split("?", 2);
+  const [view, ...rest] = (path || defaultView()).split("/").map(decodeURIComponent);
+  const fn = VIEWS[view];
+  if (me) renderChrome();
+  main.setAttribute("aria-busy", "true");
+  try {
+    if (!me) {
+      me = await api("/v1/whoami");
+      renderChrome();
+    }
+    if (!fn) throw new ApiError(404, "not_found", `There is no page "${view}".`);
+    const nodes = await fn(new URLSearchParams(query ?? ""), rest);
+    if (seq !== renderSeq) return;
+    main.replaceChildren(...[nodes].flat(Infinity).filter(Boolean));
+  } catch (e) {
+    if (seq !== renderSeq) return;
+    if (e instanceof ApiError && e.status === 401) {
+      sessionStorage.removeItem(KEY);
+      me = null;
+      signInView(e.message);
+      return;
+    }
+    main.replaceChildren(
+      h("section", { class: "panel error-panel", role: "alert" }, h("h2", {}, "Something went wrong"), h("p", { class: "error", id: "view-error" }, e.message), h("p", {}, h("a", { href: "#/catalog" }, "Back to the catalog"))),
+    );
+  } finally {
+    if (seq === renderSeq) main.removeAttribute("aria-busy");
+  }
+}
+
+window.addEventListener("hashchange", () => {
+  flash("");
+  render();
+});
+window.addEventListener("unhandledrejection", (ev) => flash(String((ev.reason && ev.reason.message) || ev.reason)));
+window.addEventListener("error", (ev) => flash(ev.message));
+render();

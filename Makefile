@@ -19,7 +19,11 @@ install: $(STAMP)
 demo: install
 	$(PY) examples/demo.py
 
-test: install
+# Debian's Chromium for the web UI's browser tests (tests/marketplace/test_web_ui.py); root only.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || echo "chromium is missing (run 'make browser' as root): the browser tests will be skipped"
+
+test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install

@@ -7,7 +7,8 @@ is the caller's 422, ``internal`` a 503). :func:`run_job_on_worker` runs a lease
 marketplace-hosted job on a worker and returns the sealed result or the failure reason, which
 :func:`marketplace.services.jobs.run_marketplace_job` turns into ``complete``/``fail`` as it does
 for a local run. What is sent: blob addresses, the *wrapped* data key and AAD, the public plan,
-ciphertexts and sealed bytes (opaque); never a plaintext model, a KEK or a secret key.
+ciphertexts and sealed bytes (opaque); never a plaintext model, a KEK or a secret key. Every
+message is signed with the data directory's task key (:func:`marketplace.worker.tasks.sign_message`).
 
 Not for: the worker side (:mod:`marketplace.worker.tasks`) or configuration
 (:mod:`marketplace.worker.celery_app`).
@@ -19,6 +20,7 @@ import contextlib
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -26,7 +28,7 @@ from celery import Celery
 from marketplace.services.compute import ComputeError, HETask
 from marketplace.settings import Settings
 from marketplace.worker.celery_app import TASK_HE, TASK_JOB, make_celery
-from marketplace.worker.tasks import b64d, b64e
+from marketplace.worker.tasks import b64d, b64e, sign_message, task_key
 
 __all__ = [
     "JOB_GRACE_SECONDS",
@@ -61,11 +63,16 @@ def celery_for(rt: Any) -> Celery:
     return app
 
 
-def call(app: Celery, name: str, msg: dict[str, Any], *, timeout: float | None) -> dict[str, Any]:
-    """Send task ``name`` and wait for its reply dict. Raises ComputeError("internal") if the
-    queue is unreachable, the worker died, or no reply came within ``timeout`` seconds."""
+def call(app: Celery, name: str, msg: dict[str, Any], *, data_dir: str | Path, timeout: float | None) -> dict[str, Any]:
+    """Sign ``msg`` with the data directory's task key, send task ``name`` and wait for its reply
+    dict. Raises ComputeError("internal") if the queue is unreachable, the worker died, or no
+    reply came within ``timeout`` seconds."""
     try:
-        res = app.send_task(name, args=[msg])
+        signed = sign_message(task_key(data_dir, create=True), name, msg)
+    except OSError as e:
+        raise ComputeError("internal", f"the task key is unavailable ({type(e).__name__})") from None
+    try:
+        res = app.send_task(name, args=[signed])
     except Exception as e:  # noqa: BLE001 - kombu/redis transport errors of any kind
         log.error("cannot send %s: %s", name, e)
         raise ComputeError("internal", "the compute queue (Redis) is unavailable") from None
@@ -91,6 +98,7 @@ class CeleryPool:
 
     def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
         self.app = app or make_celery(settings)
+        self.data_dir = settings.data_dir.resolve()
         self._owns_app = app is None
         self._lock = threading.Lock()
         self._seen_until = 0.0
@@ -116,7 +124,7 @@ class CeleryPool:
             "aad": task.aad, "keyset_id": task.keyset_id, "keyset_blob": task.keyset_blob,
             "plan_json": task.plan_json, "request": b64e(task.request),
         }
-        reply = call(self.app, TASK_HE, msg, timeout=timeout)
+        reply = call(self.app, TASK_HE, msg, data_dir=self.data_dir, timeout=timeout)
         if reply["ok"]:
             return b64d(reply["out"])
         raise ComputeError(str(reply.get("kind", "internal")), str(reply.get("message", "compute failed")))
@@ -139,7 +147,7 @@ def run_job_on_worker(
         "max_rows": max_rows, "max_sealed_bytes": rt.settings.max_sealed_bytes,
     }
     try:
-        reply = call(celery_for(rt), TASK_JOB, msg, timeout=timeout)
+        reply = call(celery_for(rt), TASK_JOB, msg, data_dir=rt.data_dir, timeout=timeout)
     except ComputeError as e:
         reason = "timeout" if e.message == "computation timed out" else "error"
         return None, reason, f"no compute worker finished the job: {e.message}"

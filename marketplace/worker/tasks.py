@@ -9,6 +9,10 @@ the shared blob store and its own key-encryption-key provider (:class:`StoreSpec
 *worker's* settings: a KEK never travels over Redis), decrypts the model only in its memory, and
 answers with ciphertexts or sealed bytes only.
 
+Every message carries an HMAC (``mac``) under the data directory's task key
+(``keys/task_mac.key``, made by the first API replica): a worker refuses anything else, so write
+access to Redis alone cannot make a worker decrypt a model for someone's code.
+
 Replies: ``{"ok": True, "out": b64}`` or ``{"ok": False, "kind"|"reason": ..., "message": ...}``.
 A task never raises: a failure is a reply, so the API maps it to the same errors as the local
 pool (``ComputeError`` kinds ``invalid``/``internal``; job failures ``JobFailed.reason``).
@@ -19,6 +23,9 @@ Not for: anything that needs the database (the API replicas do metering, audit a
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import json
 import logging
 import os
 import threading
@@ -28,14 +35,29 @@ from typing import Any
 from marketplace.services.compute import ComputeError, HETask, StoreSpec, run_he_task
 from marketplace.settings import Settings
 
-__all__ = ["JOB_SEAL_KEY_PATH", "b64d", "b64e", "he_evaluate", "run_marketplace_job", "worker_store"]
+__all__ = [
+    "JOB_SEAL_KEY_PATH",
+    "TASK_KEY_PATH",
+    "b64d",
+    "b64e",
+    "check_mac",
+    "he_evaluate",
+    "run_marketplace_job",
+    "sign_message",
+    "task_key",
+    "worker_store",
+]
 
 log = logging.getLogger("som.worker")
 
 JOB_SEAL_KEY_PATH = Path("keys") / "job_seal.key"
 """The marketplace's job sealing key, relative to the data directory (made by the API replicas)."""
 
+TASK_KEY_PATH = Path("keys") / "task_mac.key"
+"""HMAC key of task messages, relative to the data directory (made by the first API replica)."""
+
 _seal_lock = threading.Lock()
+_task_keys: dict[str, bytes] = {}
 _seal_keys: dict[str, Any] = {}
 
 
@@ -49,6 +71,51 @@ def b64d(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
+def task_key(data_dir: str | Path, *, create: bool = False) -> bytes:
+    """The data directory's task-message HMAC key (32 bytes, 0600). ``create`` (API replicas)
+    makes it on first use; a worker only reads it. Raises OSError if it is missing."""
+    root = str(Path(data_dir).resolve())
+    with _seal_lock:
+        key = _task_keys.get(root)
+        if key is not None:
+            return key
+        path = Path(root) / TASK_KEY_PATH
+        if create and not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another replica made it first: use theirs
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(os.urandom(32))
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise OSError(f"{path}: expected a 32-byte key, got {len(key)} bytes")
+        _task_keys[root] = key
+        return key
+
+
+def _mac(key: bytes, task: str, msg: dict[str, Any]) -> str:
+    body = json.dumps({k: v for k, v in msg.items() if k != "mac"}, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, b"som/task/v1\x00" + task.encode() + b"\x00" + body.encode(), hashlib.sha256).hexdigest()
+
+
+def sign_message(key: bytes, task: str, msg: dict[str, Any]) -> dict[str, Any]:
+    """``msg`` with its ``mac`` (HMAC-SHA256 under the data directory's task key)."""
+    return {**msg, "mac": _mac(key, task, msg)}
+
+
+def check_mac(data_dir: str, task: str, msg: dict[str, Any]) -> None:
+    """Raise ValueError unless ``msg`` was signed by an API replica sharing this data directory.
+
+    Whoever can write to Redis but cannot read the data directory cannot make a worker decrypt
+    a model for their own code."""
+    mac = msg.get("mac")
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(task_key(data_dir), task, msg)):
+        raise ValueError("task message is not signed with this data directory's task key")
+
+
 def worker_store(settings: Settings) -> StoreSpec:
     """The worker's own view of the shared data directory and its KEK provider."""
     kek: str | None = None
@@ -60,6 +127,11 @@ def worker_store(settings: Settings) -> StoreSpec:
 def he_evaluate(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]:
     """Evaluate one HE request. ``msg``: version_id, model_blob, wrapped_key (b64), aad, keyset_id,
     keyset_blob, plan_json, request (b64). Returns a reply dict (never raises)."""
+    try:
+        check_mac(store.data_dir, "som.he_evaluate", msg)
+    except (ValueError, OSError) as e:
+        log.error("refused an HE task: %s", e)
+        return {"ok": False, "kind": "internal", "message": "task message refused (not signed for this data directory)"}
     try:
         task = HETask(
             store=store, version_id=str(msg["version_id"]), model_blob=str(msg["model_blob"]),
@@ -99,6 +171,11 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
     from marketplace.agent.payload import open_input, seal_result
     from marketplace.services.compute import _open_store
 
+    try:
+        check_mac(store.data_dir, "som.run_job", msg)
+    except (ValueError, OSError) as e:
+        log.error("refused a job task: %s", e)
+        return {"ok": False, "reason": "error", "message": "task message refused (not signed for this data directory)"}
     try:
         job_id, kind = str(msg["job_id"]), str(msg["kind"])
         max_rows = msg.get("max_rows")

@@ -343,11 +343,20 @@ def _msg(site: dict[str, Any], job_id: str, sealed: bytes, **kw: Any) -> dict[st
     return msg
 
 
+def _signed(site: dict[str, Any], task: str, msg: dict[str, Any]) -> dict[str, Any]:
+    """Signed as an API replica sharing the data directory signs it."""
+    return tasks.sign_message(tasks.task_key(site["root"], create=True), task, msg)
+
+
 def test_job_task_predicts_sealed_to_the_reply_key(site: dict[str, Any]) -> None:
     reply = SealKeyPair.generate()
     x = features(12)
     sealed = seal_input(site["seal"].public_text(), JobInput("job_1", "predict", reply.public_text(), to_csv(x)))
-    out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local"), _msg(site, "job_1", sealed))
+    msg = _signed(site, "som.run_job", _msg(site, "job_1", sealed))
+    # the message names the encrypted model and the sealed input; it carries neither the weights nor the rows
+    wire = json.dumps(msg)
+    assert tasks.b64e(model_npz(site["w"], site["b"]))[:64] not in wire and to_csv(x)[:32].decode() not in wire
+    out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local"), msg)
     assert out["ok"] is True
     res = open_result(reply, "job_1", tasks.b64d(out["out"]))
     got = np.array([[float(v) for v in ln.split(",")] for ln in res.body.decode().splitlines() if ln])
@@ -365,6 +374,11 @@ def test_job_task_predicts_sealed_to_the_reply_key(site: dict[str, Any]) -> None
         ("aad", "error"),  # the wrapped key does not unwrap under another AAD
         ("no_seal_key", "error"),
         ("malformed", "error"),
+        # only an API replica holding the data directory's task key can ask for a computation
+        ("unsigned", "error"),
+        ("tampered", "error"),  # signed, then changed on the way (here: allow more rows)
+        ("foreign_mac", "error"),  # signed with another deployment's key
+        ("other_task", "error"),  # an HE task's signature does not authorize a job
     ],
 )
 def test_job_task_failures_are_replies(site: dict[str, Any], change: str, reason: str) -> None:
@@ -380,18 +394,27 @@ def test_job_task_failures_are_replies(site: dict[str, Any], change: str, reason
         tasks._seal_keys.clear()
     if change == "malformed":
         del msg["input_blob"]
+    if change == "foreign_mac":
+        msg = tasks.sign_message(b"k" * 32, "som.run_job", msg)
+    elif change != "unsigned":
+        msg = _signed(site, "som.he_evaluate" if change == "other_task" else "som.run_job", msg)
+    if change == "tampered":
+        msg["max_rows"] = 10_000
     out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local"), msg)
     tasks._seal_keys.clear()
     assert out["ok"] is False and out["reason"] == reason, out
     assert "out" not in out
+    refused = change in ("unsigned", "tampered", "foreign_mac", "other_task")
+    assert ("refused" in out["message"]) == refused, out
 
 
 def test_he_task_malformed_message_is_an_internal_reply(site: dict[str, Any]) -> None:
     store = StoreSpec(str(site["root"]), "local")
-    assert tasks.he_evaluate(store, {})["kind"] == "internal"
+    unsigned = tasks.he_evaluate(store, {})
+    assert unsigned["kind"] == "internal" and "refused" in unsigned["message"]
     bad = {"version_id": "v", "model_blob": site["model_blob"], "wrapped_key": "!!not base64!!", "aad": "a",
            "keyset_id": "k", "keyset_blob": "sha256:" + "0" * 64, "plan_json": "{}", "request": ""}
-    out = tasks.he_evaluate(store, bad)
+    out = tasks.he_evaluate(store, _signed(site, "som.he_evaluate", bad))
     assert out["ok"] is False and out["kind"] == "internal" and "malformed" in out["message"]
 
 

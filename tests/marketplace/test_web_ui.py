@@ -176,6 +176,7 @@ def test_ui_is_served_with_security_headers(server: Any) -> None:
     with httpx.Client(base_url=base) as c:
         r = c.get("/", follow_redirects=False)
         assert r.status_code == 307 and r.headers["location"] == "/ui/"
+        assert c.get("/ui", follow_redirects=False).headers["location"] == "/ui/"
         r = c.get("/ui/")
         assert r.status_code == 200 and "text/html" in r.headers["content-type"]
         csp = r.headers["content-security-policy"]
@@ -192,6 +193,25 @@ def test_ui_is_served_with_security_headers(server: Any) -> None:
         assert missing.headers["x-content-type-options"] == "nosniff"
         paths = c.get("/openapi.json").json()["paths"]
         assert paths and all(p.startswith("/v1/") for p in paths)
+
+
+def test_static_files_ship_as_package_data() -> None:
+    """Every file the UI serves is matched by pyproject's package-data, in a real package."""
+    import fnmatch
+    import tomllib
+
+    from marketplace.api.routes_web import STATIC_DIR
+
+    root = Path(__file__).resolve().parents[2]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    pkg_dir = STATIC_DIR.parent
+    assert (pkg_dir / "__init__.py").is_file()  # package data belongs to a package
+    assert any(fnmatch.fnmatch("marketplace.web", pat) for pat in conf["packages"]["find"]["include"])
+    patterns = conf["package-data"].get("*", []) + conf["package-data"].get("marketplace.web", [])
+    files = [f.relative_to(pkg_dir).as_posix() for f in STATIC_DIR.rglob("*") if f.is_file()]
+    assert {"static/index.html", "static/app.js", "static/md.js", "static/merkle.js", "static/style.css"} <= set(files)
+    for f in files:
+        assert any(fnmatch.fnmatch(f, pat) for pat in patterns), f"{f} is not package data"
 
 
 # -- consumer -----------------------------------------------------------------------------------

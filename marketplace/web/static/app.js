@@ -517,11 +517,11 @@ async function auditView(params) {
       "tr",
       { "data-seq": e.seq },
       h("td", {}, e.seq),
-      h("td", {}, fmtTime(e.time)),
-      h("td", {}, h("code", {}, e.actor)),
-      h("td", {}, e.org_id ? h("code", {}, short(e.org_id, 16)) : ""),
+      h("td", { class: "when" }, fmtTime(e.time)),
+      h("td", {}, h("code", { class: "nowrap", title: e.actor }, short(e.actor, 16))),
+      h("td", {}, e.org_id ? h("code", { class: "nowrap", title: e.org_id }, short(e.org_id, 16)) : ""),
       h("td", { class: "action" }, e.action),
-      h("td", {}, h("code", { title: e.target }, short(e.target, 24))),
+      h("td", {}, h("code", { class: "nowrap", title: e.target }, short(e.target, 24))),
       h("td", { class: "outcome" }, badge(e.outcome, e.outcome === "success" ? "ok" : e.outcome === "denied" ? "bad" : "warn")),
       h("td", {}, Object.keys(e.detail ?? {}).length ? h("code", { class: "detail" }, JSON.stringify(e.detail)) : ""),
     ),
@@ -599,19 +599,19 @@ async function ledgerView(params) {
   });
   const rows = leaves.map((leaf) => {
     const cell = h("td", { class: "verify-result" });
-    const btn = h("button", { type: "button", class: "secondary verify", disabled: leaf.index >= cp.size, title: leaf.index >= cp.size ? "Not covered by the latest checkpoint yet: sign a checkpoint first" : "Fetch the inclusion proof and check it here, in your browser" }, "Verify inclusion");
+    const btn = h("button", { type: "button", class: "secondary verify", disabled: leaf.index >= cp.size, title: leaf.index >= cp.size ? "Not covered by the latest checkpoint yet: sign a checkpoint first" : "Fetch the inclusion proof and check it here, in your browser" }, "Verify");
     btn.addEventListener("click", () => verifyLeaf(leaf, cp, cell, btn));
     return h(
       "tr",
       { "data-index": leaf.index },
       h("td", {}, leaf.index),
-      h("td", {}, fmtTime(leaf.record.time)),
+      h("td", { class: "when" }, fmtTime(leaf.record.time)),
       h(
         "td",
         { class: "record" },
         h("details", {}, h("summary", {}, recordSummary(leaf.record)), h("pre", {}, JSON.stringify(leaf.record, null, 2))),
       ),
-      h("td", {}, h("code", { title: leaf.leaf_hash }, short(leaf.leaf_hash, 10))),
+      h("td", {}, h("code", { class: "nowrap", title: leaf.leaf_hash }, short(leaf.leaf_hash, 10))),
       h("td", {}, btn),
       cell,
     );

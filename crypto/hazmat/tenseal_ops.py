@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = [
     "power_levels",
     "context_is_private",
     "encrypt_zero_at_last_level",
+    "galois_elt",
     "load_context",
     "load_vector",
     "naf",
@@ -288,11 +290,21 @@ def _encode(fields: Sequence[tuple[int, int, Any]]) -> bytes:
     return bytes(out)
 
 
+def galois_elt(step: int, n: int) -> int:
+    """SEAL's ``GaloisTool::get_elt_from_step``: ``3^step mod 2N`` (negative steps: ``N/2 - |step|``)."""
+    half = n >> 1
+    e = half - abs(step) if step < 0 else step
+    return pow(3, e, 2 * n)
+
+
 def _galois_keys_bytes(ctx: ts.Context, steps: list[int]) -> bytes:
     cpp = ts._ts_cpp
     keygen = cpp.KeyGenerator(ctx.data.seal_context(), ctx.data.secret_key())
     keys = cpp.GaloisKeys()
-    keygen.create_galois_keys(steps, keys)
+    n = ctx.data.seal_context().key_context_data().parms().poly_modulus_degree()
+    # Galois elements, not steps: with only positive steps pybind11 would pick the elements
+    # overload and read the steps as elements
+    keygen.create_galois_keys(sorted({galois_elt(s, n) for s in steps}), keys)
     fd, path = tempfile.mkstemp(prefix="som-gk-")
     os.close(fd)
     try:
@@ -486,3 +498,177 @@ def single_affine(
         raise ValueError("activation polynomial has no non-constant term")
     consts = bias + coeffs[0] * weight.sum(axis=0)
     return acc + consts.tolist()
+
+
+# --- SEAL-level kernels (single layout, circuit privacy) -----------------------------------
+#
+# TenSEAL's ``CKKSVector.mm`` rotates once per matrix row (d_in rotations, each composed from
+# power-of-two keys) and encodes every diagonal per call. The kernels below work on the SEAL
+# ciphertexts inside TenSEAL vectors (``tenseal.sealapi`` binds the same C++ types), so that the
+# single layout can use the baby-step/giant-step diagonal method with rotation keys for its exact
+# steps and plaintexts encoded once per model. They keep TenSEAL's scale convention (the scale is
+# reset to the global scale after a rescale), so ``power_levels``/``affine_corrections`` apply.
+
+
+class SealKit:
+    """SEAL evaluator, encoder and public keys of a TenSEAL context (one per loaded key set)."""
+
+    def __init__(self, ctx: ts.Context) -> None:
+        import tenseal.sealapi as sa
+
+        self._sa = sa
+        sc = ctx.data.seal_context()
+        self.seal_context = sc
+        self.evaluator = sa.Evaluator(sc)
+        self.encoder = sa.CKKSEncoder(sc)
+        self.galois_keys = ctx.data.galois_keys() if ctx.has_galois_keys() else None
+        self.relin_keys = ctx.data.relin_keys() if ctx.has_relin_keys() else None
+        self.encryptor = sa.Encryptor(sc, ctx.data.public_key())
+        self.scale = float(ctx.global_scale)
+        self.slots = int(self.encoder.slot_count())
+        self.parms: dict[int, list[int]] = {}  # number of data primes -> parms_id
+        cd = sc.first_context_data()
+        while cd is not None:
+            self.parms[cd.chain_index() + 1] = cd.parms_id()
+            cd = cd.next_context_data()
+
+    def encode(self, values: Any, n_primes: int, *, scale: float | None = None) -> Any:
+        """A plaintext of ``values`` (at most ``slots``; zero-padded) at ``n_primes`` primes,
+        at ``scale`` (default: the global scale)."""
+        pt = self._sa.Plaintext()
+        vals = np.asarray(values, dtype=np.float64).tolist()
+        self.encoder.encode(vals, self.parms[n_primes], scale or self.scale, pt)
+        return pt
+
+    def new_ciphertext(self) -> Any:
+        return self._sa.Ciphertext(self.seal_context)
+
+    def rotate(self, ct: Any, step: int) -> Any:
+        if self.galois_keys is None:
+            raise ValueError("this key set has no Galois keys")
+        out = self.new_ciphertext()
+        self.evaluator.rotate_vector(ct, step, self.galois_keys, out)
+        return out
+
+    def rescale(self, ct: Any) -> None:
+        """Rescale by the last prime and reset the scale to the global scale (as TenSEAL does)."""
+        self.evaluator.rescale_to_next_inplace(ct)
+        ct.scale = self.scale
+
+    def mod_switch(self, ct: Any, n_primes: int) -> Any:
+        if ct.coeff_modulus_size() == n_primes:
+            return ct
+        out = self.new_ciphertext()
+        self.evaluator.mod_switch_to(ct, self.parms[n_primes], out)
+        return out
+
+    def zero(self, n_primes: int) -> Any:
+        """A fresh public-key encryption of zero at ``n_primes`` primes (scale: global)."""
+        z = self.new_ciphertext()
+        self.encryptor.encrypt_zero(self.parms[n_primes], z)
+        z.scale = self.scale
+        return z
+
+
+def seal_powers(kit: SealKit, x: Any, degree: int) -> dict[int, Any]:
+    """``powers`` on a SEAL ciphertext: relinearised and rescaled like TenSEAL's operators."""
+    ev, rk = kit.evaluator, kit.relin_keys
+    p: dict[int, Any] = {1: x}
+
+    def finish(c: Any) -> Any:
+        ev.relinearize_inplace(c, rk)
+        kit.rescale(c)
+        return c
+
+    if degree > 4:
+        raise ValueError(f"activation degree must be <= 4, got {degree}")
+    if degree >= 2:
+        x2 = kit.new_ciphertext()
+        ev.square(x, x2)
+        p[2] = finish(x2)
+    if degree >= 3:
+        x3 = kit.new_ciphertext()
+        ev.multiply(p[2], kit.mod_switch(x, p[2].coeff_modulus_size()), x3)
+        p[3] = finish(x3)
+    if degree >= 4:
+        x4 = kit.new_ciphertext()
+        ev.square(p[2], x4)
+        p[4] = finish(x4)
+    return p
+
+
+def bsgs_steps(d_in: int, giant: int) -> tuple[list[int], list[int]]:
+    """Baby steps ``1..g-1`` and giant steps ``g, 2g, ...`` of a ``d_in``-row diagonal product."""
+    return list(range(1, min(giant, d_in))), list(range(giant, d_in, giant))
+
+
+def bsgs_matvec(
+    kit: SealKit,
+    src: dict[int, Any],
+    babies: Sequence[int],
+    giants: Sequence[tuple[int, Sequence[tuple[int, int, Any]]]],
+) -> Any:
+    """``sum_j rot(sum_(q,b) rot(src[q], b) * P_(j,q,b), g_j)`` (no rescale): the diagonal
+    method with baby-step/giant-step rotations; ``giants``: ``(giant step, ((q, b, plaintext)))``."""
+    ev = kit.evaluator
+    rot: dict[tuple[int, int], Any] = {}
+    for q, c in src.items():
+        rot[(q, 0)] = c
+        for b in babies:
+            rot[(q, b)] = kit.rotate(c, b)
+    acc = None
+    for step, terms in giants:
+        inner = None
+        for q, b, pt in terms:
+            t = kit.new_ciphertext()
+            ev.multiply_plain(rot[(q, b)], pt, t)
+            if inner is None:
+                inner = t
+            else:
+                ev.add_inplace(inner, t)
+        if inner is None:
+            continue
+        if step:
+            ev.rotate_vector_inplace(inner, step, kit.galois_keys)
+        if acc is None:
+            acc = inner
+        else:
+            ev.add_inplace(acc, inner)
+    if acc is None:
+        raise ValueError("all-zero layer")
+    return acc
+
+
+_tls = threading.local()
+
+
+def seal_bytes(obj: Any) -> bytes:
+    """SEAL's own serialization of ``obj`` (via an in-memory file: sealapi saves to paths only)."""
+    fd = getattr(_tls, "fd", None)
+    if fd is None and hasattr(os, "memfd_create"):
+        fd = os.memfd_create("som-seal", os.MFD_CLOEXEC)
+        _tls.fd = fd
+    if fd is None:  # pragma: no cover - not Linux
+        tfd, path = tempfile.mkstemp(prefix="som-seal-")
+        os.close(tfd)
+        try:
+            obj.save(path)
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            os.remove(path)
+    obj.save(f"/proc/self/fd/{fd}")
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def vector_bytes(ct: Any, *, size: int, scale: float) -> bytes:
+    """A TenSEAL ``CKKSVectorProto`` (sizes, ciphertexts, scale) around a SEAL ciphertext."""
+    return _encode([(1, 2, _write_varint(size)), (2, 2, seal_bytes(ct)), (3, 1, struct.pack("<d", scale))])
+
+
+def seal_ciphertext(vec: Any) -> Any:
+    """The (single) SEAL ciphertext of a TenSEAL CKKSVector (a copy)."""
+    cts = vec.ciphertext()
+    if len(cts) != 1:
+        raise ValueError("expected a CKKSVector with one ciphertext")
+    return cts[0]

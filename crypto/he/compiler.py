@@ -33,7 +33,7 @@ import tenseal as ts
 
 from crypto.errors import HEError
 from crypto.hazmat import tenseal_ops as ops
-from crypto.hazmat.tenseal_ops import CkksParameters, rotation_key_steps
+from crypto.hazmat.tenseal_ops import CkksParameters
 from crypto.he import circuit
 from crypto.he.onnx_import import ACTIVATIONS, RawLayer, RawModel, parse_onnx
 from crypto.he.plan import PublicPlan
@@ -454,7 +454,7 @@ def compile_model(
             f"raise max_poly_modulus_degree, or lower noise_bits"
         )
     dims = (d_in, *(int(x.weight.shape[1]) for x in raw.layers))
-    steps = rotation_key_steps(range(1, max(dims[:-1])))
+    steps = circuit.single_steps(dims)
     plan = PublicPlan(
         poly_modulus_degree=chosen.poly_modulus_degree,
         coeff_mod_bit_sizes=chosen.coeff_mod_bit_sizes,

@@ -11,6 +11,7 @@ the power-of-two rotation keys listed in ``plan.galois_steps`` only (never all o
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -38,13 +39,6 @@ def apply_postprocess(logits: np.ndarray, postprocess: str | None) -> np.ndarray
         e = np.exp(z)
         return np.asarray(e / e.sum(axis=1, keepdims=True))
     return logits
-
-
-def _galois_elt(step: int, n: int) -> int:
-    # SEAL GaloisTool::get_elt_from_step: 3^step mod 2N, negative steps via N/2 - |step|.
-    half = n >> 1
-    e = half - abs(step) if step < 0 else step
-    return pow(3, e, 2 * n)
 
 
 def _check_params(ctx: ts.Context, plan: PublicPlan) -> None:
@@ -97,7 +91,7 @@ class PublicContext:
         if ctx.has_galois_keys():
             gk = ctx.data.galois_keys()
             n = plan.poly_modulus_degree
-            if all(gk.has_key(_galois_elt(s, n)) for s in plan.galois_steps):
+            if all(gk.has_key(ops.galois_elt(s, n)) for s in plan.galois_steps):
                 layouts.append("single")
         return cls(plan, tuple(layouts), ctx)
 
@@ -105,6 +99,11 @@ class PublicContext:
     def tenseal(self) -> Any:
         """The underlying public TenSEAL context (hazmat)."""
         return self._ctx
+
+    @functools.cached_property
+    def kit(self) -> ops.SealKit:
+        """SEAL evaluator, encoder and keys of this key set (hazmat; built once)."""
+        return ops.SealKit(self._ctx)
 
 
 class SecretContext:

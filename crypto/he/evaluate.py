@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 from crypto.errors import HEError
@@ -21,6 +24,29 @@ from crypto.he.context import PublicContext
 __all__ = ["evaluate"]
 
 log = logging.getLogger(__name__)
+
+PROGRAM_CACHE_SIZE = 8
+_programs: OrderedDict[tuple[int, str], tuple[weakref.ref[CompiledModel], circuit.SingleProgram]] = OrderedDict()
+_programs_lock = threading.Lock()
+
+
+def _single_program(model: CompiledModel, ctx: PublicContext, primes: tuple[int, ...]) -> circuit.SingleProgram:
+    """The model's single-layout diagonals, encoded once per (model, plan) and kept in memory."""
+    plan = model.public_plan
+    key = (id(model), plan.digest())
+    with _programs_lock:
+        hit = _programs.get(key)
+        if hit is not None and hit[0]() is model:
+            _programs.move_to_end(key)
+            return hit[1]
+    prog = circuit.single_program(
+        model.layers, ctx.kit, slots=plan.slots, primes=primes, scale_bits=plan.scale_bits
+    )
+    with _programs_lock:
+        _programs[key] = (weakref.ref(model), prog)
+        while len(_programs) > PROGRAM_CACHE_SIZE:
+            _programs.popitem(last=False)
+    return prog
 
 
 def _load(ctx: Any, blobs: tuple[bytes, ...], *, size: int, n_primes: int) -> list[Any]:
@@ -70,33 +96,26 @@ def evaluate(
     primes = ops.data_primes(tctx)
     if len(model.layers) == 0:
         raise HEError("model has no layers")
-    outputs: list[Any] = []
+    kit = ctx.kit
+    results: list[Any] = []  # SEAL ciphertexts
     if frame.layout == "batch":
         xs = _load(tctx, frame.blobs, size=s, n_primes=fresh_primes)
         d = plan.input_dim
         for c in range(len(xs) // d):
             n_valid = min(s, frame.n_samples - c * s)
-            outputs.extend(
-                circuit.run_batch(
-                    model.layers, xs[c * d : (c + 1) * d], n_valid=n_valid, slots=s,
-                    primes=primes, scale_bits=plan.scale_bits,
-                )
+            outs = circuit.run_batch(
+                model.layers, xs[c * d : (c + 1) * d], n_valid=n_valid, slots=s,
+                primes=primes, scale_bits=plan.scale_bits,
             )
+            results.extend(ops.seal_ciphertext(v) for v in outs)
     else:
         xs = _load(tctx, frame.blobs, size=plan.input_dim, n_primes=fresh_primes)
-        outputs = [
-            circuit.run_single(model.layers, x, slots=s, primes=primes, scale_bits=plan.scale_bits)
-            for x in xs
-        ]
+        prog = _single_program(model, ctx, primes)
+        results = [circuit.run_single_program(prog, kit, ops.seal_ciphertext(x)) for x in xs]
     if not unsafe_no_circuit_privacy:
         sigma = 2.0 ** -plan.noise_bits
-        outputs = [
-            privacy.sanitize(
-                v, tctx, size=s, levels_down=plan.depth, sigma=sigma, rng=rng or os.urandom
-            )
-            for v in outputs
-        ]
-    blobs = [v.serialize() for v in outputs]
+        results = [privacy.sanitize_seal(c, kit, sigma=sigma, rng=rng or os.urandom) for c in results]
+    blobs = [ops.vector_bytes(c, size=s, scale=kit.scale) for c in results]
     return wire.make_frame(
         plan, kind=wire.KIND_RESPONSE, layout=frame.layout, n_samples=frame.n_samples, blobs=blobs
     )

@@ -23,7 +23,7 @@ import numpy as np
 
 from crypto.hazmat import tenseal_ops as ops
 
-__all__ = ["Rng", "gaussian_noise", "sanitize"]
+__all__ = ["Rng", "gaussian_noise", "sanitize", "sanitize_seal"]
 
 log = logging.getLogger(__name__)
 Rng = Callable[[int], bytes]
@@ -43,3 +43,16 @@ def sanitize(vec: Any, ctx: Any, *, size: int, levels_down: int, sigma: float, r
     out = vec + zero
     out += gaussian_noise(size, sigma, rng=rng).tolist()
     return out
+
+
+def sanitize_seal(ct: Any, kit: ops.SealKit, *, sigma: float, rng: Rng) -> Any:
+    """``sanitize`` on a SEAL ciphertext, in place: switch it down to the last prime, add a
+    fresh public-key encryption of zero made at that level (SEAL encrypts at the key level and
+    divides down), then flooding noise in every slot. Returns ``ct``."""
+    ct = kit.mod_switch(ct, 1)
+    zero = kit.zero(1)
+    zero.scale = ct.scale
+    kit.evaluator.add_inplace(ct, zero)
+    noise = kit.encode(gaussian_noise(kit.slots, sigma, rng=rng), 1, scale=ct.scale)
+    kit.evaluator.add_plain_inplace(ct, noise)
+    return ct

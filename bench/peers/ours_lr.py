@@ -33,7 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+def _src_root() -> str:
+    """Where ``crypto`` is imported from: ``--src DIR`` (e.g. an export of HEAD) or this checkout."""
+    if "--src" in sys.argv:
+        return str(Path(sys.argv[sys.argv.index("--src") + 1]).resolve())
+    return str(Path(__file__).resolve().parents[2])
+
+
+sys.path.insert(0, _src_root())
 
 from crypto.he import PublicContext, SecretContext, compile_model, evaluate  # noqa: E402
 
@@ -72,6 +80,7 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="npz from concrete_lr.py")
     ap.add_argument("--out", required=True, help="JSON metrics")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--src", default=None, help="import crypto/ from this directory (default: this checkout)")
     args = ap.parse_args()
 
     if not Path(args.data).exists():
@@ -140,6 +149,7 @@ def main() -> None:
     lat = [a + b_ + c for a, b_, c in zip(enc_t, run_t, dec_t, strict=True)]
     res = {
         "engine": "ours (crypto.he)",
+        "crypto_from": sys.modules["crypto"].__file__,
         "versions": {
             "tenseal": version("tenseal"),
             "numpy": version("numpy"),

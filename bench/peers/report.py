@@ -13,6 +13,9 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
+import statistics
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -101,22 +104,22 @@ def verdict(c: dict[str, Any], o: dict[str, Any]) -> list[str]:
         f"* **Throughput: ours is {thr:,.0f}x Concrete-ML's** on the {o['n_test']}-sample test split "
         f"and {o['throughput_full_per_s'] / c['throughput_per_s']:,.0f}x at a full batch: CKKS packs "
         "one sample per slot, so one ciphertext per feature carries the whole split, while "
-        "Concrete-ML's circuit takes one sample per run (input shape (1, 30)). Accuracy is the same "
-        "on both sides (every encrypted label equals the clear model's)."
+        "Concrete-ML's circuit takes one sample per run (input shape (1, 30)). Accuracy vs the "
+        f"labels: {pct(o['acc_labels'])} ours, {pct(c['acc_labels'])} Concrete-ML."
     )
     if lat > 1:
         out.append(
             f"* **Single-sample latency: ours is {lat:,.1f}x slower** (and key generation, which "
             "Concrete-ML barely needs: its leveled circuit has no bootstrapping or key-switching "
             "keys, so its evaluation-key set is a few bytes). Almost all of our time is the compute "
-            "step of the `single` layout: TenSEAL's diagonal vector-matrix product rotates once per "
-            "input feature (30 rotations, each composed of power-of-two key switches), on a matrix "
-            "padded to N/2 columns for masking. Measured on raw TenSEAL at the same parameters "
-            "(N=4096): `vec.mm(W)` 30x1 ~40 ms vs rotate-and-sum `vec.dot(w)` ~3.4 ms. Rotate-and-sum "
-            "leaves partial sums in the non-output slots, so masking them needs one more plaintext "
-            "multiply (one more level, likely N=8192): that is the change to make in "
-            "`crypto/he/circuit.py` (`run_single`) to be faster on latency too. Until then the claim "
-            "\"faster than Concrete-ML\" holds for throughput (batched inference), not for one query."
+            f"step of the `single` layout ({ms(o['compute_median_s'])} of {ms(o['latency_median_s'])}): "
+            "the rotations of the encrypted vector-matrix product, which Concrete-ML's leveled "
+            "integer dot product does not need. For scale, raw TenSEAL at N=4096 (measured once by "
+            "hand): `vec.mm(W)` for 30x1 (one rotation per input feature) ~40 ms, rotate-and-sum "
+            "`vec.dot(w)` (5 rotations) ~3.4 ms; rotate-and-sum leaves partial sums in the "
+            "non-output slots, so masking them costs one more plaintext multiply (a level). Until "
+            "this row flips, \"faster than Concrete-ML\" holds for throughput (batched inference), "
+            "not for one query."
         )
     else:
         out.append(f"* **Single-sample latency: ours is {1 / lat:,.1f}x faster.**")
@@ -136,11 +139,13 @@ FOOTER = [
     "# run.sh does:",
     "python3 -m venv .bench-peers/venv",
     ".bench-peers/venv/bin/pip install concrete-ml==1.9.0      # only if not installed yet",
-    ".bench-peers/venv/bin/python bench/peers/concrete_lr.py \\",
-    "    --out .bench-peers/concrete_lr.json --data .bench-peers/lr_data.npz",
-    ".venv/bin/python bench/peers/ours_lr.py --data .bench-peers/lr_data.npz --out .bench-peers/ours_lr.json",
-    "python3 bench/peers/report.py --cml .bench-peers/concrete_lr.json \\",
-    "    --ours .bench-peers/ours_lr.json --out docs/peers.md",
+    "for i in 1 2 3; do   # PEERS_ROUNDS=3, alternating",
+    "  .bench-peers/venv/bin/python bench/peers/concrete_lr.py \\",
+    "      --out .bench-peers/concrete_lr.$i.json --data .bench-peers/lr_data.npz",
+    "  .venv/bin/python bench/peers/ours_lr.py --data .bench-peers/lr_data.npz --out .bench-peers/ours_lr.$i.json",
+    "done",
+    ".venv/bin/python bench/peers/report.py --cml .bench-peers/concrete_lr.*.json \\",
+    "    --ours .bench-peers/ours_lr.*.json --out docs/peers.md",
     "```",
     "",
     "## Installing Concrete-ML here",
@@ -161,16 +166,50 @@ FOOTER = [
 ]
 
 
+def merge(paths: list[str]) -> dict[str, Any]:
+    """Median of every numeric metric over the rounds; the rest from the first round.
+    A round that failed (``{"error": ...}``) makes the whole side fail."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    for r in runs:
+        if "error" in r:
+            return r
+    out = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            m = statistics.median(float(r[k]) for r in runs)
+            out[k] = round(m) if isinstance(v, int) else m
+    out["rounds"] = len(runs)
+    return out
+
+
+def git_state(src: str) -> str:
+    if src:
+        return src
+    root = Path(__file__).resolve().parents[2]
+    git = shutil.which("git")
+    if git is None:
+        return "unknown commit"
+    try:
+        head = subprocess.run([git, "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,  # noqa: S603
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run([git, "status", "--porcelain", "--", "crypto"], cwd=root,  # noqa: S603
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    return f"commit {head}" + (" with uncommitted changes under crypto/ (work in progress)" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cml", required=True)
-    ap.add_argument("--ours", required=True)
+    ap.add_argument("--cml", required=True, nargs="+", help="one JSON per round")
+    ap.add_argument("--ours", required=True, nargs="+", help="one JSON per round")
     ap.add_argument("--out", required=True)
     ap.add_argument("--venv-size", default="?")
+    ap.add_argument("--ours-src", default="", help="what our crypto/ was imported from (text)")
     ap.add_argument("--install-seconds", default="")
     args = ap.parse_args()
-    c = json.loads(Path(args.cml).read_text())
-    o = json.loads(Path(args.ours).read_text())
+    c = merge(args.cml)
+    o = merge(args.ours)
     now = dt.datetime.now(dt.UTC)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
@@ -179,7 +218,9 @@ def main() -> None:
         "Written by `make bench-peers` (bench/peers/run.sh) on "
         f"{now:%Y-%m-%d %H:%M} UTC; {cpu_model()}, {os.cpu_count()} cores, {platform.system()} "
         f"{platform.machine()}, Python {o['versions']['python']}; load average at the end {load} "
-        "(the machine is shared: timings are medians, but still noisy).",
+        f"(the machine is shared: timings are medians, and each metric is the median over {o['rounds']} "
+        "rounds that alternate Concrete-ML and ours, but still noisy). Our engine as of "
+        f"{git_state(args.ours_src)}.",
         "",
         "Same data and same model on both sides: scikit-learn's breast-cancer set, "
         "`train_test_split(test_size=0.25, random_state=0)`, `StandardScaler` fitted on the training "
@@ -219,8 +260,9 @@ def main() -> None:
             f"{c['circuit']['statistics_pbs']} programmable bootstraps (a linear model is a leveled "
             "integer dot product in TFHE; sigmoid is applied in the clear by the client). "
             "Diagnostics of our single-layout compute: "
-            f"{ms(o['compute_no_privacy_median_s'])} without circuit privacy (so re-randomisation and "
-            "flooding cost next to nothing); one sample in the batch layout takes "
+            f"{ms(o['compute_no_privacy_median_s'])} without circuit privacy vs "
+            f"{ms(o['compute_median_s'])} with it (re-randomisation and flooding); one sample in the "
+            "batch layout takes "
             f"{ms(o['latency_batch_layout_one_sample_s'])} end to end.",
         ]
         lines += [""] + verdict(c, o)

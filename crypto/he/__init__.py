@@ -19,6 +19,7 @@ from crypto.he.compiler import (
 )
 from crypto.he.context import PublicContext, SecretContext, apply_postprocess
 from crypto.he.evaluate import evaluate
+from crypto.he.layouts import choose_layout, layout_cost
 from crypto.he.plan import PublicPlan
 from crypto.he.report import HEModelCard, compile_report
 from crypto.he.wire import count_samples
@@ -33,9 +34,11 @@ __all__ = [
     "PublicPlan",
     "SecretContext",
     "apply_postprocess",
+    "choose_layout",
     "compile_model",
     "compile_report",
     "count_samples",
     "evaluate",
+    "layout_cost",
     "validate_artifact",
 ]

@@ -94,7 +94,9 @@ def register(app: typer.Typer) -> None:
         encrypted: bool = typer.Option(False, "--encrypted", help="Homomorphically encrypted inference (CKKS)."),
         contract: str | None = typer.Option(None, "--contract", help="Contract id (default: your single active one)."),
         key_dir: Path | None = typer.Option(None, "--key-dir", envvar="SOM_KEY_DIR", help="Local key cache (0600 files)."),
-        layout: str = typer.Option("batch", "--layout", help="batch (slot per sample) or single."),
+        layout: str = typer.Option(
+            "auto", "--layout", help="auto (single for a few samples, else batch), batch (slot per sample) or single."
+        ),
     ) -> None:
         """Run inference on an offering. With --encrypted, inputs never leave this machine in the clear."""
         if not encrypted:

@@ -120,17 +120,27 @@ class HEAPI(BaseClient):
         self.last_usage_id = r.headers.get("x-som-usage-id")
         return r.content
 
-    def he_keys(self, offering_id: str, *, key_dir: str | os.PathLike[str] | None = None, layout: str = "batch") -> Any:
-        """The cached (or freshly generated) ``SecretContext`` for an offering's current plan."""
+    def he_keys(
+        self, offering_id: str, *, key_dir: str | os.PathLike[str] | None = None, layout: str = "batch",
+        plan_info: dict[str, Any] | None = None,
+    ) -> Any:
+        """The cached (or freshly generated) ``SecretContext`` for an offering's current plan
+        (kept in memory too: loading a context with its keys takes milliseconds)."""
         from crypto.he import PublicPlan, SecretContext
 
-        info = self.he_plan(offering_id)
+        info = plan_info or self.he_plan(offering_id)
         plan = PublicPlan.from_dict(info["plan"])
         path = self._key_path(plan.digest(), layout, key_dir)
+        cache: dict[Path, Any] = self.__dict__.setdefault("_he_key_cache", {})
+        sk = cache.get(path)
+        if sk is not None:
+            return sk
         if path.exists():
-            return SecretContext.from_bytes(path.read_bytes())
-        sk = SecretContext.generate(plan, layout=layout)  # type: ignore[arg-type]
-        _write_private(path, sk.to_bytes())
+            sk = SecretContext.from_bytes(path.read_bytes())
+        else:
+            sk = SecretContext.generate(plan, layout=layout)  # type: ignore[arg-type]
+            _write_private(path, sk.to_bytes())
+        cache[path] = sk
         return sk
 
     def _key_path(self, plan_digest: str, layout: str, key_dir: str | os.PathLike[str] | None) -> Path:
@@ -159,18 +169,28 @@ class HEAPI(BaseClient):
         *,
         contract_id: str | None = None,
         key_dir: str | os.PathLike[str] | None = None,
-        layout: str = "batch",
+        layout: str = "auto",
         batch_size: int | None = None,
         postprocess: bool = True,
     ) -> np.ndarray:
         """Encrypt ``X`` (n, input_dim), infer, decrypt: outputs (n, output_dim).
 
-        Requests carry at most ``batch_size`` samples (default: the plan's slot count).
+        ``layout``: ``"batch"`` (slot per sample), ``"single"`` (one ciphertext per sample) or
+        ``"auto"`` (``crypto.he.choose_layout``: single for a few samples, batch otherwise; each
+        layout has its own key set, registered once). Requests carry at most ``batch_size``
+        samples (default: the plan's slot count).
         """
+        from crypto.he import PublicPlan, choose_layout
+
+        if layout not in ("auto", "batch", "single"):
+            raise ValueError(f"layout must be auto|batch|single, got {layout!r}")
         x = np.asarray(X, dtype=np.float64)
         if x.ndim == 1:
             x = x.reshape(1, -1)
-        sk = self.he_keys(offering_id, key_dir=key_dir, layout=layout)
+        info = self.he_plan(offering_id)
+        if layout == "auto":
+            layout = choose_layout(PublicPlan.from_dict(info["plan"]), max(1, x.shape[0]))
+        sk = self.he_keys(offering_id, key_dir=key_dir, layout=layout, plan_info=info)
         if x.ndim != 2 or x.shape[1] != sk.plan.input_dim:
             raise ValueError(f"expected X of shape (n, {sk.plan.input_dim}), got {x.shape}")
         step = batch_size or sk.plan.slots

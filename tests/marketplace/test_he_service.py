@@ -91,13 +91,20 @@ def test_encrypted_inference_matches_plaintext(world: Any, tmp_path: Path) -> No
     # the secret key is cached locally, owner-only
     files = list(key_dir.glob("*.sk"))
     assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
-    # second call reuses the registered key set (one upload per contract and plan)
-    world.consumer.infer_encrypted(off, d.x_test[:3], contract_id=cid, key_dir=key_dir)
-    assert len(world.consumer.list_keysets()) == 1
+    assert [k["layouts"] for k in world.consumer.list_keysets()] == [["batch"]]
+    # a few samples: layout "auto" sends one ciphertext per sample (its own key set, registered once)
+    few = world.consumer.infer_encrypted(off, d.x_test[:3], contract_id=cid, key_dir=key_dir)
+    assert np.abs(few[:, 0] - d.plain_proba[:3]).max() < 0.01
+    world.consumer.infer_encrypted(off, d.x_test[3:5], contract_id=cid, key_dir=key_dir)
+    assert sorted(k["layouts"] for k in world.consumer.list_keysets()) == [["batch"], ["batch", "single"]]
+    # an explicit layout still works and reuses its key set (one upload per contract, plan, layout)
+    again = world.consumer.infer_encrypted(off, d.x_test[:3], contract_id=cid, key_dir=key_dir, layout="batch")
+    assert np.abs(again - few).max() < 0.01
+    assert len(world.consumer.list_keysets()) == 2
     # one artifact.decrypt audit event per computation, from the API process
     decrypts = [e for e in world.admin.audit(action="artifact.decrypt") if e["detail"].get("purpose") == "he_infer"]
-    assert len(decrypts) == 2 and all(e["outcome"] == "success" for e in decrypts)
-    assert _usage_states(world.rt) == ["charged", "charged"]
+    assert len(decrypts) == 4 and all(e["outcome"] == "success" for e in decrypts)
+    assert _usage_states(world.rt) == ["charged"] * 4
 
 
 # ---------------------------------------------------------------------------- protocol

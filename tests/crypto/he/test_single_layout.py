@@ -74,3 +74,17 @@ def test_single_layout_result_is_masked_and_flooded(lr_cancer, cancer):
     assert np.abs(pad).max() < 8 * sigma
     assert 0.8 * sigma < pad.std() < 1.2 * sigma
     assert np.all(a != b)
+
+
+def test_auto_layout_single_for_one_sample_batch_for_many(lr_cancer, mlp_digits, cancer, digits):
+    from crypto.he import choose_layout, layout_cost
+
+    for data, cal in ((lr_cancer, cancer[0]), (mlp_digits, digits[0])):
+        plan = compile_model(data, "npz", calibration=cal).public_plan
+        assert choose_layout(plan, 1) == "single"
+        assert choose_layout(plan, plan.slots) == "batch"
+        # batch cost is flat up to a full ciphertext, single grows with every sample
+        assert layout_cost(plan, "batch", 1) == layout_cost(plan, "batch", plan.slots)
+        assert layout_cost(plan, "single", 2) == 2 * layout_cost(plan, "single", 1)
+    with pytest.raises(ValueError, match="n_samples"):
+        choose_layout(plan, 0)

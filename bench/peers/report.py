@@ -139,10 +139,12 @@ FOOTER = [
     "# run.sh does:",
     "python3 -m venv .bench-peers/venv",
     ".bench-peers/venv/bin/pip install concrete-ml==1.9.0      # only if not installed yet",
+    "git archive HEAD crypto | tar -x -C .bench-peers/head-src   # PEERS_OURS=head (default)",
     "for i in 1 2 3; do   # PEERS_ROUNDS=3, alternating",
     "  .bench-peers/venv/bin/python bench/peers/concrete_lr.py \\",
     "      --out .bench-peers/concrete_lr.$i.json --data .bench-peers/lr_data.npz",
-    "  .venv/bin/python bench/peers/ours_lr.py --data .bench-peers/lr_data.npz --out .bench-peers/ours_lr.$i.json",
+    "  .venv/bin/python bench/peers/ours_lr.py --data .bench-peers/lr_data.npz \\",
+    "      --out .bench-peers/ours_lr.$i.json --src .bench-peers/head-src",
     "done",
     ".venv/bin/python bench/peers/report.py --cml .bench-peers/concrete_lr.*.json \\",
     "    --ours .bench-peers/ours_lr.*.json --out docs/peers.md",
@@ -161,7 +163,7 @@ FOOTER = [
     "(torch's `_preload_cuda_deps`), and the CPU wheel lives only on PyTorch's own index, which "
     "this machine cannot reach. So the venv takes the CUDA wheels (~6 GB in all, on the CPU here: "
     "no GPU is used; torch only serves Concrete-ML's quantisation and ONNX export). run.sh checks "
-    "for 10 GB free before installing.",
+    "for 10 GB free before installing. A fresh install took 90 to 190 s here.",
     "* `.bench-peers/` is gitignored; delete it to reclaim the space.",
 ]
 

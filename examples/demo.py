@@ -8,6 +8,7 @@ Exit code 0 means every step did what it says.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -183,7 +184,14 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
         description="Same model, kept on the provider's own machine behind `som agent`.",
     )
     agent_key = provider.create_agent_key([off2["id"]], name="demo agent")["key"]
-    agent = subprocess.Popen([*SOM, "agent", "--offering", off2["id"], "--model", str(model_path), "--lease-wait", "2"],
+    # the provider's offer-signing key, on the provider's machine (0600): the agent vouches for its
+    # sealing key with it, and the consumer's SDK refuses to seal to a key it did not vouch for
+    signing_file = model_path.parent / "provider-signing.key"
+    fd = os.open(signing_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("ed25519-seed:" + base64.b64encode(p_key.unsafe_private_bytes()).decode() + "\n")
+    agent = subprocess.Popen([*SOM, "agent", "--offering", off2["id"], "--model", str(model_path), "--lease-wait", "2",
+                              "--signing-key", str(signing_file)],
                              env={**env, "SOM_API_KEY": agent_key}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -198,7 +206,8 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
         cid2 = contract2.get("contract_id") or contract2["id"]
         rows = "\n".join(",".join(f"{x:.6f}" for x in row) for row in Xte[:50]) + "\n"
         sub = consumer.submit_job(off2["id"], "predict", rows.encode(), format="csv", contract_id=cid2)
-        ok(f"job {sub.id}: 50 rows sealed (HPKE) to the agent's key; the marketplace relays opaque bytes")
+        ok(f"job {sub.id}: 50 rows sealed (HPKE) to the agent's key, vouched for by the contract's provider key; "
+           "the marketplace relays opaque bytes")
         consumer.wait_job(sub.id, timeout=120)
         res = consumer.job_result(sub.id, sub.reply_key)
         preds = np.loadtxt(io.StringIO(res.body.decode()), delimiter=",").reshape(-1)

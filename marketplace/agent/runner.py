@@ -2,8 +2,10 @@
 
 For: running on the provider's machine beside the weights. It connects outbound only (HTTP
 long-poll on ``POST /v1/agent/lease``), authenticates with an agent key, registers its sealing
-public key (the private key stays in a 0600 file next to it), heartbeats, and for each piece of
-work: fetches the input, computes (jobs via :mod:`marketplace.agent.compute`, HE requests via
+public key (the private key stays in a 0600 file next to it) together with the provider's signed
+statements vouching for that key (``--signing-key``: the Ed25519 key that signs the provider's
+offers; consumers refuse to seal to an unvouched key), heartbeats, and for each piece of work:
+fetches the input, computes (jobs via :mod:`marketplace.agent.compute`, HE requests via
 :func:`crypto.he.evaluate` on a :class:`crypto.he.PublicContext` from the consumer's key set,
 fetched once and cached), posts the result. With ``--calibration`` it compiles the HE plan
 locally and publishes only the PUBLIC plan and report. It reconnects with exponential backoff.
@@ -27,8 +29,10 @@ from typing import Any
 import httpx
 
 from crypto.sealing import SealKeyPair
+from crypto.signing import SigningKey
 from marketplace.agent.compute import JobFailed, Limits, Model, load_model, run_job
 from marketplace.agent.payload import open_input, seal_result
+from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
 from marketplace.sdk.base import BaseClient, SomAPIError
 
 __all__ = ["AgentConfig", "ProviderAgent", "load_seal_key"]
@@ -62,6 +66,7 @@ class AgentConfig:
     model_path: Path
     offering_ids: list[str] = field(default_factory=list)  # empty: every offering of the key
     seal_key_path: Path | None = None
+    signing_key_path: Path | None = None  # the provider's offer-signing key: vouches for the sealing key
     calibration_path: Path | None = None
     name: str = ""
     capabilities: tuple[str, ...] = ("predict", "evaluate", "custom", "he_infer")
@@ -79,6 +84,14 @@ class ProviderAgent:
         fmt = "onnx" if cfg.model_path.suffix.lower() == ".onnx" else "npz"
         self.model: Model = load_model(data, fmt)
         self.seal = load_seal_key(cfg.seal_key_path or cfg.model_path.with_suffix(".seal.key"))
+        self.signing_key: SigningKey | None = None
+        if cfg.signing_key_path is not None:
+            from marketplace.sdk.contracts_api import load_signing_key
+
+            self.signing_key = load_signing_key(cfg.signing_key_path, create=False)
+        else:
+            log.warning("no --signing-key: consumers will refuse to seal jobs to this agent (HE inference still works)")
+        self._vouch_refresh_at = 0.0
         self.api = BaseClient(cfg.url, cfg.api_key, http=http, timeout=cfg.lease_wait + 60)
         self.agent_id: str | None = None
         self.heartbeat_seconds = 5.0
@@ -112,21 +125,39 @@ class ProviderAgent:
         if self.cfg.offering_ids:
             body["offering_ids"] = self.cfg.offering_ids
         out = self.api.post_json("/v1/agent/hello", body)
-        self.agent_id = out["id"]
+        agent_id = str(out["id"])
         self.offerings = list(out["offering_ids"])
         self.heartbeat_seconds = float(out["heartbeat_seconds"])
         self.cfg.lease_wait = min(self.cfg.lease_wait, float(out["lease_wait_max"]))
+        self._vouch(agent_id)
         if self.compiled is not None:
             for oid in self.offerings:
                 self.api.post_json(
                     f"/v1/agent/offerings/{oid}/plan",
                     {"plan": self.compiled.public_plan.to_dict(), "report": self.report},
-                    headers=self._h(),
+                    headers=self._h(agent_id),
                 )
+        self.agent_id = agent_id  # connected only once the sealing key is vouched for
         log.info("agent %s connected for %s", self.agent_id, self.offerings)
 
-    def _h(self) -> dict[str, str]:
-        return {"X-Som-Agent": self.agent_id or ""}
+    def _vouch(self, agent_id: str, *, now: float | None = None) -> None:
+        """Register the provider's signed statements that inputs for each served offering may
+        be sealed to this agent's key (valid :data:`DEFAULT_VALIDITY`, renewed at half-life)."""
+        if self.signing_key is None:
+            return
+        from datetime import UTC, datetime
+
+        now = time.time() if now is None else now
+        not_after = datetime.fromtimestamp(now, UTC) + DEFAULT_VALIDITY
+        statements = [
+            sign_seal_key(self.signing_key, offering_id=oid, seal_public=self.seal.public_text(), not_after=not_after).to_dict()
+            for oid in self.offerings
+        ]
+        self.api.post_json("/v1/agent/seal-key", {"statements": statements}, headers=self._h(agent_id))
+        self._vouch_refresh_at = now + DEFAULT_VALIDITY.total_seconds() / 2
+
+    def _h(self, agent_id: str | None = None) -> dict[str, str]:
+        return {"X-Som-Agent": agent_id or self.agent_id or ""}
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -178,6 +209,8 @@ class ProviderAgent:
                 out = self.api.post_json("/v1/agent/heartbeat", {"holding": holding}, headers=self._h())
                 with self._lock:
                     self.lost.update(out.get("lost", []))
+                if self.signing_key is not None and time.time() >= self._vouch_refresh_at and self.agent_id:
+                    self._vouch(self.agent_id)
             except (httpx.TransportError, SomAPIError) as e:
                 log.warning("heartbeat failed: %s", e)
 

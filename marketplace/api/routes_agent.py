@@ -1,6 +1,7 @@
 """Provider agents: agent keys (``/v1/agents``) and the agent protocol (``/v1/agent``).
 
-The agent connects outbound only: hello (register its sealing key), long-poll ``lease`` (up to
+The agent connects outbound only: hello (register its sealing key), seal-key (the provider's
+signed statements vouching for that key, which consumers verify before sealing), long-poll ``lease`` (up to
 ~20 s), fetch the work's payload, post the result (octet-stream) or a failure, heartbeat. Agent
 keys (kind="agent") are confined to ``/v1/agent/*`` (and whoami/health) by a middleware that
 :func:`setup` installs, so a key on a provider's machine cannot act as the provider.
@@ -68,6 +69,10 @@ class HelloOut(AgentPublic):
     lease_seconds: float
     heartbeat_seconds: float
     lease_wait_max: float
+
+
+class SealStatements(Strict):
+    statements: list[dict[str, Any]] = Field(min_length=1, max_length=100, description="Signed som.seal-key/v1 statements.")
 
 
 class Heartbeat(Strict):
@@ -144,6 +149,11 @@ def hello(body: AgentHello, p: Auth, rt: Rt, request: Request) -> HelloOut:
         **_public(rt, a), lease_seconds=lease, heartbeat_seconds=max(0.2, min(lease, rt.settings.agent_offline_seconds) / 3),
         lease_wait_max=agents.LEASE_WAIT_MAX,
     )
+
+
+@router.post("/agent/seal-key", summary="Register the provider's signed statements vouching for the sealing key")
+def seal_key(body: SealStatements, p: Auth, rt: Rt, request: Request, agent_id: AgentId) -> dict[str, Any]:
+    return agents.register_seal_statements(rt, p, agent_id, body.statements, who=actor_of(p, request))
 
 
 @router.post("/agent/heartbeat", summary="Alive; extend the leases of the work held")

@@ -57,6 +57,11 @@ class JobPublic(BaseModel):
     status: str
     hosting: str
     seal_public: str
+    seal_statement: dict[str, Any] | None = Field(
+        default=None,
+        description="Provider-hosted: the provider's signed som.seal-key/v1 statement vouching for seal_public; "
+        "verify it against your contract's provider key before sealing (the SDK does).",
+    )
     units: int
     limits: dict[str, Any]
     code: str | None = None

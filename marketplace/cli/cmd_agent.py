@@ -1,13 +1,17 @@
 """``som agent``: run the provider agent beside the weights; manage agent keys.
 
-``som agent --offering ID --model PATH [--calibration cal.npy]`` runs until interrupted,
-connecting outbound to SOM_URL with the agent key in SOM_API_KEY.
+``som agent --offering ID --model PATH [--calibration cal.npy] [--signing-key FILE]`` runs until
+interrupted, connecting outbound to SOM_URL with the agent key in SOM_API_KEY. The signing key is
+the provider's offer-signing key file (``--signing-key``, else ``$SOM_SIGNING_KEY``, else
+``~/.config/som/<org name>.key`` if it exists): with it the agent vouches for its sealing key,
+and consumers refuse to seal job inputs to an agent that does not.
 ``som agent key create --offering ID`` (with a provider key) makes that agent key.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import typer
@@ -27,6 +31,9 @@ def register(app: typer.Typer) -> None:
         calibration: Path = typer.Option(None, "--calibration", exists=True, dir_okay=False,
                                          help="Calibration .npy: compile the HE plan here, publish only the public plan."),
         seal_key: Path = typer.Option(None, "--seal-key", help="Sealing key file (0600; default: next to the model)."),
+        signing_key: Path = typer.Option(
+            None, "--signing-key", help="The provider's offer-signing key file (default: $SOM_SIGNING_KEY, "
+            "else ~/.config/som/<org>.key): vouches for the sealing key; without it consumers refuse to seal jobs."),
         name: str = typer.Option("", "--name", help="A name shown to the provider."),
         workdir: Path = typer.Option(None, "--workdir", help="Scratch folder for custom jobs."),
         lease_wait: float = typer.Option(20.0, "--lease-wait", help="Long-poll wait in seconds."),
@@ -42,10 +49,21 @@ def register(app: typer.Typer) -> None:
             die("no agent key: set SOM_API_KEY to a key from `som agent key create`")
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
         from marketplace.agent.runner import AgentConfig, run_forever
+        from marketplace.sdk.contracts_api import default_key_path, load_signing_key
 
+        if signing_key is None:
+            org = client(ctx).whoami()["org_name"]
+            found = default_key_path(re.sub(r"[^A-Za-z0-9._-]", "_", org))
+            signing_key = found if found.exists() else None
+        if signing_key is not None:
+            try:
+                load_signing_key(signing_key, create=False)
+            except (ValueError, OSError) as e:
+                die(f"cannot use signing key {signing_key}: {e}")
         run_forever(AgentConfig(
             url=st.url, api_key=str(st.api_key), model_path=model, offering_ids=list(offering or []),
-            seal_key_path=seal_key, calibration_path=calibration, name=name, workdir=workdir, lease_wait=lease_wait,
+            seal_key_path=seal_key, signing_key_path=signing_key, calibration_path=calibration, name=name,
+            workdir=workdir, lease_wait=lease_wait,
         ))
 
     key = typer.Typer(help="Agent keys (bound to your organisation and offerings).", no_args_is_help=True)

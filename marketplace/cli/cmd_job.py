@@ -2,11 +2,17 @@
 
 The reply key that opens a job's result is written to ``$SOM_JOB_KEYS`` (default
 ``~/.som/job-keys``), one 0600 file per job; ``som job result`` reads it from there.
+
+Provider-hosted offerings: ``som job submit`` seals only to a key the provider vouched for with
+the key of your contract (``--provider-key`` pins it explicitly); if your organisation's signing
+key file exists (``--key-file``, ``$SOM_SIGNING_KEY``, ``~/.config/som/<org>.key``) the contract
+must also carry your own acceptance signature.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,20 @@ def _fmt(path: Path, given: str | None) -> str:
     return ext if ext in ("csv", "npy", "npz") else "csv"
 
 
+def _own_key(c: Any, key_file: Path | None) -> str | None:
+    """The public key of this organisation's contract-signing key, if its file exists (never created here)."""
+    from marketplace.sdk.contracts_api import default_key_path, load_signing_key
+
+    path = key_file or default_key_path(re.sub(r"[^A-Za-z0-9._-]", "_", c.whoami()["org_name"]))
+    if key_file is None and not path.exists():
+        return None
+    try:
+        return load_signing_key(path, create=False).verify_key.to_text()
+    except (ValueError, OSError) as e:
+        die(f"cannot use signing key {path}: {e}")
+        raise  # pragma: no cover - die exits
+
+
 def _brief(job: dict[str, Any]) -> dict[str, Any]:
     return {k: job.get(k) for k in JOB_COLS + ["code_digest", "error_reason", "usage_id", "finished_at"]}
 
@@ -62,14 +82,24 @@ def register(app: typer.Typer) -> None:
         contract: str = typer.Option(None, "--contract", help="Contract id (default: your single live one)."),
         wait: bool = typer.Option(False, "--wait", help="Wait for the job and write its result."),
         out: Path = typer.Option(None, "--out", help="With --wait: where to write the result body."),
+        provider_key: str = typer.Option(None, "--provider-key", help="Pin the provider's key (ed25519:...) the "
+                                         "compute site's sealing key must be vouched for by (default: your contract's)."),
+        key_file: Path = typer.Option(None, "--key-file", help="Your organisation's signing key file: the contract "
+                                      "must carry your acceptance signature (default: the one `som contract` uses, if any)."),
     ) -> None:
         """Seal INPUT to the compute site's key and submit it. Prints the job id."""
+        from marketplace.sdk.jobs_api import SealKeyRefused
+
         limits = {k: v for k, v in (("cpu_seconds", cpu_seconds), ("memory_mb", memory_mb), ("wall_seconds", wall_seconds)) if v}
         c = client(ctx)
-        sub = c.submit_job(
-            offering, kind, input.read_bytes(), format=_fmt(input, format),
-            code=code.read_text() if code else None, units=units, limits=limits or None, contract_id=contract,
-        )
+        try:
+            sub = c.submit_job(
+                offering, kind, input.read_bytes(), format=_fmt(input, format),
+                code=code.read_text() if code else None, units=units, limits=limits or None, contract_id=contract,
+                provider_key=provider_key, consumer_key=_own_key(c, key_file),
+            )
+        except SealKeyRefused as e:
+            die(f"{e}. Ask the provider for its key and pass --provider-key, or check the agent's --signing-key.")
         path = _save_key(sub.id, sub.reply_key.unsafe_private_bytes())
         if not wait:
             emit(ctx, {**_brief(sub.job), "reply_key": str(path)})

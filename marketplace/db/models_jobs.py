@@ -31,6 +31,8 @@ class Agent(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     offering_ids: Mapped[list[str]] = mapped_column(JSON)
     seal_public: Mapped[str] = mapped_column(String(80))  # x25519:<b64>, inputs are sealed to it
+    # offering_id -> the provider's signed som.seal-key/v1 statement vouching for seal_public
+    seal_statements: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     capabilities: Mapped[list[str]] = mapped_column(JSON)  # predict, evaluate, custom, he_infer
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
@@ -51,6 +53,8 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(20))  # predict | evaluate | custom
     status: Mapped[str] = mapped_column(String(20), default="queued")
     seal_public: Mapped[str] = mapped_column(String(80))  # the compute site key the input is sealed to
+    # provider-hosted: the provider's signed statement vouching for seal_public (the consumer checks it)
+    seal_statement: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     input_blob: Mapped[str] = mapped_column(String(80))
     input_size: Mapped[int] = mapped_column(BigInteger)
     input_digest: Mapped[str] = mapped_column(String(80))

@@ -3,21 +3,36 @@
 ``submit_job`` creates the job, seals the input to the compute site's key (HPKE, with a fresh
 reply key unless one is given) and uploads it; keep the returned reply key to open the result
 (``job_result``). The server only ever sees sealed bytes.
+
+For a provider-hosted offering the compute site's key must be vouched for by the provider: before
+sealing, ``submit_job`` checks the job's ``som.seal-key/v1`` statement
+(:mod:`marketplace.agent.sealkey`) against the provider key of the consumer's own contract
+(whose signatures it verifies locally), or against ``provider_key=`` when pinned, and raises
+:class:`SealKeyRefused` otherwise. The operator could otherwise name its own key and read the input.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from crypto.errors import CryptoError
 from crypto.sealing import SealKeyPair
 from marketplace.agent.payload import JobInput, JobResult, code_digest, open_result, seal_input
-from marketplace.sdk.base import BaseClient
+from marketplace.agent.sealkey import verify_seal_key
+from marketplace.sdk.base import BaseClient, SomAPIError
 
-__all__ = ["JobsAPI", "SubmittedJob", "count_rows"]
+__all__ = ["JobsAPI", "SealKeyRefused", "SubmittedJob", "count_rows"]
+
+
+class SealKeyRefused(ValueError):
+    """The compute site's sealing key is not vouched for by the provider key you trust: nothing
+    was sealed or sent (the created job is cancelled)."""
 
 FINAL = ("succeeded", "failed", "cancelled", "expired")
 
@@ -92,8 +107,18 @@ class JobsAPI(BaseClient):
         params: dict[str, Any] | None = None,
         reply_key: SealKeyPair | None = None,
         idempotency_key: str | None = None,
+        provider_key: str | None = None,
+        consumer_key: str | None = None,
+        now: datetime | None = None,
     ) -> SubmittedJob:
-        """Create, seal and submit a job. ``units`` defaults to the rows in ``data``."""
+        """Create, seal and submit a job. ``units`` defaults to the rows in ``data``.
+
+        Provider-hosted offerings (and any job when ``provider_key`` is pinned): the sealing key
+        must carry a valid statement signed by ``provider_key`` if given, else by the provider key
+        of your contract for the offering (``contract_id``, else your single live one), whose
+        signatures are verified here (``consumer_key`` pins your own acceptance key too). Raises
+        :class:`SealKeyRefused` before anything is sealed; SomAPIError for server refusals.
+        """
         if units is None:
             units = count_rows(data, format) if kind != "custom" else 1
         reply = reply_key or SealKeyPair.generate()
@@ -101,12 +126,80 @@ class JobsAPI(BaseClient):
             offering_id, kind, units=units, code=code, limits=limits, timeout_seconds=timeout_seconds,
             contract_id=contract_id, idempotency_key=idempotency_key,
         )
+        if job.get("hosting") == "provider" or provider_key is not None:
+            try:
+                self.verify_seal_key(job, provider_key=provider_key, consumer_key=consumer_key,
+                                     contract_id=contract_id, now=now)
+            except (SealKeyRefused, SomAPIError):
+                with contextlib.suppress(SomAPIError):
+                    self.cancel_job(str(job["id"]))
+                raise
         inp = JobInput(
             job_id=job["id"], kind=kind, reply_public=reply.public_text(), data=data, format=format,
             code=code, params=params or {},
         )
         job = self.upload_job_payload(job["id"], seal_input(job["seal_public"], inp))
         return SubmittedJob(job=job, reply_key=reply)
+
+    def verify_seal_key(
+        self,
+        job: dict[str, Any],
+        *,
+        provider_key: str | None = None,
+        consumer_key: str | None = None,
+        contract_id: str | None = None,
+        now: datetime | None = None,
+    ) -> str:
+        """Check that ``job['seal_public']`` is vouched for by the provider; returns the provider
+        key it was checked against. Raises :class:`SealKeyRefused` (with what to do next)."""
+        offering_id = str(job["offering_id"])
+        anchor = provider_key or self._contract_provider_key(
+            offering_id, contract_id or job.get("contract_id"), consumer_key=consumer_key
+        )
+        if not job.get("seal_statement"):
+            raise SealKeyRefused(
+                f"refusing to seal job {job['id']}: the marketplace names sealing key {job['seal_public']} for "
+                f"offering {offering_id} without a statement signed by the provider ({anchor}); the provider's "
+                f"agent must run with its signing key (som agent --signing-key)"
+            )
+        try:
+            verify_seal_key(job["seal_statement"], provider_key=anchor, offering_id=offering_id,
+                            seal_public=str(job["seal_public"]), now=now)
+        except CryptoError as e:
+            raise SealKeyRefused(
+                f"refusing to seal job {job['id']}: sealing key {job['seal_public']} is not vouched for by the "
+                f"provider key {anchor} of your contract (wrong, expired or substituted statement); "
+                f"nothing was sent"
+            ) from e
+        return anchor
+
+    def _contract_provider_key(self, offering_id: str, contract_id: str | None, *, consumer_key: str | None) -> str:
+        """The provider key of the caller's contract for ``offering_id``, after verifying the
+        contract's signatures locally (not trusting the server's word for the key)."""
+        from contracts.offer import Contract, verify_contract
+
+        if contract_id:
+            rows = [self.get_json(f"/v1/contracts/{contract_id}")]
+        else:
+            rows = [c for c in self.paginate("/v1/contracts", role="consumer", offering_id=offering_id)
+                    if c.get("status") != "terminated"]
+            if len(rows) > 1:
+                rows = [c for c in rows if c.get("status") == "active"]
+        if len(rows) != 1:
+            raise SealKeyRefused(
+                f"cannot tell which provider key to trust for offering {offering_id}: you have {len(rows)} live "
+                f"contracts for it; pass contract_id= (or pin provider_key=)"
+            )
+        try:
+            contract = Contract.from_dict(rows[0]["contract"])
+            verify_contract(contract, consumer_key=consumer_key)
+        except (CryptoError, ValueError, KeyError, TypeError) as e:
+            raise SealKeyRefused(f"contract {rows[0].get('id')} does not verify: {e}") from e
+        if contract.offer.offering_id != offering_id:
+            raise SealKeyRefused(
+                f"contract {rows[0].get('id')} is for offering {contract.offer.offering_id}, not {offering_id}"
+            )
+        return contract.offer.provider_key
 
     def job(self, job_id: str) -> dict[str, Any]:
         out: dict[str, Any] = self.get_json(f"/v1/jobs/{job_id}")

@@ -49,6 +49,7 @@ __all__ = [
     "notify",
     "online_agents",
     "require_agent",
+    "register_seal_statements",
     "run_on_agent",
     "sealing_key_for",
     "load_keyset",
@@ -241,23 +242,95 @@ def is_online(rt: Runtime, s: Session, offering_id: str, *, now: datetime | None
     return bool(online_agents(rt, s, offering_id, now=now))
 
 
-def sealing_key_for(rt: Runtime, s: Session, off: Offering) -> str:
-    """The key consumers seal a provider-hosted offering's job inputs to: its freshest agent's.
+def register_seal_statements(
+    rt: Runtime, p: Principal, agent_id: str, statements: list[dict[str, Any]], *, who: audit.Actor,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Store the provider's signed ``som.seal-key/v1`` statements vouching for the agent's key.
+
+    Each must name one of the agent's offerings and exactly its ``seal_public``, verify under the
+    key it carries, not be expired and, if the offering already has offers, be signed by a key
+    that signed one of them (a wrong key file on the agent is reported here, not by consumers).
+    The marketplace cannot forge them; consumers verify them against their contract's provider
+    key before sealing. Raises Invalid (422) with the first problem.
+    """
+    from crypto.errors import InvalidSignature
+    from marketplace.agent.sealkey import SealKeyStatement, verify_seal_key
+    from marketplace.db.models_contracts import OfferRow
+
+    require_agent(p)
+    now = now or utcnow()
+    if not statements:
+        raise Invalid("statements: expected at least one signed som.seal-key/v1 statement")
+    with rt.tx() as s:
+        agent = agent_of(s, p, agent_id)
+        stored = dict(agent.seal_statements or {})
+        for i, raw in enumerate(statements):
+            try:
+                st = SealKeyStatement.from_dict(raw)
+            except ValueError as e:
+                raise Invalid(f"statements[{i}]: {e}") from e
+            if st.offering_id not in (agent.offering_ids or []):
+                raise Invalid(f"statements[{i}]: this agent does not serve offering {st.offering_id}")
+            if st.seal_public != agent.seal_public:
+                raise Invalid(f"statements[{i}]: vouches for {st.seal_public}, but this agent registered {agent.seal_public}")
+            try:
+                verify_seal_key(st, provider_key=st.provider_key, offering_id=st.offering_id,
+                                seal_public=agent.seal_public, now=now)
+            except InvalidSignature as e:
+                raise Invalid(f"statements[{i}]: the signature does not verify or the statement expired") from e
+            offer_keys = set(s.scalars(select(OfferRow.provider_key).where(OfferRow.offering_id == st.offering_id)))
+            if offer_keys and st.provider_key not in offer_keys:
+                raise Invalid(
+                    f"statements[{i}]: signed by {st.provider_key}, but the offers of {st.offering_id} are signed by "
+                    f"{sorted(offer_keys)}; start the agent with the provider's signing key (--signing-key)"
+                )
+            stored[st.offering_id] = st.to_dict()
+        agent.seal_statements = stored
+        audit.emit(s, who, "agent.seal_key", target=agent.id, detail={
+            "offerings": sorted(stored), "seal_public": agent.seal_public,
+            "provider_keys": sorted({v["provider_key"] for v in stored.values()}),
+        })
+    notify(rt)
+    return {"id": agent_id, "offering_ids": sorted(stored)}
+
+
+def _statement_for(agent: Agent, offering_id: str, now: datetime) -> dict[str, Any] | None:
+    from marketplace.agent.sealkey import SealKeyStatement
+
+    raw = (agent.seal_statements or {}).get(offering_id)
+    if raw is None:
+        return None
+    try:
+        st = SealKeyStatement.from_dict(raw)
+    except ValueError:
+        return None
+    if st.seal_public != agent.seal_public or (st.not_after is not None and st.not_after < now):
+        return None
+    return dict(raw)
+
+
+def sealing_key_for(rt: Runtime, s: Session, off: Offering) -> tuple[str, dict[str, Any] | None]:
+    """The key consumers seal a provider-hosted offering's job inputs to, and the provider's
+    signed statement vouching for it (None if its agent registered none): the freshest agent's,
+    preferring agents whose statement is valid.
 
     Several agents of one offering should share one sealing key file (``som agent --seal-key``);
     a job is only leased to agents holding the key it was sealed to.
     """
-    online = online_agents(rt, s, off.id)
-    if online:
-        return online[0].seal_public
-    last = [
+    now = utcnow()
+    candidates = online_agents(rt, s, off.id) or [
         a
         for a in s.scalars(select(Agent).where(Agent.org_id == off.org_id).order_by(Agent.last_seen_at.desc()))
         if off.id in (a.offering_ids or [])
     ]
-    if not last:
+    if not candidates:
         raise Unavailable(f"offering {off.id} has no agent yet; the provider must run `som agent`")
-    return last[0].seal_public
+    for a in candidates:
+        st = _statement_for(a, off.id, now)
+        if st is not None:
+            return a.seal_public, st
+    return candidates[0].seal_public, None
 
 
 # -- the queue ------------------------------------------------------------------------------

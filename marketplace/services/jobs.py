@@ -117,6 +117,7 @@ def view(job: Job, p: Principal | None = None) -> dict[str, Any]:
         "status": job.status,
         "hosting": job.hosting,
         "seal_public": job.seal_public,
+        "seal_statement": job.seal_statement,
         "units": job.units,
         "limits": job.limits,
         "code": job.code,
@@ -194,6 +195,9 @@ def create(
 ) -> tuple[Job, bool]:
     """Create a job (state ``created``) and name its compute site's sealing key.
 
+    For a provider-hosted offering the job also carries the provider's signed statement vouching
+    for that key (:mod:`marketplace.agent.sealkey`), which the consumer checks before sealing.
+
     Returns (job, created); the same Idempotency-Key returns the same job (False). Raises
     Invalid (bad kind, units, limits, code), NotFound (offering), Unavailable (no agent has ever
     registered for a provider-hosted offering).
@@ -225,8 +229,9 @@ def create(
         off = catalog.get_visible(s, p, offering_id)
         if off.status != "published":
             raise Conflict(f"offering {offering_id} is {off.status}; jobs run only on published offerings")
+        statement: dict[str, Any] | None = None
         if off.hosting == "provider":
-            seal_public = agents.sealing_key_for(rt, s, off)
+            seal_public, statement = agents.sealing_key_for(rt, s, off)
         else:
             if catalog.latest_version(s, off.id) is None:
                 raise Conflict(f"offering {offering_id} has no model version yet")
@@ -235,7 +240,7 @@ def create(
         job = Job(
             id=new_id("job"), org_id=p.org_id, submitted_by=p.key_id, offering_id=off.id,
             provider_org_id=off.org_id, hosting=off.hosting, kind=kind, status="created",
-            seal_public=seal_public, input_blob="", input_size=0, input_digest="",
+            seal_public=seal_public, seal_statement=statement, input_blob="", input_size=0, input_digest="",
             code=code, code_digest=code_digest(code) if code is not None else None, units=units,
             limits=lim, idempotency_key=idempotency_key, request_digest="", contract_id=contract_id,
             created_at=now, updated_at=now, deadline_at=now + timedelta(seconds=timeout),

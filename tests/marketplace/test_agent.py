@@ -25,6 +25,7 @@ from tests.marketplace.test_jobs_support import (
     running_agent,
     to_csv,
     usage_rows,
+    vouch,
     wait_usage,
 )
 from tests.scan import find_bytes, float_patterns
@@ -187,6 +188,7 @@ def test_lost_lease_goes_back_to_the_queue_and_charges_once(jw: Any, tmp_path: P
     seal_path = tmp_path / "seal.key"
     kp = load_seal_key(seal_path)
     c1, a1 = _hello(jw, key, seal_public=kp.public_text(), capabilities=["predict"])
+    vouch(c1, a1, st, kp.public_text())
     x = features(4)
     sub = jw.consumer.submit_job(st.offering_id, "predict", to_csv(x))
     item = c1._http.post("/v1/agent/lease", json={"wait": 5}, headers={"X-Som-Agent": a1}).json()
@@ -194,6 +196,7 @@ def test_lost_lease_goes_back_to_the_queue_and_charges_once(jw: Any, tmp_path: P
     blob = c1._http.get(f"/v1/agent/work/{sub.id}/payload", headers={"X-Som-Agent": a1}).content
     # agent 1 goes silent; agent 2 (same sealing key file) waits for the lease to run out
     c2, a2 = _hello(jw, key, seal_public=kp.public_text(), capabilities=["predict"])
+    vouch(c2, a2, st, kp.public_text())
     r = c2._http.post("/v1/agent/lease", json={"wait": 8}, headers={"X-Som-Agent": a2})
     assert r.status_code == 200 and r.json()["id"] == sub.id and r.json()["attempt"] == 2
     assert jw.consumer.job(sub.id)["attempts"] == 2
@@ -217,6 +220,7 @@ def test_job_fails_after_too_many_lost_leases(jw: Any, tmp_path: Path) -> None:
     key = agent_key(jw, st.offering_id)
     kp = SealKeyPair.generate()
     c, a = _hello(jw, key, seal_public=kp.public_text(), capabilities=["predict"])
+    vouch(c, a, st, kp.public_text())
     sub = jw.consumer.submit_job(st.offering_id, "predict", to_csv(features(2)))
     attempts = 0
     while True:

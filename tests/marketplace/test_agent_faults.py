@@ -22,7 +22,14 @@ from crypto.signing import SigningKey
 from marketplace.agent.payload import code_digest
 from marketplace.sdk import SomClient
 from tests.marketplace.test_cli_server import SOM, free_port, som
-from tests.marketplace.test_jobs_support import features, model_arrays, model_npz, terms, to_csv
+from tests.marketplace.test_jobs_support import (
+    features,
+    model_arrays,
+    model_npz,
+    terms,
+    to_csv,
+    write_signing_key,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +68,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     env.update({
         "SOM_DATA_DIR": str(tmp_path / "data"), "SOM_URL": f"http://127.0.0.1:{port}",
         "SOM_AGENT_LEASE_SECONDS": "2", "SOM_AGENT_OFFLINE_SECONDS": "4", "SOM_WORKERS": "1",
-        "SOM_JOB_KEYS": str(tmp_path / "job-keys"),
+        "SOM_JOB_KEYS": str(tmp_path / "job-keys"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
     })
     admin_key = json.loads(som("--json", "admin", "bootstrap", env=env).stdout)["api_key"]
     srv = Server(env, port)
@@ -75,11 +82,13 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     prov, cons = SomClient(url, keys["provider"]), SomClient(url, keys["consumer"])
     off = prov.create_offering(name="risk", task="binary-classification", hosting="provider")
     prov.publish(off["id"])
-    offer = prov.publish_offer(off["id"], terms(), signing_key=SigningKey.generate())
+    p_key = SigningKey.generate()
+    offer = prov.publish_offer(off["id"], terms(), signing_key=p_key)
     contract = cons.accept_offer(offer["id"], signing_key=SigningKey.generate())
     w, b = model_arrays()
     machine = tmp_path / "provider-machine"
     machine.mkdir()
+    key_file = write_signing_key(machine / "provider.key", p_key)
     (machine / "model.npz").write_bytes(model_npz(w, b))
     agent_key = prov.create_agent_key([off["id"]])["key"]
     agents: list[subprocess.Popen[bytes]] = []
@@ -87,7 +96,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     def start_agent() -> subprocess.Popen[bytes]:
         p = subprocess.Popen(  # noqa: S603 - fixed argv
             [*SOM, "agent", "--offering", off["id"], "--model", str(machine / "model.npz"), "--lease-wait", "2",
-             "--workdir", str(machine / "work")],
+             "--workdir", str(machine / "work"), "--signing-key", str(key_file)],
             env={**env, "SOM_API_KEY": agent_key}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         agents.append(p)
@@ -192,3 +201,12 @@ def test_cli_submit_status_result(stack: dict[str, Any], tmp_path: Path) -> None
     assert len(res.read_text().splitlines()) == 4
     r = som("job", "cancel", out["id"], env=env, check=False)
     assert r.returncode != 0 and "409" in r.stderr
+    # a provider key the agent's sealing key is not vouched for by: nothing is sealed or sent
+    r = som("job", "submit", stack["offering"], "--input", str(data), "--provider-key",
+            SigningKey.generate().verify_key.to_text(), env=env, check=False)
+    assert r.returncode != 0 and "refusing to seal" in " ".join(r.stderr.split()), r.stderr
+    # the organisation's own key file pins the acceptance: the contract was signed by another key here
+    own = tmp_path / "config" / "som" / "consumer-org.key"
+    write_signing_key(own, SigningKey.generate())
+    r = som("job", "submit", stack["offering"], "--input", str(data), env=env, check=False)
+    assert r.returncode != 0 and "does not verify" in " ".join(r.stderr.split()), r.stderr

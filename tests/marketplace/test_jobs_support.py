@@ -61,6 +61,30 @@ class Setup:
     weight: np.ndarray
     bias: np.ndarray
     model_path: Path | None = None
+    signing_key: SigningKey | None = None  # the provider's offer-signing key
+
+
+def write_signing_key(path: Path, key: SigningKey) -> Path:
+    """Write ``key`` in the key-file format of marketplace.sdk.contracts_api (0600)."""
+    import base64
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("ed25519-seed:" + base64.b64encode(key.unsafe_private_bytes()).decode() + "\n")
+    return path
+
+
+def vouch(client: Any, agent_id: str, setup: Setup, seal_public: str, *, key: SigningKey | None = None) -> Any:
+    """What a real agent does after hello: register the provider's statement for its sealing key."""
+    from marketplace.agent.sealkey import sign_seal_key
+
+    sk = key or setup.signing_key
+    assert sk is not None
+    st = sign_seal_key(sk, offering_id=setup.offering_id, seal_public=seal_public,
+                       not_after=utcnow() + timedelta(days=1))
+    return client.post_json("/v1/agent/seal-key", {"statements": [st.to_dict()]}, headers={"X-Som-Agent": agent_id})
 
 
 def offering(world: Any, tmp_path: Path, *, hosting: str, quota: int = 10_000, kinds: tuple[str, ...] = ("custom", "evaluate", "predict")) -> Setup:
@@ -76,9 +100,10 @@ def offering(world: Any, tmp_path: Path, *, hosting: str, quota: int = 10_000, k
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(model_npz(w, b))
     world.provider.publish(off["id"])
-    offer = world.provider.publish_offer(off["id"], terms(quota=quota, kinds=kinds), signing_key=SigningKey.generate())
+    p_key = SigningKey.generate()
+    offer = world.provider.publish_offer(off["id"], terms(quota=quota, kinds=kinds), signing_key=p_key)
     contract = world.consumer.accept_offer(offer["id"], signing_key=SigningKey.generate())
-    return Setup(off["id"], str(contract["id"]), w, b, path)
+    return Setup(off["id"], str(contract["id"]), w, b, path, p_key)
 
 
 def agent_key(world: Any, offering_id: str) -> str:
@@ -92,7 +117,8 @@ def running_agent(world: Any, setup: Setup, key: str, tmp_path: Path, **cfg: Any
 
     from marketplace.agent.runner import AgentConfig, ProviderAgent
 
-    assert setup.model_path is not None
+    assert setup.model_path is not None and setup.signing_key is not None
+    cfg.setdefault("signing_key_path", write_signing_key(setup.model_path.parent / "provider.key", setup.signing_key))
     conf = AgentConfig(
         url="http://testserver", api_key=key, model_path=setup.model_path,
         seal_key_path=setup.model_path.parent / "seal.key", workdir=tmp_path / "agent-work", lease_wait=1.0, **cfg,

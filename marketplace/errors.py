@@ -84,17 +84,26 @@ class UnsupportedMediaType(MarketplaceError):
 
 
 class PolicyDenied(MarketplaceError):
-    """A contract policy denial; ``reason`` is the named reason from ``contracts.policy``."""
+    """A contract policy denial; ``reason`` is the named reason from ``contracts.policy``.
+
+    ``contract_id`` names the contract that denied the use (shown to the caller, a party to it).
+    The denial is audited (``authz.denied`` with the reason) by whoever decided it
+    (:func:`marketplace.services.metering.begin`), so ``denied`` stays unset here: the generic
+    handler's event would carry no reason and count the denial twice.
+    """
 
     status = 403
     code = "policy_denied"
 
-    def __init__(self, message: str, *, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str, retry_after: float | None = None, contract_id: str | None = None
+    ) -> None:
         headers = {}
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
-        super().__init__(message, headers=headers, reason=reason)
+        super().__init__(message, headers=headers, reason=reason, contract_id=contract_id)
         self.reason = reason
+        self.contract_id = contract_id
         if reason == "rate_limited":
             self.status = 429  # type: ignore[misc]
 

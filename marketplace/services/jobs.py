@@ -326,7 +326,7 @@ def submit_input(rt: Runtime, p: Principal, job_id: str, blob: bytes, *, who: au
     res = metering.begin(
         rt, p, offering_id=offering_id, mode="remote_job", units=units, idempotency_key=key,
         request_digest=req, contract_id=contract_id, job_kind=kind, batch_size=1,
-        lease_seconds=timeout + 60.0,
+        lease_seconds=timeout + 60.0, actor=who,
     )
     if res.replay is not None:  # pragma: no cover - each job begins once; a replay means a reused key
         raise Conflict("this job's Idempotency-Key was already charged for another job")

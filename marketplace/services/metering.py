@@ -57,6 +57,8 @@ from marketplace.db.base import new_id, utcnow
 from marketplace.db.models_contracts import ContractRow, IdempotencyKey, UsageRow
 from marketplace.errors import Conflict, Invalid, NotFound, PolicyDenied
 from marketplace.runtime import Runtime
+from marketplace.services import audit
+from marketplace.services.audit import Actor
 from marketplace.services.contracts import (
     contract_of,
     ledger_append,
@@ -298,6 +300,23 @@ def _validate(
         raise Invalid(f"request_digest: expected 'sha256:<64 hex>', got {req_digest!r}")
 
 
+def _audit_denial(
+    rt: Runtime, p: Principal, actor: Actor | None, denied: policy.Deny, *, contract_id: str, offering_id: str,
+    mode: str, units: int, job_kind: str | None, keyset_id: str | None,
+) -> None:
+    """Record a policy denial as ``authz.denied`` (its own transaction; none may be open)."""
+    detail: dict[str, Any] = {"reason": denied.reason.value, "message": denied.message[:500],
+                              "offering_id": offering_id, "mode": mode, "units": units}
+    if job_kind is not None:
+        detail["job_kind"] = job_kind
+    if keyset_id is not None:
+        detail["keyset_id"] = keyset_id
+    if denied.retry_after is not None:
+        detail["retry_after"] = round(float(denied.retry_after), 3)
+    who = actor or audit.Actor(actor=p.key_id, org_id=p.org_id)
+    audit.emit_detached(rt.sessions, who, "authz.denied", target=contract_id, outcome="denied", detail=detail)
+
+
 # -- the API ----------------------------------------------------------------------------------
 
 
@@ -316,6 +335,7 @@ def begin(
     batch_size: int | None = None,
     lease_seconds: float | None = None,
     now: datetime | None = None,
+    actor: Actor | None = None,
 ) -> Reservation:
     """Reserve ``units`` of the caller's contract for ``offering_id`` (see module docstring).
 
@@ -324,6 +344,11 @@ def begin(
     :class:`Invalid` (bad arguments; key reused with another request), :class:`NotFound` (no such
     contract of yours), :class:`Conflict` (several contracts; same key in flight),
     :class:`PolicyDenied` (403, or 429 with ``Retry-After`` for ``rate_limited``).
+
+    A policy denial is a failed authorization of a use: it is recorded as an ``authz.denied``
+    audit event (target: the contract; detail: the reason, mode, units) in a transaction of its
+    own after the reservation transaction ended, by ``actor`` (default: the caller's key, without
+    a request id). Call ``begin`` with no transaction open.
     """
     t = now or utcnow()
     _validate(mode, units, idempotency_key, request_digest, job_kind, batch_size)
@@ -336,6 +361,7 @@ def begin(
     p.require("consumer")
     lease = timedelta(seconds=LEASE_SECONDS if lease_seconds is None else lease_seconds)
     denied: policy.Deny | None = None
+    denied_contract = ""
     replay_of: tuple[str, str, bytes | None, str, int | None] | None = None
     res: Reservation | None = None
     try:
@@ -383,6 +409,7 @@ def begin(
                 decision = policy.decide(terms, st, req, t)
                 if isinstance(decision, policy.Deny):
                     denied = decision  # raised after the commit: expired leases stay released
+                    denied_contract = c.id
                 else:
                     st, pres = policy.reserve(st, units, t, terms=terms)
                     _apply(c, st, t)
@@ -412,7 +439,10 @@ def begin(
     except IntegrityError as e:  # the same key raced in on another contract (PostgreSQL)
         raise Conflict("a request with this Idempotency-Key is in progress; retry later") from e
     if denied is not None:
-        raise PolicyDenied(denied.message, reason=denied.reason.value, retry_after=denied.retry_after)
+        _audit_denial(rt, p, actor, denied, contract_id=denied_contract, offering_id=offering_id, mode=mode,
+                      units=units, job_kind=job_kind, keyset_id=keyset_id)
+        raise PolicyDenied(denied.message, reason=denied.reason.value, retry_after=denied.retry_after,
+                           contract_id=denied_contract)
     if replay_of is not None:
         uid, blob, inline, media, index = replay_of
         body = rt.blobs.get(blob) if blob else (inline or b"")

@@ -229,6 +229,39 @@ def test_quota_denies_submission(jw: Any, tmp_path: Path) -> None:
     assert e.value.status in (403, 429) and e.value.code == "policy_denied"
 
 
+def _denials(jw: Any) -> list[Any]:
+    from sqlalchemy import select
+
+    from marketplace.db.models import AuditEvent
+
+    with jw.rt.tx() as s:
+        return [(e.actor, e.org_id, e.target, e.outcome, e.detail, e.request_id)
+                for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "authz.denied").order_by(AuditEvent.seq))]
+
+
+def test_policy_denials_are_audited_with_the_reason(jw: Any, tmp_path: Path) -> None:
+    """A use the contract does not allow is a failed authorization: one authz.denied event,
+    naming the contract and the reason, also a ledger leaf; the error names the contract."""
+    st = offering(jw, tmp_path, hosting="marketplace", quota=5, kinds=("predict",))
+    who = jw.consumer.get_json("/v1/whoami")
+    assert _denials(jw) == []
+    for kind, data, reason in (("predict", to_csv(features(6)), "quota_exhausted"),
+                               ("evaluate", to_csv(np.column_stack([features(2), np.ones(2)])), "job_kind_not_allowed")):
+        with pytest.raises(SomAPIError) as e:
+            jw.consumer.submit_job(st.offering_id, kind, data)
+        assert e.value.status == 403 and e.value.body["error"]["reason"] == reason
+        assert e.value.body["error"]["contract_id"] == st.contract_id
+        rid = e.value.headers.get("x-request-id")
+        actor, org, target, outcome, detail, req = _denials(jw)[-1]
+        assert (actor, org, target, outcome) == (who["key_id"], who["org_id"], st.contract_id, "denied")
+        assert detail["reason"] == reason and detail["offering_id"] == st.offering_id and detail["mode"] == "remote_job"
+        assert detail["job_kind"] == kind and rid and req == rid
+    assert [d[4]["reason"] for d in _denials(jw)] == ["quota_exhausted", "job_kind_not_allowed"]  # once each
+    leaves = _ledger_leaves(jw)  # every audit event is a leaf, so each denial is on the ledger
+    assert [r["target"] for r in leaves if r.get("action") == "authz.denied"] == [st.contract_id] * 2
+    assert usage_rows(jw, st.contract_id) == []  # nothing reserved, nothing charged
+
+
 def test_kind_not_allowed_by_contract(jw: Any, tmp_path: Path) -> None:
     st = offering(jw, tmp_path, hosting="marketplace", kinds=("predict",))
     with pytest.raises(SomAPIError) as e:

@@ -54,4 +54,4 @@ def layout_cost(plan: PublicPlan, layout: Layout, n_samples: int) -> float:
 def choose_layout(plan: PublicPlan, n_samples: int) -> Layout:
     """The layout of ``plan.layouts`` with the lower estimated cost for ``n_samples``."""
     offered = [x for x in ("single", "batch") if x in plan.layouts]
-    return min(offered, key=lambda x: layout_cost(plan, x, n_samples))  # type: ignore[arg-type]
+    return min(offered, key=lambda x: layout_cost(plan, x, n_samples))

@@ -9,6 +9,8 @@ fetches the input, computes (jobs via :mod:`marketplace.agent.compute`, HE reque
 :func:`crypto.he.evaluate` on a :class:`crypto.he.PublicContext` from the consumer's key set,
 fetched once and cached), posts the result. With ``--calibration`` it compiles the HE plan
 locally and publishes only the PUBLIC plan and report. It reconnects with exponential backoff.
+Work whose lease it lost (a heartbeat says so, or the check before posting) is abandoned: another
+agent has it now.
 Not for: anything on the marketplace's side; the weights never leave this process.
 """
 
@@ -35,7 +37,7 @@ from marketplace.agent.payload import open_input, seal_result
 from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
 from marketplace.sdk.base import BaseClient, SomAPIError
 
-__all__ = ["AgentConfig", "ProviderAgent", "load_seal_key"]
+__all__ = ["AgentConfig", "LeaseLost", "ProviderAgent", "load_seal_key"]
 
 log = logging.getLogger("som.agent")
 MAX_INPUT_BYTES = 1 << 30
@@ -57,6 +59,10 @@ def load_seal_key(path: Path) -> SealKeyPair:
         with os.fdopen(fd, "wb") as f:
             f.write(kp.unsafe_private_bytes())
         return kp
+
+
+class LeaseLost(Exception):
+    """The marketplace gave this work to another agent (our lease ran out): drop it."""
 
 
 @dataclass
@@ -214,6 +220,17 @@ class ProviderAgent:
             except (httpx.TransportError, SomAPIError) as e:
                 log.warning("heartbeat failed: %s", e)
 
+    def check_lease(self, wid: str) -> None:
+        """Raise :class:`LeaseLost` if the marketplace no longer counts ``wid`` as ours (a
+        heartbeat said so, or asking now says so; asking also extends the lease)."""
+        with self._lock:
+            lost = wid in self.lost
+        if not lost:
+            out = self.api.post_json("/v1/agent/heartbeat", {"holding": [wid]}, headers=self._h())
+            lost = wid in out.get("lost", [])
+        if lost:
+            raise LeaseLost(f"lost the lease on {wid}; another agent has it now")
+
     # -- work ------------------------------------------------------------------------------
 
     def _handle(self, item: dict[str, Any]) -> None:
@@ -226,16 +243,20 @@ class ProviderAgent:
                 self._task(wid, item, payload)
             else:
                 self._job(wid, item, payload)
+        except LeaseLost as e:
+            log.info("abandoning %s: %s", wid, e)
         finally:
             with self._lock:
                 self.holding.discard(wid)
                 self.lost.discard(wid)
 
     def _post_result(self, wid: str, data: bytes) -> None:
-        """Post a result, retrying through a server restart (a duplicate post is harmless)."""
+        """Post a result, retrying through a server restart (a duplicate post is harmless).
+        Raises :class:`LeaseLost` (nothing posted) if the work is no longer ours."""
         delay, end = 0.5, time.monotonic() + RESULT_RETRY_SECONDS
         while True:
             try:
+                self.check_lease(wid)
                 self.api.request(
                     "POST", f"/v1/agent/work/{wid}/result", content=data,
                     headers={**self._h(), "Content-Type": "application/octet-stream"},
@@ -261,6 +282,7 @@ class ProviderAgent:
         from crypto.errors import DecryptionError
 
         meta = item.get("meta") or {}
+        self.check_lease(wid)
         try:
             inp = open_input(self.seal, wid, payload, max_size=MAX_INPUT_BYTES)
         except (DecryptionError, ValueError) as e:

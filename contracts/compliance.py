@@ -3,6 +3,9 @@
 For: ``som ledger verify`` and anyone holding an exported ledger. :func:`check_records` walks the
 leaves in ledger order, once, keeping only per-contract counters, and stops at the first leaf
 that breaks a rule with :class:`contracts.errors.ComplianceViolation` (``index``, ``message``).
+:func:`check_leaves` does the same from the leaves' bytes, and :class:`ComplianceWalk` is the
+same walk fed one leaf at a time (so that one pass over an export can also hash each leaf for
+the Merkle tree: ``som ledger verify``).
 Not for: Merkle roots, inclusion or consistency proofs, checkpoint signatures (``crypto`` does
 those, over the same leaves), nor online decisions (:mod:`contracts.policy`).
 
@@ -47,12 +50,13 @@ from contracts.records import (
     CONTRACT_SCHEMA,
     JOB_APPROVAL_SCHEMA,
     USAGE_SCHEMA,
+    parse_record,
     validate_record,
 )
 from contracts.terms import Terms
 from crypto.errors import InvalidSignature
 
-__all__ = ["ComplianceSummary", "ContractTotals", "check_records"]
+__all__ = ["ComplianceSummary", "ComplianceWalk", "ContractTotals", "check_leaves", "check_records"]
 
 
 @dataclass(frozen=True)
@@ -151,27 +155,52 @@ class _Book:
         return self.phases[i - 1] if i else None
 
 
-def check_records(records: Iterable[tuple[int, dict[str, Any]]]) -> ComplianceSummary:
-    """Check ``(index, leaf)`` pairs in ledger order; see the module docstring for the rules.
+class ComplianceWalk:
+    """The compliance walk fed one leaf at a time, in ledger order (rules: module docstring).
 
-    Returns a :class:`ComplianceSummary`; raises :class:`ComplianceViolation` at the first bad
-    leaf. Streaming: memory grows with contracts, usage ids and rate windows, not with leaves.
+    :meth:`add_leaf` takes a leaf's bytes (parsed strictly by :func:`contracts.records.parse_record`),
+    :meth:`add_record` an already decoded leaf (validated here); both raise
+    :class:`ComplianceViolation` naming the leaf. After a violation the walk is spent: stop
+    feeding it. :meth:`summary` gives the totals so far. Memory grows with contracts, usage ids
+    and rate windows, not with leaves.
     """
-    books: dict[str, _Book] = {}
-    per_schema: Counter[str] = Counter()
-    seen_usage: set[str] = set()
-    n = 0
-    fromiso = datetime.fromisoformat
-    for index, leaf in records:
-        n += 1
+
+    __slots__ = ("_books", "_per_schema", "_seen_usage", "_n")
+
+    def __init__(self) -> None:
+        self._books: dict[str, _Book] = {}
+        self._per_schema: Counter[str] = Counter()
+        self._seen_usage: set[str] = set()
+        self._n = 0
+
+    def add_leaf(self, index: int, data: bytes) -> None:
+        """Check the leaf at ``index`` from its exact bytes."""
+        try:
+            leaf = parse_record(data)
+        except (ValueError, TypeError) as e:
+            raise ComplianceViolation(index, str(e)) from e
+        self._check(index, leaf)
+
+    def add_record(self, index: int, leaf: dict[str, Any]) -> None:
+        """Check the leaf at ``index``, given decoded (its schema is validated here)."""
         try:
             validate_record(leaf)
         except (ContractError, ValueError, TypeError) as e:
             raise ComplianceViolation(index, str(e)) from e
+        self._check(index, leaf)
+
+    def _check(self, index: int, leaf: Mapping[str, Any]) -> None:
+        # ``leaf`` passed validate_record: every field below exists and has its type.
+        self._n += 1
         schema = leaf["schema"]
-        per_schema[schema] += 1
+        self._per_schema[schema] += 1
+        books = self._books
         if schema == USAGE_SCHEMA:
-            _check_usage(index, leaf, books, seen_usage, fromiso(leaf["time"]))
+            try:
+                t = _fromiso(leaf["time"])
+            except ValueError as e:  # matches TIME_RE, yet not a date (e.g. month 13)
+                raise ComplianceViolation(index, f"time: not a valid date/time: {e}") from e
+            _check_usage(index, leaf, books, self._seen_usage, t)
         elif schema == CONTRACT_SCHEMA:
             _check_contract(index, leaf, books)
         elif schema == CONTRACT_EVENT_SCHEMA:
@@ -180,19 +209,47 @@ def check_records(records: Iterable[tuple[int, dict[str, Any]]]) -> ComplianceSu
             raise ComplianceViolation(
                 index, f"job approval for unknown contract {leaf['contract_id']}"
             )
-    totals = {
-        cid: ContractTotals(
-            contract_id=cid,
-            currency=b.contract.terms.currency,
-            charged_units=b.charged,
-            amount_minor=b.amount,
-            usage_records=b.records,
-            released_records=b.released,
-            events=b.events,
-        )
-        for cid, b in books.items()
-    }
-    return ComplianceSummary(leaves=n, per_schema=dict(per_schema), contracts=totals)
+
+    def summary(self) -> ComplianceSummary:
+        totals = {
+            cid: ContractTotals(
+                contract_id=cid,
+                currency=b.contract.terms.currency,
+                charged_units=b.charged,
+                amount_minor=b.amount,
+                usage_records=b.records,
+                released_records=b.released,
+                events=b.events,
+            )
+            for cid, b in self._books.items()
+        }
+        return ComplianceSummary(leaves=self._n, per_schema=dict(self._per_schema), contracts=totals)
+
+
+_fromiso = datetime.fromisoformat
+
+
+def check_records(records: Iterable[tuple[int, dict[str, Any]]]) -> ComplianceSummary:
+    """Check ``(index, leaf)`` pairs in ledger order; see the module docstring for the rules.
+
+    Returns a :class:`ComplianceSummary`; raises :class:`ComplianceViolation` at the first bad
+    leaf. Streaming: memory grows with contracts, usage ids and rate windows, not with leaves.
+    """
+    walk = ComplianceWalk()
+    add = walk.add_record
+    for index, leaf in records:
+        add(index, leaf)
+    return walk.summary()
+
+
+def check_leaves(leaves: Iterable[tuple[int, bytes]]) -> ComplianceSummary:
+    """:func:`check_records` over ``(index, leaf bytes)`` pairs, each parsed (and validated)
+    once by :func:`contracts.records.parse_record`; a leaf that does not parse is a violation."""
+    walk = ComplianceWalk()
+    add = walk.add_leaf
+    for index, data in leaves:
+        add(index, data)
+    return walk.summary()
 
 
 def _check_contract(index: int, leaf: Mapping[str, Any], books: dict[str, _Book]) -> None:

@@ -7,12 +7,9 @@ the server. ``export``, ``witness`` and ``checkpoint`` talk to the server.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
-import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,82 +32,38 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-_LINE = re.compile(rb'\{"index":(\d{1,18}),"leaf":"([A-Za-z0-9+/]*={0,2})"\}')
-#: Exports bigger than this verify their Merkle tree and their contracts in two processes.
-PARALLEL_BYTES = 32 << 20
-
-
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(index, record)`` for every leaf of an export, parsed strictly by
-    :func:`contracts.records.parse_record` (duplicate keys, NaN refused). Lines in the exact
-    export format skip the generic JSON parse of the line."""
-    from contracts.errors import ComplianceViolation
-    from contracts.records import parse_record
-
-    b64 = binascii.a2b_base64
-    with path.open("rb") as f:
-        for lineno, line in enumerate(f, 1):
-            m = _LINE.fullmatch(line.rstrip(b"\r\n"))
-            try:
-                if m is not None:
-                    index, leaf = int(m[1]), b64(m[2], strict_mode=True)
-                elif not line.strip():
-                    continue
-                else:
-                    obj = json.loads(line)
-                    index, leaf = int(obj["index"]), base64.b64decode(obj["leaf"], validate=True)
-            except (ValueError, KeyError, TypeError, binascii.Error) as e:
-                raise ComplianceViolation(lineno - 1, f"{path.name} line {lineno}: not a leaf: {e}") from e
-            try:
-                rec = parse_record(leaf)
-            except ValueError as e:
-                raise ComplianceViolation(index, str(e)) from e
-            yield index, rec
-
-
-def _crypto_pass(path: Path, trusted_note: bytes | None) -> Any:
-    from crypto.logverify import verify_export_dir
-
-    return verify_export_dir(path, trusted_checkpoint=trusted_note)
-
-
-def verify_dir(path: Path, *, trusted: Path | None = None, parallel: bool | None = None) -> dict[str, Any]:
+def verify_dir(path: Path, *, trusted: Path | None = None) -> dict[str, Any]:
     """Verify an export directory offline; return a summary dict.
 
-    Raises :class:`crypto.logverify.LogVerificationError` (tree, signatures, contiguity, the kept
-    checkpoint) in preference to :class:`contracts.errors.ComplianceViolation` (a leaf breaks
-    its contract). ``parallel`` (default: for exports over :data:`PARALLEL_BYTES` on a machine
-    with more than one CPU) runs the crypto pass in a second process while this one checks the
-    contracts; the result is the same.
+    One pass over ``leaves.jsonl``: each line is decoded once; its leaf bytes are hashed into the
+    Merkle tree (:func:`crypto.logverify.verify_export_dir`: roots at every checkpoint,
+    signatures, contiguity, the kept checkpoint) and parsed once into the compliance walk
+    (:class:`contracts.compliance.ComplianceWalk`). Raises
+    :class:`crypto.logverify.LogVerificationError` in preference to
+    :class:`contracts.errors.ComplianceViolation` (a leaf breaks its contract; the first one is
+    kept while the Merkle pass goes on to the end).
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from contracts.compliance import check_records
+    from contracts.compliance import ComplianceWalk
     from contracts.errors import ComplianceViolation
+    from crypto.logverify import verify_export_dir
 
     trusted_note = trusted.read_bytes() if trusted is not None else None
-    leaves = path / "leaves.jsonl"
-    if parallel is None:
-        parallel = (os.cpu_count() or 1) > 1 and leaves.exists() and leaves.stat().st_size > PARALLEL_BYTES
-    if parallel and "fork" not in multiprocessing.get_all_start_methods():
-        parallel = False  # pragma: no cover - not POSIX
-    if not parallel:
-        log = _crypto_pass(path, trusted_note)
-        comp = check_records(_records(leaves))
-    else:
-        # fork: the child runs only the pure crypto pass (no locks, no logging, no I/O but the
-        # export), and nothing re-imports the caller's __main__ as spawn would.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-            fut = pool.submit(_crypto_pass, path, trusted_note)
-            violation: ComplianceViolation | None = None
+    walk = ComplianceWalk()
+    add = walk.add_leaf
+    violation: ComplianceViolation | None = None
+
+    def leaf_check(index: int, leaf: bytes) -> None:
+        nonlocal violation
+        if violation is None:
             try:
-                comp = check_records(_records(leaves))
+                add(index, leaf)
             except ComplianceViolation as e:
                 violation = e
-            log = fut.result()  # a crypto failure wins over a contract violation
-            if violation is not None:
-                raise violation
+
+    log = verify_export_dir(path, trusted_checkpoint=trusted_note, leaf_check=leaf_check)
+    if violation is not None:
+        raise violation
+    comp = walk.summary()
     return {
         "log": str(log),
         "origin": log.origin,

@@ -280,26 +280,38 @@ def test_receipt_verify_cli(sqlite_world, as_client, tmp_path):
     assert som("receipt", "verify", str(f), "--vkey", str(vk)).exit_code == 2
 
 
-def test_parallel_verification_gives_the_same_answers(sqlite_world, as_client, tmp_path):
+def test_one_pass_gives_the_answers_of_separate_passes(sqlite_world, as_client, tmp_path):
+    """`som ledger verify` hashes and checks each leaf in one pass; the answer is that of the
+    Merkle pass and the compliance walk run on their own, and a log failure wins over a
+    contract violation even when the violation comes first."""
+    from contracts.compliance import check_records
     from contracts.errors import ComplianceViolation
-    from crypto.logverify import LogVerificationError
+    from crypto.logverify import LogVerificationError, read_export_leaves, verify_export_dir
     from marketplace.cli.cmd_ledger import verify_dir
 
     rt = sqlite_world.rt
     c = seed(sqlite_world)
     as_client(sqlite_world.compliance)
     d = export(tmp_path)
-    assert verify_dir(d, parallel=True) == verify_dir(d, parallel=False)
+    got = verify_dir(d)
+    log = verify_export_dir(d)
+    comp = check_records((i, json.loads(leaf)) for i, leaf in read_export_leaves(d / "leaves.jsonl"))
+    assert got["compliance"] == comp.to_dict() and got["log"] == str(log)
+    assert got["leaves"] == log.leaves == comp.leaves > 0
     ls = lines(d)
     del ls[3]
     (d / "leaves.jsonl").write_text("".join(ls))
-    for parallel in (True, False):
-        with pytest.raises(LogVerificationError, match="leaf 3"):
-            verify_dir(d, parallel=parallel)
+    with pytest.raises(LogVerificationError, match="leaf 3"):
+        verify_dir(d)
     with rt.tx() as s:
-        ledger.append_many(s, [usage(c, 100, units=30), usage(c, 101, units=30)])  # over quota
+        refs = ledger.append_many(s, [usage(c, 100, units=30), usage(c, 101, units=30), usage(c, 102, units=1)])
     ledger.sign_checkpoint(rt)
     d2 = export(tmp_path, "over")
-    for parallel in (True, False):
-        with pytest.raises(ComplianceViolation, match="quota"):
-            verify_dir(d2, parallel=parallel)
+    with pytest.raises(ComplianceViolation, match="quota") as e:
+        verify_dir(d2)
+    assert e.value.index == refs[0].index  # 36 + 30 units of a 60-unit quota
+    ls = lines(d2)
+    ls[-1], ls[-2] = ls[-2], ls[-1]  # after the violating leaf, the log breaks too
+    (d2 / "leaves.jsonl").write_text("".join(ls))
+    with pytest.raises(LogVerificationError, match=f"leaf {refs[1].index}: found index {refs[2].index}"):
+        verify_dir(d2)

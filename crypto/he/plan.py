@@ -71,8 +71,14 @@ class PublicPlan:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
-        """``sha256:<hex>`` of the RFC 8785 canonical JSON; binds requests to this plan."""
-        return canonical_digest(self.to_dict())
+        """``sha256:<hex>`` of the RFC 8785 canonical JSON; binds requests to this plan.
+
+        Computed once per (immutable) plan: every request checks it several times."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            cached = canonical_digest(self.to_dict())
+            self.__dict__["_digest"] = cached  # not a field: frozen, eq and asdict ignore it
+        return str(cached)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PublicPlan:

@@ -80,6 +80,22 @@ def main() -> None:
     prov, cons = SomClient(url, keys["provider"]), SomClient(url, keys["consumer"])
     off = prov.create_offering(name="bench", task="binary-classification", hosting="provider")
     prov.publish(off["id"])
+    # The provider's offer-signing key vouches for the agent's sealing key (the consumer checks it).
+    from datetime import UTC, datetime, timedelta
+
+    from contracts.terms import JobLimits, Terms
+    from marketplace.sdk.contracts_api import load_signing_key
+
+    key_path = tmp / "provider.key"
+    p_key = load_signing_key(key_path, create=True)
+    now = datetime.now(UTC)
+    prov.publish_offer(off["id"], Terms(
+        modes=frozenset({"remote_job"}), quota_units=10**9, rate_units=10**9, rate_window_seconds=60,
+        valid_from=now - timedelta(minutes=1), valid_until=now + timedelta(days=1), unit_price_minor=1,
+        currency="EUR", max_batch=10**6,
+        job_limits=JobLimits(allowed_kinds=frozenset({"predict"}), cpu_seconds=60, memory_mb=512, wall_seconds=60),
+    ), signing_key=p_key)
+    provider_key = p_key.verify_key.to_text()
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(1, D_IN)), rng.normal(size=(1,))
     model_path = tmp / "model.npz"
@@ -101,7 +117,7 @@ def main() -> None:
 
     def add_agent() -> None:
         ag = ProviderAgent(AgentConfig(url=url, api_key=akey, model_path=model_path, seal_key_path=tmp / "seal.key",
-                                       lease_wait=5.0, workdir=tmp / "work"))
+                                       signing_key_path=key_path, lease_wait=5.0, workdir=tmp / "work"))
         stop = threading.Event()
         t = threading.Thread(target=ag.run, args=(stop,), daemon=True)
         t.start()
@@ -111,7 +127,7 @@ def main() -> None:
 
     def one() -> float:
         t0 = time.perf_counter()
-        sub = cons.submit_job(off["id"], "predict", data)
+        sub = cons.submit_job(off["id"], "predict", data, provider_key=provider_key)
         job = cons.wait_job(sub.id, timeout=60, poll=0.005)
         if job["status"] != "succeeded":
             raise RuntimeError(job)
@@ -127,7 +143,7 @@ def main() -> None:
 
         def run(i: int) -> None:
             c = clients[i % len(clients)]
-            sub = c.submit_job(off["id"], "predict", data)
+            sub = c.submit_job(off["id"], "predict", data, provider_key=provider_key)
             if c.wait_job(sub.id, timeout=120, poll=0.02)["status"] != "succeeded":
                 raise RuntimeError(sub.id)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import threading
 from dataclasses import asdict
 from datetime import datetime, timedelta
@@ -96,10 +97,21 @@ def marketplace_seal_key(rt: Runtime) -> SealKeyPair:
     try:
         kp = SealKeyPair.from_private_bytes(path.read_bytes())
     except FileNotFoundError:
+        # Write a complete key to a private temp file, then link it into place: atomic, and when
+        # several replicas race on first use exactly one key wins and everyone reads that one.
         kp = SealKeyPair.generate()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(kp.unsafe_private_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            kp = SealKeyPair.from_private_bytes(path.read_bytes())
+        finally:
+            tmp.unlink(missing_ok=True)
     rt.extras["jobs.seal_key"] = kp
     return kp
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import operator
 import os
@@ -217,6 +218,12 @@ def _insert_sql(paramstyle: str) -> tuple[str, str]:
 #: (``leaf_hash, leaf_hash_prefix, data, schema, *usage columns``).
 Prepared = tuple[bytes, tuple[Any, ...]]
 _usage_cols = operator.itemgetter(*_USAGE_COLS)
+# A validated som.usage/v1 record is flat: the schema's fixed ASCII keys, each value an exact
+# ``str`` that is printable (so no lone surrogates) or an exact ``int`` in [0, 2**53 - 1]. For
+# such a dict RFC 8785 output is exactly this encoding: it is what crypto.canonical.canonicalize
+# returns for it, after re-checking every value (its own fast path; tests/marketplace/
+# test_ledger_fastpaths.py checks the two agree). Appends skip that second check.
+_usage_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _prepare(record: Mapping[str, Any]) -> Prepared:
@@ -227,10 +234,12 @@ def _prepare(record: Mapping[str, Any]) -> Prepared:
         validate_record(record)
     except ContractError as e:
         raise ValueError(f"not a ledger record: {e}") from e
-    data = canonicalize(record)
-    h = _sha256(b"\x00" + data).digest()  # RFC 9162 §2.1.1 leaf hash
     schema = record["schema"]
-    cols = _usage_cols(record) if schema == USAGE_SCHEMA else _NO_USAGE
+    if schema == USAGE_SCHEMA and type(record) is dict:
+        data, cols = _usage_json(record).encode(), _usage_cols(record)
+    else:
+        data, cols = canonicalize(record), _NO_USAGE if schema != USAGE_SCHEMA else _usage_cols(record)
+    h = _sha256(b"\x00" + data).digest()  # RFC 9162 §2.1.1 leaf hash
     return h, (h, leaf_hash_prefix(h), data, schema, *cols)
 
 

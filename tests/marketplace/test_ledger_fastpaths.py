@@ -1,6 +1,7 @@
-"""The fast paths of offline verification give the answers of the slow ones: the one-expression
-usage-leaf check vs the field-by-field validators, the exact-format export line reader vs the
-generic JSON one, and the one-pass compliance walk's handling of bad leaves."""
+"""The ledger's fast paths give the answers of the slow ones: the canonical bytes of a usage leaf
+on append vs crypto.canonical, the one-expression usage-leaf check vs the field-by-field
+validators, the exact-format export line reader vs the generic JSON one, and the one-pass
+compliance walk's handling of bad leaves."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from contracts.compliance import ComplianceWalk, check_leaves
 from contracts.errors import ComplianceViolation, SchemaError
 from crypto.canonical import canonicalize
 from crypto.logverify import LogVerificationError, read_export_leaves
+from marketplace.services import ledger
 from tests.marketplace.test_ledger_support import contract_leaf, make_contract, usage
 
 CONTRACT = make_contract(consumer_org="org_c", provider_org="org_p")
@@ -76,6 +78,38 @@ def test_fast_usage_check_agrees_with_the_field_validators(changes):
 
 def test_the_fast_check_accepts_a_good_leaf(monkeypatch):
     assert records._usage_ok(GOOD) and slow_ok(GOOD, monkeypatch)
+
+
+printable = st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")) | st.just(" ")
+ids = st.text(printable, min_size=1, max_size=40).filter(str.isprintable) | st.just("\U0001f600" * 256)
+digests = st.text("0123456789abcdef", min_size=64, max_size=64).map(lambda h: "sha256:" + h)
+ints = st.integers(min_value=0, max_value=2**53 - 1)
+usage_leaves = st.fixed_dictionaries(
+    {
+        "schema": st.just("som.usage/v1"),
+        "usage_id": ids, "contract_id": ids, "offering_id": ids, "consumer_org": ids, "provider_org": ids,
+        "mode": st.sampled_from(["he_inference", "remote_job"]),
+        "units": ints.filter(bool), "unit_price_minor": ints, "amount_minor": ints,
+        "currency": st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=3, max_size=3),
+        "outcome": st.sampled_from(["charged", "released"]),
+        "request_digest": digests, "idempotency_key_digest": digests,
+        "time": st.sampled_from([GOOD["time"], "2026-12-31T23:59:59.999999Z", "\u0661\u0662\u0663\u0664-01-01T00:00:00.000000Z"]),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rec=usage_leaves)
+def test_append_canonicalizes_usage_leaves_exactly_as_crypto_canonical(rec):
+    records.validate_record(rec)
+    leaf_hash, row = ledger._prepare(rec)
+    assert row[2] == canonicalize(rec)
+    assert leaf_hash == row[0] and row[1] == int.from_bytes(leaf_hash[:8], "big", signed=True)
+
+
+def test_append_canonicalizes_every_schema_as_crypto_canonical():
+    for rec in (GOOD, contract_leaf(CONTRACT), {**GOOD, "usage_id": "\u00e9t\u00e9 \u2603 \"q\" \\"}):
+        assert ledger._prepare(rec)[1][2] == canonicalize(rec)
 
 
 def write_lines(tmp_path: Path, lines: list[bytes]) -> Path:

@@ -155,8 +155,8 @@ def _fold(
     size: int, frontier: list[bytes], leaf_hashes: Iterable[bytes], nodes: list[tuple[int, bytes]]
 ) -> int:
     """Append leaf hashes to the compact range ``(size, frontier)`` (largest subtree first,
-    changed in place; RFC 9162 §2.1.1 hashing, as :class:`crypto.merkle.CompactRange`, which the
-    property tests check it against). Every completed perfect subtree at level
+    changed in place; RFC 9162 §2.1.1 hashing, as :class:`crypto.merkle.CompactRange`; the
+    property tests check the stored tree against the reference one). Every completed perfect subtree at level
     ``NODE_MIN_LEVEL`` or above is added to ``nodes`` as ``(key, hash)``. Returns the new size.
     The appends' hot loop: plain ints and bytes, no objects per node."""
     sha, pop, push, add = _sha256, frontier.pop, frontier.append, nodes.append
@@ -235,10 +235,12 @@ def _prepare(record: Mapping[str, Any]) -> Prepared:
     except ContractError as e:
         raise ValueError(f"not a ledger record: {e}") from e
     schema = record["schema"]
-    if schema == USAGE_SCHEMA and type(record) is dict:
+    if schema != USAGE_SCHEMA:
+        data, cols = canonicalize(record), _NO_USAGE
+    elif type(record) is dict:
         data, cols = _usage_json(record).encode(), _usage_cols(record)
-    else:
-        data, cols = canonicalize(record), _NO_USAGE if schema != USAGE_SCHEMA else _usage_cols(record)
+    else:  # a dict subclass: crypto.canonical decides
+        data, cols = canonicalize(record), _usage_cols(record)
     h = _sha256(b"\x00" + data).digest()  # RFC 9162 §2.1.1 leaf hash
     return h, (h, leaf_hash_prefix(h), data, schema, *cols)
 

@@ -4,11 +4,10 @@ Revision ID: 0005
 Revises: 0001
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 import marketplace.db.base
-
 
 revision = "0005"
 down_revision = "0001"

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import ClassVar, Protocol, Self
 
 from crypto.errors import InvalidSignature, KeyMaterialError
 from crypto.signing import SigningKey, VerifyKey
@@ -136,9 +136,10 @@ class Verifier(Protocol):
 
 
 @dataclass(frozen=True)
-class NoteVerifier:
-    """An Ed25519 note verifier (type 0x01)."""
+class _NamedVerifier:
+    """A named Ed25519 public key of one signature type (``alg``): key id and vkey text."""
 
+    alg: ClassVar[int]
     name: str
     key: VerifyKey
 
@@ -146,16 +147,23 @@ class NoteVerifier:
         _check_name(self.name)
 
     @classmethod
-    def from_vkey(cls, text: str) -> NoteVerifier:
-        name, key = _parse_vkey(text, ALG_ED25519)
+    def from_vkey(cls, text: str) -> Self:
+        name, key = _parse_vkey(text, cls.alg)
         return cls(name, key)
 
     @property
     def key_id(self) -> bytes:
-        return key_id(self.name, ALG_ED25519, self.key.raw)
+        return key_id(self.name, self.alg, self.key.raw)
 
     def vkey(self) -> str:
-        return format_vkey(self.name, self.key)
+        return format_vkey(self.name, self.key, alg=self.alg)
+
+
+@dataclass(frozen=True)
+class NoteVerifier(_NamedVerifier):
+    """An Ed25519 note verifier (type 0x01)."""
+
+    alg: ClassVar[int] = ALG_ED25519
 
     def verify(self, text: bytes, signature: bytes) -> None:
         # c2sp.org/signed-note "Ed25519 signatures": RFC 8032 over the note text.
@@ -339,26 +347,10 @@ def _cosigned_message(timestamp: int, body: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class CosignatureVerifier:
+class CosignatureVerifier(_NamedVerifier):
     """Verifies tlog-cosignature/v1 timestamped Ed25519 cosignatures (type 0x04)."""
 
-    name: str
-    key: VerifyKey
-
-    def __post_init__(self) -> None:
-        _check_name(self.name)
-
-    @classmethod
-    def from_vkey(cls, text: str) -> CosignatureVerifier:
-        name, key = _parse_vkey(text, ALG_COSIGNATURE_V1)
-        return cls(name, key)
-
-    @property
-    def key_id(self) -> bytes:
-        return key_id(self.name, ALG_COSIGNATURE_V1, self.key.raw)
-
-    def vkey(self) -> str:
-        return format_vkey(self.name, self.key, alg=ALG_COSIGNATURE_V1)
+    alg: ClassVar[int] = ALG_COSIGNATURE_V1
 
     def verify(self, text: bytes, signature: bytes) -> None:
         if len(signature) != 8 + 64:

@@ -134,10 +134,13 @@ def register(app: typer.Typer) -> None:
         comp = summary["compliance"]
         typer.echo(f"OK {summary['log']}")
         typer.echo(f"leaves per schema: {json.dumps(comp['per_schema'], sort_keys=True)}")
+        from contracts.terms import format_minor
+
         for cid, t in comp["contracts"].items():
+            amount = f"{t['currency']} {format_minor(t['amount_minor'], t['currency'])}" if t["currency"] else "0"
             typer.echo(
-                f"contract {cid}: {t['charged_units']} units charged, {t['amount_minor']} {t['currency']} "
-                f"(minor units), {t['usage_records']} usage records ({t['released_records']} released)"
+                f"contract {cid}: {t['charged_units']} units charged, {amount}, "
+                f"{t['usage_records']} usage records ({t['released_records']} released)"
             )
 
     @led.command("checkpoint")

@@ -105,7 +105,7 @@ def test_clean_export_verifies_with_totals(sqlite_world, as_client, tmp_path):
     r = som("ledger", "verify", str(d))
     assert r.exit_code == 0, r.output
     assert r.output.startswith("OK ")
-    assert f"contract {c.contract_id}: 36 units charged, 180 EUR" in r.output
+    assert f"contract {c.contract_id}: 36 units charged, EUR 1.80," in r.output
     r = som("--json", "ledger", "verify", str(d))
     summary = json.loads(r.output)
     assert summary["compliance"]["contracts"][c.contract_id]["released_records"] == 3

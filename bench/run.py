@@ -53,7 +53,9 @@ def main() -> int:
             sections.append(r.stdout.strip() + f"\n\n_{script.name} took {took:.0f} s._\n")
         print(f"  {script.name}: {'ok' if r.returncode == 0 else 'FAILED'} in {took:.0f} s", flush=True)
     out = ROOT / args.out
-    out.write_text("\n".join(head) + "\n" + "\n".join(sections))
+    foot = ("## Peers\n\nConcrete-ML's FHE logistic regression on the same data runs in its own venv "
+            "(`make bench-peers`, several GB): see [peers.md](peers.md).\n")
+    out.write_text("\n".join(head) + "\n" + "\n".join(sections) + "\n" + foot)
     print(f"wrote {out}")
     return 1 if failed else 0
 

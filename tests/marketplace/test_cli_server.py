@@ -54,6 +54,9 @@ def server(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    log = tmp_path / "data" / "logs" / "som.log"
+    text = log.read_text() if log.exists() else ""
+    assert "unhandled error" not in text, f"the server answered 500:\n{text[-3000:]}"
 
 
 def test_cli_story_over_a_real_server(server, tmp_path: Path) -> None:

@@ -6,6 +6,10 @@ the provider's offer-signing key file (``--signing-key``, else ``$SOM_SIGNING_KE
 ``~/.config/som/<org name>.key`` if it exists): with it the agent vouches for its sealing key,
 and consumers refuse to seal job inputs to an agent that does not.
 ``som agent key create --offering ID`` (with a provider key) makes that agent key.
+``som agent review --syft-dir DIR`` (with a provider key, not an agent key) mirrors custom jobs
+awaiting approval into a syft-job folder for review with syft-job's tooling and forwards the
+approvals and rejections made there to the marketplace, bound to the code's digest
+(:mod:`marketplace.agent.syft_review`; it never runs jobs).
 """
 
 from __future__ import annotations
@@ -78,6 +82,44 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Create an agent key (provider). The key is shown once."""
         emit(ctx, client(ctx).create_agent_key(list(offering), name=name, ttl_days=ttl_days))
+
+    @agent.command("review")
+    def review(
+        ctx: typer.Context,
+        syft_dir: Path = typer.Option(..., "--syft-dir", file_okay=False,
+                                      help="The syft-job folder to mirror code requests into (created if missing)."),
+        email: str = typer.Option(None, "--email", help="Your syft-job identity (default: <org id>@som.invalid)."),
+        offering: list[str] = typer.Option(None, "--offering", help="Only this offering (repeatable; default: all)."),
+        interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between syncs."),
+        once: bool = typer.Option(False, "--once", help="Sync once, print what was done and exit."),
+        verbose: bool = typer.Option(False, "--verbose", "-v"),
+    ) -> None:
+        """Review custom-job code with syft-job (provider): mirror jobs awaiting approval into
+        --syft-dir; approve or reject them there (syft_job.get_client(DIR, EMAIL).jobs[...]
+        .approve() / .reject(reason)); this forwards the decisions, bound to the code's digest.
+        Approved jobs run only in the som sandbox; never run syft-job's runner on this folder."""
+        import dataclasses
+        import threading
+
+        from marketplace.agent.syft_review import SyftReviewBridge, provider_email
+
+        logging.basicConfig(level=logging.INFO if verbose or not once else logging.WARNING,
+                            format="%(asctime)s %(name)s %(message)s")
+        api = client(ctx)
+        who = api.whoami()
+        if "provider" not in who.get("roles", []):
+            die("som agent review needs a provider key (SOM_API_KEY), not an agent or consumer key")
+        bridge = SyftReviewBridge(api, syft_dir, email=email or provider_email(str(who["org_id"])),
+                                  offering_ids=list(offering or []))
+        if once:
+            emit(ctx, {"syft_dir": str(bridge.dir), "email": bridge.email, **dataclasses.asdict(bridge.sync())})
+            return
+        stop = threading.Event()
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        bridge.run(stop, interval=interval)
 
     @agent.command("list")
     def list_(ctx: typer.Context, offering: str = typer.Option(None, "--offering")) -> None:

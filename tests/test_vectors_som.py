@@ -350,10 +350,10 @@ def test_vector(section: str, c: dict[str, Any], tmp_path: Path) -> None:
 
 def test_the_ledger_service_returns_the_vector_receipts(tmp_path: Path) -> None:
     """Given the vectors' log key and records, ``ledger.receipt`` returns exactly the receipts."""
+    from crypto.note import NoteSigner
     from marketplace.runtime import Runtime
     from marketplace.services import ledger
     from marketplace.settings import Settings
-    from crypto.note import NoteSigner
 
     led = DOC["ledger"]
     data_dir = tmp_path / "data"
@@ -379,3 +379,28 @@ def test_the_ledger_service_returns_the_vector_receipts(tmp_path: Path) -> None:
         rt.close()
     want = [c["receipt"] for c in led["cases"] if c["want_error"] is None]
     assert got + [receipt_3] == want
+
+
+def test_som_ledger_verify_cli_on_the_export_vectors(tmp_path: Path) -> None:
+    """`som --json ledger verify DIR`: exit 0 with the summary, 3 for a log failure, 4 naming
+    the leaf for a contract violation (docs/ledger.md)."""
+    from typer.testing import CliRunner
+
+    from marketplace.cli import app
+
+    runner = CliRunner()
+    by_error: dict[str | None, dict[str, Any]] = {}
+    for c in DOC["exports"]["cases"]:
+        by_error.setdefault(c["want_error"], c)
+    for want, code in ((None, 0), ("LogVerificationError", 3), ("ComplianceViolation", 4)):
+        c = by_error[want]
+        d = tmp_path / f"export-{code}"
+        for rel, text in c["files"].items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_bytes(text.encode())
+        r = runner.invoke(app, ["--json", "ledger", "verify", str(d)], catch_exceptions=False)
+        assert r.exit_code == code, r.output
+        if want is None:
+            assert json.loads(r.stdout) == c["want_summary"]
+        elif want == "ComplianceViolation":
+            assert f"leaf {c['want_index']}" in r.output

@@ -38,11 +38,11 @@ if str(ROOT) not in sys.path:
 from contracts.offer import (  # noqa: E402
     Contract,
     accept_offer,
+    advance,
     draft_event,
     initial_state,
     make_offer,
     sign_event,
-    advance,
 )
 from contracts.records import (  # noqa: E402
     audit_record,
@@ -576,7 +576,7 @@ def ledger_section() -> dict[str, Any]:
     bad("index as a string", "ValueError", index="4")
     bad("negative index", "ValueError", index=-1)
     bad("inclusion_proof missing", "ValueError", inclusion_proof=None)
-    bad("checkpoint as bytes-like base64 instead of note text", "ValueError", checkpoint=7)
+    bad("checkpoint not a string (a number)", "ValueError", checkpoint=7)
     return {
         "about": "A 7-leaf ledger of the records above (leaves_b64, in order), its signed "
         "checkpoints at sizes 3 and 7 (C2SP signed notes, log key in keys.log) and receipts "
@@ -786,7 +786,7 @@ def exports_section() -> dict[str, Any]:
                                         lines[1].replace('"index":1', '"index":2'), *lines[3:]])})
     bad("the log's fork: a second size-7 checkpoint with another root", "LogVerificationError",
         want_message="forked", files={"checkpoints/7b.note": note_for(_fork_leaves(4), 7)})
-    bad("checkpoint roots swapped between the notes (re-signed)", "LogVerificationError",
+    bad("checkpoint 3 re-signed with the size-7 root (swapped roots)", "LogVerificationError",
         files={"checkpoints/3.note": sign_checkpoint(
             Checkpoint(ORIGIN, 3, tree(LEAVES).root(7)), LOG).decode()})
     bad("checkpoint 7 with trailing garbage", "LogVerificationError",

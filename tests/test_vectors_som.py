@@ -106,7 +106,7 @@ def test_generator_reproduces_the_committed_file_byte_for_byte(tmp_path: Path) -
 
 def test_every_case_states_desc_want_error_and_source() -> None:
     assert SECTIONS, "no sections"
-    descs: set[str] = set()
+    descs: set[tuple[str, str]] = set()
     for section in SECTIONS:
         cases = DOC[section]["cases"]
         assert isinstance(DOC[section].get("about"), str) and DOC[section]["about"]
@@ -117,7 +117,7 @@ def test_every_case_states_desc_want_error_and_source() -> None:
             src = c.get("source")
             assert isinstance(src, list) and src and all(isinstance(s, str) and s for s in src)
             assert (section, c["desc"]) not in descs, f"duplicate desc {c['desc']!r}"
-            descs.add((section, c["desc"]))  # type: ignore[arg-type]
+            descs.add((section, c["desc"]))
         happy = [c for c in cases if c["want_error"] is None]
         bad = [c for c in cases if c["want_error"] is not None]
         assert happy and bad, f"{section}: needs happy cases and tampered siblings"

@@ -54,6 +54,7 @@ from contracts.records import (  # noqa: E402
 from contracts.terms import JobLimits, Terms  # noqa: E402
 from crypto.canonical import canonicalize  # noqa: E402
 from crypto.checkpoint import Checkpoint, sign_checkpoint  # noqa: E402
+from crypto.errors import DecryptionError  # noqa: E402
 from crypto.merkle import MerkleTree, leaf_hash  # noqa: E402
 from crypto.note import CosignatureSigner, NoteSigner, cosign  # noqa: E402
 from crypto.sealing import SealKeyPair  # noqa: E402
@@ -919,7 +920,13 @@ def sealed_section() -> dict[str, Any]:
     cases: list[dict[str, Any]] = []
 
     def plain(name: str, key: SealKeyPair, info: bytes, aad: bytes = b"") -> bytes:
-        return open_sealed(key, blobs[name], info=info, aad=aad)  # must open, else reseal
+        try:
+            return open_sealed(key, blobs[name], info=info, aad=aad)
+        except DecryptionError as e:
+            raise SystemExit(
+                f"stored sealed blob {name!r} no longer opens (keys or sealing changed): "
+                "run generate.py --reseal, paste the output over _SEALED, regenerate"
+            ) from e
 
     inp_plain = plain("input", COMPUTE, job_info(JOB_ID, "input"))
     res_plain = plain("result", REPLY, job_info(JOB_ID, "result"))

@@ -56,6 +56,17 @@ class Actor:
         return cls(actor="system", org_id=None, request_id=request_id)
 
 
+def _fit(text: str, limit: int) -> str:
+    """``text`` as a printable string of at most ``limit`` characters (targets and actors can come
+    from the request: a path, an id someone tried, a key prefix). Non-printable characters are
+    backslash-escaped, so the row, the ledger leaf (printable strings only) and every database
+    (PostgreSQL refuses NUL) accept it, and the event still shows what was presented."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
 def emit(
     session: Session,
     who: Actor,
@@ -68,10 +79,10 @@ def emit(
 ) -> AuditEvent:
     event = AuditEvent(
         time=now or utcnow(),
-        actor=who.actor,
+        actor=_fit(who.actor, 80),
         org_id=who.org_id,
         action=action,
-        target=target,
+        target=_fit(target, 200),
         outcome=outcome,
         request_id=who.request_id,
         detail=detail or {},

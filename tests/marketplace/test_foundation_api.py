@@ -34,6 +34,22 @@ def test_authentication_errors_are_401_json(world) -> None:
         assert r.headers["x-request-id"]
 
 
+def test_denials_of_unprintable_or_long_ids_are_audited_not_500(world) -> None:
+    """Found by the API fuzzer: a denied id or a key prefix with control characters (or NUL, which
+    PostgreSQL refuses) or over the column's length made the audit event, and so the request, fail."""
+    weird = "%00%C2%97%1b" + "x" * 300
+    consumer = {"Authorization": f"Bearer {world.keys['consumer']}"}
+    r = world.http.post(f"/v1/orgs/{weird}/keys", json={"roles": ["consumer"]}, headers=consumer)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = world.http.get("/v1/whoami", headers={"Authorization": b"Bearer som_\x97\x1bab_x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+    events = world.compliance.audit(action="authz.denied") + world.compliance.audit(action="auth.failed")
+    targets = [e["target"] for e in events]
+    assert any(t.startswith("\\x00\\x97\\x1bxxx") and t.endswith("…") and len(t) == 200 for t in targets), targets
+    assert any(e["actor"].startswith("key:") and e["actor"].endswith("\\x97\\x1bab") for e in events)
+    assert all(e["target"].isprintable() and e["actor"].isprintable() for e in events)
+
+
 def test_revoked_and_expired_keys_are_refused(world) -> None:
     org = world.orgs["consumer"]
     k = world.admin.create_key(org, ["consumer"], name="temp")

@@ -507,6 +507,13 @@ def events_section() -> dict[str, Any]:
     }
 
 
+def _flip_note_sig(note: str) -> str:
+    """The note with one bit of its (first) Ed25519 signature flipped, key id kept."""
+    text, _, sigs = note.rpartition("\n\n")
+    prefix, _, b64sig = sigs.rstrip("\n").split("\n")[0].rpartition(" ")
+    return f"{text}\n\n{prefix} {b64(flip(base64.b64decode(b64sig), 20))}\n"
+
+
 def _bad_note_root(note: str, root: bytes) -> str:
     lines = note.split("\n")
     lines[2] = b64(root)
@@ -564,6 +571,9 @@ def ledger_section() -> dict[str, Any]:
     bad("note truncated (final newline dropped)", "InvalidSignature", checkpoint=note7[:-1])
     bad("note with its blank line removed", "InvalidSignature",
         checkpoint=note7.replace("\n\n", "\n", 1))
+    bad("note signature bit flip", "InvalidSignature", checkpoint=_flip_note_sig(note7))
+    bad("tree size in the note changed to 8 (signature no longer verifies)", "InvalidSignature",
+        checkpoint=note7.replace("\n7\n", "\n8\n", 1), index=4)
     bad("root in the note swapped for the size-3 root (signature no longer verifies)",
         "InvalidSignature", checkpoint=_bad_note_root(note7, t.root(3)))
     bad("checkpoint swapped for the size-3 checkpoint (other size and root)", "InvalidProof",
@@ -688,6 +698,7 @@ def cosign_section() -> dict[str, Any]:
     w("old size not the one the witness last cosigned", "WitnessConflict", state3, note7, 0, [])
     w("checkpoint signed by another key under the log's name", "InvalidSignature", state3,
       note_for(LEAVES, 7, IMPOSTOR_LOG), 3, cons)
+    w("checkpoint signature bit flip", "InvalidSignature", state3, _flip_note_sig(note7), 3, cons)
     w("checkpoint note with trailing garbage", "InvalidSignature", state3, note7 + "garbage", 3,
       cons)
     return {
@@ -793,6 +804,9 @@ def exports_section() -> dict[str, Any]:
     bad("checkpoint 7 with trailing garbage", "LogVerificationError",
         want_message="checkpoints/7.note",
         files={"checkpoints/7.note": good["checkpoints/7.note"] + "garbage"})
+    bad("checkpoint 3 signature bit flip", "LogVerificationError",
+        want_message="checkpoints/3.note",
+        files={"checkpoints/3.note": _flip_note_sig(good["checkpoints/3.note"])})
     bad("checkpoints signed by another key under the log's name", "LogVerificationError",
         files={"checkpoints/7.note": note_for(LEAVES, 7, IMPOSTOR_LOG)})
     bad("log.vkey of another key", "LogVerificationError",

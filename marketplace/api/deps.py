@@ -67,7 +67,7 @@ class Pagination:
         self,
         request: Request,
         limit: Annotated[int, Query(ge=1, le=1000, description="Page size.")] = 50,
-        offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**63 - 1, description="Items to skip.")] = 0,
     ) -> None:
         cap = get_runtime(request).settings.page_size_max
         self.limit = min(limit, cap)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -84,7 +84,9 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     summary="Compile a model version for HE inference (provider; body: .npy calibration data)",
     openapi_extra=_BINARY,
 )
-async def compile_version(offering_id: str, number: int, p: Auth, rt: Rt, request: Request) -> VersionPublic:
+async def compile_version(
+    offering_id: str, number: Annotated[int, Path(ge=1, le=2**31 - 1)], p: Auth, rt: Rt, request: Request
+) -> VersionPublic:
     p.require("provider")
     _octet(request)
     data = await _read_limited(request, rt.settings.max_upload_bytes)

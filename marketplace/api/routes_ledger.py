@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import case, func, select
@@ -32,6 +32,8 @@ from marketplace.services.identity import Principal
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
 
 MAX_LEAVES_PER_REQUEST = 1000
+#: Leaf indexes and tree sizes are 64-bit signed in the database; larger ones are refused (422).
+MAX_INDEX = 2**63 - 1
 _FULL = ("compliance", "admin")
 
 
@@ -145,8 +147,8 @@ def post_checkpoint(p: Auth, rt: Rt) -> CheckpointPublic:
 def get_leaves(
     p: Auth,
     rt: Rt,
-    start: Annotated[int, Query(ge=0)] = 0,
-    end: Annotated[int | None, Query(ge=0, description=f"Exclusive; at most start+{MAX_LEAVES_PER_REQUEST}.")] = None,
+    start: Annotated[int, Query(ge=0, le=MAX_INDEX)] = 0,
+    end: Annotated[int | None, Query(ge=0, le=MAX_INDEX, description=f"Exclusive; at most start+{MAX_LEAVES_PER_REQUEST}.")] = None,
 ) -> list[LeafPublic]:
     p.require(*_FULL)
     t = LedgerLeaf.__table__
@@ -174,9 +176,9 @@ def get_inclusion(
     p: Auth,
     rt: Rt,
     request: Request,
-    index: Annotated[int | None, Query(ge=0)] = None,
+    index: Annotated[int | None, Query(ge=0, le=MAX_INDEX)] = None,
     leaf_hash: str | None = None,
-    size: Annotated[int | None, Query(ge=1, description="Tree size; default the latest checkpoint's.")] = None,
+    size: Annotated[int | None, Query(ge=1, le=MAX_INDEX, description="Tree size; default the latest checkpoint's.")] = None,
 ) -> InclusionProof:
     if (index is None) == (leaf_hash is None):
         raise Invalid("pass exactly one of index and leaf_hash")
@@ -200,8 +202,8 @@ def get_inclusion(
 def get_consistency(
     p: Auth,
     rt: Rt,
-    size1: Annotated[int, Query(ge=0)],
-    size2: Annotated[int | None, Query(ge=0, description="Default: the latest checkpoint's size.")] = None,
+    size1: Annotated[int, Query(ge=0, le=MAX_INDEX)],
+    size2: Annotated[int | None, Query(ge=0, le=MAX_INDEX, description="Default: the latest checkpoint's size.")] = None,
 ) -> ConsistencyProof:
     if size2 is None:
         size2 = ledger.latest_or_sign(rt).size
@@ -213,7 +215,7 @@ def get_consistency(
 
 
 @router.get("/receipts/{index}", summary="A receipt for one leaf (leaf, inclusion proof, checkpoint)")
-def get_receipt(p: Auth, rt: Rt, request: Request, index: int) -> dict[str, Any]:
+def get_receipt(p: Auth, rt: Rt, request: Request, index: Annotated[int, Path(ge=0, le=MAX_INDEX)]) -> dict[str, Any]:
     with rt.tx() as s:
         row = _leaf(s, index)
     if not _may_see(p, row):
@@ -222,7 +224,7 @@ def get_receipt(p: Auth, rt: Rt, request: Request, index: int) -> dict[str, Any]
 
 
 @router.get("/export", summary="Every leaf as JSONL: {index, leaf (base64 of the hashed bytes)} (compliance, admin)")
-def export(p: Auth, rt: Rt, size: Annotated[int | None, Query(ge=0)] = None) -> StreamingResponse:
+def export(p: Auth, rt: Rt, size: Annotated[int | None, Query(ge=0, le=MAX_INDEX)] = None) -> StreamingResponse:
     p.require(*_FULL)
     with rt.tx() as s:
         have = ledger.tree_size(s)

@@ -281,6 +281,10 @@ def test_compile_refusals(hw: Any) -> None:
     with pytest.raises(Exception) as e:
         hw.provider.compile_version(off, 7, d.x_train)
     assert e.value.status == 404
+    for number in (0, 2**31, 2**64):  # found by the API fuzzer: past the DB's integer, a 500
+        with pytest.raises(Exception) as e:
+            hw.provider.compile_version(off, number, d.x_train)
+        assert (e.value.status, e.value.code) == (422, "invalid")
     # not compiled yet: key sets cannot be registered (409), then compile works
     hw.provider.publish(off)
     cid = make_contract(hw, off)

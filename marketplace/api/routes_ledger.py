@@ -244,9 +244,13 @@ def export(p: Auth, rt: Rt, size: Annotated[int | None, Query(ge=0, le=MAX_INDEX
 
 
 def _time_arg(t: datetime | None) -> str | None:
+    """``t`` in UTC (naive means UTC) in the leaves' time format; any offset is accepted."""
     if t is None:
         return None
-    return format_time(t if t.tzinfo is not None else t.replace(tzinfo=UTC))
+    try:
+        return format_time(t.astimezone(UTC) if t.tzinfo is not None else t.replace(tzinfo=UTC))
+    except (OverflowError, ValueError) as e:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise Invalid(f"time out of range: {t.isoformat()}") from e
 
 
 @router.get("/usage", response_model=PageOf[LeafPublic], summary="Usage leaves, filtered (compliance, admin)")

@@ -186,6 +186,12 @@ def test_usage_filters_and_totals(world):
     assert world.compliance.ledger_usage(consumer_org=world.orgs["other_consumer"]) == []
     since = "2026-01-01T00:00:30Z"
     assert [r["record"]["usage_id"][-1] for r in world.compliance.ledger_usage(since=since)] == ["3", "4", "5"]
+    # the same instant with an offset (found by the API fuzzer: a 500), and an out-of-range one
+    since = "2026-01-01T01:00:30+01:00"
+    assert [r["record"]["usage_id"][-1] for r in world.compliance.ledger_usage(since=since)] == ["3", "4", "5"]
+    with pytest.raises(SomAPIError) as ei:
+        world.compliance.ledger_usage(until="0001-01-01T00:00:00+01:00")
+    assert (ei.value.status, ei.value.code) == (422, "invalid")
     totals = {t["contract_id"]: t for t in world.admin.ledger_totals()}
     t = totals[c.contract_id]
     assert (t["charged_units"], t["amount_minor"], t["usage_records"], t["released_records"]) == (10, 50, 6, 1)

@@ -223,7 +223,16 @@ def get_receipt(p: Auth, rt: Rt, request: Request, index: Annotated[int, Path(ge
     return ledger.receipt(rt, index)
 
 
-@router.get("/export", summary="Every leaf as JSONL: {index, leaf (base64 of the hashed bytes)} (compliance, admin)")
+class JSONLResponse(StreamingResponse):
+    media_type = "application/jsonl"
+
+
+@router.get(
+    "/export",
+    summary="Every leaf as JSONL: {index, leaf (base64 of the hashed bytes)} (compliance, admin)",
+    response_class=JSONLResponse,
+    responses={200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}}},
+)
 def export(p: Auth, rt: Rt, size: Annotated[int | None, Query(ge=0, le=MAX_INDEX)] = None) -> StreamingResponse:
     p.require(*_FULL)
     with rt.tx() as s:
@@ -240,7 +249,7 @@ def export(p: Auth, rt: Rt, size: Annotated[int | None, Query(ge=0, le=MAX_INDEX
         if buf:
             yield b"".join(buf)
 
-    return StreamingResponse(lines(), media_type="application/jsonl", headers={"X-Som-Tree-Size": str(end)})
+    return JSONLResponse(lines(), headers={"X-Som-Tree-Size": str(end)})
 
 
 def _time_arg(t: datetime | None) -> str | None:

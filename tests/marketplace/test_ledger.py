@@ -5,6 +5,7 @@ sign over a tampered tree, the background signer."""
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 
@@ -214,6 +215,15 @@ def test_indexes_and_sizes_beyond_64_bits_are_422_not_500(world):
         assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid"), (path, r.text)
     r = world.http.get(f"/v1/ledger/receipts/{2**63 - 1}", headers=auth)
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+
+
+def test_export_is_jsonl_as_documented(world):
+    """Found by the API fuzzer: the document said application/json for the JSONL export."""
+    doc = world.http.get("/openapi.json").json()
+    assert list(doc["paths"]["/v1/ledger/export"]["get"]["responses"]["200"]["content"]) == ["application/jsonl"]
+    r = world.http.get("/v1/ledger/export", headers={"Authorization": f"Bearer {world.keys['compliance']}"})
+    assert r.status_code == 200 and r.headers["content-type"].split(";")[0] == "application/jsonl"
+    assert [json.loads(line)["index"] for line in r.text.splitlines()] == list(range(int(r.headers["x-som-tree-size"])))
 
 
 def _append_threads(runtimes: list[Runtime], n_threads: int, per_thread: int, c) -> None:

@@ -50,6 +50,37 @@ def test_denials_of_unprintable_or_long_ids_are_audited_not_500(world) -> None:
     assert all(e["target"].isprintable() and e["actor"].isprintable() for e in events)
 
 
+def test_unparsable_json_body_is_422_invalid(world) -> None:
+    """Found by the API fuzzer: a JSON body that is not UTF-8 was a 400 ``http_error``."""
+    auth = {"Authorization": f"Bearer {world.keys['provider']}", "Content-Type": "application/json"}
+    for body in (b"\xff\xfe}", b'{"name": '):
+        r = world.http.post("/v1/offerings", content=body, headers=auth)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid"), r.text
+
+
+def test_openapi_documents_the_error_responses(world) -> None:
+    """Every 4xx the API answers is in its OpenAPI document, with the one error schema (the
+    fuzzer in test_api_fuzz checks the answers against it)."""
+    doc = world.http.get("/openapi.json").json()
+    err = doc["components"]["schemas"]["Error"]
+    assert err["required"] == ["error"] and err["properties"]["error"]["required"] == ["code", "message"]
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+    def statuses(path: str, method: str) -> set[str]:
+        responses = doc["paths"][path][method]["responses"]
+        for code, r in responses.items():
+            if code.startswith("4") or code.startswith("5"):
+                assert r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+        return {c for c in responses if not c.startswith("2")}
+
+    assert statuses("/v1/health", "get") == set()
+    assert statuses("/v1/whoami", "get") == {"401", "403"}
+    assert statuses("/v1/orgs/{org_id}", "get") == {"401", "403", "404", "409", "422"}
+    assert statuses("/v1/offerings", "post") == {"401", "403", "404", "409", "413", "422"}
+    assert statuses("/v1/offerings/{offering_id}/versions", "post") >= {"413", "415", "422"}
+    assert statuses("/v1/offerings/{offering_id}/infer", "post") >= {"403", "429", "503"}
+
+
 def test_revoked_and_expired_keys_are_refused(world) -> None:
     org = world.orgs["consumer"]
     k = world.admin.create_key(org, ["consumer"], name="temp")

@@ -12,6 +12,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +167,37 @@ def sqlite_world(tmp_path: Path, sqlite_url: str) -> Iterator[World]:
         assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500; see data/logs/som.log"
     finally:
         app.state.runtime.close()
+
+
+@contextmanager
+def serve_in_thread(app, *, lifespan: str = "off") -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Run ``app`` under uvicorn on a free loopback port in a thread; yield its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise AssertionError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def live(sqlite_world: World) -> Iterator[tuple[World, str]]:
+    """The SQLite world served by uvicorn on loopback: (world, base URL)."""
+    with serve_in_thread(sqlite_world.app) as url:
+        yield sqlite_world, url

@@ -5,39 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
-import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from marketplace.services import metering
 from marketplace.services.identity import Principal
-
-
-@pytest.fixture
-def live(sqlite_world):  # type: ignore[no-untyped-def]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(sqlite_world.app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise AssertionError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield sqlite_world, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
 
 
 def run(url: str, key: str, *args: str) -> str:

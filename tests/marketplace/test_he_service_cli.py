@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import csv
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,33 +11,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import build_world, make_settings
+from tests.conftest import build_world, make_settings, serve_in_thread
 from tests.marketplace.test_he_service_support import lr_breast_cancer, lr_offering, make_contract
 
 
 @pytest.fixture
 def served(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[Any, str]]:
-    import uvicorn
-
     from marketplace.api.app import create_app
 
     app = create_app(make_settings(tmp_path, sqlite_url, workers=1))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise AssertionError("uvicorn did not start")
-        time.sleep(0.05)
     try:
-        yield build_world(app), f"http://127.0.0.1:{port}"
+        with serve_in_thread(app, lifespan="on") as url:
+            yield build_world(app), url
     finally:
-        server.should_exit = True
-        t.join(timeout=20)
         app.state.runtime.close()
 
 

@@ -9,9 +9,6 @@ import io
 import json
 import logging
 import shutil
-import socket
-import threading
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,29 +225,6 @@ def test_syft_job_runner_on_the_folder_runs_nothing_of_the_consumer(rw: Any, tmp
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def live(sqlite_world: Any) -> Iterator[tuple[Any, str]]:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(sqlite_world.app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise AssertionError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield sqlite_world, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
 
 
 def _som(url: str, key: str, *args: str) -> Any:

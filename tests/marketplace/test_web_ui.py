@@ -15,8 +15,6 @@ import json
 import os
 import re
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 try:
     from playwright.sync_api import expect
@@ -33,7 +30,7 @@ except ImportError:  # the browser fixture skips
 
 from crypto.signing import SigningKey
 from marketplace.sdk import SomAPIError
-from tests.conftest import build_world, make_settings
+from tests.conftest import build_world, make_settings, serve_in_thread
 from tests.crypto import naive_merkle
 from tests.marketplace.models import npz_bytes
 from tests.marketplace.test_contracts_support import make_terms
@@ -115,21 +112,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str,
     app = create_app(make_settings(tmp, f"sqlite:///{tmp / 'som.db'}", checkpoint_interval_seconds=3600))
     w = build_world(app)
     seeded = _seed(w)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        if time.monotonic() > deadline:
-            raise AssertionError("uvicorn did not start")
-        time.sleep(0.05)
     try:
-        yield w, f"http://127.0.0.1:{port}", seeded
+        with serve_in_thread(app) as url:
+            yield w, url, seeded
         assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500"
     finally:
-        srv.should_exit = True
-        t.join(timeout=10)
         app.state.runtime.close()
 
 

@@ -128,7 +128,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
         c.execute(f'CREATE DATABASE "{dbname}"')
     db_url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + dbname
-    redis_url = f"redis://127.0.0.1:6379/{secrets.randbelow(15) + 1}"  # a DB of its own, flushed after
+    # a DB of its own (1..14; 15 is reserved for the no-worker test below), flushed after
+    redis_url = f"redis://127.0.0.1:6379/{secrets.randbelow(14) + 1}"
     ports = [free_port(), free_port()]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
     env.update({
@@ -436,6 +437,8 @@ def test_celery_pool_without_a_worker_is_internal(tmp_path: Path) -> None:
     from marketplace.settings import Settings
     from marketplace.worker.dispatch import CeleryPool
 
+    # DB 15: no cluster fixture uses it, so no worker listens there (the cluster keeps its worker alive
+    # for the whole module)
     pool = CeleryPool(Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/15"))
     task = HETask(store=StoreSpec(str(tmp_path), "local"), version_id="v", model_blob="m", wrapped_key=b"{}",
                   aad="a", keyset_id="k", keyset_blob="b", plan_json="{}", request=b"x")

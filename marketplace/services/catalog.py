@@ -9,9 +9,10 @@ The plaintext is never written anywhere: not to disk, the DB or the logs.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from marketplace.db.base import utcnow
@@ -89,10 +90,14 @@ def search(
         stmt = stmt.where(Offering.org_id == org_id)
     if status:
         stmt = stmt.where(Offering.status == status)
-    rows = list(s.scalars(stmt.order_by(Offering.created_at, Offering.id)))
     if tag:
-        rows = [r for r in rows if tag in (r.tags or [])]
-    return rows[offset : offset + limit], len(rows)
+        # tags is a JSON list of strings stored as its JSON text on both backends; the quoted,
+        # escaped element can only match a whole element.
+        needle = json.dumps(tag).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(cast(Offering.tags, String).like(f"%{needle}%", escape="\\"))
+    total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    rows = list(s.scalars(stmt.order_by(Offering.created_at, Offering.id).limit(limit).offset(offset)))
+    return rows, total
 
 
 def set_status(s: Session, off: Offering, status: str, who: audit.Actor) -> Offering:

@@ -280,3 +280,21 @@ def test_onnx_upload_and_unsupported_operator(world) -> None:
         world.provider.upload_version(off["id"], onnx_bytes(w, b, op="Softplus"), format="onnx")
     assert ei.value.status == 422 and "Softplus" in ei.value.message
     assert len(world.provider.list_versions(off["id"])) == 1
+
+
+def test_tag_filter_matches_whole_tags_only(world) -> None:
+    names = {}
+    for name, tags in [("a", ["medical"]), ("b", ["med"]), ("c", ["a_b", '50%']), ("d", ["axb", 'q"t\\'])]:
+        names[_offering(world.provider, name=name, tags=tags)["id"]] = name
+
+    def found(tag: str) -> list[str]:
+        return sorted(names[o["id"]] for o in world.provider.search_offerings(tag=tag))
+
+    assert found("med") == ["b"]
+    assert found("medical") == ["a"]
+    assert found("a_b") == ["c"]  # '_' is not a wildcard
+    assert found("50%") == ["c"]  # nor is '%'
+    assert found('q"t\\') == ["d"]
+    assert found("ed") == []
+    page = world.provider.get_json("/v1/offerings", tag="med", limit=1, offset=0)
+    assert (page["total"], len(page["items"]), page["next_offset"]) == (1, 1, None)

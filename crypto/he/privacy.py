@@ -1,4 +1,4 @@
-"""Circuit privacy for HE results (DESIGN.md §9): re-randomise and flood before a result leaves.
+"""Circuit privacy for HE results (docs/design.md §9): re-randomise and flood before a result leaves.
 
 For: making a result ciphertext independent of the weights beyond the outputs, against a
 semi-honest consumer (who generated its keys and ciphertexts honestly). Masking of non-output

@@ -1,4 +1,4 @@
-"""Coefficient-level circuit privacy (DESIGN.md §9), on the SEAL ciphertext polynomials.
+"""Coefficient-level circuit privacy (docs/design.md §9), on the SEAL ciphertext polynomials.
 
 TenSEAL serializes zstd-compressed SEAL ciphertexts; ``ciphertext_polynomials`` parses SEAL's
 header (magic 0xA15E, compr_mode, sizes) and decompresses with ``zstandard``. The distinguisher

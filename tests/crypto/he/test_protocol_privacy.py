@@ -1,4 +1,4 @@
-"""Roles across a bytes-only boundary, and circuit privacy (DESIGN.md §9)."""
+"""Roles across a bytes-only boundary, and circuit privacy (docs/design.md §9)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from marketplace.cli.common import client, die, emit, err_console, state
+from marketplace.cli.common import client, die, emit, state
 
 LEDGER_HELP = "The tamper-evident usage ledger: export, verify offline, witness, checkpoints."
 
@@ -138,13 +138,9 @@ def register(app: typer.Typer) -> None:
         """Verify an export offline: leaf hashes, roots at every checkpoint, signatures,
         contiguity, consistency with a kept checkpoint, and every contract's totals against its terms.
 
-        The log key is the one given with --vkey, or the one pinned in --state (default
-        ~/.config/som/ledger-state.json); the export's log.vkey is only compared with it. With
-        neither, the export's key is pinned on first use, with a notice on stderr.
+        The log key trusted is the one given with --vkey, or the one pinned in --state (default ~/.config/som/ledger-state.json); the export's log.vkey is only compared with it. With neither, the export's key is pinned on first use (TOFU), with a notice on stderr: check its fingerprint out of band (`som ledger key`).
 
-        Exit codes: 0 verified; 2 the export or --vkey/state cannot be read; 3 the log does not
-        verify; 4 a leaf breaks its contract; 5 the export's log key or origin is not the
-        trusted one.
+        Exit codes: 0 verified; 2 the export or --vkey/state cannot be read; 3 the log does not verify (changed, missing or reordered leaf, bad signature, fork, kept checkpoint of another history); 4 a leaf breaks its contract; 5 the export's log key or origin is not the trusted one.
         """
         from contracts.errors import ComplianceViolation
         from crypto.logverify import LogVerificationError, UntrustedLogKey
@@ -188,13 +184,13 @@ def register(app: typer.Typer) -> None:
         except ComplianceViolation as e:
             if first_use:
                 trust.pin(st, log_key.vkey, log_key.origin)
-                err_console.print(trust.tofu_notice(log_key, st), style="bold yellow", highlight=False)
+                sys.stderr.write(trust.tofu_notice(log_key, st) + "\n")
             die(f"ledger does NOT comply: leaf {e.index}: {e}", 4)
         except OSError as e:
             die(f"cannot read the export: {e}", 2)
         if first_use:
             trust.pin(st, log_key.vkey, log_key.origin)
-            err_console.print(trust.tofu_notice(log_key, st), style="bold yellow", highlight=False)
+            sys.stderr.write(trust.tofu_notice(log_key, st) + "\n")
         if state(ctx).json:
             emit(ctx, summary)
             return
@@ -311,8 +307,7 @@ def register(app: typer.Typer) -> None:
         """Verify one receipt offline: leaf hash, inclusion proof against the checkpoint, signature
         by the log key you trust (--vkey, or the one pinned in --state by `som ledger verify`).
 
-        Exit codes: 0 verified; 2 the receipt, --vkey or state cannot be read, or no key is
-        trusted yet; 3 the receipt does not verify against the trusted key and origin.
+        Exit codes: 0 verified; 2 the receipt, --vkey or state cannot be read, or no key is trusted yet; 3 the receipt does not verify against the trusted key and origin.
         """
         from crypto.errors import CryptoError
         from marketplace.cli import trust

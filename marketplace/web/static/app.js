@@ -573,7 +573,11 @@ async function checkLogKey(note, cp, vkey) {
   const pinned = pinnedLogKey();
   const served = { vkey, name: parseVkey(vkey).name, fingerprint: await vkeyFingerprint(vkey) };
   if (pinned === null) {
-    await verifyNoteSignature(note, vkey);
+    try {
+      await verifyNoteSignature(note, vkey);
+    } catch (e) {
+      return { state: "unpinned", served, sigError: e.message };
+    }
     return { state: "unpinned", served };
   }
   const mine = { ...pinned, name: parseVkey(pinned.vkey).name, fingerprint: await vkeyFingerprint(pinned.vkey) };
@@ -637,6 +641,7 @@ async function verifyLeaf(leaf, cp, cell, button, trusted) {
     const trust = await trusted;
     if (trust.state === "mismatch") throw new Error("the checkpoint is not the pinned log's: " + trust.problems.join("; "));
     if (trust.state === "error") throw new Error(trust.message);
+    if (trust.sigError) throw new Error(trust.sigError);
     const proof = await api("/v1/ledger/proof/inclusion", { params: { index: leaf.index, size: cp.size } });
     if (proof.size !== cp.size || proof.index !== leaf.index) throw new Error("the server answered for another leaf or tree");
     await verifyInclusion(b64decode(leaf.leaf), leaf.index, cp.size, proof.proof.map(b64decode), cp.root);
@@ -665,7 +670,8 @@ async function ledgerView(params) {
       keyPanel.replaceChildren();
       return;
     }
-    if (trust.state === "unpinned") sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by ${trust.served.name} (the served key; not pinned)`));
+    if (trust.sigError) sig.replaceChildren(h("span", { class: "verified bad" }, `✗ ${trust.sigError}`));
+    else if (trust.state === "unpinned") sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by ${trust.served.name} (the served key; not pinned)`));
     else if (trust.state === "pinned") sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by the pinned key ${trust.pinned.name}`));
     else sig.replaceChildren(h("span", { class: "verified bad" }, "✗ not verified against the pinned key"));
     keyPanel.replaceChildren(logKeyPanel(trust, cp));

@@ -156,7 +156,8 @@ def register(app: typer.Typer) -> None:
                 if got is None:
                     first_use = True
                     shipped = (directory / "log.vkey").read_text()
-                    log_key = trust.read_vkey_arg(shipped.strip(), origin)
+                    got_key = trust.read_vkey_arg(shipped.strip(), origin)
+                    log_key = trust.TrustedLog(got_key.vkey, got_key.origin, f"first use: the export's log.vkey, to be pinned in {st}")
                 else:
                     log_key = got
                     if origin is not None and origin != got.origin:

@@ -2,7 +2,8 @@
 dropped, changed, reordered or rewritten.
 
 For: ``som ledger verify``. Given every leaf (index, exact bytes that were hashed), the signed
-checkpoints and the log's vkey, recompute each leaf hash and the tree root at every checkpoint
+checkpoints and the log's vkey *that the verifier trusts* (obtained out of band, or pinned on
+first use: never the one shipped with the data), recompute each leaf hash and the tree root at every checkpoint
 size in one incremental pass (RFC 9162 §2.1.1 via :class:`crypto.merkle.CompactRange`), check
 each checkpoint's signature (C2SP signed note) and root, and check that a checkpoint the officer
 kept from earlier (``trusted_checkpoint``) describes the same history.
@@ -12,10 +13,13 @@ fetching anything over the network, or verifying single receipts (see :mod:`cryp
 
 Export layout: ``DIR/leaves.jsonl`` (one ``{"index": i, "leaf": "<base64>"}`` per line),
 ``DIR/checkpoints/*.note`` (signed checkpoint notes), ``DIR/log.vkey`` (the log's vkey text).
-Other files may sit beside them and are ignored.
+Other files may sit beside them and are ignored. ``DIR/log.vkey`` is only *compared* against the
+trusted key (as Go's sumdb and Sigstore clients pin their trust root): an export re-signed under
+another key, with its own ``log.vkey``, is refused with :class:`UntrustedLogKey`.
 
 Every failure raises :class:`LogVerificationError` naming the first bad leaf index or
-checkpoint file.
+checkpoint file; :class:`UntrustedLogKey` (a subclass) when the export's key or origin is not
+the trusted one.
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from crypto.note import NoteVerifier
 __all__ = [
     "LogSummary",
     "LogVerificationError",
+    "UntrustedLogKey",
     "read_export_leaves",
     "verify_export_dir",
     "verify_log",
+    "verify_trusted_vkey",
+    "vkey_fingerprint",
 ]
 
 LeafCheck = Callable[[int, bytes], None]
@@ -46,6 +53,55 @@ LeafCheck = Callable[[int, bytes], None]
 
 class LogVerificationError(CryptoError):
     """The export does not verify; the message names the first bad leaf or checkpoint."""
+
+
+class UntrustedLogKey(LogVerificationError):
+    """The export's log key or origin is not the one the verifier trusts (expected vs got)."""
+
+
+def vkey_fingerprint(vkey: str) -> str:
+    """The fingerprint people compare out of band: SHA-256 of the vkey's key bytes (the decoded
+    base64 part: signature type byte and public key), first 16 hex digits in groups of 4.
+
+    Shell equivalent: ``cut -d+ -f3- log.vkey | base64 -d | sha256sum | cut -c1-16``.
+    Raises ``ValueError`` if ``vkey`` is not a C2SP note verifier key.
+    """
+    try:
+        verifier = NoteVerifier.from_vkey(vkey)
+    except (KeyMaterialError, TypeError) as e:
+        raise ValueError(f"not a C2SP note verifier key (name+keyid+base64): {e}") from e
+    digest = hashlib.sha256(bytes([verifier.alg]) + verifier.key.raw).hexdigest()[:16]
+    return " ".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+
+def _describe(verifier: NoteVerifier) -> str:
+    return f"{verifier.name} (fingerprint {vkey_fingerprint(verifier.vkey())})"
+
+
+def _trusted(trusted_vkey: str) -> NoteVerifier:
+    if not isinstance(trusted_vkey, str) or not trusted_vkey.strip():
+        raise ValueError("trusted_vkey: the log's vkey obtained out of band is required")
+    try:
+        return NoteVerifier.from_vkey(trusted_vkey)
+    except (KeyMaterialError, TypeError) as e:
+        raise ValueError(f"trusted_vkey is not a C2SP note verifier key: {e}") from e
+
+
+def verify_trusted_vkey(exported_vkey: str, trusted_vkey: str) -> None:
+    """Check that the vkey shipped with an export is the trusted one; raise
+    :class:`UntrustedLogKey` naming expected vs got (name and fingerprint) if not, or
+    :class:`LogVerificationError` if the shipped one does not parse. ``ValueError`` if
+    ``trusted_vkey`` itself is not a vkey. The shipped key is never used to verify anything."""
+    trusted = _trusted(trusted_vkey)
+    try:
+        got = NoteVerifier.from_vkey(exported_vkey)
+    except (KeyMaterialError, TypeError) as e:
+        raise LogVerificationError(f"log.vkey in the export is not valid: {e}") from e
+    if (got.name, got.key.raw) != (trusted.name, trusted.key.raw):
+        raise UntrustedLogKey(
+            f"the export's log key is not the trusted one: expected {_describe(trusted)}, "
+            f"got {_describe(got)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -75,8 +131,9 @@ def _b64(h: bytes) -> str:
 def verify_log(
     leaves: Iterable[tuple[int, bytes]],
     checkpoints: Sequence[bytes] | Mapping[str, bytes],
-    vkey: str,
+    trusted_vkey: str,
     *,
+    origin: str | None = None,
     trusted_checkpoint: bytes | None = None,
     trusted_proof: Sequence[bytes] | None = None,
     leaf_check: LeafCheck | None = None,
@@ -85,15 +142,18 @@ def verify_log(
 
     ``leaves`` yields ``(index, leaf bytes)`` in order, indexes contiguous from 0.
     ``checkpoints`` are signed notes, by name (e.g. file name) or in a list.
+    ``trusted_vkey`` is the log's vkey the verifier trusts (out of band or pinned; required):
+    every checkpoint must be signed by it. ``origin`` is the log's origin the verifier expects
+    (default: the trusted key's name, as c2sp.org/tlog-checkpoint logs name their key); a
+    checkpoint of another origin raises :class:`UntrustedLogKey`. ``ValueError`` if
+    ``trusted_vkey`` is not a vkey.
     ``trusted_checkpoint`` is a signed note kept from before: its root must equal the root
     recomputed at its size; if it is newer than the export, ``trusted_proof`` must be an
     RFC 9162 consistency proof from the export's size to it.
     ``leaf_check(index, leaf)`` may raise to reject a leaf (wrapped, naming the index).
     """
-    try:
-        verifier = NoteVerifier.from_vkey(vkey)
-    except (KeyMaterialError, TypeError) as e:
-        raise LogVerificationError(f"log vkey is not valid: {e}") from e
+    verifier = _trusted(trusted_vkey)
+    want_origin = verifier.name if origin is None else origin
     named = (
         list(checkpoints.items())
         if isinstance(checkpoints, Mapping)
@@ -106,12 +166,13 @@ def verify_log(
     parsed: list[tuple[str, Checkpoint]] = []
     for name, note in named:
         parsed.append((name, _open(name, note, verifier)))
-    origin = parsed[0][1].origin
     for name, cp in parsed:
-        if cp.origin != origin:
-            raise LogVerificationError(
-                f"{name}: origin {cp.origin!r} differs from {parsed[0][0]}'s {origin!r}"
+        if cp.origin != want_origin:
+            raise UntrustedLogKey(
+                f"{name}: origin {cp.origin!r} is not the trusted log's: expected "
+                f"{want_origin!r}, got {cp.origin!r}"
             )
+    origin = want_origin
     trusted: Checkpoint | None = None
     if trusted_checkpoint is not None:
         trusted = _open("trusted checkpoint", trusted_checkpoint, verifier)
@@ -230,8 +291,8 @@ def _open(name: str, note: bytes, verifier: NoteVerifier) -> Checkpoint:
         return open_checkpoint(note, verifier)
     except InvalidSignature as e:
         raise LogVerificationError(
-            f"{name}: not a checkpoint signed by the log key {verifier.name} "
-            f"({verifier.key_id.hex()}): {e}"
+            f"{name}: not a checkpoint signed by the trusted log key {verifier.name} "
+            f"({verifier.key_id.hex()}, fingerprint {vkey_fingerprint(verifier.vkey())}): {e}"
         ) from e
 
 
@@ -279,11 +340,15 @@ def read_export_leaves(path: Path) -> Iterator[tuple[int, bytes]]:
 def verify_export_dir(
     path: str | Path,
     *,
+    trusted_vkey: str,
+    origin: str | None = None,
     trusted_checkpoint: bytes | None = None,
     trusted_proof: Sequence[bytes] | None = None,
     leaf_check: LeafCheck | None = None,
 ) -> LogSummary:
-    """Verify an export directory (layout in the module docstring). See :func:`verify_log`."""
+    """Verify an export directory (layout in the module docstring) against ``trusted_vkey``
+    (required: the key obtained out of band or pinned, never ``DIR/log.vkey``, which is only
+    compared with it: :func:`verify_trusted_vkey`). See :func:`verify_log`."""
     root = Path(path)
     leaves_path, cp_dir, vkey_path = root / "leaves.jsonl", root / "checkpoints", root / "log.vkey"
     for p in (leaves_path, cp_dir, vkey_path):
@@ -294,10 +359,12 @@ def verify_export_dir(
         for p in sorted(cp_dir.glob("*.note"))
         if p.is_file()
     }
+    verify_trusted_vkey(vkey_path.read_text(), trusted_vkey)
     return verify_log(
         read_export_leaves(leaves_path),
         notes,
-        vkey_path.read_text(),
+        trusted_vkey,
+        origin=origin,
         trusted_checkpoint=trusted_checkpoint,
         trusted_proof=trusted_proof,
         leaf_check=leaf_check,

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from contracts.terms import JobLimits, Terms  # noqa: E402
+from crypto.logverify import vkey_fingerprint  # noqa: E402
 from crypto.signing import SigningKey  # noqa: E402
 from marketplace.sdk import SomClient  # noqa: E402
 from marketplace.sdk.ledger_api import verify_receipt  # noqa: E402
@@ -122,6 +123,12 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
         keys[role] = admin.create_key(org["id"], [role], name=f"{role} key")["key"]
         ok(f"organisation {name!r} ({org['id']}) with a {role} key")
     provider, consumer, compliance = (SomClient(url, keys[r]) for r in ("provider", "consumer", "compliance"))
+    # The log's verifier key, fetched once at setup (GET /v1/ledger/key) and kept: the officer and
+    # the consumer check exports and receipts against it, never against a key shipped with them.
+    # In real life compare its fingerprint with the one the operator publishes.
+    log_vkey = compliance.ledger_key()
+    (work / "log.vkey").write_text(log_vkey + "\n")
+    ok(f"log key pinned at setup: {log_vkey.split('+')[0]} fingerprint {vkey_fingerprint(log_vkey)}")
 
     step("2. Provider lists a model")
     Xtr, Xte, yte, plain_logits, npz = train_model()
@@ -172,8 +179,8 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
        f"agreement with plaintext {agree:.1%}, max |Δp| {np.max(np.abs(probs - plain)):.2e}")
     assert agree >= 0.99
     receipt = consumer.last_receipt
-    verify_receipt(receipt, consumer.ledger_key())
-    ok(f"usage receipt verified offline: leaf #{receipt['index']} included in the signed checkpoint")
+    verify_receipt(receipt, log_vkey)
+    ok(f"usage receipt verified offline against the pinned log key: leaf #{receipt['index']} included in the signed checkpoint")
 
     step("6. A provider-hosted model and a remote job: the weights never move")
     model_path = work / "provider-host" / "model.npz"
@@ -227,7 +234,7 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     som("ledger", "checkpoint", "--sign", env=cenv)
     export = work / "ledger-export"
     som("ledger", "export", str(export), env=cenv)
-    for line in som("ledger", "verify", str(export), env=cenv).strip().splitlines():
+    for line in som("ledger", "verify", str(export), "--vkey", str(work / "log.vkey"), env=cenv).strip().splitlines():
         ok(line)
     state = work / "witness.json"
     for line in som("ledger", "witness", "--state", str(state), env=cenv).strip().splitlines()[-2:]:

@@ -29,7 +29,7 @@ from contracts.offer import Contract, ContractEvent, contract_status, verify_cha
 from contracts.records import parse_record, parse_time
 from crypto.canonical import canonicalize
 from crypto.errors import DecryptionError, InvalidProof, InvalidSignature
-from crypto.logverify import LogVerificationError
+from crypto.logverify import LogVerificationError, UntrustedLogKey
 from crypto.merkle import MerkleTree, leaf_hash, verify_consistency
 from crypto.note import CosignatureVerifier, NoteVerifier, open_note, verify_cosignature
 from crypto.sealing import DEFAULT_MAX_SIZE, SealKeyPair, open_sealed
@@ -57,6 +57,7 @@ ERRORS: dict[str, type[Exception]] = {
     "InvalidProof": InvalidProof,
     "DecryptionError": DecryptionError,
     "LogVerificationError": LogVerificationError,
+    "UntrustedLogKey": UntrustedLogKey,
     "ForkDetected": ForkDetected,
     "RollbackRefused": RollbackRefused,
     "WitnessConflict": WitnessConflict,
@@ -272,13 +273,15 @@ def run_verify_export(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> 
         p.write_bytes(text.encode())
     (d / "checkpoints").mkdir(parents=True, exist_ok=True)
     try:
-        summary = verify_dir(d)
+        summary = verify_dir(d, trusted_vkey=section["trusted_vkey"], origin=c.get("origin"))
     except ComplianceViolation as e:
         assert e.index == c["want_index"], e
         assert c["want_message"] in str(e)
         raise
     except LogVerificationError as e:
         assert c.get("want_message", "") in str(e)
+        # An untrusted key or origin is told apart from a tampered log (exit 5 vs 3).
+        assert isinstance(e, UntrustedLogKey) == (c["want_error"] == "UntrustedLogKey"), e
         raise
     assert summary == c["want_summary"]
 
@@ -382,8 +385,9 @@ def test_the_ledger_service_returns_the_vector_receipts(tmp_path: Path) -> None:
 
 
 def test_som_ledger_verify_cli_on_the_export_vectors(tmp_path: Path) -> None:
-    """`som --json ledger verify DIR`: exit 0 with the summary, 3 for a log failure, 4 naming
-    the leaf for a contract violation (docs/ledger.md)."""
+    """`som --json ledger verify DIR --vkey KEY`: exit 0 with the summary, 3 for a log failure,
+    4 naming the leaf for a contract violation, 5 for an export under another key or origin
+    (docs/ledger.md)."""
     from typer.testing import CliRunner
 
     from marketplace.cli import app
@@ -392,13 +396,15 @@ def test_som_ledger_verify_cli_on_the_export_vectors(tmp_path: Path) -> None:
     by_error: dict[str | None, dict[str, Any]] = {}
     for c in DOC["exports"]["cases"]:
         by_error.setdefault(c["want_error"], c)
-    for want, code in ((None, 0), ("LogVerificationError", 3), ("ComplianceViolation", 4)):
+    vkey = DOC["exports"]["trusted_vkey"]
+    for want, code in ((None, 0), ("LogVerificationError", 3), ("ComplianceViolation", 4), ("UntrustedLogKey", 5)):
         c = by_error[want]
         d = tmp_path / f"export-{code}"
         for rel, text in c["files"].items():
             (d / rel).parent.mkdir(parents=True, exist_ok=True)
             (d / rel).write_bytes(text.encode())
-        r = runner.invoke(app, ["--json", "ledger", "verify", str(d)], catch_exceptions=False)
+        origin = ["--origin", c["origin"]] if "origin" in c else []
+        r = runner.invoke(app, ["--json", "ledger", "verify", str(d), "--vkey", vkey, *origin], catch_exceptions=False)
         assert r.exit_code == code, r.output
         if want is None:
             assert json.loads(r.stdout) == c["want_summary"]

@@ -1,7 +1,9 @@
 """``som ledger`` (export, verify, witness, checkpoint) and ``som receipt verify``.
 
 ``verify`` and ``receipt verify`` are offline: they use ``crypto`` and ``contracts`` only, never
-the server. ``export``, ``witness`` and ``checkpoint`` talk to the server.
+the server. ``export``, ``key``, ``witness`` and ``checkpoint`` talk to the server. The verifiers
+trust the log key given with ``--vkey`` or pinned in the local state (:mod:`marketplace.cli.trust`),
+never the ``log.vkey`` shipped inside an export.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from marketplace.cli.common import client, die, emit, state
 
 LEDGER_HELP = "The tamper-evident usage ledger: export, verify offline, witness, checkpoints."
 
+_VKEY_HELP = "The log's vkey obtained out of band: a C2SP vkey string, or a file holding one."
+_ORIGIN_HELP = "The log's origin you expect (default: the trusted key's name)."
+_STATE_HELP = (
+    "Trust state (JSON; the file `som ledger witness --state` keeps). Without --vkey, the log "
+    "key pinned there is trusted; if none is, the first verified key is pinned (TOFU)."
+)
+
 
 def _write_private(path: Path, data: bytes) -> None:
     """Atomically write ``data`` to ``path`` with mode 0600."""
@@ -32,8 +41,11 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def verify_dir(path: Path, *, trusted: Path | None = None) -> dict[str, Any]:
-    """Verify an export directory offline; return a summary dict.
+def verify_dir(
+    path: Path, *, trusted_vkey: str, origin: str | None = None, trusted: Path | None = None
+) -> dict[str, Any]:
+    """Verify an export directory offline against ``trusted_vkey`` (and ``origin``, default the
+    key's name); return a summary dict.
 
     One pass over ``leaves.jsonl``: each line is decoded once; its leaf bytes are hashed into the
     Merkle tree (:func:`crypto.logverify.verify_export_dir`: roots at every checkpoint,
@@ -60,7 +72,10 @@ def verify_dir(path: Path, *, trusted: Path | None = None) -> dict[str, Any]:
             except ComplianceViolation as e:
                 violation = e
 
-    log = verify_export_dir(path, trusted_checkpoint=trusted_note, leaf_check=leaf_check)
+    log = verify_export_dir(
+        path, trusted_vkey=trusted_vkey, origin=origin, trusted_checkpoint=trusted_note,
+        leaf_check=leaf_check,
+    )
     if violation is not None:
         raise violation
     comp = walk.summary()
@@ -114,20 +129,69 @@ def register(app: typer.Typer) -> None:
         trusted_checkpoint: Path | None = typer.Option(
             None, "--trusted-checkpoint", help="A signed checkpoint note you kept from before."
         ),
+        vkey: str | None = typer.Option(None, "--vkey", help=_VKEY_HELP),
+        origin: str | None = typer.Option(None, "--origin", help=_ORIGIN_HELP),
+        state_file: Path | None = typer.Option(
+            None, "--state", envvar="SOM_LEDGER_STATE", help=_STATE_HELP, show_default=False
+        ),
     ) -> None:
         """Verify an export offline: leaf hashes, roots at every checkpoint, signatures,
-        contiguity, consistency with a kept checkpoint, and every contract's totals against its terms."""
-        from contracts.errors import ComplianceViolation
-        from crypto.logverify import LogVerificationError
+        contiguity, consistency with a kept checkpoint, and every contract's totals against its terms.
 
+        The log key trusted is the one given with --vkey, or the one pinned in --state (default ~/.config/som/ledger-state.json); the export's log.vkey is only compared with it. With neither, the export's key is pinned on first use (TOFU), with a notice on stderr: check its fingerprint out of band (`som ledger key`).
+
+        Exit codes: 0 verified; 2 the export or --vkey/state cannot be read; 3 the log does not verify (changed, missing or reordered leaf, bad signature, fork, kept checkpoint of another history); 4 a leaf breaks its contract; 5 the export's log key or origin is not the trusted one.
+        """
+        from contracts.errors import ComplianceViolation
+        from crypto.logverify import LogVerificationError, UntrustedLogKey
+        from marketplace.cli import trust
+
+        st = state_file or trust.default_state_path()
+        first_use = False
         try:
-            summary = verify_dir(directory, trusted=trusted_checkpoint)
+            if vkey is not None:
+                log_key = trust.read_vkey_arg(vkey, origin)
+            else:
+                got = trust.pinned(st)
+                if got is None:
+                    first_use = True
+                    shipped = (directory / "log.vkey").read_text()
+                    got_key = trust.read_vkey_arg(shipped.strip(), origin)
+                    log_key = trust.TrustedLog(got_key.vkey, got_key.origin, f"first use: the export's log.vkey, to be pinned in {st}")
+                else:
+                    log_key = got
+                    if origin is not None and origin != got.origin:
+                        die(
+                            f"the log is NOT the trusted one: --origin {origin!r} but "
+                            f"{got.source} is {got.origin!r}",
+                            trust.EXIT_UNTRUSTED,
+                        )
+        except trust.TrustError as e:
+            die(str(e), 2)
+        except OSError as e:
+            die(f"cannot read the export: {e}", 2)
+        try:
+            summary = verify_dir(
+                directory, trusted_vkey=log_key.vkey, origin=log_key.origin, trusted=trusted_checkpoint
+            )
+        except UntrustedLogKey as e:
+            die(
+                f"the log is NOT the trusted one ({log_key.source}): {e}. If the operator really "
+                f"rotated its key, check the new one out of band and pass it with --vkey.",
+                trust.EXIT_UNTRUSTED,
+            )
         except LogVerificationError as e:
             die(f"ledger does NOT verify: {e}", 3)
         except ComplianceViolation as e:
+            if first_use:
+                trust.pin(st, log_key.vkey, log_key.origin)
+                sys.stderr.write(trust.tofu_notice(log_key, st) + "\n")
             die(f"ledger does NOT comply: leaf {e.index}: {e}", 4)
         except OSError as e:
             die(f"cannot read the export: {e}", 2)
+        if first_use:
+            trust.pin(st, log_key.vkey, log_key.origin)
+            sys.stderr.write(trust.tofu_notice(log_key, st) + "\n")
         if state(ctx).json:
             emit(ctx, summary)
             return
@@ -142,6 +206,20 @@ def register(app: typer.Typer) -> None:
                 f"contract {cid}: {t['charged_units']} units charged, {amount}, "
                 f"{t['usage_records']} usage records ({t['released_records']} released)"
             )
+
+    @led.command("key")
+    def key_cmd(
+        ctx: typer.Context,
+        out: Path | None = typer.Option(None, "--out", help="Also write the vkey to this file."),
+    ) -> None:
+        """Fetch the log's vkey (GET /v1/ledger/key) and show its fingerprint, to compare with the
+        one the operator publishes before passing it to `som ledger verify --vkey`."""
+        from crypto.logverify import vkey_fingerprint
+
+        vk = client(ctx).ledger_key()
+        if out is not None:
+            out.write_text(vk + "\n")
+        emit(ctx, {"vkey": vk, "fingerprint": vkey_fingerprint(vk)})
 
     @led.command("checkpoint")
     def checkpoint(
@@ -212,7 +290,7 @@ def register(app: typer.Typer) -> None:
         except (WitnessError, InvalidSignature) as e:
             die(f"refusing to cosign: {e}", 6)
         cosigned = add_signature_lines(note, line)
-        saved = {"log_vkey": log_vkey, "witness_vkey": w.vkey, "state": new_state.to_json(), "cosigned": cosigned.decode()}
+        saved = {**saved, "log_vkey": log_vkey, "witness_vkey": w.vkey, "state": new_state.to_json(), "cosigned": cosigned.decode()}
         _write_private(state_file, json.dumps(saved, indent=2).encode() + b"\n")
         emit(ctx, {"cosigned_size": new_state.size, "previous_size": old, "witness_vkey": w.vkey})
 
@@ -220,21 +298,49 @@ def register(app: typer.Typer) -> None:
     def receipt_verify(
         ctx: typer.Context,
         receipt_file: Path = typer.Argument(..., help="A receipt (JSON) from a metered response."),
-        vkey: Path = typer.Option(..., "--vkey", help="The log's vkey file (`som ledger export` writes log.vkey)."),
+        vkey: str | None = typer.Option(None, "--vkey", help=_VKEY_HELP),
+        origin: str | None = typer.Option(None, "--origin", help=_ORIGIN_HELP),
+        state_file: Path | None = typer.Option(
+            None, "--state", envvar="SOM_LEDGER_STATE", show_default=False,
+            help="Trust state (JSON; as `som ledger verify --state`): without --vkey, the log key pinned there.",
+        ),
     ) -> None:
-        """Verify one receipt offline: leaf hash, inclusion proof against the checkpoint, signature."""
+        """Verify one receipt offline: leaf hash, inclusion proof against the checkpoint, signature
+        by the log key you trust (--vkey, or the one pinned in --state by `som ledger verify`).
+
+        Exit codes: 0 verified; 2 the receipt, --vkey or state cannot be read, or no key is trusted yet; 3 the receipt does not verify against the trusted key and origin.
+        """
         from crypto.errors import CryptoError
+        from marketplace.cli import trust
         from marketplace.sdk.ledger_api import verify_receipt
 
+        st = state_file or trust.default_state_path()
+        try:
+            log_key = trust.read_vkey_arg(vkey, origin) if vkey is not None else trust.pinned(st)
+        except trust.TrustError as e:
+            die(str(e), 2)
+        if log_key is None:
+            die(
+                f"no trusted log key: pass --vkey FILE_OR_TEXT (the log's key obtained out of band) "
+                f"or pin one in {st} with `som ledger verify`",
+                2,
+            )
+            return
+        if origin is not None and origin != log_key.origin:
+            die(f"receipt NOT from the trusted log: --origin {origin!r} but {log_key.source} is {log_key.origin!r}", 3)
         try:
             obj = json.loads(receipt_file.read_text())
             if isinstance(obj, dict) and "receipt" in obj and "index" not in obj:
                 obj = obj["receipt"]
-            cp = verify_receipt(obj, vkey.read_text().strip())
+            cp = verify_receipt(obj, log_key.vkey, origin=log_key.origin)
         except (OSError, ValueError) as e:
             die(f"not a readable receipt: {e}", 2)
         except CryptoError as e:
-            die(f"receipt does NOT verify: {e}", 3)
+            die(
+                f"receipt does NOT verify against the trusted log key {log_key.origin} "
+                f"(fingerprint {log_key.fingerprint}, {log_key.source}): {e}",
+                3,
+            )
         record = json.loads(base64.b64decode(obj["leaf"]))
         emit(
             ctx,

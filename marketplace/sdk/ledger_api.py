@@ -1,7 +1,9 @@
 """SDK: the usage ledger (checkpoints, proofs, leaves, export, receipts) and offline receipt checks.
 
 :func:`verify_receipt` needs only ``crypto``: a consumer holding a receipt and the log's vkey can
-check it without the server.
+check it without the server. The vkey is the caller's trust root, obtained out of band (or pinned
+on first use); a receipt carries no key of its own, and none from the server that issued it is
+taken on faith.
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ def _b64(value: Any, what: str) -> bytes:
         raise ValueError(f"receipt.{what}: not base64") from e
 
 
-def verify_receipt(receipt: Mapping[str, Any], vkey: str, *, origin: str | None = None) -> Checkpoint:
-    """Check a receipt offline; return the checkpoint it is anchored in.
+def verify_receipt(
+    receipt: Mapping[str, Any], trusted_vkey: str, *, origin: str | None = None
+) -> Checkpoint:
+    """Check a receipt offline against the log key the caller trusts; return the checkpoint it is
+    anchored in.
 
-    Checks the log's signature on the checkpoint, that ``leaf_hash`` is the RFC 9162 hash of
+    ``trusted_vkey`` (required) is the log's C2SP vkey obtained out of band, never one that came
+    with the receipt. ``origin`` is the log's expected origin (default: the key's name).
+    Checks the trusted key's signature on the checkpoint and its origin, that ``leaf_hash`` is the RFC 9162 hash of
     ``leaf``, and the inclusion proof of ``index`` against the checkpoint's size and root.
     Raises ``ValueError`` for a malformed receipt, :class:`crypto.errors.InvalidSignature` or
     :class:`crypto.errors.InvalidProof` if it does not verify.
@@ -55,7 +62,10 @@ def verify_receipt(receipt: Mapping[str, Any], vkey: str, *, origin: str | None 
     note = receipt["checkpoint"]
     if not isinstance(note, str):
         raise ValueError("receipt.checkpoint: expected the signed note text")
-    cp = open_checkpoint(note.encode(), NoteVerifier.from_vkey(vkey), origin=origin)
+    if not isinstance(trusted_vkey, str) or not trusted_vkey.strip():
+        raise ValueError("trusted_vkey: the log's vkey obtained out of band is required")
+    verifier = NoteVerifier.from_vkey(trusted_vkey)
+    cp = open_checkpoint(note.encode(), verifier, origin=verifier.name if origin is None else origin)
     h = leaf_hash(leaf)
     if h != claimed:
         raise InvalidProof("receipt leaf hash does not match its leaf")

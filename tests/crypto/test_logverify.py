@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from crypto.checkpoint import Checkpoint, sign_checkpoint
-from crypto.logverify import LogVerificationError, verify_export_dir, verify_log
+from crypto.logverify import (
+    LogVerificationError,
+    UntrustedLogKey,
+    verify_export_dir,
+    verify_log,
+    vkey_fingerprint,
+)
 from crypto.merkle import CompactRange, MerkleTree, leaf_hash
 from crypto.note import NoteSigner
 from crypto.signing import SigningKey
@@ -59,17 +65,17 @@ def read_lines(path: Path) -> list[str]:
     return (path / "leaves.jsonl").read_text().splitlines(keepends=True)
 
 
-def test_valid_export_verifies(export):
+def test_valid_export_verifies(export, signer):
     path, leaves, tree = export
     seen = []
-    summary = verify_export_dir(path, leaf_check=lambda i, d: seen.append((i, d)))
+    summary = verify_export_dir(path, trusted_vkey=signer.verifier.vkey(), leaf_check=lambda i, d: seen.append((i, d)))
     assert (summary.leaves, summary.checkpoints, summary.latest_size) == (N, 4, N)
     assert summary.latest_root == tree.root()
     assert summary.origin == ORIGIN
     assert seen == list(enumerate(leaves))
 
 
-def test_one_byte_of_a_leaf_changed(export):
+def test_one_byte_of_a_leaf_changed(export, signer):
     path, leaves, _ = export
     lines = read_lines(path)
     tampered = bytearray(leaves[20])
@@ -77,35 +83,35 @@ def test_one_byte_of_a_leaf_changed(export):
     lines[20] = json.dumps({"index": 20, "leaf": base64.b64encode(bytes(tampered)).decode()}) + "\n"
     (path / "leaves.jsonl").write_text("".join(lines))
     with pytest.raises(LogVerificationError, match=r"00000029\.note.*\[16, 29\)"):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
-def test_leaf_dropped(export):
+def test_leaf_dropped(export, signer):
     path, *_ = export
     lines = read_lines(path)
     del lines[7]
     (path / "leaves.jsonl").write_text("".join(lines))
     with pytest.raises(LogVerificationError, match=r"^leaf 7: found index 8"):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
-def test_last_leaves_dropped(export):
+def test_last_leaves_dropped(export, signer):
     path, *_ = export
     (path / "leaves.jsonl").write_text("".join(read_lines(path)[:35]))
     with pytest.raises(LogVerificationError, match=r"00000040\.note has size 40.*only 35"):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
-def test_two_leaves_reordered(export):
+def test_two_leaves_reordered(export, signer):
     path, *_ = export
     lines = read_lines(path)
     lines[10], lines[11] = lines[11], lines[10]
     (path / "leaves.jsonl").write_text("".join(lines))
     with pytest.raises(LogVerificationError, match=r"^leaf 10: found index 11"):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
-def test_two_leaves_reordered_and_renumbered(export):
+def test_two_leaves_reordered_and_renumbered(export, signer):
     path, leaves, _ = export
     swapped = list(leaves)
     swapped[10], swapped[11] = swapped[11], swapped[10]
@@ -115,10 +121,10 @@ def test_two_leaves_reordered_and_renumbered(export):
     ]
     (path / "leaves.jsonl").write_text("".join(lines))
     with pytest.raises(LogVerificationError, match=r"00000016\.note.*\[5, 16\)"):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
-def test_checkpoint_resigned_by_another_key(export):
+def test_checkpoint_resigned_by_another_key(export, signer):
     path, _, tree = export
     impostor = NoteSigner(ORIGIN, SigningKey.generate())
     note = sign_checkpoint(Checkpoint(ORIGIN, 16, tree.root(16)), impostor)
@@ -126,10 +132,57 @@ def test_checkpoint_resigned_by_another_key(export):
     with pytest.raises(
         LogVerificationError, match=r"^checkpoints/00000016\.note: not a checkpoint"
     ):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
-def test_checkpoint_with_tampered_root(export):
+def test_export_resigned_with_its_own_vkey_is_refused(tmp_path, signer):
+    """The attack: drop leaves, re-sign everything under a new key (and even another origin),
+    ship that key as log.vkey. It is self-consistent; only the pinned key can tell."""
+    impostor = NoteSigner(ORIGIN, SigningKey.generate())
+    path = tmp_path / "resigned"
+    write_export(path, make_leaves(N)[:30], impostor, sizes=(5, 30))
+    # The shipped key alone would verify it: the old behaviour.
+    verify_export_dir(path, trusted_vkey=impostor.verifier.vkey())
+    with pytest.raises(UntrustedLogKey, match="expected som.example/ledger .*fingerprint") as e:
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
+    assert vkey_fingerprint(signer.verifier.vkey()) in str(e.value)
+    assert vkey_fingerprint(impostor.verifier.vkey()) in str(e.value)
+    # The impostor's checkpoints with the real log.vkey: a signature failure (not a trust one).
+    (path / "log.vkey").write_text(signer.verifier.vkey() + "\n")
+    with pytest.raises(LogVerificationError, match="not a checkpoint signed by the trusted log key") as e2:
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
+    assert not isinstance(e2.value, UntrustedLogKey)
+
+
+def test_other_origin_is_refused(tmp_path, signer):
+    other = NoteSigner("evil.example/ledger", SigningKey.generate())
+    path = tmp_path / "other"
+    write_export(path, make_leaves(N), other)
+    with pytest.raises(UntrustedLogKey, match="evil.example/ledger"):
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
+    # Checkpoints of another origin, signed by the trusted key itself, are refused too.
+    leaves = make_leaves(5)
+    note = sign_checkpoint(Checkpoint("som.example/other", 5, MerkleTree(leaves).root()), signer)
+    with pytest.raises(UntrustedLogKey, match="expected 'som.example/ledger', got 'som.example/other'"):
+        verify_log(enumerate(leaves), [note], signer.verifier.vkey())
+    assert verify_log(enumerate(leaves), [note], signer.verifier.vkey(), origin="som.example/other").leaves == 5
+    with pytest.raises(UntrustedLogKey, match="expected 'x.example'"):
+        verify_log(enumerate(leaves), [note], signer.verifier.vkey(), origin="x.example")
+
+
+def test_vkey_fingerprint(signer):
+    import hashlib
+
+    vk = signer.verifier.vkey()
+    raw = base64.b64decode(vk.split("+", 2)[2])
+    want = hashlib.sha256(raw).hexdigest()[:16]
+    fp = vkey_fingerprint(vk)
+    assert fp.replace(" ", "") == want and len(fp.split(" ")) == 4
+    with pytest.raises(ValueError, match="C2SP"):
+        vkey_fingerprint("nope")
+
+
+def test_checkpoint_with_tampered_root(export, signer):
     path, *_ = export
     p = path / "checkpoints" / "00000029.note"
     lines = p.read_text().split("\n")
@@ -138,7 +191,7 @@ def test_checkpoint_with_tampered_root(export):
     lines[2] = base64.b64encode(bytes(root)).decode()
     p.write_text("\n".join(lines))
     with pytest.raises(LogVerificationError, match=r"^checkpoints/00000029\.note"):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
 def test_history_rewritten_and_resigned_caught_by_trusted_checkpoint(tmp_path, signer):
@@ -146,16 +199,16 @@ def test_history_rewritten_and_resigned_caught_by_trusted_checkpoint(tmp_path, s
     old = tmp_path / "old"
     write_export(old, make_leaves(N), signer)
     kept = (old / "checkpoints" / "00000016.note").read_bytes()
-    assert verify_export_dir(old, trusted_checkpoint=kept).trusted_size == 16
+    assert verify_export_dir(old, trusted_vkey=signer.verifier.vkey(), trusted_checkpoint=kept).trusted_size == 16
 
     # The operator rewrites leaf 3 and re-signs everything with the real log key.
     rewritten = make_leaves(N)
     rewritten[3] = b'{"i": 3, "kind": "use", "units": 0}'
     new = tmp_path / "new"
     write_export(new, rewritten, signer)
-    verify_export_dir(new)  # self-consistent: only the kept checkpoint can tell
+    verify_export_dir(new, trusted_vkey=signer.verifier.vkey())  # self-consistent: only the kept checkpoint can tell
     with pytest.raises(LogVerificationError, match=r"^trusted checkpoint \(size 16.*rewritten"):
-        verify_export_dir(new, trusted_checkpoint=kept)
+        verify_export_dir(new, trusted_vkey=signer.verifier.vkey(), trusted_checkpoint=kept)
 
 
 def test_trusted_checkpoint_newer_than_export(tmp_path, signer):
@@ -165,13 +218,13 @@ def test_trusted_checkpoint_newer_than_export(tmp_path, signer):
     write_export(path, leaves[:N], signer)
     newer = sign_checkpoint(Checkpoint(ORIGIN, 60, full.root()), signer)
     with pytest.raises(LogVerificationError, match="newer than the export"):
-        verify_export_dir(path, trusted_checkpoint=newer)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey(), trusted_checkpoint=newer)
     proof = full.consistency_proof(N, 60)
-    assert verify_export_dir(path, trusted_checkpoint=newer, trusted_proof=proof).trusted_size == 60
+    assert verify_export_dir(path, trusted_vkey=signer.verifier.vkey(), trusted_checkpoint=newer, trusted_proof=proof).trusted_size == 60
     other = MerkleTree(make_leaves(60, tag="fork"))
     forked = sign_checkpoint(Checkpoint(ORIGIN, 60, other.root()), signer)
     with pytest.raises(LogVerificationError, match="not consistent"):
-        verify_export_dir(path, trusted_checkpoint=forked, trusted_proof=proof)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey(), trusted_checkpoint=forked, trusted_proof=proof)
 
 
 def test_forked_checkpoints_of_one_size(export, signer):
@@ -180,10 +233,10 @@ def test_forked_checkpoints_of_one_size(export, signer):
     note = sign_checkpoint(Checkpoint(ORIGIN, 16, other.root()), signer)
     (path / "checkpoints" / "fork-16.note").write_bytes(note)
     with pytest.raises(LogVerificationError, match="forked"):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
-def test_leaf_check_failure_names_leaf(export):
+def test_leaf_check_failure_names_leaf(export, signer):
     path, *_ = export
 
     def no_units_six(index: int, leaf: bytes) -> None:
@@ -191,21 +244,21 @@ def test_leaf_check_failure_names_leaf(export):
             raise ValueError("units over contract quota")
 
     with pytest.raises(LogVerificationError, match=r"^leaf 6: units over contract quota"):
-        verify_export_dir(path, leaf_check=no_units_six)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey(), leaf_check=no_units_six)
 
 
-def test_malformed_inputs(export, tmp_path):
+def test_malformed_inputs(export, tmp_path, signer):
     path, *_ = export
     lines = read_lines(path)
     lines[4] = "{not json\n"
     (path / "leaves.jsonl").write_text("".join(lines))
     with pytest.raises(LogVerificationError, match=r"leaves\.jsonl line 5"):
-        verify_export_dir(path)
+        verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
     with pytest.raises(LogVerificationError, match="missing"):
-        verify_export_dir(tmp_path / "nowhere")
+        verify_export_dir(tmp_path / "nowhere", trusted_vkey=signer.verifier.vkey())
     with pytest.raises(LogVerificationError, match="no checkpoints"):
         verify_log([], [], (path / "log.vkey").read_text())
-    with pytest.raises(LogVerificationError, match="vkey"):
+    with pytest.raises(ValueError, match="trusted_vkey"):
         verify_log([], [b"x"], "not a vkey")
 
 

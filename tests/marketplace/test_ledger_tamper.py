@@ -102,11 +102,11 @@ def test_clean_export_verifies_with_totals(sqlite_world, as_client, tmp_path):
     d = export(tmp_path)
     assert (d / "log.vkey").read_text().strip() == sqlite_world.compliance.ledger_key()
     assert sorted(p.name for p in (d / "checkpoints").iterdir())
-    r = som("ledger", "verify", str(d))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d))
     assert r.exit_code == 0, r.output
     assert r.output.startswith("OK ")
     assert f"contract {c.contract_id}: 36 units charged, EUR 1.80," in r.output
-    r = som("--json", "ledger", "verify", str(d))
+    r = som("--json", "ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d))
     summary = json.loads(r.output)
     assert summary["compliance"]["contracts"][c.contract_id]["released_records"] == 3
     assert summary["leaves"] == len(lines(d))
@@ -124,7 +124,7 @@ def test_one_changed_byte_in_a_leaf(sqlite_world, as_client, tmp_path):
     leaf[pos] = ord("1")  # one byte: 2 units become 1
     ls[k] = json.dumps({"index": obj["index"], "leaf": base64.b64encode(bytes(leaf)).decode()}) + "\n"
     (d / "leaves.jsonl").write_text("".join(ls))
-    r = som("ledger", "verify", str(d))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d))
     assert r.exit_code == 3, r.output
     assert "does NOT verify" in r.output and "does not match the exported leaves" in r.output
     lo, hi = map(int, re.search(r"leaf is in \[(\d+), (\d+)\)", r.output.replace("\n", " ")).groups())
@@ -138,7 +138,7 @@ def test_dropped_leaf(sqlite_world, as_client, tmp_path):
     ls = lines(d)
     del ls[5]
     (d / "leaves.jsonl").write_text("".join(ls))
-    r = som("ledger", "verify", str(d))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d))
     assert r.exit_code == 3
     assert "leaf 5" in r.output and "missing" in r.output
 
@@ -153,13 +153,13 @@ def test_reordered_leaves(sqlite_world, as_client, tmp_path):
     ls[6] = json.dumps({"index": 6, "leaf": b["leaf"]}) + "\n"
     ls[9] = json.dumps({"index": 9, "leaf": a["leaf"]}) + "\n"
     (d / "leaves.jsonl").write_text("".join(ls))
-    r = som("ledger", "verify", str(d))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d))
     assert r.exit_code == 3 and "does not match the exported leaves" in r.output
     # ... or swap the lines themselves.
     ls = lines(export(tmp_path, "again"))
     ls[6], ls[9] = ls[9], ls[6]
     (tmp_path / "again" / "leaves.jsonl").write_text("".join(ls))
-    r = som("ledger", "verify", str(tmp_path / "again"))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(tmp_path / "again"))
     assert r.exit_code == 3 and "leaf 6" in r.output
 
 
@@ -173,12 +173,12 @@ def test_replaced_checkpoint(sqlite_world, as_client, tmp_path):
     # A forger without the log key signs a checkpoint under the log's name.
     forger = NoteSigner(sqlite_world.rt.settings.log_origin, SigningKey.generate())
     victim.write_bytes(sign_checkpoint(Checkpoint(cp.origin, cp.size, bytes(32)), forger))
-    r = som("ledger", "verify", str(d))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d))
     assert r.exit_code == 3 and f"checkpoints/{victim.name}" in r.output
     # A correctly signed checkpoint of another log is refused too.
     other = NoteSigner("other.example/log", SigningKey.generate())
     victim.write_bytes(sign_checkpoint(Checkpoint("other.example/log", cp.size, cp.root_hash), other))
-    r = som("ledger", "verify", str(d))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d))
     assert r.exit_code == 3 and victim.name in r.output
 
 
@@ -192,9 +192,9 @@ def test_rewritten_history_signed_with_the_real_key_is_caught_by_a_kept_checkpoi
     rewrite_history(rt, fewer_units(3))
     d = export(tmp_path)
     # The rewritten log is internally consistent and correctly signed...
-    assert som("ledger", "verify", str(d)).exit_code == 0
+    assert som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d)).exit_code == 0
     # ... but not the history the officer kept a checkpoint of.
-    r = som("ledger", "verify", str(d), "--trusted-checkpoint", str(kept))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d), "--trusted-checkpoint", str(kept))
     assert r.exit_code == 3
     assert "trusted checkpoint" in r.output and "rewritten" in r.output
 
@@ -206,7 +206,7 @@ def test_compliance_violation_names_the_leaf(sqlite_world, as_client, tmp_path):
         refs = ledger.append_many(s, [usage(c, 100, units=20), usage(c, 101, units=20)])
     ledger.sign_checkpoint(rt)
     as_client(sqlite_world.compliance)
-    r = som("ledger", "verify", str(export(tmp_path)))
+    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(export(tmp_path)))
     assert r.exit_code == 4
     assert f"leaf {refs[1].index}" in r.output and "quota" in r.output
 
@@ -293,8 +293,9 @@ def test_one_pass_gives_the_answers_of_separate_passes(sqlite_world, as_client, 
     c = seed(sqlite_world)
     as_client(sqlite_world.compliance)
     d = export(tmp_path)
-    got = verify_dir(d)
-    log = verify_export_dir(d)
+    vk = sqlite_world.compliance.ledger_key()
+    got = verify_dir(d, trusted_vkey=vk)
+    log = verify_export_dir(d, trusted_vkey=vk)
     comp = check_records((i, json.loads(leaf)) for i, leaf in read_export_leaves(d / "leaves.jsonl"))
     assert got["compliance"] == comp.to_dict() and got["log"] == str(log)
     assert got["leaves"] == log.leaves == comp.leaves > 0
@@ -302,16 +303,16 @@ def test_one_pass_gives_the_answers_of_separate_passes(sqlite_world, as_client, 
     del ls[3]
     (d / "leaves.jsonl").write_text("".join(ls))
     with pytest.raises(LogVerificationError, match="leaf 3"):
-        verify_dir(d)
+        verify_dir(d, trusted_vkey=vk)
     with rt.tx() as s:
         refs = ledger.append_many(s, [usage(c, 100, units=30), usage(c, 101, units=30), usage(c, 102, units=1)])
     ledger.sign_checkpoint(rt)
     d2 = export(tmp_path, "over")
     with pytest.raises(ComplianceViolation, match="quota") as e:
-        verify_dir(d2)
+        verify_dir(d2, trusted_vkey=vk)
     assert e.value.index == refs[0].index  # 36 + 30 units of a 60-unit quota
     ls = lines(d2)
     ls[-1], ls[-2] = ls[-2], ls[-1]  # after the violating leaf, the log breaks too
     (d2 / "leaves.jsonl").write_text("".join(ls))
     with pytest.raises(LogVerificationError, match=f"leaf {refs[1].index}: found index {refs[2].index}"):
-        verify_dir(d2)
+        verify_dir(d2, trusted_vkey=vk)

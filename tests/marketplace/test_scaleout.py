@@ -271,7 +271,8 @@ def test_two_replicas_one_worker_charge_once_one_ledger(cluster: dict[str, Any],
     som("--json", "ledger", "export", str(export), env={**env, "SOM_URL": cluster["urls"][0]})
     indexes = [json.loads(ln)["index"] for ln in (export / "leaves.jsonl").read_text().splitlines() if ln.strip()]
     assert indexes == list(range(len(indexes))) and len(indexes) > 4
-    summary = json.loads(som("--json", "ledger", "verify", str(export), env=env).stdout)
+    vkey = json.loads(som("--json", "ledger", "key", env=env).stdout)["vkey"]  # pinned at setup
+    summary = json.loads(som("--json", "ledger", "verify", str(export), "--vkey", vkey, env=env).stdout)
     totals = summary["compliance"]["contracts"][cid]
     assert totals["charged_units"] == 36 and totals["usage_records"] == 5 and totals["released_records"] == 1
 

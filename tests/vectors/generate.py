@@ -97,6 +97,8 @@ CONSUMER = SigningKey.from_private_bytes(_seed("consumer"))
 STRANGER = SigningKey.from_private_bytes(_seed("stranger"))
 LOG = NoteSigner(ORIGIN, SigningKey.from_private_bytes(_seed("log")))
 IMPOSTOR_LOG = NoteSigner(ORIGIN, SigningKey.from_private_bytes(_seed("impostor-log")))
+OTHER_ORIGIN = "other.som.example/ledger"
+OTHER_LOG = NoteSigner(OTHER_ORIGIN, SigningKey.from_private_bytes(_seed("impostor-log")))
 WITNESS_KEY = SigningKey.from_private_bytes(_seed("witness"))
 WITNESS_SIGNER = CosignatureSigner(WITNESS_NAME, WITNESS_KEY)
 OTHER_WITNESS = CosignatureSigner(WITNESS_NAME, SigningKey.from_private_bytes(_seed("other-witness")))
@@ -249,8 +251,8 @@ def tree(leaves: list[bytes]) -> MerkleTree:
     return MerkleTree(leaves)
 
 
-def note_for(leaves: list[bytes], size: int, signer: NoteSigner = LOG) -> str:
-    cp = Checkpoint(ORIGIN, size, tree(leaves).root(size))
+def note_for(leaves: list[bytes], size: int, signer: NoteSigner = LOG, origin: str = ORIGIN) -> str:
+    cp = Checkpoint(origin, size, tree(leaves).root(size))
     return sign_checkpoint(cp, signer).decode()
 
 
@@ -718,14 +720,15 @@ def _ed25519_vkey(name: str, key: SigningKey) -> str:
 
 
 def _export_files(leaves: list[bytes], sizes: list[int], notes: dict[str, str] | None = None,
-                  vkey: str | None = None) -> dict[str, str]:
+                  vkey: str | None = None, signer: NoteSigner = LOG,
+                  origin: str = ORIGIN) -> dict[str, str]:
     lines = "".join(
         canonicalize({"index": i, "leaf": b64(x)}).decode() + "\n"
         for i, x in enumerate(leaves)
     )
     files = {"leaves.jsonl": lines}
     for n in sizes:
-        files[f"checkpoints/{n}.note"] = note_for(leaves, n)
+        files[f"checkpoints/{n}.note"] = note_for(leaves, n, signer, origin)
     files.update(notes or {})
     files["log.vkey"] = (vkey or LOG.verifier.vkey()) + "\n"
     return files
@@ -809,8 +812,22 @@ def exports_section() -> dict[str, Any]:
         files={"checkpoints/3.note": _flip_note_sig(good["checkpoints/3.note"])})
     bad("checkpoints signed by another key under the log's name", "LogVerificationError",
         files={"checkpoints/7.note": note_for(LEAVES, 7, IMPOSTOR_LOG)})
-    bad("log.vkey of another key", "LogVerificationError",
+    bad("log.vkey of another key", "UntrustedLogKey", want_message="expected",
         files={"log.vkey": IMPOSTOR_LOG.verifier.vkey() + "\n"})
+    # The attack the pinned key stops: drop a charged leaf, re-sign the rest under a new key
+    # (and even a new origin), ship that key as log.vkey. Self-consistent; not the trusted log.
+    dropped = [*LEAVES[:4], *LEAVES[5:]]
+    cases.append(case("charged leaf 4 removed, re-signed under another key shipped as log.vkey",
+                      "UntrustedLogKey", src, "verify_export", want_message="fingerprint",
+                      files=_export_files(dropped, [3, 6], vkey=IMPOSTOR_LOG.verifier.vkey(),
+                                          signer=IMPOSTOR_LOG)))
+    cases.append(case("charged leaf 4 removed, re-signed under another key and another origin",
+                      "UntrustedLogKey", src, "verify_export", want_message=OTHER_ORIGIN,
+                      files=_export_files(dropped, [3, 6], vkey=OTHER_LOG.verifier.vkey(),
+                                          signer=OTHER_LOG, origin=OTHER_ORIGIN)))
+    cases.append(case("the verifier expects another origin than the log's", "UntrustedLogKey",
+                      src, "verify_export", origin=OTHER_ORIGIN, want_message=OTHER_ORIGIN,
+                      files=good))
     bad("no checkpoints", "LogVerificationError",
         files={"checkpoints/3.note": None, "checkpoints/7.note": None})
 
@@ -834,10 +851,14 @@ def exports_section() -> dict[str, Any]:
                       want_summary=_summary(q_leaves[:2], [2])))
     return {
         "about": "Offline export directories (files: relative path -> exact text) as "
-        "'som ledger export' writes them, and what 'som ledger verify' must conclude: the JSON "
+        "'som ledger export' writes them, and what 'som ledger verify --vkey TRUSTED_VKEY "
+        "[--origin ORIGIN]' must conclude (trusted_vkey: the log key the verifier pinned; origin, "
+        "where a case gives one, the origin it expects, else the key's name): the JSON "
         "summary (want_summary), or a log failure (LogVerificationError, exit 3; want_message is "
-        "a substring of the message), or a contract violation naming the leaf (ComplianceViolation, "
-        "exit 4, want_index).",
+        "a substring of the message), or an export whose log key or origin is not the trusted "
+        "one (UntrustedLogKey, exit 5), or a contract violation naming the leaf "
+        "(ComplianceViolation, exit 4, want_index).",
+        "trusted_vkey": LOG.verifier.vkey(),
         "cases": cases,
     }
 

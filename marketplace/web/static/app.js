@@ -6,7 +6,7 @@
 // message of their JSON body, {"error": {"code", "message"}}.
 
 import { renderMarkdown } from "./md.js";
-import { b64decode, parseCheckpoint, verifyInclusion, verifyNoteSignature } from "./merkle.js";
+import { b64decode, parseCheckpoint, parseVkey, sameVkey, verifyInclusion, verifyNoteSignature, vkeyFingerprint } from "./merkle.js";
 
 const KEY = "som.apiKey";
 const PAGE = 20;
@@ -553,10 +553,95 @@ function recordSummary(r) {
   }
 }
 
-async function verifyLeaf(leaf, cp, cell, button) {
+// The log key the user pinned in this browser (localStorage: survives the tab, unlike the API
+// key). Checkpoints are checked against it, not against the key the same server serves; the
+// served key is only compared with it (docs/web-ui.md).
+const PINNED_LOG_KEY = "som.ledger.pinnedLogKey";
+
+function pinnedLogKey() {
+  try {
+    const v = JSON.parse(localStorage.getItem(PINNED_LOG_KEY) ?? "null");
+    return v && typeof v.vkey === "string" && typeof v.origin === "string" ? v : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Check the checkpoint against the pinned key (or, with none pinned, the served one); resolve to
+ * what the page shows about the log key, never reject. */
+async function checkLogKey(note, cp, vkey) {
+  const pinned = pinnedLogKey();
+  const served = { vkey, name: parseVkey(vkey).name, fingerprint: await vkeyFingerprint(vkey) };
+  if (pinned === null) {
+    try {
+      await verifyNoteSignature(note, vkey);
+    } catch (e) {
+      return { state: "unpinned", served, sigError: e.message };
+    }
+    return { state: "unpinned", served };
+  }
+  const mine = { ...pinned, name: parseVkey(pinned.vkey).name, fingerprint: await vkeyFingerprint(pinned.vkey) };
+  const problems = [];
+  if (!sameVkey(vkey, pinned.vkey)) problems.push("the server presents a different log key than the one you pinned");
+  if (cp.origin !== pinned.origin) problems.push(`the checkpoint is for origin ${cp.origin}, the pinned log is ${pinned.origin}`);
+  try {
+    await verifyNoteSignature(note, pinned.vkey);
+  } catch {
+    problems.push("the checkpoint is not signed by the pinned key");
+  }
+  return { state: problems.length ? "mismatch" : "pinned", served, pinned: mine, problems };
+}
+
+function logKeyPanel(trust, cp) {
+  const { served } = trust;
+  const fp = (k, id) => h("code", { class: "fingerprint", id }, k.fingerprint);
+  const line = h("p", { id: "log-key" }, "Log key ", h("code", {}, served.name), " · fingerprint ", fp(served, "log-key-fingerprint"), " · ");
+  const box = h("div", { id: "log-key-panel" }, line);
+  if (trust.state === "unpinned") {
+    const pin = h("button", { type: "button", class: "secondary", id: "pin-key" }, "Pin this key");
+    pin.addEventListener("click", () => {
+      localStorage.setItem(PINNED_LOG_KEY, JSON.stringify({ vkey: served.vkey, origin: cp.origin, pinned_at: new Date().toISOString() }));
+      sessionStorage.setItem("som.ledger.justPinned", "1");
+      render();
+    });
+    line.append(h("span", { class: "muted", id: "pin-status" }, "not pinned: compare the fingerprint with the one the operator publishes, out of band, then "), pin);
+  } else if (trust.state === "pinned") {
+    line.append(h("span", { class: "verified ok", id: "pin-status" }, "✓ matches the key you pinned"));
+    if (sessionStorage.getItem("som.ledger.justPinned")) {
+      sessionStorage.removeItem("som.ledger.justPinned");
+      box.append(
+        h("p", { class: "notice", id: "pin-notice", role: "status" },
+          `Pinned log key ${served.name} (fingerprint ${served.fingerprint}, origin ${cp.origin}) in this browser. `,
+          "Check this fingerprint out of band (the operator's published one, or `som ledger key` over a channel you trust). ",
+          "Every checkpoint is now checked against this key; a different key or origin is flagged in red."),
+      );
+    }
+  } else {
+    const unpin = h("button", { type: "button", class: "secondary", id: "unpin-key" }, "Forget the pinned key");
+    unpin.addEventListener("click", () => {
+      localStorage.removeItem(PINNED_LOG_KEY);
+      render();
+    });
+    line.append(h("span", { class: "verified bad", id: "pin-status" }, "✗ NOT the key you pinned"));
+    box.append(
+      h("div", { class: "key-warning", id: "key-warning", role: "alert" },
+        h("strong", {}, "⚠ Do not trust this ledger view: " + trust.problems.join("; ") + "."),
+        h("p", {}, "Pinned: ", h("code", {}, trust.pinned.name), " fingerprint ", fp(trust.pinned, "pinned-fingerprint"), ` · origin ${trust.pinned.origin}`),
+        h("p", {}, "Served: ", h("code", {}, served.name), " fingerprint ", fp(served, "served-fingerprint"), ` · checkpoint origin ${cp.origin}`),
+        h("p", {}, "If the operator really rotated the key, confirm the new fingerprint out of band before pinning it. ", unpin)),
+    );
+  }
+  return box;
+}
+
+async function verifyLeaf(leaf, cp, cell, button, trusted) {
   button.disabled = true;
   cell.replaceChildren(h("span", { class: "muted" }, "verifying…"));
   try {
+    const trust = await trusted;
+    if (trust.state === "mismatch") throw new Error("the checkpoint is not the pinned log's: " + trust.problems.join("; "));
+    if (trust.state === "error") throw new Error(trust.message);
+    if (trust.sigError) throw new Error(trust.sigError);
     const proof = await api("/v1/ledger/proof/inclusion", { params: { index: leaf.index, size: cp.size } });
     if (proof.size !== cp.size || proof.index !== leaf.index) throw new Error("the server answered for another leaf or tree");
     await verifyInclusion(b64decode(leaf.leaf), leaf.index, cp.size, proof.proof.map(b64decode), cp.root);
@@ -574,11 +659,23 @@ async function ledgerView(params) {
   const note = await r.text();
   const cp = parseCheckpoint(note);
   const sig = h("span", { class: "muted", id: "checkpoint-signature" }, "checking signature…");
-  api("/v1/ledger/key", { accept: "text/plain", raw: true })
+  const keyPanel = h("div", { class: "log-key" }, h("span", { class: "muted" }, "checking the log key…"));
+  const trusted = api("/v1/ledger/key", { accept: "text/plain", raw: true })
     .then((kr) => kr.text())
-    .then((vkey) => verifyNoteSignature(note, vkey).then(() => vkey))
-    .then((vkey) => sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by ${vkey.split("+")[0]}`)))
-    .catch((e) => sig.replaceChildren(h("span", { class: "verified bad" }, `✗ ${e.message}`)));
+    .then((vkey) => checkLogKey(note, cp, vkey.trim()))
+    .catch((e) => ({ state: "error", message: e.message }));
+  trusted.then((trust) => {
+    if (trust.state === "error") {
+      sig.replaceChildren(h("span", { class: "verified bad" }, `✗ ${trust.message}`));
+      keyPanel.replaceChildren();
+      return;
+    }
+    if (trust.sigError) sig.replaceChildren(h("span", { class: "verified bad" }, `✗ ${trust.sigError}`));
+    else if (trust.state === "unpinned") sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by ${trust.served.name} (the served key; not pinned)`));
+    else if (trust.state === "pinned") sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by the pinned key ${trust.pinned.name}`));
+    else sig.replaceChildren(h("span", { class: "verified bad" }, "✗ not verified against the pinned key"));
+    keyPanel.replaceChildren(logKeyPanel(trust, cp));
+  });
 
   const lastPage = Math.max(0, Math.floor(Math.max(cp.size - 1, 0) / PAGE) * PAGE);
   const start = q.start !== undefined && /^\d+$/.test(q.start) ? Number(q.start) : lastPage;
@@ -600,7 +697,7 @@ async function ledgerView(params) {
   const rows = leaves.map((leaf) => {
     const cell = h("td", { class: "verify-result" });
     const btn = h("button", { type: "button", class: "secondary verify", disabled: leaf.index >= cp.size, title: leaf.index >= cp.size ? "Not covered by the latest checkpoint yet: sign a checkpoint first" : "Fetch the inclusion proof and check it here, in your browser" }, "Verify");
-    btn.addEventListener("click", () => verifyLeaf(leaf, cp, cell, btn));
+    btn.addEventListener("click", () => verifyLeaf(leaf, cp, cell, btn, trusted));
     return h(
       "tr",
       { "data-index": leaf.index },
@@ -635,6 +732,7 @@ async function ledgerView(params) {
       { class: "panel checkpoint" },
       h("h3", {}, "Latest signed checkpoint"),
       h("p", {}, "Tree size ", h("strong", { id: "tree-size" }, String(cp.size)), " · origin ", h("code", {}, cp.origin), " · ", sig),
+      keyPanel,
       h("pre", { id: "checkpoint-note" }, note),
       signNow,
     ),

@@ -140,3 +140,27 @@ export async function verifyNoteSignature(note, vkey) {
   }
   throw new Error("no valid signature by the log's key");
 }
+
+/** Parse a C2SP note verifier key `name+hex(id)+base64(0x01||pub)` (the id is not checked here). */
+export function parseVkey(vkey) {
+  const text = String(vkey).trim();
+  const i = text.indexOf("+");
+  const j = text.indexOf("+", i + 1);
+  if (i <= 0 || j < 0) throw new Error("malformed verifier key");
+  const key = b64decode(text.slice(j + 1));
+  if (key.length !== 33 || key[0] !== 0x01) throw new Error("verifier key is not Ed25519");
+  return { name: text.slice(0, i), idHex: text.slice(i + 1, j), key };
+}
+
+/** The fingerprint people compare out of band, as `crypto.logverify.vkey_fingerprint`:
+ * SHA-256 of the key bytes (type byte and public key), first 16 hex digits in groups of 4. */
+export async function vkeyFingerprint(vkey) {
+  const { key } = parseVkey(vkey);
+  const hex = Array.from(await sha256(key), (b) => b.toString(16).padStart(2, "0")).join("").slice(0, 16);
+  return hex.match(/.{4}/g).join(" ");
+}
+
+/** Same key and name (whitespace around the text ignored). */
+export function sameVkey(a, b) {
+  return String(a).trim() === String(b).trim();
+}

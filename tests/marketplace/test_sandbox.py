@@ -58,11 +58,14 @@ def test_success_reads_inputs_and_returns_outputs(tmp_path):
 
 
 def test_each_run_gets_a_fresh_scratch_folder(tmp_path):
-    first = run("open('outputs/x', 'w').write('1'); open('leftover', 'w').write('1')", tmp_path)
+    first = run("open('outputs/x', 'w').write('1'); open('/tmp/leftover', 'w').write('1')", tmp_path)
     assert first.ok
-    second = run("import os; print(sorted(os.listdir('.')), sorted(os.listdir('outputs')))", tmp_path)
+    second = run("import os; print(sorted(os.listdir('/tmp')), sorted(os.listdir('outputs')))", tmp_path)
     assert second.ok
     assert "leftover" not in second.stdout and "'x'" not in second.stdout
+    # the job folder itself is read-only in the jail
+    third = run("open('leftover', 'w').write('1')", tmp_path)
+    assert not third.ok and "Read-only file system" in third.stderr
 
 
 def test_cpu_burner_hits_cpu_limit(tmp_path):

@@ -369,7 +369,7 @@ def bwrap_argv(
             a += ["--ro-bind", stage, dest]
     for m in lay.masks:
         a += ["--remount-ro", m]
-    a += ["--proc", "/proc", "--dev", "/dev", "--size", str(cfg.tmp_bytes), "--tmpfs", "/tmp"]
+    a += ["--proc", "/proc", "--dev", "/dev", "--size", str(cfg.tmp_bytes), "--tmpfs", "/tmp"]  # noqa: S108
     a += ["--size", str(output_bytes), "--tmpfs", "/job/outputs", "--remount-ro", "/"]
     a += ["--chdir", "/job", "--clearenv"]
     for k, v in env.items():

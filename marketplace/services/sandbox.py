@@ -27,9 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import re
 import resource
+import select
 import shutil
 import signal
 import stat
@@ -257,7 +257,7 @@ def _run_jailed(
     fds: list[int] = []
     try:
         (scratch / "inputs").mkdir(mode=0o755)
-        os.chmod(scratch / "inputs", 0o755)  # readable by the jail's uid (through the bind only)
+        os.chmod(scratch / "inputs", 0o755)  # noqa: S103 - readable by the jail's uid (through the bind only)
         for name, data in inputs.items():
             (scratch / "inputs" / name).write_bytes(data)
             os.chmod(scratch / "inputs" / name, 0o644)
@@ -296,9 +296,10 @@ def _run_jailed(
             fds.remove(f)
         deadline = start + wall_seconds
         info = _read_info(info_r, deadline)
-        if info is not None and isinstance(info.get("child-pid"), int):
+        child = info.get("child-pid") if info is not None else None
+        if isinstance(child, int):
             with contextlib.suppress(OSError):
-                out_fd = _open_outputs(int(info["child-pid"]), output_bytes, deadline)  # type: ignore[arg-type]
+                out_fd = _open_outputs(child, output_bytes, deadline)
         if out_fd >= 0:
             os.write(block_w, b"x")  # let the job start
         os.close(block_w)

@@ -181,15 +181,18 @@ def _custom(
     except JailUnavailable as e:
         raise JobFailed("jail_unavailable", str(e)) from e
     ext = {"csv": "csv", "npy": "npy", "npz": "npz"}[job.format]
-    res = run_isolated(
-        job.code,
-        inputs={f"model.{model.fmt}": model.data, f"data.{ext}": job.data},
-        workdir=workdir,
-        cpu_seconds=limits.cpu_seconds,
-        memory_mb=limits.memory_mb,
-        wall_seconds=limits.wall_seconds,
-        jail=cfg,
-    )
+    try:
+        res = run_isolated(
+            job.code,
+            inputs={f"model.{model.fmt}": model.data, f"data.{ext}": job.data},
+            workdir=workdir,
+            cpu_seconds=limits.cpu_seconds,
+            memory_mb=limits.memory_mb,
+            wall_seconds=limits.wall_seconds,
+            jail=cfg,
+        )
+    except OSError as e:  # the job's cgroup or scratch folder could not be made
+        raise JobFailed("jail_unavailable", f"the job jail could not be set up: {e}") from e
     if not res.ok:
         tail = res.stderr.strip().splitlines()[-3:]
         raise JobFailed(res.reason, res.message + (": " + " | ".join(tail) if tail else ""))

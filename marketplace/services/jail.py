@@ -375,7 +375,8 @@ def bwrap_argv(
     for k, v in env.items():
         a += ["--setenv", k, v]
     # The job starts only once the parent holds the output folder (see sandbox.py).
-    a += ["--", "/usr/bin/bash", "-c", f'read -r -n 1 _ <&{block_fd}; exec {block_fd}<&-; unset PWD OLDPWD; exec /usr/bin/env -u SHLVL -u _ "$@"', "som-job", *argv]
+    a += ["--", "/usr/bin/bash", "-c", f'read -r -n 1 _ <&{block_fd} || exit 125; exec {block_fd}<&-; unset PWD OLDPWD; '
+                                   'exec /usr/bin/env -u SHLVL -u _ "$@"', "som-job", *argv]
     return a
 
 

@@ -1,4 +1,4 @@
-"""The job sandbox: outputs, each limit with its reason, process-group cleanup, empty environment."""
+"""The job sandbox (jailed by default): outputs, each limit with its reason, cleanup, empty environment."""
 
 from __future__ import annotations
 
@@ -253,3 +253,35 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="wall_seconds"):
         run("pass", tmp_path, wall_seconds=-1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_over_the_cap_fill_the_jails_output_folder(tmp_path):
+    r = run(
+        "for i in range(4):\n    open(f'outputs/part{i}', 'wb').write(b'x' * 400_000)\n",
+        tmp_path,
+        max_output_bytes=1_000_000,
+    )
+    assert r.reason == "error" and "outputs exceed the limit of 1000000 bytes" in r.message, r
+    assert "No space left on device" in r.stderr
+
+
+def test_unjailed_run_only_when_asked(tmp_path):
+    """``jail=None`` is the old plain child (for SOM_UNSAFE_UNJAILED_CUSTOM_JOBS only): it runs as
+    this process's user and sees the host, which is why it is not the default."""
+    r = run("import os\nopen('outputs/uid', 'w').write(str(os.getuid()))\nprint(os.path.exists('/work'))\n",
+            tmp_path, jail=None)
+    assert r.ok, r
+    assert r.outputs == {"uid": str(os.getuid()).encode()}
+    jailed = run("import os\nopen('outputs/uid', 'w').write(str(os.getuid()))\n", tmp_path)
+    assert jailed.outputs == {"uid": b"65534"}
+
+
+def test_require_refuses_a_missing_jail_unless_unsafe(caplog):
+    from marketplace.services.jail import JailConfig, JailUnavailable, require
+
+    with pytest.raises(JailUnavailable, match="SOM_UNSAFE_UNJAILED_CUSTOM_JOBS"):
+        require(JailConfig(bwrap="/nonexistent/bwrap"))
+    with caplog.at_level("WARNING", logger="som.jail"):
+        assert require(JailConfig(bwrap="/nonexistent/bwrap", unsafe_unjailed=True)) is None
+    assert "WITHOUT a jail" in caplog.text
+    assert require(JailConfig()) == JailConfig()

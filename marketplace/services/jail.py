@@ -167,6 +167,19 @@ def _own_cgroup(controller: str) -> str:
     raise OSError(errno.ENOENT, f"no cgroup v1 {controller} controller for this process")
 
 
+def _reap_stale(parent: Path) -> None:
+    """Remove empty job cgroups left by a process that was killed mid-job (the name holds its pid)."""
+    for p in parent.glob("som-job-*-*"):
+        try:
+            pid = int(p.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        with contextlib.suppress(OSError):
+            p.rmdir()  # fails (EBUSY) while a member is alive: then it stays
+
+
 class Cgroup:
     """One job's cgroup in each v1 controller, under this process's own cgroup."""
 
@@ -179,6 +192,7 @@ class Cgroup:
                     continue
                 raise OSError(errno.ENOENT, f"cgroup v1 controller {c} is not mounted at {base}")
             self.paths[c] = base / _own_cgroup(c).lstrip("/") / name
+            _reap_stale(self.paths[c].parent)
         made: list[Path] = []
         try:
             for p in self.paths.values():

@@ -149,7 +149,17 @@ def job_cgroups() -> list[str]:
 
 
 def run_custom(cons: Any, prov: Any, offering_id: str, code: str, *, timeout: float = 120, **kw: Any) -> tuple[dict[str, Any], Any]:
-    sub = cons.submit_job(offering_id, "custom", to_csv(features(5)), code=code, **kw)
+    from marketplace.sdk.jobs_api import SealKeyRefused
+
+    end = time.monotonic() + 30
+    while True:
+        try:
+            sub = cons.submit_job(offering_id, "custom", to_csv(features(5)), code=code, **kw)
+            break
+        except SealKeyRefused:  # an agent is online a moment before it has vouched for its key
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.3)
     assert sub.job["status"] == "awaiting_approval"
     prov.approve_job(sub.id, code_digest(code))
     job = cons.wait_job(sub.id, timeout=timeout)

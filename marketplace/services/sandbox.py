@@ -185,7 +185,7 @@ def _classify(
         return "cpu_limit", f"CPU time limit of {cpu_seconds} s exceeded (used {cpu:.2f} s)"
     if code != 0 and any(m in stderr for m in _MEMORY_MARKERS):
         return "memory_limit", f"memory limit of {memory_mb} MiB exceeded (allocation failed)"
-    if oom and sig == signal.SIGKILL:
+    if oom and code != 0:  # the cgroup's OOM killer took the job or one of its processes
         return "memory_limit", f"memory limit of {memory_mb} MiB exceeded (the job's cgroup ran out of memory)"
     if code != 0 and "No space left on device" in stderr:
         return "error", f"outputs exceed the limit of {max_output_bytes} bytes (the output folder is full)"

@@ -285,3 +285,28 @@ def test_require_refuses_a_missing_jail_unless_unsafe(caplog):
         assert require(JailConfig(bwrap="/nonexistent/bwrap", unsafe_unjailed=True)) is None
     assert "WITHOUT a jail" in caplog.text
     assert require(JailConfig()) == JailConfig()
+
+
+def test_processes_together_over_the_memory_limit_hit_the_cgroup(tmp_path):
+    """Each child stays under RLIMIT_AS; together they exceed the job's cgroup, whose OOM killer
+    stops them (the job's memory is bounded as a whole, not per process)."""
+    r = run(
+        """
+        import os, sys
+        kids = []
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:
+                block = bytearray(60 * 1024 * 1024)
+                for i in range(0, len(block), 4096):
+                    block[i] = 1
+                import time; time.sleep(5)
+                os._exit(0)
+            kids.append(pid)
+        killed = [os.waitpid(k, 0)[1] & 0x7F for k in kids]
+        sys.exit(3 if 9 in killed else 0)
+        """,
+        tmp_path,
+        memory_mb=100,
+    )
+    assert r.reason == "memory_limit" and "cgroup" in r.message, r

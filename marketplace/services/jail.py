@@ -54,6 +54,7 @@ __all__ = [
     "layout",
     "probe",
     "require",
+    "status",
 ]
 
 log = logging.getLogger("som.jail")

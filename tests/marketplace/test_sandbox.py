@@ -73,7 +73,7 @@ def test_cpu_burner_hits_cpu_limit(tmp_path):
     assert r.reason == "cpu_limit", r
     assert not r.ok
     assert "CPU time limit" in r.message
-    assert r.cpu_seconds >= 0.9 and r.wall_seconds < 10
+    assert r.cpu_seconds >= 0.8 and r.wall_seconds < 10  # the jail counts the cgroup's CPU time (not ticks)
 
 
 def test_cpu_burner_that_ignores_sigxcpu_still_stopped(tmp_path):

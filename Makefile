@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-slow bench bench-peers lint docs clean
+.PHONY: install demo browser jail test test-fast test-slow bench bench-peers lint docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ demo: install
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || echo "chromium is missing (run 'make browser' as root): the browser tests will be skipped"
 
-test: install browser
+# bubblewrap for the custom-job jail (marketplace/services/jail.py, tests/security/test_jail.py); root only.
+jail:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } || echo "bubblewrap is missing (run 'make jail' as root): custom jobs will be refused and the jail tests fail"
+
+test: install browser jail
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install

@@ -8,10 +8,13 @@ placeholder values so a server never starts with one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from marketplace.services.jail import JailConfig
 
 __all__ = ["PLACEHOLDER_SECRETS", "Settings", "SettingsError"]
 
@@ -68,6 +71,23 @@ class Settings(BaseSettings):
     )
     job_result_ttl_seconds: float = Field(default=7 * 86400, description="How long results are kept.")
     api_key_ttl_days: int = Field(default=365, description="Default API key lifetime.")
+    jail_bwrap: str = Field(
+        default="/usr/bin/bwrap", description="The bubblewrap binary that jails custom-job code (docs/jobs.md)."
+    )
+    jail_max_pids: int = Field(default=64, description="Most processes one custom job may have at once.")
+    unsafe_unjailed_custom_jobs: bool = Field(
+        default=False,
+        description="UNSAFE: run custom-job code without the jail where it cannot be set up "
+        "(logs a warning on every job). Off: such jobs are refused with 503.",
+    )
+
+    def jail_config(self) -> JailConfig:
+        """The jail settings as a :class:`marketplace.services.jail.JailConfig`."""
+        from marketplace.services.jail import JailConfig
+
+        return JailConfig(
+            bwrap=self.jail_bwrap, max_pids=self.jail_max_pids, unsafe_unjailed=self.unsafe_unjailed_custom_jobs
+        )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -1,13 +1,14 @@
 """The computations of remote jobs, run at the compute site (agent or marketplace worker).
 
 For: ``predict`` (batch inference over CSV/NPY features), ``evaluate`` (aggregate metrics over
-labelled data: only the metrics leave), and ``custom`` (approved consumer code under
+labelled data: only the metrics leave), and ``custom`` (approved consumer code in the jail of
 :func:`marketplace.services.sandbox.run_isolated`). Model artifacts are the declarative formats of
 :mod:`crypto.he.compiler` (``.npz`` layers or ONNX), loaded without pickle.
 Not for: deciding whether code may run (approval is the marketplace's state machine) or sealing.
 
 Errors: :class:`JobFailed` with a short ``reason`` (``bad_input``, ``too_many_rows``,
-``cpu_limit``, ``memory_limit``, ``timeout``, ``error``) and a message for the consumer.
+``cpu_limit``, ``memory_limit``, ``timeout``, ``jail_unavailable``, ``error``) and a message for
+the consumer.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from marketplace.agent.payload import JobInput, JobResult, code_digest
+
+if TYPE_CHECKING:
+    from marketplace.services.jail import JailConfig
 
 __all__ = ["JobFailed", "Limits", "Model", "load_model", "run_job"]
 
@@ -164,20 +168,31 @@ def _evaluate(model: Model, job: JobInput, max_rows: int | None) -> JobResult:
     return JobResult(job_id=job.job_id, kind="evaluate", metrics=metrics, format="json")
 
 
-def _custom(model: Model, job: JobInput, *, approved_digest: str | None, limits: Limits, workdir: Path) -> JobResult:
+def _custom(
+    model: Model, job: JobInput, *, approved_digest: str | None, limits: Limits, workdir: Path, jail: JailConfig | None
+) -> JobResult:
+    from marketplace.services.jail import JailUnavailable, config_from_env, require
     from marketplace.services.sandbox import run_isolated
 
     if job.code is None or approved_digest is None or code_digest(job.code) != approved_digest:
         raise JobFailed("not_approved", "the sealed code is not the code the provider approved")
+    try:
+        cfg = require(jail if jail is not None else config_from_env())
+    except JailUnavailable as e:
+        raise JobFailed("jail_unavailable", str(e)) from e
     ext = {"csv": "csv", "npy": "npy", "npz": "npz"}[job.format]
-    res = run_isolated(
-        job.code,
-        inputs={f"model.{model.fmt}": model.data, f"data.{ext}": job.data},
-        workdir=workdir,
-        cpu_seconds=limits.cpu_seconds,
-        memory_mb=limits.memory_mb,
-        wall_seconds=limits.wall_seconds,
-    )
+    try:
+        res = run_isolated(
+            job.code,
+            inputs={f"model.{model.fmt}": model.data, f"data.{ext}": job.data},
+            workdir=workdir,
+            cpu_seconds=limits.cpu_seconds,
+            memory_mb=limits.memory_mb,
+            wall_seconds=limits.wall_seconds,
+            jail=cfg,
+        )
+    except OSError as e:  # the job's cgroup or scratch folder could not be made
+        raise JobFailed("jail_unavailable", f"the job jail could not be set up: {e}") from e
     if not res.ok:
         tail = res.stderr.strip().splitlines()[-3:]
         raise JobFailed(res.reason, res.message + (": " + " | ".join(tail) if tail else ""))
@@ -206,12 +221,17 @@ def run_job(
     approved_digest: str | None = None,
     limits: Limits | None = None,
     workdir: Path,
+    jail: JailConfig | None = None,
 ) -> JobResult:
-    """Run one opened job input against ``model``. Raises :class:`JobFailed`."""
+    """Run one opened job input against ``model``. Raises :class:`JobFailed`.
+
+    ``jail``: how to jail ``custom`` code (default: from the environment,
+    :func:`marketplace.services.jail.config_from_env`); where the jail cannot be set up the job
+    fails with reason ``jail_unavailable`` unless the config's unsafe switch is on."""
     if job.kind != expected_kind:
         raise JobFailed("bad_input", f"sealed input is a {job.kind!r} job, the marketplace queued a {expected_kind!r} one")
     if job.kind == "predict":
         return _predict(model, job, max_rows)
     if job.kind == "evaluate":
         return _evaluate(model, job, max_rows)
-    return _custom(model, job, approved_digest=approved_digest, limits=limits or Limits(), workdir=workdir)
+    return _custom(model, job, approved_digest=approved_digest, limits=limits or Limits(), workdir=workdir, jail=jail)

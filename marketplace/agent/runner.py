@@ -36,8 +36,9 @@ from marketplace.agent.compute import JobFailed, Limits, Model, load_model, run_
 from marketplace.agent.payload import open_input, seal_result
 from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
 from marketplace.sdk.base import BaseClient, SomAPIError
+from marketplace.services.jail import JailConfig, config_from_env, probe
 
-__all__ = ["AgentConfig", "LeaseLost", "ProviderAgent", "load_seal_key"]
+__all__ = ["AgentConfig", "LeaseLost", "ProviderAgent", "forget_env", "load_seal_key"]
 
 log = logging.getLogger("som.agent")
 MAX_INPUT_BYTES = 1 << 30
@@ -61,6 +62,28 @@ def load_seal_key(path: Path) -> SealKeyPair:
         return kp
 
 
+def forget_env(name: str) -> None:
+    """Drop ``name`` from this process's environment: from ``os.environ`` (so no child inherits
+    it) and from the environment block the kernel shows in ``/proc/<pid>/environ`` (its value
+    bytes are overwritten in place). Best effort on non-Linux systems."""
+    import ctypes
+
+    os.environ.pop(name, None)
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50 and 51)
+        block = ctypes.string_at(start, end - start)
+    except (OSError, ValueError, IndexError):
+        return
+    key, pos = name.encode() + b"=", 0
+    while (i := block.find(key, pos)) >= 0:
+        if i == 0 or block[i - 1] == 0:
+            stop = block.find(b"\0", i)
+            stop = len(block) if stop < 0 else stop
+            ctypes.memset(start + i + len(key), 0, stop - i - len(key))
+        pos = i + 1
+
+
 class LeaseLost(Exception):
     """The marketplace gave this work to another agent (our lease ran out): drop it."""
 
@@ -77,6 +100,7 @@ class AgentConfig:
     name: str = ""
     capabilities: tuple[str, ...] = ("predict", "evaluate", "custom", "he_infer")
     workdir: Path | None = None
+    jail: JailConfig | None = None  # how custom jobs are jailed (default: from the environment)
     lease_wait: float = 20.0
     backoff_max: float = 30.0
 
@@ -108,6 +132,14 @@ class ProviderAgent:
         self._keysets: OrderedDict[str, Any] = OrderedDict()
         self.done = 0
         self.workdir = cfg.workdir or Path(tempfile.gettempdir()) / f"som-agent-{os.getpid()}"
+        self.jail = cfg.jail if cfg.jail is not None else config_from_env()
+        self.jail_problem = probe(self.jail) if "custom" in cfg.capabilities else None
+        if self.jail_problem is not None:
+            if self.jail.unsafe_unjailed:
+                log.warning("SOM_UNSAFE_UNJAILED_CUSTOM_JOBS=true: custom jobs will run WITHOUT a jail (%s)",
+                            self.jail_problem)
+            else:
+                log.warning("custom jobs disabled on this agent: the job jail is unavailable (%s)", self.jail_problem)
         if cfg.calibration_path is not None:
             self._compile(data, fmt, cfg.calibration_path)
 
@@ -123,10 +155,12 @@ class ProviderAgent:
         self.report = compile_report(self.compiled, cal[:64]).to_dict()
 
     def _hello(self) -> None:
+        caps = [c for c in self.cfg.capabilities if c != "he_infer" or self.compiled is not None]
+        if self.jail_problem is not None and not self.jail.unsafe_unjailed:
+            caps.remove("custom")  # never lease code this machine cannot jail
         body: dict[str, Any] = {
             "seal_public": self.seal.public_text(), "name": self.cfg.name or f"agent@{os.uname().nodename}",
-            "capabilities": list(self.cfg.capabilities) if self.compiled is not None
-            else [c for c in self.cfg.capabilities if c != "he_infer"],
+            "capabilities": caps,
         }
         if self.cfg.offering_ids:
             body["offering_ids"] = self.cfg.offering_ids
@@ -292,7 +326,7 @@ class ProviderAgent:
             out = run_job(
                 self.model, inp, expected_kind=str(item["kind"]), max_rows=meta.get("max_rows"),
                 approved_digest=meta.get("code_digest"), limits=Limits.from_dict(meta.get("limits") or {}),
-                workdir=self.workdir,
+                workdir=self.workdir, jail=self.jail,
             )
         except JobFailed as e:
             self._fail(wid, e.reason, e.message)

@@ -18,8 +18,8 @@ does not fetch them. Final job states are reflected back into ``state.yaml`` (do
 rejected) without outputs: results go to the consumer sealed, through the marketplace.
 
 Not for: running anything. The bridge never calls syft-job's runner (``process_approved_jobs``):
-approved jobs run only in the compute site's sandbox (``run_isolated``: separate process,
-rlimits, empty environment, scratch folder). The ``run.sh`` it writes refuses to run, so a
+approved jobs run only in the compute site's jail (``run_isolated``: bubblewrap namespaces,
+an unprivileged uid, no network, cgroup limits; docs/jobs.md, "The jail"). The ``run.sh`` it writes refuses to run, so a
 syft-job runner pointed at the folder by mistake executes nothing of the consumer's.
 The marketplace DB stays the only source of truth; the folder is a review view of it.
 """

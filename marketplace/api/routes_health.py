@@ -1,4 +1,5 @@
-"""Liveness and version."""
+"""Liveness, version, and whether custom-job code can be jailed here (``jail``: ``ok``,
+``unavailable`` or ``unsafe_unjailed``; see docs/jobs.md)."""
 
 from __future__ import annotations
 
@@ -15,4 +16,6 @@ router = APIRouter(prefix="/v1", tags=["health"])
 def health(rt: Rt) -> dict[str, str]:
     with rt.engine.connect() as c:
         c.execute(text("SELECT 1"))
-    return {"status": "ok", "version": marketplace.__version__}
+    from marketplace.services.jail import status
+
+    return {"status": "ok", "version": marketplace.__version__, "jail": status(rt.settings.jail_config())}

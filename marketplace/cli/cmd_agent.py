@@ -1,7 +1,9 @@
 """``som agent``: run the provider agent beside the weights; manage agent keys.
 
 ``som agent --offering ID --model PATH [--calibration cal.npy] [--signing-key FILE]`` runs until
-interrupted, connecting outbound to SOM_URL with the agent key in SOM_API_KEY. The signing key is
+interrupted, connecting outbound to SOM_URL with the agent key in SOM_API_KEY (read once, then
+dropped from the process's environment). Custom jobs run in the job jail (docs/jobs.md); an agent
+whose machine cannot jail does not take them unless SOM_UNSAFE_UNJAILED_CUSTOM_JOBS=true. The signing key is
 the provider's offer-signing key file (``--signing-key``, else ``$SOM_SIGNING_KEY``, else
 ``~/.config/som/<org name>.key`` if it exists): with it the agent vouches for its sealing key,
 and consumers refuse to seal job inputs to an agent that does not.
@@ -52,7 +54,9 @@ def register(app: typer.Typer) -> None:
         if not st.api_key:
             die("no agent key: set SOM_API_KEY to a key from `som agent key create`")
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-        from marketplace.agent.runner import AgentConfig, run_forever
+        from marketplace.agent.runner import AgentConfig, forget_env, run_forever
+
+        forget_env("SOM_API_KEY")  # read once: no child and no reader of /proc/<pid>/environ sees it
         from marketplace.sdk.contracts_api import default_key_path, load_signing_key
 
         if signing_key is None:

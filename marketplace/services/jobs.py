@@ -242,6 +242,8 @@ def create(
         if off.status != "published":
             raise Conflict(f"offering {offering_id} is {off.status}; jobs run only on published offerings")
         statement: dict[str, Any] | None = None
+        if kind == "custom" and off.hosting == "marketplace":
+            check_jail(rt)
         if off.hosting == "provider":
             seal_public, statement = agents.sealing_key_for(rt, s, off)
         else:
@@ -369,6 +371,17 @@ def submit_input(rt: Runtime, p: Principal, job_id: str, blob: bytes, *, who: au
 # -- approval (custom) ------------------------------------------------------------------------
 
 
+def check_jail(rt: Runtime) -> None:
+    """Raise Unavailable (503) if this marketplace cannot jail custom-job code (and the operator
+    did not set SOM_UNSAFE_UNJAILED_CUSTOM_JOBS; then a warning is logged instead)."""
+    from marketplace.services.jail import JailUnavailable, require
+
+    try:
+        require(rt.settings.jail_config())
+    except JailUnavailable as e:
+        raise Unavailable(str(e), reason="jail_unavailable") from e
+
+
 def decide(
     rt: Runtime, p: Principal, job_id: str, *, approve: bool, code_digest: str, reason: str, who: audit.Actor,
 ) -> Job:
@@ -388,6 +401,8 @@ def decide(
             raise Conflict(f"job {job_id} is {job.status}; only jobs awaiting approval can be decided")
         if code_digest != job.code_digest:
             raise Conflict(f"code_digest {code_digest} is not this job's code ({job.code_digest}); review it again")
+        if approve and job.hosting == "marketplace":
+            check_jail(rt)
         now = utcnow()
         decision = "approved" if approve else "rejected"
         if job.contract_id:
@@ -802,6 +817,7 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
             out = run_job(
                 model, inp, expected_kind=kind, max_rows=max_rows if kind != "custom" else None,
                 approved_digest=approved, limits=Limits.from_dict(limits), workdir=Path(rt.data_dir) / "work",
+                jail=rt.settings.jail_config(),
             )
         except JobFailed as e:
             fail(rt, job_id, owner=owner, reason=e.reason, message=e.message)

@@ -1,30 +1,35 @@
-"""Run untrusted consumer code (``custom`` jobs, after provider approval) in a limited child process.
+"""Run untrusted consumer code (``custom`` jobs, after provider approval) in a jailed child process.
 
-For: bounding what one approved ``custom`` job can consume (CPU time, address space, open
-files, file sizes, wall-clock time), keeping the service's secrets out of its reach through the
-environment, and collecting its output files. Not for: running code nobody approved. This is
-resource isolation, not a security boundary against hostile code: the child runs as the same
-user, can read whatever that user can read and can open network connections. Deployments that
-run ``custom`` jobs should run workers as a dedicated unprivileged user in a container or under
-a namespace/seccomp jail (bubblewrap, nsjail) on top of this (see docs/crypto-at-rest.md).
+For: running one approved ``custom`` job's code where it can reach nothing but its own inputs
+and outputs (the jail of :mod:`marketplace.services.jail`: bubblewrap namespaces, an unprivileged
+uid, a read-only minimal root, no network, per-job cgroups), bounding what it consumes (CPU
+time, memory, processes, open files, file and output sizes, wall-clock time), and collecting
+its output files. Not for: running code nobody approved, or deciding whether the jail may be
+skipped (:func:`marketplace.services.jail.require` does; ``jail=None`` here runs the old
+unjailed child, only for the operator's explicit ``SOM_UNSAFE_UNJAILED_CUSTOM_JOBS``).
 
-Contract with the consumer's code: it runs as ``main.py`` with the scratch folder as its
-working directory, reads its inputs from ``inputs/<name>``, writes results to
-``outputs/<name>`` (regular files at the top level; anything else is ignored).
+Contract with the consumer's code: it runs as ``main.py`` with its job folder as the working
+directory, reads its inputs from ``inputs/<name>``, writes results to ``outputs/<name>``
+(regular files at the top level; anything else is ignored). In the jail the job folder is
+``/job``; only ``outputs/`` (a tmpfs capped at ``max_output_bytes``) and a private ``/tmp``
+are writable.
 
 Mechanics: a fresh scratch folder per run (0700, removed afterwards), ``python -I -B``, an
 empty environment apart from ``PATH``, locale and thread-count variables and
-``PYTHONNOUSERSITE``, stdin closed, a new session (process group) that is SIGKILLed when the
-wall clock runs out and again after the run to take stragglers with it, and ``setrlimit`` of
-RLIMIT_CPU, RLIMIT_AS, RLIMIT_NOFILE, RLIMIT_FSIZE and RLIMIT_CORE in the child before exec.
+``PYTHONNOUSERSITE``, stdin closed, RLIMIT_CPU, RLIMIT_AS, RLIMIT_NOFILE, RLIMIT_FSIZE and
+RLIMIT_CORE set before exec. Jailed, the job's cgroup is frozen and every member SIGKILLed when
+the job ends or its wall clock runs out (and the PID namespace dies with its first process);
+unjailed, its process group is SIGKILLed instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import stat
@@ -36,6 +41,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from marketplace.services import jail as _jail
+from marketplace.services.jail import JailConfig
 
 __all__ = ["Reason", "SandboxResult", "run_isolated"]
 
@@ -118,12 +126,16 @@ def _read_log(path: Path, limit: int, *, tail: bool) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _collect_outputs(scratch_fd: int, max_bytes: int) -> tuple[dict[str, bytes], list[str], bool]:
-    """Read top-level regular files of ``outputs/`` without following symlinks."""
+def _collect_outputs(scratch_fd: int, max_bytes: int, *, outputs_fd: int | None = None) -> tuple[dict[str, bytes], list[str], bool]:
+    """Read top-level regular files of ``outputs/`` (or of the open folder ``outputs_fd``)
+    without following symlinks."""
     outputs: dict[str, bytes] = {}
     ignored: list[str] = []
     try:
-        dfd = os.open("outputs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=scratch_fd)
+        if outputs_fd is not None:
+            dfd = os.dup(outputs_fd)
+        else:
+            dfd = os.open("outputs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=scratch_fd)
     except OSError:
         return outputs, ["outputs/ (missing or not a directory)"], False
     total = 0
@@ -163,7 +175,8 @@ def _rmtree(path: Path) -> None:
 
 
 def _classify(
-    *, timed_out: bool, code: int, cpu: float, stderr: str, cpu_seconds: int, memory_mb: int, wall_seconds: float
+    *, timed_out: bool, code: int, cpu: float, stderr: str, cpu_seconds: int, memory_mb: int, wall_seconds: float,
+    oom: bool = False, max_output_bytes: int = 0,
 ) -> tuple[Reason, str]:
     if timed_out:
         return "timeout", f"wall-clock limit of {wall_seconds:g} s exceeded; process group killed"
@@ -172,6 +185,10 @@ def _classify(
         return "cpu_limit", f"CPU time limit of {cpu_seconds} s exceeded (used {cpu:.2f} s)"
     if code != 0 and any(m in stderr for m in _MEMORY_MARKERS):
         return "memory_limit", f"memory limit of {memory_mb} MiB exceeded (allocation failed)"
+    if oom and code != 0:  # the cgroup's OOM killer took the job or one of its processes
+        return "memory_limit", f"memory limit of {memory_mb} MiB exceeded (the job's cgroup ran out of memory)"
+    if code != 0 and "No space left on device" in stderr:
+        return "error", f"outputs exceed the limit of {max_output_bytes} bytes (the output folder is full)"
     if sig == signal.SIGXFSZ or (code != 0 and "File too large" in stderr):
         # Python ignores SIGXFSZ, so the write fails with EFBIG ("File too large") instead.
         return "error", "file size limit exceeded (an output or log grew too large)"
@@ -180,6 +197,161 @@ def _classify(
     if sig:
         return "error", f"killed by signal {signal.Signals(sig).name}"
     return "error", f"exited with code {code}"
+
+
+_DEFAULT_JAIL = JailConfig()
+
+
+def _jail_env() -> dict[str, str]:
+    env = _env(Path("/tmp"))  # noqa: S108 - the jail's private /tmp
+    env["TMPDIR"] = "/tmp"  # noqa: S108
+    env["PATH"] = "/usr/bin:/bin"
+    return env
+
+
+def _read_info(fd: int, deadline: float) -> dict[str, object] | None:
+    """bubblewrap's ``--info-fd`` JSON (written once the namespaces exist), or None on EOF."""
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        with contextlib.suppress(ValueError):
+            info = json.loads(buf)
+            if isinstance(info, dict):
+                return info
+    return None
+
+
+def _open_outputs(child_pid: int, output_bytes: int, deadline: float) -> int:
+    """A handle on the jail's ``/job/outputs`` tmpfs (it stays readable after the jail's mount
+    namespace is gone). Waits until the tmpfs is mounted there: its own device, and its size."""
+    root = f"/proc/{child_pid}/root"
+    while True:
+        with contextlib.suppress(OSError):
+            fd = os.open(f"{root}/job/outputs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            st, vfs = os.fstat(fd), os.fstatvfs(fd)
+            parent = os.stat(f"{root}/job")
+            if st.st_dev != parent.st_dev and abs(vfs.f_blocks * vfs.f_frsize - output_bytes) < 2 * 65536:
+                return fd
+            os.close(fd)
+        if time.monotonic() >= deadline:
+            raise OSError("the jail's output folder did not appear")
+        time.sleep(0.001)
+
+
+def _run_jailed(
+    code: str, *, inputs: Mapping[str, bytes], workdir: Path, cpu_seconds: int, memory_mb: int,
+    wall_seconds: float, python: str, max_files: int, max_output_bytes: int, max_log_bytes: int,
+    cfg: JailConfig,
+) -> SandboxResult:
+    lay = _jail.layout(python, cfg.packages)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))  # 0700: no host user reaches in
+    logs = Path(tempfile.mkdtemp(prefix="logs-", dir=workdir))
+    cg: _jail.Cgroup | None = None
+    out_fd = -1
+    fds: list[int] = []
+    try:
+        (scratch / "inputs").mkdir(mode=0o755)
+        os.chmod(scratch / "inputs", 0o755)  # noqa: S103 - readable by the jail's uid (through the bind only)
+        for name, data in inputs.items():
+            (scratch / "inputs" / name).write_bytes(data)
+            os.chmod(scratch / "inputs" / name, 0o644)
+        (scratch / "main.py").write_text(code, encoding="utf-8")
+        os.chmod(scratch / "main.py", 0o644)
+        output_bytes = -(-max_output_bytes // 4096) * 4096
+        cg = _jail.Cgroup(cfg.cgroup_root, _jail.job_name())
+        cg.limit(memory_bytes=memory_mb * _MIB + output_bytes + cfg.tmp_bytes + 64 * _MIB, pids=cfg.max_pids)
+        job_binds = ((str(scratch / "main.py"), "/job/main.py"), (str(scratch / "inputs"), "/job/inputs"))
+        info_r, info_w = os.pipe()
+        block_r, block_w = os.pipe()
+        fds += [info_r, info_w, block_r, block_w]
+        argv = _jail.bwrap_argv(
+            cfg, lay, job_binds=job_binds, env=_jail_env(), output_bytes=output_bytes,
+            block_fd=block_r, info_fd=info_w, argv=[lay.python, "-I", "-B", "main.py"],
+        )
+        import resource
+
+        rlimits = [
+            (resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, memory_mb * _MIB),
+            (resource.RLIMIT_NOFILE, max_files), (resource.RLIMIT_FSIZE, max_output_bytes),
+            (resource.RLIMIT_CORE, 0),
+        ]
+        out_path, err_path = logs / "stdout", logs / "stderr"
+        start = time.monotonic()
+        with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv, untrusted code only in main.py
+                argv, cwd="/", env={}, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
+                close_fds=True, pass_fds=(info_w, block_r), start_new_session=True,
+                preexec_fn=_jail.preexec(  # noqa: PLW1509
+                    binds=lay.binds + job_binds, procs_files=cg.procs_files(), rlimits=rlimits),
+            )
+        pid = proc.pid
+        for f in (info_w, block_r):
+            os.close(f)
+            fds.remove(f)
+        deadline = start + wall_seconds
+        info = _read_info(info_r, deadline)
+        child = info.get("child-pid") if info is not None else None
+        if isinstance(child, int):
+            with contextlib.suppress(OSError):
+                out_fd = _open_outputs(child, output_bytes, deadline)
+        if out_fd >= 0:
+            os.write(block_w, b"x")  # let the job start
+        os.close(block_w)
+        fds.remove(block_w)
+        timed_out = False
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            time.sleep(_POLL_SECONDS)
+        cg.kill_all()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        _, status, usage = os.wait4(pid, 0)
+        exit_code = os.waitstatus_to_exitcode(status)
+        proc.returncode = exit_code
+        if 128 < exit_code <= 128 + 64:  # bubblewrap reports a signal death as 128 + signal
+            exit_code = -(exit_code - 128)
+        wall = time.monotonic() - start
+        cg_cpu = cg.cpu_seconds()
+        cpu = max(cg_cpu or 0.0, usage.ru_utime + usage.ru_stime)  # the cgroup counts stragglers too
+        stdout = _read_log(out_path, max_log_bytes, tail=False)
+        stderr = _read_log(err_path, max_log_bytes, tail=True)
+        if out_fd >= 0:
+            outputs, ignored, too_big = _collect_outputs(-1, max_output_bytes, outputs_fd=out_fd)
+        else:
+            outputs, ignored, too_big = {}, ["outputs/ (the jail did not start)"], False
+        reason, message = _classify(
+            timed_out=timed_out, code=exit_code, cpu=cpu, stderr=stderr, cpu_seconds=cpu_seconds,
+            memory_mb=memory_mb, wall_seconds=wall_seconds, oom=cg.oom_killed(), max_output_bytes=max_output_bytes,
+        )
+        if out_fd < 0 and reason == "ok":  # pragma: no cover - bubblewrap failed before the job
+            reason, message = "error", "the jail could not be set up"
+        if too_big and reason == "ok":
+            reason, message = "error", f"outputs exceed the limit of {max_output_bytes} bytes"
+            outputs = {}
+        return SandboxResult(
+            ok=reason == "ok", exit_code=exit_code, stdout=stdout, stderr=stderr, outputs=outputs,
+            reason=reason, message=message, pid=pid, cpu_seconds=cpu, wall_seconds=wall,
+            ignored_outputs=tuple(ignored),
+        )
+    finally:
+        for f in fds:
+            with contextlib.suppress(OSError):
+                os.close(f)
+        if out_fd >= 0:
+            os.close(out_fd)
+        if cg is not None:
+            cg.kill_all()
+            cg.remove()
+        _rmtree(logs)
+        _rmtree(scratch)
 
 
 def run_isolated(
@@ -195,12 +367,15 @@ def run_isolated(
     max_output_bytes: int = 64 * _MIB,
     max_log_bytes: int = 64 * 1024,
     keep_scratch: bool = False,
+    jail: JailConfig | None = _DEFAULT_JAIL,
 ) -> SandboxResult:
-    """Run ``code`` in a fresh scratch folder under ``workdir`` with the given limits.
+    """Run ``code`` in a fresh scratch folder under ``workdir`` with the given limits, in the
+    jail ``jail`` (``None``: unjailed, only for the operator's explicit unsafe switch).
 
     Preconditions: ``inputs`` names are plain file names (letters, digits, ``._-``).
     Returns a :class:`SandboxResult`; never raises for anything the child does. Raises
-    ValueError/TypeError on bad arguments, OSError if the scratch folder cannot be made.
+    ValueError/TypeError on bad arguments, OSError if the scratch folder, the job's cgroup or
+    the jail cannot be made.
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be str, got {type(code).__name__}")
@@ -218,6 +393,12 @@ def run_isolated(
 
     workdir = Path(workdir)
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if jail is not None:
+        return _run_jailed(
+            code, inputs=inputs, workdir=workdir, cpu_seconds=cpu_seconds, memory_mb=memory_mb,
+            wall_seconds=wall_seconds, python=python, max_files=max_files, max_output_bytes=max_output_bytes,
+            max_log_bytes=max_log_bytes, cfg=jail,
+        )
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))  # 0700
     logs = Path(tempfile.mkdtemp(prefix="logs-", dir=workdir))
     scratch_fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)

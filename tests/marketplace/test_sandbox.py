@@ -1,4 +1,4 @@
-"""The job sandbox: outputs, each limit with its reason, process-group cleanup, empty environment."""
+"""The job sandbox (jailed by default): outputs, each limit with its reason, cleanup, empty environment."""
 
 from __future__ import annotations
 
@@ -58,11 +58,14 @@ def test_success_reads_inputs_and_returns_outputs(tmp_path):
 
 
 def test_each_run_gets_a_fresh_scratch_folder(tmp_path):
-    first = run("open('outputs/x', 'w').write('1'); open('leftover', 'w').write('1')", tmp_path)
+    first = run("open('outputs/x', 'w').write('1'); open('/tmp/leftover', 'w').write('1')", tmp_path)
     assert first.ok
-    second = run("import os; print(sorted(os.listdir('.')), sorted(os.listdir('outputs')))", tmp_path)
+    second = run("import os; print(sorted(os.listdir('/tmp')), sorted(os.listdir('outputs')))", tmp_path)
     assert second.ok
     assert "leftover" not in second.stdout and "'x'" not in second.stdout
+    # the job folder itself is read-only in the jail
+    third = run("open('leftover', 'w').write('1')", tmp_path)
+    assert not third.ok and "Read-only file system" in third.stderr
 
 
 def test_cpu_burner_hits_cpu_limit(tmp_path):
@@ -70,7 +73,7 @@ def test_cpu_burner_hits_cpu_limit(tmp_path):
     assert r.reason == "cpu_limit", r
     assert not r.ok
     assert "CPU time limit" in r.message
-    assert r.cpu_seconds >= 0.9 and r.wall_seconds < 10
+    assert r.cpu_seconds >= 0.8 and r.wall_seconds < 10  # the jail counts the cgroup's CPU time (not ticks)
 
 
 def test_cpu_burner_that_ignores_sigxcpu_still_stopped(tmp_path):
@@ -250,3 +253,60 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="wall_seconds"):
         run("pass", tmp_path, wall_seconds=-1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_over_the_cap_fill_the_jails_output_folder(tmp_path):
+    r = run(
+        "for i in range(4):\n    open(f'outputs/part{i}', 'wb').write(b'x' * 400_000)\n",
+        tmp_path,
+        max_output_bytes=1_000_000,
+    )
+    assert r.reason == "error" and "outputs exceed the limit of 1000000 bytes" in r.message, r
+    assert "No space left on device" in r.stderr
+
+
+def test_unjailed_run_only_when_asked(tmp_path):
+    """``jail=None`` is the old plain child (for SOM_UNSAFE_UNJAILED_CUSTOM_JOBS only): it runs as
+    this process's user and sees the host, which is why it is not the default."""
+    r = run("import os\nopen('outputs/uid', 'w').write(str(os.getuid()))\nprint(os.path.exists('/work'))\n",
+            tmp_path, jail=None)
+    assert r.ok, r
+    assert r.outputs == {"uid": str(os.getuid()).encode()}
+    jailed = run("import os\nopen('outputs/uid', 'w').write(str(os.getuid()))\n", tmp_path)
+    assert jailed.outputs == {"uid": b"65534"}
+
+
+def test_require_refuses_a_missing_jail_unless_unsafe(caplog):
+    from marketplace.services.jail import JailConfig, JailUnavailable, require
+
+    with pytest.raises(JailUnavailable, match="SOM_UNSAFE_UNJAILED_CUSTOM_JOBS"):
+        require(JailConfig(bwrap="/nonexistent/bwrap"))
+    with caplog.at_level("WARNING", logger="som.jail"):
+        assert require(JailConfig(bwrap="/nonexistent/bwrap", unsafe_unjailed=True)) is None
+    assert "WITHOUT a jail" in caplog.text
+    assert require(JailConfig()) == JailConfig()
+
+
+def test_processes_together_over_the_memory_limit_hit_the_cgroup(tmp_path):
+    """Each child stays under RLIMIT_AS; together they exceed the job's cgroup, whose OOM killer
+    stops them (the job's memory is bounded as a whole, not per process)."""
+    r = run(
+        """
+        import os, sys
+        kids = []
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:
+                block = bytearray(60 * 1024 * 1024)
+                for i in range(0, len(block), 4096):
+                    block[i] = 1
+                import time; time.sleep(5)
+                os._exit(0)
+            kids.append(pid)
+        killed = [os.waitpid(k, 0)[1] & 0x7F for k in kids]
+        sys.exit(3 if 9 in killed else 0)
+        """,
+        tmp_path,
+        memory_mb=100,
+    )
+    assert r.reason == "memory_limit" and "cgroup" in r.message, r

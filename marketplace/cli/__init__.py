@@ -1,4 +1,4 @@
-"""The ``som`` command line. Command groups live in ``marketplace/cli/cmd_*.py`` (discovered).
+"""The ``som`` command line. Command groups live in ``marketplace/cli/cmd_*.py``, listed in ``COMMANDS``.
 
 Environment: ``SOM_URL`` (default http://127.0.0.1:8600), ``SOM_API_KEY``. ``--json`` prints
 machine-readable output. Errors print a message and what to try next, and exit non-zero.
@@ -6,18 +6,49 @@ machine-readable output. Errors print a message and what to try next, and exit n
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
+from marketplace.cli import (
+    cmd_agent,
+    cmd_contract,
+    cmd_convert,
+    cmd_core,
+    cmd_infer,
+    cmd_job,
+    cmd_ledger,
+    cmd_worker,
+)
 from marketplace.cli.common import State, handle_errors
 
 __all__ = ["app", "main"]
 
+#: The table of contents: every command group, in the order ``som --help`` lists them.
+COMMANDS = (cmd_agent, cmd_contract, cmd_convert, cmd_core, cmd_infer, cmd_job, cmd_ledger, cmd_worker)
+
+
+class _RootGroup(TyperGroup):
+    """Accepts the global ``--json`` anywhere before ``--`` (``som offering list --json``), and
+    turns API and transport errors of any command into a message, a hint and a non-zero exit."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's vendored click Context
+        end = args.index("--") if "--" in args else len(args)
+        if "--json" in args[:end]:
+            head = [a for a in args[:end] if a != "--json"]
+            args = ["--json", *head, *args[end:]]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        with handle_errors():  # every command: API errors become a message, a hint and exit 1
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
     name="som",
+    cls=_RootGroup,
     help="Share-of-Model: a privacy-preserving model marketplace.",
     no_args_is_help=True,
     add_completion=False,
@@ -35,16 +66,12 @@ def _root(
     ctx.obj = State(url=url, api_key=api_key or None, json=json_out)
 
 
-def _load() -> None:
-    import marketplace.cli as pkg
-
-    for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if m.name.startswith("cmd_"):
-            mod = importlib.import_module(f"marketplace.cli.{m.name}")
-            mod.register(app)
+def _register(commands: tuple[Any, ...]) -> None:
+    for module in commands:
+        module.register(app)
 
 
-_load()
+_register(COMMANDS)
 
 
 def main() -> None:

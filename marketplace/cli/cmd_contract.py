@@ -12,13 +12,37 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from marketplace.cli.common import client, die, emit
+from marketplace.cli.common import client, console, die, emit, err_console, state
 
 CONTRACT_COLS = ["id", "offering_id", "provider_org_id", "consumer_org_id", "status", "effective_status"]
-OFFER_COLS = ["id", "offering_id", "status", "digest", "created_at"]
+OFFER_COLS = ["id", "offering_id", "status", "price", "quota", "rate", "max_batch", "valid_until", "modes"]
+TERMS_COLS = ["price", "quota", "rate", "max_batch", "valid_from", "valid_until", "modes", "job_kinds"]
+
+
+def terms_summary(terms: dict[str, Any]) -> dict[str, Any]:
+    """The terms a consumer reads before signing, as short strings (price in currency units)."""
+    price = terms.get("price", {})
+    minor = int(price.get("unit_price_minor", 0))
+    rate = terms.get("rate", {})
+    kinds = terms.get("job_limits", {}).get("kinds", [])
+    return {
+        "price": f"{price.get('currency', '?')} {minor / 100:.2f} per unit",
+        "quota": f"{terms.get('quota_units')} units",
+        "rate": f"{rate.get('units')} units / {rate.get('window_seconds')} s",
+        "max_batch": terms.get("max_batch"),
+        "valid_from": terms.get("valid_from"),
+        "valid_until": terms.get("valid_until"),
+        "modes": ", ".join(terms.get("modes", [])),
+        "job_kinds": ", ".join(kinds),
+    }
+
+
+def _offer_row(o: dict[str, Any]) -> dict[str, Any]:
+    return {**o, **terms_summary(o.get("offer", {}).get("terms", {}))}
 
 
 def _key(ctx: typer.Context, key_file: Path | None):  # type: ignore[no-untyped-def]
@@ -73,8 +97,11 @@ def register(app: typer.Typer) -> None:
 
     @grp.command("offers")
     def offers(ctx: typer.Context, offering_id: str) -> None:
-        """List the offers of an offering."""
-        emit(ctx, client(ctx).list_offers(offering_id), columns=OFFER_COLS)
+        """List the offers of an offering, with price, quota, rate, validity and modes."""
+        rows = client(ctx).list_offers(offering_id)
+        emit(ctx, rows if state(ctx).json else [_offer_row(o) for o in rows], columns=OFFER_COLS)
+        if not state(ctx).json and rows:
+            console.print("next: som contract accept OFFER_ID (shows the terms and asks before signing)", highlight=False)
 
     @grp.command("accept")
     def accept(
@@ -82,13 +109,30 @@ def register(app: typer.Typer) -> None:
         offer_id: str,
         provider_key: str = typer.Option(None, help="Pin the provider's public key (ed25519:...)."),
         key_file: Path | None = KeyFile,
+        yes: bool = typer.Option(False, "--yes", "-y", help="Accept without asking (scripts)."),
     ) -> None:
-        """Verify an offer, sign your acceptance locally and send it (consumer)."""
+        """Show an offer's terms, then verify it, sign your acceptance locally and send it (consumer)."""
+        cl = client(ctx)
+        offer = cl.get_offer(offer_id)
+        summary = terms_summary(offer.get("offer", {}).get("terms", {}))
+        out = err_console if state(ctx).json else console  # --json keeps stdout for the contract
+        out.print(f"[bold]offer {offer_id}[/] for offering {offer.get('offering_id')} "
+                  f"(signed by {offer.get('provider_key')})", highlight=False)
+        for k in TERMS_COLS:
+            out.print(f"  {k}: {summary[k]}", highlight=False)
+        if not yes:
+            if not sys.stdin.isatty():
+                die("not accepted: pass --yes to accept these terms without a prompt", 2)
+            if not typer.confirm("Sign and accept these terms?", default=False):
+                die("not accepted", 1)
         try:
-            c = client(ctx).accept_offer(offer_id, signing_key=_key(ctx, key_file), provider_key=provider_key)
+            c = cl.accept_offer(offer_id, signing_key=_key(ctx, key_file), provider_key=provider_key)
         except ValueError as e:
             die(f"offer {offer_id} not accepted: {e}")
         emit(ctx, c, columns=CONTRACT_COLS)
+        if not state(ctx).json:
+            console.print(f"next: som infer {c.get('offering_id')} --input rows.csv --encrypted   "
+                          f"(or som job submit {c.get('offering_id')} ...)", highlight=False)
 
     @grp.command("list")
     def list_(
@@ -101,8 +145,13 @@ def register(app: typer.Typer) -> None:
 
     @grp.command("show")
     def show(ctx: typer.Context, contract_id: str) -> None:
-        """One contract: terms, status, usage, events."""
-        emit(ctx, client(ctx).get_contract(contract_id))
+        """One contract: terms (price, quota, rate, validity, modes), status, usage, events."""
+        c = client(ctx).get_contract(contract_id)
+        if state(ctx).json:
+            emit(ctx, c)
+            return
+        emit(ctx, {k: c.get(k) for k in CONTRACT_COLS} | terms_summary(c.get("terms", {}))
+             | {"usage": c.get("usage"), "events": c.get("events")})
 
     def _event(ctx: typer.Context, contract_id: str, kind: str, reason: str, key_file: Path | None) -> None:
         c = client(ctx).contract_event(contract_id, kind, signing_key=_key(ctx, key_file), reason=reason)

@@ -30,6 +30,24 @@ def _settings(data_dir: Path | None, database_url: str | None = None) -> Any:
     return s
 
 
+def _print_start(rt: Any, s: Any) -> None:
+    """Where the server is, where its data lives, and where the first admin key comes from."""
+    from sqlalchemy import select
+
+    from marketplace.db.models import ApiKey
+
+    with rt.tx() as session:
+        admins = [k for k in session.scalars(select(ApiKey)) if "admin" in k.roles and k.revoked_at is None]
+    err = typer.echo
+    err(f"som: serving on http://{s.host}:{s.port}  (API /v1, web UI /ui, OpenAPI /docs)", err=True)
+    err(f"som: data directory {rt.data_dir}  (database {s.resolved_database_url().split('://')[0]})", err=True)
+    if admins:
+        first = min(admins, key=lambda k: k.created_at)
+        err(f"som: admin key {first.prefix}... exists (from `som admin bootstrap` at {first.created_at:%Y-%m-%d %H:%M} UTC)", err=True)
+    else:
+        err(f"som: no admin key yet: run `som admin bootstrap --data-dir {rt.data_dir}` (prints it once)", err=True)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -47,7 +65,9 @@ def register(app: typer.Typer) -> None:
             s.host = host
         if port:
             s.port = port
-        uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="warning")
+        app = create_app(s)
+        _print_start(app.state.runtime, s)
+        uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
 
     db = typer.Typer(help="Database schema.", no_args_is_help=True)
     app.add_typer(db, name="db")

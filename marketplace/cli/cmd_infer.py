@@ -8,20 +8,27 @@ compile``) compiles a marketplace-hosted version for HE. ``som he keysets`` list
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import typer
 
-from marketplace.cli.common import client, die, emit, handle_errors
+from marketplace.cli.common import client, die, emit, err_console, handle_errors
 
 __all__ = ["read_features", "register", "write_predictions"]
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def read_features(path: Path) -> np.ndarray:
     """A CSV of numeric features (one sample per row; an optional header row), or a .npy file."""
+    import numpy as np  # start-up cost: only the commands that read features pay for numpy
+
     if path.suffix == ".npy":
         arr = np.load(path, allow_pickle=False)
         return np.asarray(arr, dtype=np.float64)
@@ -84,6 +91,20 @@ def _compile(ctx: typer.Context, offering_id: str, version: int, calibration: Pa
     })
 
 
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for inputs split into several requests (silent for one)."""
+    from rich.progress import Progress
+
+    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("encrypted inference", total=total)
+
+        def tick(done: int, _total: int) -> None:
+            bar.update(task, completed=done)
+
+        yield tick
+
+
 def register(app: typer.Typer) -> None:
     @app.command("infer")
     def infer_cmd(
@@ -107,8 +128,10 @@ def register(app: typer.Typer) -> None:
             die(f"cannot read {input}: {e}")
             return
         c = client(ctx)
-        with handle_errors():
-            out = c.infer_encrypted(offering_id, x, contract_id=contract, key_dir=key_dir, layout=layout)
+        with handle_errors(), _progress(len(x)) as tick:
+            out = c.infer_encrypted(
+                offering_id, x, contract_id=contract, key_dir=key_dir, layout=layout, progress=tick
+            )
             post = c.he_plan(offering_id)["plan"].get("postprocess")
         text = write_predictions(out, output, postprocess=post)
         if output is None:

@@ -7,14 +7,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from marketplace.sdk import SomAPIError, SomClient
+from marketplace.sdk.errors import SomAPIError
+
+if TYPE_CHECKING:
+    from marketplace.sdk import SomClient
 
 __all__ = ["State", "client", "die", "emit", "handle_errors", "state"]
 
@@ -40,6 +42,9 @@ def client(ctx: typer.Context, *, need_key: bool = True) -> SomClient:
     st = state(ctx)
     if need_key and not st.api_key:
         die("no API key: set SOM_API_KEY or pass --api-key (an admin creates keys with `som key create`)")
+    # Imported here for start-up cost: `som --help` and local commands never load the SDK.
+    from marketplace.sdk import SomClient
+
     return SomClient(st.url, st.api_key)
 
 
@@ -61,7 +66,11 @@ def emit(ctx: typer.Context, data: Any, *, columns: Sequence[str] | None = None,
         cols = list(columns or data[0].keys())
         table = Table(title=title)
         for c in cols:
-            table.add_column(c)
+            if _is_id(c):  # ids are copied and pasted: never cut them, wrap the other columns instead
+                width = max([len(c)] + [len(_cell(row.get(c))) for row in data])
+                table.add_column(c, no_wrap=True, min_width=width, overflow="ignore")
+            else:
+                table.add_column(c, overflow="fold")
         for row in data:
             table.add_row(*[_cell(row.get(c)) for c in cols])
         console.print(table)
@@ -74,6 +83,10 @@ def emit(ctx: typer.Context, data: Any, *, columns: Sequence[str] | None = None,
         console.print(str(data))
 
 
+def _is_id(column: str) -> bool:
+    return column == "id" or column.endswith(("_id", "_hash", "digest")) or column in ("key", "prefix")
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
@@ -82,23 +95,51 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+_POLICY_HINTS = {
+    "suspended": "the provider suspended this contract; `som contract show CONTRACT` lists its events",
+    "terminated": "this contract is terminated; find a current offer with `som contract offers OFFERING`",
+    "expired": "this contract has expired; accept a new offer (`som contract offers OFFERING`)",
+    "not_yet_valid": "this contract is not valid yet; `som contract show CONTRACT` shows when it starts",
+    "quota_exhausted": "the contract's quota is used up; `som contract statement CONTRACT` shows the usage",
+    "rate_limited": "the contract's rate limit is reached; retry after the time the server gave",
+    "batch_too_large": "the request is larger than the contract's max_batch; send fewer rows per request",
+    "mode_not_allowed": "the contract does not include this mode; `som contract show CONTRACT` lists its modes",
+    "job_kind_not_allowed": "the contract does not allow this job kind; `som contract show CONTRACT` lists them",
+    "keyset_not_bound": "register the key set under this contract first (`som infer --encrypted` does it)",
+}
+
+
+def hint_for(e: SomAPIError) -> str:
+    """What to try next, naming the server's actual reason where it gave one."""
+    err = (e.body or {}).get("error", {}) if isinstance(e.body, dict) else {}
+    if e.code == "policy_denied":
+        reason = str(err.get("reason", ""))
+        return _POLICY_HINTS.get(reason, f"the contract denies this use ({reason or 'no reason given'})")
+    return {
+        401: "check SOM_API_KEY (is the key revoked or expired?)",
+        403: "your key's roles do not allow this (`som whoami` shows them); an admin can issue a key with the role",
+        404: "check the id (you can only see objects your organisation and teams may see)",
+        413: "the payload is over the server's limit",
+        429: "slow down; retry after the time the server gave",
+        503: "the server is busy or a compute site is offline; retry shortly",
+    }.get(e.status, "")
+
+
 @contextmanager
 def handle_errors() -> Iterator[None]:
     try:
         yield
     except SomAPIError as e:
-        hint = {
-            401: "check SOM_API_KEY (is the key revoked or expired?)",
-            403: "your key lacks the role for this; ask an admin",
-            404: "check the id (you can only see your own organisation's objects)",
-            413: "the payload is over the server's limit",
-            429: "slow down; retry after the time the server gave",
-        }.get(e.status, "")
+        hint = hint_for(e)
         err_console.print(f"[bold red]error:[/] {e.status} {e.code}: {e.message}", highlight=False)
         if hint:
             err_console.print(f"hint: {hint}", highlight=False)
         sys.exit(1)
-    except httpx.TransportError as e:
+    except Exception as e:
+        import httpx  # start-up cost: loaded only when something went wrong
+
+        if not isinstance(e, httpx.TransportError):
+            raise
         err_console.print(
             f"[bold red]error:[/] cannot reach the server ({e.__class__.__name__}); is `som serve` running and SOM_URL right?",
             highlight=False,

@@ -6,19 +6,9 @@ from typing import Any
 
 import httpx
 
+from marketplace.sdk.errors import SomAPIError
+
 __all__ = ["BaseClient", "SomAPIError"]
-
-
-class SomAPIError(Exception):
-    """The API answered with an error ``{"error": {"code", "message"}}``."""
-
-    def __init__(self, status: int, code: str, message: str, body: dict[str, Any] | None = None, headers: Any = None) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.body = body or {}
-        self.headers = dict(headers or {})
 
 
 class BaseClient:

@@ -50,6 +50,29 @@ class CatalogAPI(BaseClient):
         )
         return dict(r.json())
 
+    def upload_sklearn(
+        self, offering_id: str, estimator: Any, *, format: str = "npz", check_rows: Any = None
+    ) -> dict[str, Any]:
+        """Convert a fitted scikit-learn estimator locally, check it, and upload it as a new version.
+
+        The estimator never leaves this process as a pickle: only its parameters, as the declarative
+        artifact of :mod:`marketplace.sdk.convert`. ``check_rows`` (n, d) default to probe rows around
+        the pipeline's scaler. Raises ``UnsupportedModel`` (a ValueError) before anything is sent.
+        """
+        from marketplace.sdk import convert  # numpy-heavy; only for providers who call it
+
+        art = convert.from_estimator(estimator, format=format)  # type: ignore[arg-type]
+        rows = convert.probe_rows(estimator, art.input_dim) if check_rows is None else check_rows
+        art = convert.check_artifact(art, estimator, rows)
+        return self.upload_version(offering_id, art.data, format=art.format, input_shape=art.input_shape)
+
+    def upload_torch(self, offering_id: str, module: Any, *, format: str = "npz") -> dict[str, Any]:
+        """Convert a ``torch.nn.Sequential`` locally and upload it (needs the ``torch`` extra)."""
+        from marketplace.sdk import convert
+
+        art = convert.from_torch(module, format=format)  # type: ignore[arg-type]
+        return self.upload_version(offering_id, art.data, format=art.format, input_shape=art.input_shape)
+
     def list_versions(self, offering_id: str) -> list[dict[str, Any]]:
         return list(self.get_json(f"/v1/offerings/{offering_id}/versions"))
 

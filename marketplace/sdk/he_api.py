@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from marketplace.sdk.base import BaseClient, SomAPIError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["HEAPI", "default_key_dir"]
 
@@ -65,8 +67,10 @@ class HEAPI(BaseClient):
 
     def compile_version(self, offering_id: str, version: int, calibration: np.ndarray | bytes) -> dict[str, Any]:
         """Compile a version for HE with calibration samples (array (n, d) or .npy bytes)."""
-        if isinstance(calibration, np.ndarray):
+        if not isinstance(calibration, bytes | bytearray | memoryview):
             import io
+
+            import numpy as np  # start-up cost: the CLI imports this module for every command
 
             buf = io.BytesIO()
             np.save(buf, np.asarray(calibration, dtype=np.float64), allow_pickle=False)
@@ -172,14 +176,19 @@ class HEAPI(BaseClient):
         layout: str = "auto",
         batch_size: int | None = None,
         postprocess: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Encrypt ``X`` (n, input_dim), infer, decrypt: outputs (n, output_dim).
 
         ``layout``: ``"batch"`` (slot per sample), ``"single"`` (one ciphertext per sample) or
         ``"auto"`` (``crypto.he.choose_layout``: single for a few samples, batch otherwise; each
         layout has its own key set, registered once). Requests carry at most ``batch_size``
-        samples (default: the plan's slot count).
+        samples (default: the plan's slot count, capped at the contract's ``max_batch``), so a
+        large input is split into as many requests as the contract allows; ``progress(done, total)``
+        is called after each.
         """
+        import numpy as np  # start-up cost, as above
+
         from crypto.he import PublicPlan, choose_layout
 
         if layout not in ("auto", "batch", "single"):
@@ -193,7 +202,7 @@ class HEAPI(BaseClient):
         sk = self.he_keys(offering_id, key_dir=key_dir, layout=layout, plan_info=info)
         if x.ndim != 2 or x.shape[1] != sk.plan.input_dim:
             raise ValueError(f"expected X of shape (n, {sk.plan.input_dim}), got {x.shape}")
-        step = batch_size or sk.plan.slots
+        step = batch_size or min(sk.plan.slots, self._max_batch(offering_id, contract_id) or sk.plan.slots)
         keyset_id = self._keyset_for(offering_id, sk, contract_id=contract_id, key_dir=key_dir)
         outs: list[np.ndarray] = []
         for start in range(0, x.shape[0], step):
@@ -210,4 +219,23 @@ class HEAPI(BaseClient):
                 keyset_id = self._keyset_for(offering_id, sk, contract_id=contract_id, key_dir=key_dir, refresh=True)
                 resp = self.infer_raw(offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id)
             outs.append(sk.decrypt(resp, postprocess=postprocess))
+            if progress is not None:
+                progress(min(start + step, x.shape[0]), x.shape[0])
         return np.concatenate(outs, axis=0)
+
+    def _max_batch(self, offering_id: str, contract_id: str | None) -> int | None:
+        """The ``max_batch`` of the contract a request will be metered under (None if unknown)."""
+        try:
+            if contract_id is not None:
+                terms = self.get_json(f"/v1/contracts/{contract_id}")["terms"]
+            else:
+                active = [
+                    c for c in self.paginate("/v1/contracts", role="consumer", status="active", offering_id=offering_id)
+                    if c.get("offering_id") == offering_id
+                ]
+                if len(active) != 1:
+                    return None
+                terms = active[0]["terms"]
+            return int(terms["max_batch"])
+        except (SomAPIError, KeyError, TypeError, ValueError):
+            return None  # the server decides; an unknown cap only means one request per plan batch

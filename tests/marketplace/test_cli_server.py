@@ -82,8 +82,8 @@ def test_cli_story_over_a_real_server(server, tmp_path: Path) -> None:
     som("offering", "publish", off["id"], env=prov)
     listed = json.loads(som("--json", "offering", "list", "--q", "cancer", env=cons).stdout)
     assert [o["id"] for o in listed] == [off["id"]]
-    human = som("offering", "list", env=cons).stdout
-    assert "cancer-lr" in human
+    human = som("offering", "list", env={**cons, "COLUMNS": "160"}).stdout
+    assert "cancer-lr" in human and off["id"] in human
     events = json.loads(som("--json", "audit", "list", env=comp).stdout)
     assert {"offering.publish", "offering.version.add", "key.create"} <= {e["action"] for e in events}
     # every audit event, including the bootstrap done by the CLI before the server ran, is a ledger leaf

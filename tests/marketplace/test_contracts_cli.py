@@ -15,14 +15,11 @@ from marketplace.services.identity import Principal
 
 
 def run(url: str, key: str, *args: str) -> str:
-    from marketplace.cli import _load, app
-
-    if not any(g.name == "contract" for g in app.registered_groups):
-        _load()
+    from marketplace.cli import app
     r = CliRunner().invoke(app, ["--json", *args], env={"SOM_URL": url, "SOM_API_KEY": key})
     if r.exit_code != 0:
         raise AssertionError(f"som {' '.join(args)} -> {r.exit_code}\n{r.output}\n{r.exception!r}")
-    return r.output
+    return r.stdout
 
 
 def test_contract_cli_story(live, tmp_path: Path) -> None:
@@ -35,7 +32,7 @@ def test_contract_cli_story(live, tmp_path: Path) -> None:
     assert offer["status"] == "open" and (tmp_path / "p.key").stat().st_mode & 0o777 == 0o600
     listed = json.loads(run(url, w.keys["consumer"], "contract", "offers", off["id"]))
     assert [o["id"] for o in listed] == [offer["id"]]
-    c = json.loads(run(url, w.keys["consumer"], "contract", "accept", offer["id"], "--key-file", ckey,
+    c = json.loads(run(url, w.keys["consumer"], "contract", "accept", offer["id"], "--yes", "--key-file", ckey,
                        "--provider-key", offer["provider_key"]))
     assert c["status"] == "active"
     assert [x["id"] for x in json.loads(run(url, w.keys["provider"], "contract", "list"))] == [c["id"]]

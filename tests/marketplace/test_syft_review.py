@@ -230,10 +230,7 @@ def test_syft_job_runner_on_the_folder_runs_nothing_of_the_consumer(rw: Any, tmp
 def _som(url: str, key: str, *args: str) -> Any:
     from typer.testing import CliRunner
 
-    from marketplace.cli import _load, app
-
-    if not any(g.name == "agent" for g in app.registered_groups):
-        _load()
+    from marketplace.cli import app
     return CliRunner().invoke(app, ["--json", *args], env={"SOM_URL": url, "SOM_API_KEY": key})
 
 

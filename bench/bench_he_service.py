@@ -145,7 +145,7 @@ def run(repeat: int, workers: int) -> str:
     from marketplace.api.app import create_app
     from marketplace.sdk import SomClient
     from marketplace.services import catalog
-    from marketplace.services.he import _artifact
+    from marketplace.services.he_plans import latest_artifact as _artifact
     from marketplace.settings import Settings
     from tests.conftest import build_world
 

@@ -225,12 +225,12 @@ def agent_keyset(keyset_id: str, p: Auth, rt: Rt) -> Response:
 
 @router.post("/agent/offerings/{offering_id}/plan", summary="Publish the PUBLIC HE plan compiled beside the weights")
 def agent_plan(offering_id: str, body: PlanIn, p: Auth, rt: Rt, request: Request) -> dict[str, Any]:
-    from marketplace.services import he
+    from marketplace.services import he_plans
 
     offerings = agents.require_agent(p)
     if offering_id not in offerings:
         raise NotFound(f"offering {offering_id} not found")
-    return dict(he.set_agent_plan(rt, p, offering_id, body.plan, body.report, who=actor_of(p, request)))
+    return dict(he_plans.set_agent_plan(rt, p, offering_id, body.plan, body.report, who=actor_of(p, request)))
 
 
 # -- catalog decoration and key confinement ---------------------------------------------------------

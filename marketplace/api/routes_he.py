@@ -18,7 +18,7 @@ from marketplace.api.deps import Auth, Page, Rt, actor_of
 from marketplace.api.schemas import PageOf, VersionPublic
 from marketplace.errors import PayloadTooLarge, UnsupportedMediaType
 from marketplace.runtime import Runtime
-from marketplace.services import he
+from marketplace.services import he, he_plans, keysets
 
 router = APIRouter(prefix="/v1", tags=["he"])
 
@@ -91,7 +91,7 @@ async def compile_version(
     _octet(request)
     data = await _read_limited(request, rt.settings.max_upload_bytes)
     v = await run_in_threadpool(
-        he.compile_version, rt, p, offering_id, number, data,
+        he_plans.compile_version, rt, p, offering_id, number, data,
         who=actor_of(p, request),
     )
     return VersionPublic.model_validate(v)
@@ -100,7 +100,7 @@ async def compile_version(
 @router.get("/offerings/{offering_id}/he", response_model=HEPlanPublic, summary="The public HE plan and model card")
 def get_he_plan(offering_id: str, p: Auth, rt: Rt, request: Request) -> HEPlanPublic:
     with rt.tx() as s:
-        return HEPlanPublic(**he.get_plan(s, p, offering_id))
+        return HEPlanPublic(**he_plans.get_plan(s, p, offering_id))
 
 
 @router.put(
@@ -109,7 +109,7 @@ def get_he_plan(offering_id: str, p: Auth, rt: Rt, request: Request) -> HEPlanPu
     summary="Publish the HE plan a provider-hosted offering's agent compiled (provider)",
 )
 def set_he_plan(offering_id: str, body: HEPlanSet, p: Auth, rt: Rt, request: Request) -> HEPlanPublic:
-    out = he.set_agent_plan(
+    out = he_plans.set_agent_plan(
         rt, p, offering_id, body.plan, body.report, who=actor_of(p, request)
     )
     return HEPlanPublic(**out)
@@ -133,20 +133,20 @@ async def create_keyset(
     _octet(request)
     data = await _read_limited(request, rt.settings.max_ciphertext_bytes)
     out = await run_in_threadpool(
-        he.create_keyset, rt, p, data, contract_id=contract_id, offering_id=offering_id, who=actor_of(p, request)
+        keysets.create_keyset, rt, p, data, contract_id=contract_id, offering_id=offering_id, who=actor_of(p, request)
     )
     return KeysetPublic(**out)
 
 
 @router.get("/keysets", response_model=PageOf[KeysetPublic], summary="Your organisation's key sets")
 def list_keysets(p: Auth, rt: Rt, page: Page) -> PageOf[KeysetPublic]:
-    rows, total = he.list_keysets(rt, p, limit=page.limit, offset=page.offset)
+    rows, total = keysets.list_keysets(rt, p, limit=page.limit, offset=page.offset)
     return PageOf[KeysetPublic].build([KeysetPublic(**r) for r in rows], total, page)
 
 
 @router.get("/keysets/{keyset_id}", response_model=KeysetPublic, summary="One key set")
 def get_keyset(keyset_id: str, p: Auth, rt: Rt, request: Request) -> KeysetPublic:
-    return KeysetPublic(**he.get_keyset(rt, p, keyset_id))
+    return KeysetPublic(**keysets.get_keyset(rt, p, keyset_id))
 
 
 @router.get(
@@ -155,13 +155,13 @@ def get_keyset(keyset_id: str, p: Auth, rt: Rt, request: Request) -> KeysetPubli
     responses=_BINARY_OUT,  # type: ignore[arg-type]
 )
 def keyset_content(keyset_id: str, p: Auth, rt: Rt, request: Request) -> Response:
-    data = he.keyset_content(rt, p, keyset_id)
+    data = keysets.keyset_content(rt, p, keyset_id)
     return Response(content=data, media_type="application/octet-stream")
 
 
 @router.delete("/keysets/{keyset_id}", response_model=KeysetPublic, summary="Revoke a key set")
 def delete_keyset(keyset_id: str, p: Auth, rt: Rt, request: Request) -> KeysetPublic:
-    out = he.delete_keyset(rt, p, keyset_id, who=actor_of(p, request))
+    out = keysets.delete_keyset(rt, p, keyset_id, who=actor_of(p, request))
     return KeysetPublic(**out)
 
 
@@ -198,10 +198,6 @@ async def infer(
 
 
 def setup(rt: Runtime, app: FastAPI) -> None:
-    from marketplace.services import metering
-
-    metering.set_keyset_check(he.keyset_bound)
-
     def stop() -> None:
         pool = rt.extras.pop("he.compute", None)
         if pool is not None:

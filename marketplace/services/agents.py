@@ -30,7 +30,7 @@ from marketplace.db.models import ApiKey, Offering
 from marketplace.db.models_jobs import Agent, AgentTask
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from marketplace.runtime import Runtime
-from marketplace.services import audit
+from marketplace.services import audit, keysets
 from marketplace.services.identity import Principal, create_key
 
 __all__ = [
@@ -450,10 +450,8 @@ def fail_task(rt: Runtime, p: Principal, agent_id: str, task_id: str, message: s
 
 def load_keyset(rt: Runtime, p: Principal, keyset_id: str) -> bytes:
     """A consumer's public context, for an agent serving the offering it was registered for."""
-    from marketplace.services import he
-
     require_agent(p)
-    data: bytes = he.keyset_content(rt, p, keyset_id)
+    data: bytes = keysets.keyset_content(rt, p, keyset_id)
     return data
 
 

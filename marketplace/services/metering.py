@@ -40,7 +40,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -67,11 +66,11 @@ from marketplace.services.contracts import (
     terms_of,
 )
 from marketplace.services.identity import Principal
+from marketplace.services.keysets import keyset_bound
 
 __all__ = [
     "LEASE_SECONDS",
     "Charged",
-    "KeysetCheck",
     "Reservation",
     "StoredResult",
     "begin",
@@ -82,7 +81,6 @@ __all__ = [
     "receipt_header",
     "release",
     "request_digest",
-    "set_keyset_check",
     "sweep_expired",
 ]
 
@@ -92,18 +90,6 @@ INLINE_RESULT_BYTES = 64 * 1024
 LEASE_SECONDS = 600.0
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-#: ``(session, contract_id, keyset_id) -> bound?``; installed by the HE feature (optional).
-KeysetCheck = Callable[[Session, str, str], bool]
-_keyset_check: KeysetCheck | None = None
-
-
-def set_keyset_check(fn: KeysetCheck | None) -> None:
-    """Install the check that a key set is registered for a contract (the HE feature owns key
-    sets). Without one, a ``keyset_id`` passed to :func:`begin` is trusted as already checked."""
-    global _keyset_check
-    _keyset_check = fn
-
 
 # -- values -----------------------------------------------------------------------------------
 
@@ -397,7 +383,7 @@ def begin(
                 _sweep(s, c, t)
                 bound: frozenset[str] = frozenset()
                 if keyset_id is not None and (
-                    _keyset_check is None or _keyset_check(s, c.id, keyset_id)
+                    keyset_bound(s, c.id, keyset_id)
                 ):
                     bound = frozenset({keyset_id})
                 st = _usage_state(c, bound)

@@ -139,16 +139,20 @@ def test_policy_denials(world) -> None:
     with pytest.raises(PolicyDenied) as ei:
         _begin(world, d, "x3", units=2, batch_size=5)
     assert ei.value.reason == "batch_too_large"
-    # The key set binding check installed by the HE feature is consulted.
-    metering.set_keyset_check(lambda s, cid, ks: ks == "ks_good")
-    try:
+    # A key set counts only when it is registered for this contract and not revoked.
+    from marketplace.db.models_he import Keyset
+
+    with world.rt.tx() as s:
+        for kid, contract_id in (("ks_good", d.contract_id), ("ks_other", "ctr_someone_else")):
+            s.add(Keyset(id=kid, org_id=d.consumer.org_id, offering_id=d.offering_id, contract_id=contract_id,
+                         plan_digest="sha256:" + "0" * 64, blob="sha256:" + "0" * 64, size=0, layouts=[],
+                         created_by="key_test"))
+    for bad in ("ks_missing", "ks_other"):
         with pytest.raises(PolicyDenied) as ei:
-            _begin(world, d, "x4", mode="he_inference", job_kind=None, keyset_id="ks_bad")
+            _begin(world, d, f"x4-{bad}", mode="he_inference", job_kind=None, keyset_id=bad)
         assert ei.value.reason == "keyset_not_bound"
-        r = _begin(world, d, "x5", mode="he_inference", job_kind=None, keyset_id="ks_good")
-        metering.commit(world.rt, r, result=b"", media_type="x/y")
-    finally:
-        metering.set_keyset_check(None)
+    r = _begin(world, d, "x5", mode="he_inference", job_kind=None, keyset_id="ks_good")
+    metering.commit(world.rt, r, result=b"", media_type="x/y")
     # Rate: 3 units per 60 s window; the 4th unit is a 429 with Retry-After.
     t0 = d_now = utcnow()
     for i in range(2):

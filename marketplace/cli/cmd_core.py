@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,19 @@ def _settings(data_dir: Path | None, database_url: str | None = None) -> Any:
     return s
 
 
+def _runtime(s: Any) -> Any:
+    """The runtime of an admin command (umask 077; a key-custody refusal is a message, exit 2)."""
+    from marketplace.runtime import Runtime
+    from marketplace.settings import SettingsError
+
+    os.umask(0o077)
+    try:
+        return Runtime(s)
+    except SettingsError as e:
+        die(str(e), 2)
+    return None
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -41,13 +55,20 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from marketplace.api.app import create_app
+        from marketplace.settings import SettingsError
 
+        os.umask(0o077)  # every file the server creates (DB, WAL, SHM, logs, blobs) is 0600
         s = _settings(data_dir)
         if host:
             s.host = host
         if port:
             s.port = port
-        uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="warning")
+        try:
+            api = create_app(s)
+        except SettingsError as e:
+            die(str(e), 2)
+        typer.echo("som serve: " + str(api.state.custody_notice), err=True)
+        uvicorn.run(api, host=s.host, port=s.port, log_level="warning")
 
     db = typer.Typer(help="Database schema.", no_args_is_help=True)
     app.add_typer(db, name="db")
@@ -69,11 +90,10 @@ def register(app: typer.Typer) -> None:
     def admin_bootstrap(ctx: typer.Context, data_dir: Path = typer.Option(None, envvar="SOM_DATA_DIR")) -> None:
         """Create the operator organisation and the first admin key (printed once)."""
         from marketplace.errors import MarketplaceError
-        from marketplace.runtime import Runtime
         from marketplace.services import audit
         from marketplace.services.identity import bootstrap
 
-        rt = Runtime(_settings(data_dir))
+        rt = _runtime(_settings(data_dir))
         try:
             with rt.tx() as s:
                 row, key = bootstrap(s)
@@ -88,10 +108,9 @@ def register(app: typer.Typer) -> None:
     @admin.command("rotate-kek")
     def admin_rotate(ctx: typer.Context, data_dir: Path = typer.Option(None, envvar="SOM_DATA_DIR")) -> None:
         """Create a new key-encryption key and re-wrap every data key (blobs are not re-encrypted)."""
-        from marketplace.runtime import Runtime
         from marketplace.services.keys import rotate_kek
 
-        rt = Runtime(_settings(data_dir))
+        rt = _runtime(_settings(data_dir))
         try:
             n, kek_id = rotate_kek(rt)
         finally:

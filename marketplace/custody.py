@@ -39,6 +39,7 @@ __all__ = [
     "UNSAFE_WARNING",
     "announce",
     "default_key_root",
+    "notice",
     "private_file",
     "resolve_key_dir",
     "tighten_db_files",
@@ -210,15 +211,21 @@ def tighten_db_files(database_url: str) -> None:
             private_file(side)
 
 
-def announce(settings: Settings, key_dir: Path) -> str:
-    """Log (and return) the start-up line saying where the keys are; a warning when unsafe."""
+def notice(settings: Settings, key_dir: Path) -> str:
+    """The start-up line saying where the keys are (``WARNING: ...`` when unsafe)."""
     if settings.unsafe_keys_in_data_dir:
-        msg = UNSAFE_WARNING.format(path=key_dir)
-        log.warning(msg)
-        return "WARNING: " + msg
-    msg = (
+        return "WARNING: " + UNSAFE_WARNING.format(path=key_dir)
+    return (
         f"keys in {key_dir} (outside the data directory {settings.data_dir.resolve()}); "
         "back them up separately from the data directory"
     )
-    log.info(msg)
+
+
+def announce(settings: Settings, key_dir: Path) -> str:
+    """Log (and return) :func:`notice`: at WARNING when unsafe, else at INFO."""
+    msg = notice(settings, key_dir)
+    if settings.unsafe_keys_in_data_dir:
+        log.warning(msg.removeprefix("WARNING: "))
+    else:
+        log.info(msg)
     return msg

@@ -47,11 +47,11 @@ def register(app: typer.Typer) -> None:
         root = s.data_dir.resolve()
         if not root.is_dir():
             typer.echo(f"warning: {root} does not exist; the worker must share the API replicas' data directory", err=True)
-        from marketplace.custody import announce, resolve_key_dir
+        from marketplace.custody import notice, resolve_key_dir
 
         os.umask(0o077)
         try:
-            typer.echo("som worker: " + announce(s, resolve_key_dir(s, create=False)), err=True)
+            typer.echo("som worker: " + notice(s, resolve_key_dir(s, create=False)), err=True)
         except SettingsError as e:
             die(str(e), 2)
         app = make_celery(s, worker=True)

@@ -78,6 +78,7 @@ def setup(rt: Runtime, app: FastAPI) -> None:
             swagger_js_url=f"{ASSETS_PREFIX}/swagger-ui-bundle.js",
             swagger_css_url=f"{ASSETS_PREFIX}/swagger-ui.css",
             swagger_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
         ))
 
     @app.get("/redoc", include_in_schema=False)

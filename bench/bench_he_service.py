@@ -150,7 +150,7 @@ def run(repeat: int, workers: int) -> str:
     from tests.conftest import build_world
 
     tmp = Path(tempfile.mkdtemp(prefix="som-bench-he-"))
-    app = create_app(Settings(data_dir=tmp / "data", workers=workers))
+    app = create_app(Settings(data_dir=tmp / "data", key_dir=tmp / "keys", workers=workers))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])

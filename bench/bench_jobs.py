@@ -63,7 +63,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="som-bench-jobs-"))
     port = _port()
-    app = create_app(Settings(data_dir=tmp / "data", metering=False, agent_lease_seconds=30, workers=1))
+    app = create_app(Settings(data_dir=tmp / "data", key_dir=tmp / "keys", metering=False, agent_lease_seconds=30, workers=1))
     rt = app.state.runtime
     with rt.tx() as s:
         _, admin_key = identity.bootstrap(s)

@@ -86,7 +86,8 @@ def runtime(d: Path) -> Any:
     from marketplace.runtime import Runtime
     from marketplace.settings import Settings
 
-    return Runtime(Settings(data_dir=d, database_url=f"sqlite:///{d / 'som.db'}"))
+    d.mkdir(parents=True, exist_ok=True)  # the data dir d/data, its keys apart in d/keys
+    return Runtime(Settings(data_dir=d / "data", key_dir=d / "keys", database_url=f"sqlite:///{d / 'som.db'}"))
 
 
 def _bare_conn(d: Path) -> sqlite3.Connection:

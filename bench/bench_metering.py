@@ -99,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     n = args.n or (200 if args.quick else 2000)
     with tempfile.TemporaryDirectory() as d:
-        rt = Runtime(Settings(data_dir=Path(d)))
+        rt = Runtime(Settings(data_dir=Path(d) / "data", key_dir=Path(d) / "keys"))
         try:
             p, oid = setup(rt)
             for i in range(50):  # warm up caches, connections, the ledger key

@@ -81,14 +81,15 @@ def train_model() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bytes
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="som-demo-"))
     data_dir = work / "data"
+    key_dir = work / "keys"  # the secret keys live outside the data directory (docs/crypto-at-rest.md)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
-    env.update({"SOM_DATA_DIR": str(data_dir), "SOM_URL": f"http://127.0.0.1:{port}"})
+    env.update({"SOM_DATA_DIR": str(data_dir), "SOM_KEY_DIR": str(key_dir), "SOM_URL": f"http://127.0.0.1:{port}"})
     url = env["SOM_URL"]
 
     step("1. Operator starts the marketplace")
     boot = json.loads(som("--json", "admin", "bootstrap", env=env))
-    ok(f"data dir {data_dir}; first admin key {boot['api_key'][:16]}… (shown once)")
+    ok(f"data dir {data_dir}, keys in {key_dir}; first admin key {boot['api_key'][:16]}… (shown once)")
     server = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

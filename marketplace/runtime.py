@@ -1,5 +1,7 @@
 """The service's runtime: settings, DB engine and sessions, blob store, key provider, log files.
 
+The secret keys live in :attr:`Runtime.key_dir`, outside the data directory (:mod:`marketplace.custody`).
+
 Built by :func:`marketplace.api.app.create_app` (never at import time) and shared by routes and
 workers. Everything with a lifetime hangs off one :class:`Runtime`.
 """
@@ -30,9 +32,14 @@ class Runtime:
     def __init__(self, settings: Settings, *, migrate: bool = True) -> None:
         settings.check_secrets()
         self.settings = settings
+        from marketplace.custody import private_file, resolve_key_dir, tighten_db_files
+
         self.data_dir = settings.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.key_dir: Path = resolve_key_dir(settings, create=True)
         (self.data_dir / "logs").mkdir(exist_ok=True, mode=0o700)
+        private_file(self.log_path)
+        tighten_db_files(settings.resolved_database_url())
         self.engine: Engine = make_engine(settings.resolved_database_url())
         if migrate:
             upgrade(self.engine)
@@ -68,10 +75,9 @@ class Runtime:
                 self._keys = EnvKeyProvider(environ=env)
             else:
                 from crypto.keyproviders import LocalFileKeyProvider
+                from marketplace.custody import KEK_FILE
 
-                keys = self.data_dir / "keys"
-                keys.mkdir(exist_ok=True, mode=0o700)
-                self._keys = LocalFileKeyProvider(keys / "kek.json")
+                self._keys = LocalFileKeyProvider(self.key_dir / KEK_FILE)
         return self._keys
 
     def on_close(self, fn: Callable[[], None]) -> None:

@@ -32,7 +32,22 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SOM_", extra="ignore")
 
-    data_dir: Path = Field(default=Path(".som"), description="Data directory: DB, blobs, keys, logs.")
+    data_dir: Path = Field(default=Path(".som"), description="Data directory: DB, blobs, logs (no keys).")
+    key_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Directory of the secret keys (KEK keyring, job sealing key, task-message key, ledger "
+            "key), outside the data dir; default $XDG_CONFIG_HOME/som/keys/<data dir's instance id> "
+            "(~/.config/som/keys/...), created 0700 on first start."
+        ),
+    )
+    unsafe_keys_in_data_dir: bool = Field(
+        default=False,
+        description=(
+            "Development only: keep the keys in <data_dir>/keys, beside what they protect (a copy of "
+            "the data dir then reveals every model and job input). Logged as a warning at start."
+        ),
+    )
     database_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("DATABASE_URL", "SOM_DATABASE_URL"),
@@ -42,7 +57,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8600, description="Port of `som serve`.")
     key_provider: Literal["local", "env"] = Field(
         default="local",
-        description="Key-encryption-key provider: 'local' (0600 file in the data dir) or 'env' (SOM_KEK).",
+        description="Key-encryption-key provider: 'local' (0600 keyring in the key dir) or 'env' (SOM_KEK).",
     )
     kek: SecretStr | None = Field(
         default=None, description="Base64 32-byte key-encryption key when key_provider=env."

@@ -49,6 +49,23 @@ def _pg_up() -> str | None:
     return reason
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _key_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The default key directory root (``$XDG_CONFIG_HOME/som/keys``) of this test session: a
+    temporary folder, so the default key custody (keys outside the data directory) is what every
+    test and every ``som`` subprocess uses, and the user's own config dir is left alone."""
+    root = tmp_path_factory.mktemp("xdg-config")
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(root)
+    try:
+        yield root / "som" / "keys"
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CONFIG_HOME", None)
+        else:
+            os.environ["XDG_CONFIG_HOME"] = old
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database on each backend."""

@@ -360,13 +360,14 @@ def test_the_ledger_service_returns_the_vector_receipts(tmp_path: Path) -> None:
 
     led = DOC["ledger"]
     data_dir = tmp_path / "data"
-    (data_dir / "keys").mkdir(parents=True, mode=0o700)
+    key_dir = tmp_path / "keys"  # outside the data directory (marketplace.custody)
+    key_dir.mkdir(mode=0o700)
     signer = NoteSigner(KEYS["log"]["name"], SigningKey.from_private_bytes(bytes.fromhex(KEYS["log"]["seed_hex"])))
     seed = base64.b64encode(b"\x01" + bytes.fromhex(KEYS["log"]["seed_hex"])).decode()
-    key_file = data_dir / "keys" / "log.key"
+    key_file = key_dir / "log.key"
     key_file.write_text(f"PRIVATE+KEY+{signer.name}+{signer.key_id.hex()}+{seed}\n")
     key_file.chmod(0o600)
-    rt = Runtime(Settings(data_dir=data_dir, database_url=f"sqlite:///{tmp_path / 'som.db'}",
+    rt = Runtime(Settings(data_dir=data_dir, key_dir=key_dir, database_url=f"sqlite:///{tmp_path / 'som.db'}",
                           log_origin=led["origin"]))
     try:
         records = [json.loads(b64d(x)) for x in led["leaves_b64"]]

@@ -47,8 +47,11 @@ def _configure_logging(rt: Runtime) -> None:
 
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
     """Build the app: open the DB (upgrading it), the key provider, the blob store, the routes."""
+    from marketplace.custody import announce
+
     rt = runtime or Runtime(settings or Settings())
     _configure_logging(rt)
+    custody_notice = announce(rt.settings, rt.key_dir)  # where the keys are; a warning when unsafe
     mods = route_modules()
 
     @asynccontextmanager
@@ -71,8 +74,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             '`{"error": {"code", "message"}}`.'
         ),
         lifespan=lifespan,
+        docs_url=None,  # served by routes_docs from local files, with the UI's security headers
+        redoc_url=None,
     )
     app.state.runtime = rt
+    app.state.custody_notice = custody_notice
     app.state.on_start = []
     app.state.on_stop = [rt.close] if runtime is None else []
     install_error_handlers(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,19 @@ def _print_start(rt: Any, s: Any) -> None:
         err(f"som: no admin key yet: run `som admin bootstrap --data-dir {rt.data_dir}` (prints it once)", err=True)
 
 
+def _runtime(s: Any) -> Any:
+    """The runtime of an admin command (umask 077; a key-custody refusal is a message, exit 2)."""
+    from marketplace.runtime import Runtime
+    from marketplace.settings import SettingsError
+
+    os.umask(0o077)
+    try:
+        return Runtime(s)
+    except SettingsError as e:
+        die(str(e), 2)
+    return None
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -59,15 +73,21 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from marketplace.api.app import create_app
+        from marketplace.settings import SettingsError
 
+        os.umask(0o077)  # every file the server creates (DB, WAL, SHM, logs, blobs) is 0600
         s = _settings(data_dir)
         if host:
             s.host = host
         if port:
             s.port = port
-        app = create_app(s)
-        _print_start(app.state.runtime, s)
-        uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
+        try:
+            api = create_app(s)
+        except SettingsError as e:
+            die(str(e), 2)
+        typer.echo("som serve: " + str(api.state.custody_notice), err=True)
+        _print_start(api.state.runtime, s)
+        uvicorn.run(api, host=s.host, port=s.port, log_level="warning")
 
     db = typer.Typer(help="Database schema.", no_args_is_help=True)
     app.add_typer(db, name="db")
@@ -89,11 +109,10 @@ def register(app: typer.Typer) -> None:
     def admin_bootstrap(ctx: typer.Context, data_dir: Path = typer.Option(None, envvar="SOM_DATA_DIR")) -> None:
         """Create the operator organisation and the first admin key (printed once)."""
         from marketplace.errors import MarketplaceError
-        from marketplace.runtime import Runtime
         from marketplace.services import audit
         from marketplace.services.identity import bootstrap
 
-        rt = Runtime(_settings(data_dir))
+        rt = _runtime(_settings(data_dir))
         try:
             with rt.tx() as s:
                 row, key = bootstrap(s)
@@ -108,10 +127,9 @@ def register(app: typer.Typer) -> None:
     @admin.command("rotate-kek")
     def admin_rotate(ctx: typer.Context, data_dir: Path = typer.Option(None, envvar="SOM_DATA_DIR")) -> None:
         """Create a new key-encryption key and re-wrap every data key (blobs are not re-encrypted)."""
-        from marketplace.runtime import Runtime
         from marketplace.services.keys import rotate_kek
 
-        rt = Runtime(_settings(data_dir))
+        rt = _runtime(_settings(data_dir))
         try:
             n, kek_id = rotate_kek(rt)
         finally:

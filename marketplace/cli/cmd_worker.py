@@ -2,8 +2,9 @@
 
 ``SOM_JOB_BACKEND=celery som worker --concurrency 2`` consumes HE evaluations and
 marketplace-hosted jobs from Redis (``SOM_REDIS_URL``). The host must see the same data directory
-as the API replicas (``SOM_DATA_DIR``: blob store, ``keys/kek.json`` or ``SOM_KEK``,
-``keys/job_seal.key``), e.g. a shared volume; it needs no database and no API process.
+as the API replicas (``SOM_DATA_DIR``: the blob store) and their key directory (``SOM_KEY_DIR``:
+``kek.json`` or ``SOM_KEK``, ``job_seal.key``, ``task_mac.key``), e.g. a shared volume and a
+secrets mount; it needs no database and no API process.
 See docs/deployment.md.
 """
 
@@ -46,6 +47,13 @@ def register(app: typer.Typer) -> None:
         root = s.data_dir.resolve()
         if not root.is_dir():
             typer.echo(f"warning: {root} does not exist; the worker must share the API replicas' data directory", err=True)
+        from marketplace.custody import notice, resolve_key_dir
+
+        os.umask(0o077)
+        try:
+            typer.echo("som worker: " + notice(s, resolve_key_dir(s, create=False)), err=True)
+        except SettingsError as e:
+            die(str(e), 2)
         app = make_celery(s, worker=True)
         app.worker_main([
             "worker", f"--concurrency={n}", f"--pool={pool}", f"--loglevel={log_level.upper()}",

@@ -58,9 +58,14 @@ class StoreSpec:
     data_dir: str
     key_provider: str  # "local" | "env"
     kek: str | None = None  # base64 KEK when key_provider == "env" (never logged)
+    key_dir: str = ""  # the key directory (marketplace.custody); "" = <data_dir>/keys (unsafe dev layout)
+
+    def keys_path(self) -> Path:
+        """The key directory: ``key_dir``, or ``<data_dir>/keys`` when it is empty."""
+        return Path(self.key_dir) if self.key_dir else Path(self.data_dir) / "keys"
 
     def __repr__(self) -> str:
-        return f"StoreSpec(data_dir={self.data_dir!r}, key_provider={self.key_provider!r})"
+        return f"StoreSpec(data_dir={self.data_dir!r}, key_provider={self.key_provider!r}, key_dir={self.key_dir!r})"
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ def _open_store(spec: StoreSpec) -> tuple[Any, Any]:
     else:
         from crypto.keyproviders import LocalFileKeyProvider
 
-        provider = LocalFileKeyProvider(root / "keys" / "kek.json", create_if_missing=False)
+        provider = LocalFileKeyProvider(spec.keys_path() / "kek.json", create_if_missing=False)
     pair = (BlobStore(root / "blobs"), provider)
     _stores[spec] = pair
     return pair
@@ -255,4 +260,4 @@ def store_spec(rt: Any) -> StoreSpec:
         import os
 
         kek = os.environ.get("SOM_KEK")
-    return StoreSpec(data_dir=str(rt.data_dir), key_provider=s.key_provider, kek=kek)
+    return StoreSpec(data_dir=str(rt.data_dir), key_provider=s.key_provider, kek=kek, key_dir=str(rt.key_dir))

@@ -88,12 +88,14 @@ _PROBE = SealKeyPair.generate()
 
 
 def marketplace_seal_key(rt: Runtime) -> SealKeyPair:
-    """The worker's sealing key pair (``<data_dir>/keys/job_seal.key``, 0600, made on first use)."""
+    """The worker's sealing key pair (``<key_dir>/job_seal.key``, 0600, made on first use; the key
+    directory is outside the data directory, :mod:`marketplace.custody`)."""
     kp = rt.extras.get("jobs.seal_key")
     if isinstance(kp, SealKeyPair):
         return kp
-    path = rt.data_dir / "keys" / "job_seal.key"
-    path.parent.mkdir(mode=0o700, exist_ok=True)
+    from marketplace.custody import SEAL_KEY_FILE
+
+    path = Path(rt.key_dir) / SEAL_KEY_FILE
     try:
         kp = SealKeyPair.from_private_bytes(path.read_bytes())
     except FileNotFoundError:

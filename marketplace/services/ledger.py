@@ -477,11 +477,14 @@ def _load_or_create_key(path: Path, name: str) -> NoteSigner:
 
 
 def log_signer(rt: Runtime) -> NoteSigner:
-    """The log's Ed25519 note signer from ``data_dir/keys/log.key`` (0600; created on first use,
-    named after ``settings.log_origin``). Every replica of one ledger must share this file."""
+    """The log's Ed25519 note signer from ``<key_dir>/log.key`` (0600; created on first use,
+    named after ``settings.log_origin``; the key directory is outside the data directory,
+    :mod:`marketplace.custody`). Every replica of one ledger must share this file."""
     signer: NoteSigner | None = rt.extras.get(_SIGNER_KEY)
     if signer is None:
-        signer = _load_or_create_key(rt.data_dir / "keys" / "log.key", rt.settings.log_origin)
+        from marketplace.custody import LOG_KEY_FILE
+
+        signer = _load_or_create_key(Path(rt.key_dir) / LOG_KEY_FILE, rt.settings.log_origin)
         rt.extras[_SIGNER_KEY] = signer
     return signer
 
@@ -560,7 +563,7 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
         elif st.vkey != vkey:
             raise LedgerIntegrityError(
                 "this replica's log key differs from the one that signed this ledger; copy "
-                "data_dir/keys/log.key from the first replica"
+                "log.key from the first replica's key directory (SOM_KEY_DIR)"
             )
         last = latest_checkpoint(s)
         size = int(st.size)

@@ -63,12 +63,12 @@ def celery_for(rt: Any) -> Celery:
     return app
 
 
-def call(app: Celery, name: str, msg: dict[str, Any], *, data_dir: str | Path, timeout: float | None) -> dict[str, Any]:
-    """Sign ``msg`` with the data directory's task key, send task ``name`` and wait for its reply
+def call(app: Celery, name: str, msg: dict[str, Any], *, key_dir: str | Path, timeout: float | None) -> dict[str, Any]:
+    """Sign ``msg`` with the task key of ``key_dir``, send task ``name`` and wait for its reply
     dict. Raises ComputeError("internal") if the queue is unreachable, the worker died, or no
     reply came within ``timeout`` seconds."""
     try:
-        signed = sign_message(task_key(data_dir, create=True), name, msg)
+        signed = sign_message(task_key(key_dir, create=True), name, msg)
     except OSError as e:
         raise ComputeError("internal", f"the task key is unavailable ({type(e).__name__})") from None
     try:
@@ -98,7 +98,10 @@ class CeleryPool:
 
     def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
         self.app = app or make_celery(settings)
+        from marketplace.custody import resolve_key_dir
+
         self.data_dir = settings.data_dir.resolve()
+        self.key_dir = resolve_key_dir(settings, create=False)
         self._owns_app = app is None
         self._lock = threading.Lock()
         self._seen_until = 0.0
@@ -124,7 +127,7 @@ class CeleryPool:
             "aad": task.aad, "keyset_id": task.keyset_id, "keyset_blob": task.keyset_blob,
             "plan_json": task.plan_json, "request": b64e(task.request),
         }
-        reply = call(self.app, TASK_HE, msg, data_dir=self.data_dir, timeout=timeout)
+        reply = call(self.app, TASK_HE, msg, key_dir=self.key_dir, timeout=timeout)
         if reply["ok"]:
             return b64d(reply["out"])
         raise ComputeError(str(reply.get("kind", "internal")), str(reply.get("message", "compute failed")))
@@ -147,7 +150,7 @@ def run_job_on_worker(
         "max_rows": max_rows, "max_sealed_bytes": rt.settings.max_sealed_bytes,
     }
     try:
-        reply = call(celery_for(rt), TASK_JOB, msg, data_dir=rt.data_dir, timeout=timeout)
+        reply = call(celery_for(rt), TASK_JOB, msg, key_dir=rt.key_dir, timeout=timeout)
     except ComputeError as e:
         reason = "timeout" if e.message == "computation timed out" else "error"
         return None, reason, f"no compute worker finished the job: {e.message}"

@@ -9,9 +9,10 @@ the shared blob store and its own key-encryption-key provider (:class:`StoreSpec
 *worker's* settings: a KEK never travels over Redis), decrypts the model only in its memory, and
 answers with ciphertexts or sealed bytes only.
 
-Every message carries an HMAC (``mac``) under the data directory's task key
-(``keys/task_mac.key``, made by the first API replica): a worker refuses anything else, so write
-access to Redis alone cannot make a worker decrypt a model for someone's code.
+Every message carries an HMAC (``mac``) under the task key (``task_mac.key`` in the key directory,
+made by the first API replica; the key directory is outside the data directory,
+:mod:`marketplace.custody`): a worker refuses anything else, so write access to Redis (or a copy
+of the data directory) alone cannot make a worker decrypt a model for someone's code.
 
 Replies: ``{"ok": True, "out": b64}`` or ``{"ok": False, "kind"|"reason": ..., "message": ...}``.
 A task never raises: a failure is a reply, so the API maps it to the same errors as the local
@@ -50,11 +51,11 @@ __all__ = [
 
 log = logging.getLogger("som.worker")
 
-JOB_SEAL_KEY_PATH = Path("keys") / "job_seal.key"
-"""The marketplace's job sealing key, relative to the data directory (made by the API replicas)."""
+JOB_SEAL_KEY_PATH = Path("job_seal.key")
+"""The marketplace's job sealing key, relative to the key directory (made by the API replicas)."""
 
-TASK_KEY_PATH = Path("keys") / "task_mac.key"
-"""HMAC key of task messages, relative to the data directory (made by the first API replica)."""
+TASK_KEY_PATH = Path("task_mac.key")
+"""HMAC key of task messages, relative to the key directory (made by the first API replica)."""
 
 _seal_lock = threading.Lock()
 _task_keys: dict[str, bytes] = {}
@@ -71,10 +72,10 @@ def b64d(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
-def task_key(data_dir: str | Path, *, create: bool = False) -> bytes:
-    """The data directory's task-message HMAC key (32 bytes, 0600). ``create`` (API replicas)
+def task_key(key_dir: str | Path, *, create: bool = False) -> bytes:
+    """The task-message HMAC key in ``key_dir`` (32 bytes, 0600). ``create`` (API replicas)
     makes it on first use; a worker only reads it. Raises OSError if it is missing."""
-    root = str(Path(data_dir).resolve())
+    root = str(Path(key_dir).resolve())
     with _seal_lock:
         key = _task_keys.get(root)
         if key is not None:
@@ -106,29 +107,33 @@ def sign_message(key: bytes, task: str, msg: dict[str, Any]) -> dict[str, Any]:
     return {**msg, "mac": _mac(key, task, msg)}
 
 
-def check_mac(data_dir: str, task: str, msg: dict[str, Any]) -> None:
-    """Raise ValueError unless ``msg`` was signed by an API replica sharing this data directory.
+def check_mac(key_dir: str | Path, task: str, msg: dict[str, Any]) -> None:
+    """Raise ValueError unless ``msg`` was signed by an API replica sharing this key directory.
 
-    Whoever can write to Redis but cannot read the data directory cannot make a worker decrypt
+    Whoever can write to Redis but cannot read the key directory cannot make a worker decrypt
     a model for their own code."""
     mac = msg.get("mac")
-    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(task_key(data_dir), task, msg)):
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(task_key(key_dir), task, msg)):
         raise ValueError("task message is not signed with this data directory's task key")
 
 
 def worker_store(settings: Settings) -> StoreSpec:
-    """The worker's own view of the shared data directory and its KEK provider."""
+    """The worker's own view of the shared data directory, its key directory and KEK provider.
+    Raises SettingsError if the key directory cannot be found (:func:`marketplace.custody.resolve_key_dir`)."""
+    from marketplace.custody import resolve_key_dir
+
     kek: str | None = None
     if settings.key_provider == "env":
         kek = settings.kek.get_secret_value() if settings.kek is not None else os.environ.get("SOM_KEK")
-    return StoreSpec(data_dir=str(settings.data_dir.resolve()), key_provider=settings.key_provider, kek=kek)
+    return StoreSpec(data_dir=str(settings.data_dir.resolve()), key_provider=settings.key_provider, kek=kek,
+                     key_dir=str(resolve_key_dir(settings, create=False)))
 
 
 def he_evaluate(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]:
     """Evaluate one HE request. ``msg``: version_id, model_blob, wrapped_key (b64), aad, keyset_id,
     keyset_blob, plan_json, request (b64). Returns a reply dict (never raises)."""
     try:
-        check_mac(store.data_dir, "som.he_evaluate", msg)
+        check_mac(store.keys_path(), "som.he_evaluate", msg)
     except (ValueError, OSError) as e:
         log.error("refused an HE task: %s", e)
         return {"ok": False, "kind": "internal", "message": "task message refused (not signed for this data directory)"}
@@ -146,14 +151,14 @@ def he_evaluate(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "kind": e.kind, "message": e.message}
 
 
-def _seal_key(data_dir: str) -> Any:
+def _seal_key(key_dir: Path) -> Any:
     from crypto.sealing import SealKeyPair
 
     with _seal_lock:
-        kp = _seal_keys.get(data_dir)
+        kp = _seal_keys.get(str(key_dir))
         if kp is None:
-            kp = SealKeyPair.from_private_bytes((Path(data_dir) / JOB_SEAL_KEY_PATH).read_bytes())
-            _seal_keys[data_dir] = kp
+            kp = SealKeyPair.from_private_bytes((key_dir / JOB_SEAL_KEY_PATH).read_bytes())
+            _seal_keys[str(key_dir)] = kp
         return kp
 
 
@@ -161,7 +166,7 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
     """Run one leased marketplace-hosted job. ``msg``: job_id, input_blob, model_blob, wrapped_key
     (b64), aad, format, kind, limits, approved_digest, max_rows, max_sealed_bytes.
 
-    Opens the sealed input with the marketplace's sealing key (``<data_dir>/keys/job_seal.key``),
+    Opens the sealed input with the marketplace's sealing key (``<key_dir>/job_seal.key``),
     decrypts the model in memory, computes, seals the result to the consumer's reply key.
     Returns ``{"ok": True, "out": b64 sealed result}`` or ``{"ok": False, "reason", "message"}``.
     """
@@ -172,7 +177,7 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
     from marketplace.services.compute import _open_store
 
     try:
-        check_mac(store.data_dir, "som.run_job", msg)
+        check_mac(store.keys_path(), "som.run_job", msg)
     except (ValueError, OSError) as e:
         log.error("refused a job task: %s", e)
         return {"ok": False, "reason": "error", "message": "task message refused (not signed for this data directory)"}
@@ -181,7 +186,7 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
         max_rows = msg.get("max_rows")
         blobs, provider = _open_store(store)
         sealed = blobs.get(str(msg["input_blob"]))
-        keypair = _seal_key(store.data_dir)
+        keypair = _seal_key(store.keys_path())
     except (KeyError, TypeError, ValueError, OSError) as e:
         log.error("job task cannot start: %s", type(e).__name__)
         return {"ok": False, "reason": "error", "message": f"the worker cannot read the job ({type(e).__name__})"}

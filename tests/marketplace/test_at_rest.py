@@ -114,5 +114,6 @@ def test_env_key_provider_runs_the_app(tmp_path, sqlite_url) -> None:
         v = w.provider.upload_version(off["id"], data, format="npz")
         assert v["number"] == 1
         assert not (w.rt.data_dir / "keys" / "kek.json").exists()
+        assert not (w.rt.key_dir / "kek.json").exists()
     finally:
         app.state.runtime.close()

@@ -352,7 +352,8 @@ def test_refuses_to_sign_over_a_tampered_tree(world):
 
 def test_log_key_file_is_private_and_shared_by_replicas(world, tmp_path, db_url):
     rt = world.rt
-    path = rt.data_dir / "keys" / "log.key"
+    path = rt.key_dir / "log.key"
+    assert rt.data_dir not in path.parents  # the key is kept outside the data directory
     ledger.sign_checkpoint(rt)
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.read_text().startswith("PRIVATE+KEY+" + rt.settings.log_origin + "+")

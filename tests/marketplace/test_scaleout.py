@@ -322,15 +322,17 @@ def test_concurrent_requests_across_replicas_never_overspend(cluster: dict[str, 
 def site(tmp_path: Path) -> dict[str, Any]:
     """A data directory as the API replicas leave it: KEK, job sealing key, an encrypted model."""
     root = tmp_path / "data"
-    (root / "keys").mkdir(parents=True)
-    provider = LocalFileKeyProvider.create(root / "keys" / "kek.json")
+    keys = tmp_path / "keys"  # the key directory, outside the data directory
+    keys.mkdir(mode=0o700)
+    root.mkdir()
+    provider = LocalFileKeyProvider.create(keys / "kek.json")
     seal = SealKeyPair.generate()
-    (root / tasks.JOB_SEAL_KEY_PATH).write_bytes(seal.unsafe_private_bytes())
+    (keys / tasks.JOB_SEAL_KEY_PATH).write_bytes(seal.unsafe_private_bytes())
     w, b = model_arrays()
     aad = "som:ver_test:model"
     ct, wrapped = encrypt_artifact(model_npz(w, b), provider=provider, aad=aad.encode())
     blobs = BlobStore(root / "blobs")
-    return {"root": root, "seal": seal, "blobs": blobs, "w": w, "b": b, "aad": aad,
+    return {"root": root, "keys": keys, "seal": seal, "blobs": blobs, "w": w, "b": b, "aad": aad,
             "model_blob": blobs.put(ct), "wrapped": wrapped.to_json().encode()}
 
 
@@ -347,7 +349,7 @@ def _msg(site: dict[str, Any], job_id: str, sealed: bytes, **kw: Any) -> dict[st
 
 def _signed(site: dict[str, Any], task: str, msg: dict[str, Any]) -> dict[str, Any]:
     """Signed as an API replica sharing the data directory signs it."""
-    return tasks.sign_message(tasks.task_key(site["root"], create=True), task, msg)
+    return tasks.sign_message(tasks.task_key(site["keys"], create=True), task, msg)
 
 
 def test_job_task_predicts_sealed_to_the_reply_key(site: dict[str, Any]) -> None:
@@ -358,7 +360,7 @@ def test_job_task_predicts_sealed_to_the_reply_key(site: dict[str, Any]) -> None
     # the message names the encrypted model and the sealed input; it carries neither the weights nor the rows
     wire = json.dumps(msg)
     assert tasks.b64e(model_npz(site["w"], site["b"]))[:64] not in wire and to_csv(x)[:32].decode() not in wire
-    out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local"), msg)
+    out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local", key_dir=str(site["keys"])), msg)
     assert out["ok"] is True
     res = open_result(reply, "job_1", tasks.b64d(out["out"]))
     got = np.array([[float(v) for v in ln.split(",")] for ln in res.body.decode().splitlines() if ln])
@@ -392,7 +394,7 @@ def test_job_task_failures_are_replies(site: dict[str, Any], change: str, reason
     if change == "aad":
         msg["aad"] = "som:ver_other:model"
     if change == "no_seal_key":
-        (site["root"] / tasks.JOB_SEAL_KEY_PATH).unlink()
+        (site["keys"] / tasks.JOB_SEAL_KEY_PATH).unlink()
         tasks._seal_keys.clear()
     if change == "malformed":
         del msg["input_blob"]
@@ -402,7 +404,7 @@ def test_job_task_failures_are_replies(site: dict[str, Any], change: str, reason
         msg = _signed(site, "som.he_evaluate" if change == "other_task" else "som.run_job", msg)
     if change == "tampered":
         msg["max_rows"] = 10_000
-    out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local"), msg)
+    out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local", key_dir=str(site["keys"])), msg)
     tasks._seal_keys.clear()
     assert out["ok"] is False and out["reason"] == reason, out
     assert "out" not in out
@@ -411,7 +413,7 @@ def test_job_task_failures_are_replies(site: dict[str, Any], change: str, reason
 
 
 def test_he_task_malformed_message_is_an_internal_reply(site: dict[str, Any]) -> None:
-    store = StoreSpec(str(site["root"]), "local")
+    store = StoreSpec(str(site["root"]), "local", key_dir=str(site["keys"]))
     unsigned = tasks.he_evaluate(store, {})
     assert unsigned["kind"] == "internal" and "refused" in unsigned["message"]
     bad = {"version_id": "v", "model_blob": site["model_blob"], "wrapped_key": "!!not base64!!", "aad": "a",
@@ -423,7 +425,8 @@ def test_he_task_malformed_message_is_an_internal_reply(site: dict[str, Any]) ->
 def test_worker_store_never_puts_a_kek_in_a_message(tmp_path: Path) -> None:
     from marketplace.settings import Settings
 
-    spec = tasks.worker_store(Settings(data_dir=tmp_path, key_provider="env", kek="a" * 44))
+    spec = tasks.worker_store(Settings(data_dir=tmp_path / "data", key_dir=tmp_path / "keys", key_provider="env",
+                                       kek="a" * 44))
     assert spec.kek == "a" * 44 and "a" * 44 not in repr(spec)  # the worker's own env, not Redis
 
 
@@ -440,7 +443,8 @@ def test_celery_pool_without_a_worker_is_internal(tmp_path: Path) -> None:
 
     # DB 15: no cluster fixture uses it, so no worker listens there (the cluster keeps its worker alive
     # for the whole module)
-    pool = CeleryPool(Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/15"))
+    pool = CeleryPool(Settings(data_dir=tmp_path / "data", key_dir=tmp_path / "keys",
+                               redis_url="redis://127.0.0.1:6379/15"))
     task = HETask(store=StoreSpec(str(tmp_path), "local"), version_id="v", model_blob="m", wrapped_key=b"{}",
                   aad="a", keyset_id="k", keyset_blob="b", plan_json="{}", request=b"x")
     try:

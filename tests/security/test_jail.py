@@ -117,10 +117,11 @@ def attack_code(*, paths: list[str], port: int, parent: int, data: str, sleep: s
     return head + ATTACK
 
 
-def secret_files(data_dir: Path) -> list[str]:
-    """Every file of the data directory: the KEK keyring, the ledger signing key, the workers'
-    sealing key, the database, blobs."""
-    files = sorted((p for p in data_dir.rglob("*") if p.is_file()), key=lambda p: ("blobs" in p.parts, str(p)))
+def secret_files(data_dir: Path, key_dir: Path) -> list[str]:
+    """Every file of the data directory and the key directory: the KEK keyring, the ledger
+    signing key, the workers' sealing key, the database, blobs."""
+    every = [p for d in (key_dir, data_dir) for p in d.rglob("*") if p.is_file()]
+    files = sorted(every, key=lambda p: ("blobs" in p.parts, str(p)))
     names = {p.name for p in files}
     assert {"som.db", "kek.json", "log.key", "job_seal.key"} <= names, names
     return [str(p) for p in files[:40]]
@@ -196,7 +197,7 @@ def hosted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
             job, res = run_custom(live.consumer, live.provider, st.offering_id, "print('warm-up')\n")
             assert job["status"] == "succeeded", job
             sleep = f"3600.{secrets.randbelow(10**9)}"
-            code = attack_code(paths=secret_files(data_dir), port=int(url.rsplit(":", 1)[1]),
+            code = attack_code(paths=secret_files(data_dir, Path(app.state.runtime.key_dir).resolve()), port=int(url.rsplit(":", 1)[1]),
                                parent=os.getpid(), data=str(data_dir), sleep=sleep)
             job, res = run_custom(live.consumer, live.provider, st.offering_id, code)
             assert job["status"] == "succeeded", job

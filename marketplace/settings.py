@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     )
     job_result_ttl_seconds: float = Field(default=7 * 86400, description="How long results are kept.")
     api_key_ttl_days: int = Field(default=365, description="Default API key lifetime.")
+    auth_fail_max_per_client: int = Field(
+        default=20, ge=1, description="Failed authentications one client address may make per window before 429."
+    )
+    auth_fail_max_per_prefix: int = Field(
+        default=10, ge=1, description="Failed authentications naming one key prefix per window before 429."
+    )
+    auth_fail_window_seconds: float = Field(
+        default=300.0, gt=0, description="Window of the failed-authentication throttle (per process)."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

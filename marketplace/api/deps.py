@@ -9,6 +9,7 @@ keys; only the agent protocol routes and ``/v1/whoami`` take :data:`AnyAuth`.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -32,6 +33,7 @@ __all__ = [
     "request_id",
 ]
 
+log = logging.getLogger("som.auth")
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer som_...`")
 
 
@@ -74,6 +76,9 @@ def get_any_principal(
     if presented:
         wait = _throttle(rt).retry_after(client=client, prefix=prefix)
         if wait is not None:
+            # Not audited (it would be one ledger leaf per refused guess); the log says it.
+            log.warning("failed-authentication throttle: 429 for client %r, prefix %r, retry after %d s",
+                        client, prefix, wait)
             raise Throttled(
                 f"too many failed authentications; retry after {wait} s", headers={"Retry-After": str(wait)}
             )

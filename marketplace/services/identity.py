@@ -248,8 +248,12 @@ def authenticate(session: Session, presented: str | None, *, now: datetime | Non
 
 
 def bootstrap(session: Session, *, org_name: str = "operator", now: datetime | None = None) -> tuple[ApiKey, str]:
-    """Create the operator organisation and its first admin key. Refuses if an admin key exists."""
-    existing = [k for k in session.scalars(select(ApiKey)) if "admin" in k.roles and k.revoked_at is None]
+    """Create the operator organisation and an admin key without a parent. Refuses if a live
+    (neither revoked nor expired) admin key exists."""
+    t = now or utcnow()
+    existing = [
+        k for k in session.scalars(select(ApiKey)) if "admin" in k.roles and k.revoked_at is None and k.expires_at > t
+    ]
     if existing:
         raise Conflict("an admin key already exists; create further keys with it (som key create)")
     org = session.scalar(select(Org).where(Org.name == org_name)) or create_org(session, org_name)

@@ -24,10 +24,10 @@ from tests.conftest import World, build_world, make_settings, serve_in_thread
 
 
 @contextmanager
-def _served(tmp_path: Path, sqlite_url: str, **settings: Any) -> Iterator[tuple[World, str]]:
+def _served(tmp_path: Path, url: str, **settings: Any) -> Iterator[tuple[World, str]]:
     from marketplace.api.app import create_app
 
-    app = create_app(make_settings(tmp_path, sqlite_url, **settings))
+    app = create_app(make_settings(tmp_path, url, **settings))
     try:
         w = build_world(app)
         with serve_in_thread(app) as url:
@@ -38,9 +38,9 @@ def _served(tmp_path: Path, sqlite_url: str, **settings: Any) -> Iterator[tuple[
 
 
 @pytest.fixture
-def srv(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[World, str]]:
-    """The SQLite world served by uvicorn on loopback: (world, base URL)."""
-    with _served(tmp_path, sqlite_url) as out:
+def srv(tmp_path: Path, db_url: str) -> Iterator[tuple[World, str]]:
+    """The world on SQLite and on PostgreSQL, served by uvicorn on loopback: (world, base URL)."""
+    with _served(tmp_path, db_url) as out:
         yield out
 
 

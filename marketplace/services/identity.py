@@ -146,8 +146,10 @@ def create_key(
         if parent.kind == "agent":
             raise Forbidden("an agent key cannot create keys")
         if "admin" not in parent.roles:
+            if org_id != parent.org_id:
+                raise Forbidden("a key creates keys only in its own organisation")
             extra = set(roles) - set(parent.roles)
-            if extra or org_id != parent.org_id:
+            if extra:
                 raise Forbidden(f"you cannot grant roles you do not hold: {sorted(extra)}")
         expires_at = min(expires_at, parent.expires_at)
     prefix = secrets.token_hex(6)

@@ -206,6 +206,15 @@ def test_failed_attempts_are_throttled_per_client_and_per_prefix(tmp_path: Path,
                     assert _get(url, f"Bearer som_{prefix}_{secrets.token_urlsafe(8)}", source=src).status_code == 401
             _throttled(_get(url, f"Bearer som_{prefix}_{secrets.token_urlsafe(8)}", source=next(sources)))
         assert _get(url, good, source="127.0.0.4").status_code == 200  # other prefixes are unaffected
+        # failures verified on different server threads at once count in one bucket
+        from concurrent.futures import ThreadPoolExecutor
+
+        burst = "127.0.30.1"
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: _get(url, f"Bearer som_{secrets.token_hex(6)}_x", source=burst).status_code,
+                                  range(6)))
+        assert set(codes) <= {401, 429} and codes.count(401) >= 3, codes
+        _throttled(_get(url, good, source=burst))
 
 
 def test_child_keys_are_capped_and_revoked_with_their_parent(srv: tuple[World, str]) -> None:

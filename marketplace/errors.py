@@ -11,6 +11,7 @@ The tree::
     ├── PayloadTooLarge              413 body or upload over its limit
     ├── UnsupportedMediaType         415 wrong content type or artifact format (a pickle)
     ├── PolicyDenied                 403/429 the contract does not allow this use (reason named)
+    ├── Throttled                    429 too many failed authentications (Retry-After)
     └── Unavailable                  503 a dependency (agent, worker) is not there now
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "PayloadTooLarge",
     "PolicyDenied",
     "Unauthenticated",
+    "Throttled",
     "Unavailable",
     "UnsupportedMediaType",
 ]
@@ -106,6 +108,13 @@ class PolicyDenied(MarketplaceError):
         self.contract_id = contract_id
         if reason == "rate_limited":
             self.status = 429  # type: ignore[misc]
+
+
+class Throttled(MarketplaceError):
+    """Too many failed authentications from this client or for this key prefix; carries Retry-After."""
+
+    status = 429
+    code = "too_many_requests"
 
 
 class Unavailable(MarketplaceError):

@@ -103,6 +103,15 @@ class Settings(BaseSettings):
         return JailConfig(
             bwrap=self.jail_bwrap, max_pids=self.jail_max_pids, unsafe_unjailed=self.unsafe_unjailed_custom_jobs
         )
+    auth_fail_max_per_client: int = Field(
+        default=20, ge=1, description="Failed authentications one client address may make per window before 429."
+    )
+    auth_fail_max_per_prefix: int = Field(
+        default=10, ge=1, description="Failed authentications naming one key prefix per window before 429."
+    )
+    auth_fail_window_seconds: float = Field(
+        default=300.0, gt=0, description="Window of the failed-authentication throttle (per process)."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

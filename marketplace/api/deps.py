@@ -1,19 +1,39 @@
-"""FastAPI dependencies: the runtime, the caller's principal, pagination."""
+"""FastAPI dependencies: the runtime, the caller's principal, pagination.
+
+The principal is resolved here and nowhere else (docs/authentication.md): the ``Authorization``
+header is parsed once, by FastAPI's ``HTTPBearer`` (the scheme is case-insensitive, RFC 9110
+§11.1); failed attempts are throttled per client address and per key prefix; and agent keys are
+confined here. :data:`Auth`, which every route outside the agent protocol takes, refuses agent
+keys; only the agent protocol routes and ``/v1/whoami`` take :data:`AnyAuth`.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from marketplace.errors import Unauthenticated
+from marketplace.errors import Forbidden, Throttled, Unauthenticated
 from marketplace.runtime import Runtime
 from marketplace.services import audit
-from marketplace.services.identity import Principal, authenticate
+from marketplace.services.auth_throttle import FailureThrottle
+from marketplace.services.identity import KeyRefused, Principal, authenticate, key_prefix
 
-__all__ = ["Auth", "Page", "Rt", "actor_of", "get_principal", "get_runtime", "request_id"]
+__all__ = [
+    "AnyAuth",
+    "Auth",
+    "Page",
+    "Rt",
+    "actor_of",
+    "get_any_principal",
+    "get_principal",
+    "get_runtime",
+    "request_id",
+]
 
+log = logging.getLogger("som.auth")
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer som_...`")
 
 
@@ -29,33 +49,71 @@ def request_id(request: Request) -> str:
 Rt = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_principal(
+def _throttle(rt: Runtime) -> FailureThrottle:
+    th = rt.extras.get("auth.throttle")
+    if th is None:
+        s = rt.settings
+        th = rt.extras.setdefault(
+            "auth.throttle",
+            FailureThrottle(
+                per_client=s.auth_fail_max_per_client,
+                per_prefix=s.auth_fail_max_per_prefix,
+                window=s.auth_fail_window_seconds,
+            ),
+        )
+    return th  # type: ignore[no-any-return]
+
+
+def get_any_principal(
     request: Request,
     rt: Rt,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    """The caller's principal, of any key kind (agent keys included): for the agent protocol only."""
     presented = creds.credentials if creds else None
+    prefix = key_prefix(presented) if presented else ""
+    client = request.client.host if request.client else ""
+    if presented:
+        wait = _throttle(rt).retry_after(client=client, prefix=prefix)
+        if wait is not None:
+            # Not audited (it would be one ledger leaf per refused guess); the log says it.
+            log.warning("failed-authentication throttle: 429 for client %r, prefix %r, retry after %d s",
+                        client, prefix, wait)
+            raise Throttled(
+                f"too many failed authentications; retry after {wait} s", headers={"Retry-After": str(wait)}
+            )
     try:
         with rt.tx() as s:
             p = authenticate(s, presented)
     except Unauthenticated as e:
-        prefix = ""
-        if presented and presented.count("_") >= 2:
-            prefix = presented.split("_", 2)[1][:12]
+        if presented:
+            _throttle(rt).failed(client=client, prefix=prefix)
+        # The one place failed authentications are recorded (an ``auth.failed`` audit event).
         audit.emit_detached(
             rt.sessions,
             audit.Actor(actor=f"key:{prefix}" if prefix else "anonymous", org_id=None, request_id=request_id(request)),
             "auth.failed",
             target=request.url.path,
             outcome="denied",
-            detail={"reason": e.message, "method": request.method},
+            detail={"reason": e.reason if isinstance(e, KeyRefused) else "missing", "method": request.method},
         )
         raise
     request.state.principal = p
     return p
 
 
+def get_principal(request: Request, p: Annotated[Principal, Depends(get_any_principal)]) -> Principal:
+    """The caller's principal; agent keys are refused (403, audited): every non-agent route takes this."""
+    if p.kind == "agent":
+        raise Forbidden(
+            "agent keys may only use the agent protocol (/v1/agent/...); use a provider key",
+            denied=request.url.path,
+        )
+    return p
+
+
 Auth = Annotated[Principal, Depends(get_principal)]
+AnyAuth = Annotated[Principal, Depends(get_any_principal)]
 
 
 def actor_of(p: Principal, request: Request) -> audit.Actor:

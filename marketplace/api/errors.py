@@ -70,7 +70,7 @@ _ERROR_TEXT = {
     413: "The request body is over its limit.",
     415: "Wrong content type or artifact format.",
     422: "Well-formed request with bad values.",
-    429: "The contract's rate limit; retry after `Retry-After` seconds.",
+    429: "The contract's rate limit, or too many failed authentications from this client or for this key; retry after `Retry-After` seconds.",
     503: "A dependency (the provider's agent, a compiled model) is not available now; try again later.",
 }
 
@@ -85,7 +85,7 @@ def _error_statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
     if "application/octet-stream" in body:
         out |= {415}
     if op.get("security"):
-        out |= {401, 403}
+        out |= {401, 403, 429}  # 429: failed authentications are throttled (docs/authentication.md)
         in_path = any(p["in"] == "path" for p in params)
         if body or any(p["name"] not in ("limit", "offset") for p in params):
             out |= {404}  # an object (or tree size, ...) it names does not exist or is not yours

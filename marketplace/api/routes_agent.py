@@ -3,8 +3,9 @@
 The agent connects outbound only: hello (register its sealing key), seal-key (the provider's
 signed statements vouching for that key, which consumers verify before sealing), long-poll ``lease`` (up to
 ~20 s), fetch the work's payload, post the result (octet-stream) or a failure, heartbeat. Agent
-keys (kind="agent") are confined to ``/v1/agent/*`` (and whoami/health) by a middleware that
-:func:`setup` installs, so a key on a provider's machine cannot act as the provider.
+keys (kind="agent") are confined to ``/v1/agent/*`` (and whoami) where the principal is resolved:
+only the agent protocol routes below take :data:`~marketplace.api.deps.AnyAuth`; every other route
+takes ``Auth``, which refuses agent keys, so a key on a provider's machine cannot act as the provider.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from marketplace.api.deps import Auth, Rt, actor_of
+from marketplace.api.deps import AnyAuth, Auth, Rt, actor_of
 from marketplace.api.routes_catalog import PUBLIC_DECORATORS
 from marketplace.api.schemas import KeyCreated, Strict
 from marketplace.db.models import ApiKey
@@ -139,7 +140,7 @@ def list_agents(p: Auth, rt: Rt, offering_id: str | None = None, online_only: bo
 
 
 @router.post("/agent/hello", response_model=HelloOut, summary="An agent process starts (agent key)")
-def hello(body: AgentHello, p: Auth, rt: Rt, request: Request) -> HelloOut:
+def hello(body: AgentHello, p: AnyAuth, rt: Rt, request: Request) -> HelloOut:
     a = agents.hello(
         rt, p, name=body.name, seal_public=body.seal_public, capabilities=body.capabilities,
         offering_ids=body.offering_ids, who=actor_of(p, request),
@@ -152,17 +153,17 @@ def hello(body: AgentHello, p: Auth, rt: Rt, request: Request) -> HelloOut:
 
 
 @router.post("/agent/seal-key", summary="Register the provider's signed statements vouching for the sealing key")
-def seal_key(body: SealStatements, p: Auth, rt: Rt, request: Request, agent_id: AgentId) -> dict[str, Any]:
+def seal_key(body: SealStatements, p: AnyAuth, rt: Rt, request: Request, agent_id: AgentId) -> dict[str, Any]:
     return agents.register_seal_statements(rt, p, agent_id, body.statements, who=actor_of(p, request))
 
 
 @router.post("/agent/heartbeat", summary="Alive; extend the leases of the work held")
-def heartbeat(body: Heartbeat, p: Auth, rt: Rt, agent_id: AgentId) -> dict[str, Any]:
+def heartbeat(body: Heartbeat, p: AnyAuth, rt: Rt, agent_id: AgentId) -> dict[str, Any]:
     return agents.heartbeat(rt, p, agent_id, holding=body.holding)
 
 
 @router.post("/agent/bye", status_code=204, summary="The agent stops (goes offline now)")
-def bye(p: Auth, rt: Rt, request: Request, agent_id: AgentId) -> Response:
+def bye(p: AnyAuth, rt: Rt, request: Request, agent_id: AgentId) -> Response:
     agents.bye(rt, p, agent_id, actor_of(p, request))
     return Response(status_code=204)
 
@@ -172,7 +173,7 @@ def bye(p: Auth, rt: Rt, request: Request, agent_id: AgentId) -> Response:
     summary="Long-poll for work (up to `wait` s): 200 with a work item, or 204",
     responses={204: {"description": "no work within the wait"}},
 )
-def lease(p: Auth, rt: Rt, agent_id: AgentId, body: LeaseRequest | None = None) -> Any:
+def lease(p: AnyAuth, rt: Rt, agent_id: AgentId, body: LeaseRequest | None = None) -> Any:
     item = agents.lease(rt, p, agent_id, wait=(body or LeaseRequest()).wait)
     if item is None:
         return Response(status_code=204)
@@ -180,7 +181,7 @@ def lease(p: Auth, rt: Rt, agent_id: AgentId, body: LeaseRequest | None = None) 
 
 
 @router.get("/agent/work/{work_id}/payload", summary="The work's input (sealed job input or HE request)", responses=_BINARY_OUT)
-def work_payload(work_id: str, p: Auth, rt: Rt, agent_id: AgentId) -> Response:
+def work_payload(work_id: str, p: AnyAuth, rt: Rt, agent_id: AgentId) -> Response:
     if work_id.startswith("job_"):
         data = jobs.input_for_agent(rt, p, agent_id, work_id)
     elif work_id.startswith("tsk_"):
@@ -191,7 +192,7 @@ def work_payload(work_id: str, p: Auth, rt: Rt, agent_id: AgentId) -> Response:
 
 
 @router.post("/agent/work/{work_id}/result", summary="Post the result (octet-stream)", openapi_extra=_BINARY)
-async def work_result(work_id: str, p: Auth, rt: Rt, request: Request, agent_id: AgentId) -> dict[str, Any]:
+async def work_result(work_id: str, p: AnyAuth, rt: Rt, request: Request, agent_id: AgentId) -> dict[str, Any]:
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype != "application/octet-stream":
         raise UnsupportedMediaType(f"send the result as application/octet-stream, not {ctype}")
@@ -207,7 +208,7 @@ async def work_result(work_id: str, p: Auth, rt: Rt, request: Request, agent_id:
 
 
 @router.post("/agent/work/{work_id}/fail", summary="The work cannot be done (the reason goes to the consumer)")
-def work_fail(work_id: str, body: WorkFailure, p: Auth, rt: Rt, agent_id: AgentId) -> dict[str, Any]:
+def work_fail(work_id: str, body: WorkFailure, p: AnyAuth, rt: Rt, agent_id: AgentId) -> dict[str, Any]:
     agents.require_agent(p)
     if work_id.startswith("job_"):
         job = jobs.fail(rt, work_id, owner=agent_id, reason=body.reason, message=body.message, p=p)
@@ -219,12 +220,12 @@ def work_fail(work_id: str, body: WorkFailure, p: Auth, rt: Rt, agent_id: AgentI
 
 
 @router.get("/agent/keysets/{keyset_id}", summary="A consumer's public HE context (cache it)", responses=_BINARY_OUT)
-def agent_keyset(keyset_id: str, p: Auth, rt: Rt) -> Response:
+def agent_keyset(keyset_id: str, p: AnyAuth, rt: Rt) -> Response:
     return Response(content=agents.load_keyset(rt, p, keyset_id), media_type="application/octet-stream")
 
 
 @router.post("/agent/offerings/{offering_id}/plan", summary="Publish the PUBLIC HE plan compiled beside the weights")
-def agent_plan(offering_id: str, body: PlanIn, p: Auth, rt: Rt, request: Request) -> dict[str, Any]:
+def agent_plan(offering_id: str, body: PlanIn, p: AnyAuth, rt: Rt, request: Request) -> dict[str, Any]:
     from marketplace.services import he_plans
 
     offerings = agents.require_agent(p)
@@ -233,7 +234,7 @@ def agent_plan(offering_id: str, body: PlanIn, p: Auth, rt: Rt, request: Request
     return dict(he_plans.set_agent_plan(rt, p, offering_id, body.plan, body.report, who=actor_of(p, request)))
 
 
-# -- catalog decoration and key confinement ---------------------------------------------------------
+# -- catalog decoration ---------------------------------------------------------
 
 
 def _decorate_online(s: Any, off: Any, out: Any) -> None:
@@ -245,47 +246,8 @@ def _decorate_online(s: Any, off: Any, out: Any) -> None:
 
 
 _RUNTIMES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # engine -> runtime (weak)
-_AGENT_OK = ("/v1/agent/", "/v1/whoami", "/v1/health")
-
-
-class AgentKeyConfinement:
-    """Refuses agent keys (kind="agent") outside the agent protocol, with 403."""
-
-    def __init__(self, app: Any, rt: Runtime) -> None:
-        self.app = app
-        self.rt = rt
-        self.kinds: dict[str, str] = {}
-
-    def _kind(self, prefix: str) -> str:
-        kind = self.kinds.get(prefix)
-        if kind is None:
-            with self.rt.tx() as s:
-                kind = s.scalar(select(ApiKey.kind).where(ApiKey.prefix == prefix)) or ""
-            if kind and len(self.kinds) < 100_000:
-                self.kinds[prefix] = kind  # a key's kind never changes
-        return kind
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not str(scope.get("path", "")).startswith(_AGENT_OK):
-            for k, v in scope.get("headers", []):
-                if k == b"authorization":
-                    parts = v.decode("latin-1").removeprefix("Bearer ").strip().split("_", 2)
-                    if len(parts) == 3 and parts[0] == "som" and parts[1]:
-                        kind = await run_in_threadpool(self._kind, parts[1])
-                        if kind == "agent":
-                            from marketplace.api.middleware import _send_error
-
-                            await _send_error(
-                                send, 403, "forbidden",
-                                "agent keys may only use the agent protocol (/v1/agent/...); use a provider key",
-                            )
-                            return
-        await self.app(scope, receive, send)
-
-
 def setup(rt: Runtime, app: FastAPI) -> None:
     _RUNTIMES[rt.engine] = weakref.proxy(rt)
     if _decorate_online not in PUBLIC_DECORATORS:
         PUBLIC_DECORATORS.append(_decorate_online)
-    app.add_middleware(AgentKeyConfinement, rt=rt)
     app.state.on_start.append(lambda: jobs.ensure_background(rt))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from sqlalchemy import func, select
 
-from marketplace.api.deps import Auth, Page, Rt, actor_of
+from marketplace.api.deps import AnyAuth, Auth, Page, Rt, actor_of
 from marketplace.api.schemas import (
     KeyCreate,
     KeyCreated,
@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["identity"])
 
 
 @router.get("/whoami", response_model=WhoAmI, summary="The calling key, its organisation and roles")
-def whoami(p: Auth, rt: Rt) -> WhoAmI:
+def whoami(p: AnyAuth, rt: Rt) -> WhoAmI:
     with rt.tx() as s:
         org = s.get(Org, p.org_id)
         return WhoAmI(key_id=p.key_id, org_id=p.org_id, org_name=org.name if org else "", roles=sorted(p.roles))
@@ -53,7 +53,7 @@ def get_org(org_id: str, p: Auth, rt: Rt, request: Request) -> OrgPublic:
     with rt.tx() as s:
         org = s.get(Org, org_id)
         if org is None or (org.id != p.org_id and not p.has("admin")):
-            raise NotFound(f"organisation {org_id} not found", denied=org_id if org else None)
+            raise NotFound(f"organisation {org_id} not found", denied=org_id)
         return OrgPublic.model_validate(org)
 
 
@@ -95,9 +95,12 @@ def revoke_api_key(key_id: str, p: Auth, rt: Rt, request: Request) -> KeyPublic:
     with rt.tx() as s:
         row = s.get(ApiKey, key_id)
         if row is None or (row.org_id != p.org_id and not p.has("admin")):
-            raise NotFound(f"key {key_id} not found", denied=key_id if row else None)
+            raise NotFound(f"key {key_id} not found", denied=key_id)
         if not (p.has("admin") or row.id == p.key_id or set(row.roles) <= set(p.roles)):
             raise Forbidden("you can revoke only keys whose roles you hold")
-        revoke_key(s, row)
-        audit.emit(s, actor_of(p, request), "key.revoke", target=row.id, detail={"org": row.org_id})
+        below = revoke_key(s, row)
+        who = actor_of(p, request)
+        audit.emit(s, who, "key.revoke", target=row.id, detail={"org": row.org_id})
+        for child in below:  # the keys it created, recursively
+            audit.emit(s, who, "key.revoke", target=child.id, detail={"org": child.org_id, "cascade_from": row.id})
         return KeyPublic.model_validate(row)

@@ -114,6 +114,23 @@ def _deny(rt: Runtime, p: Principal, request: Request, index: int) -> NotFound:
     return NotFound(f"no leaf {index}")
 
 
+def _leaf_by_hash(rt: Runtime, p: Principal, request: Request, want: bytes) -> tuple[int, Any]:
+    """The caller's leaf whose hash is ``want``. A hash that is in the log but not the caller's and
+    one that is not in the log get the same 404 (same body, and both audited as ``authz.denied``
+    on the hash): a leaf hash from another organisation's world is no existence oracle."""
+    with rt.tx() as s:
+        try:
+            row = _leaf(s, ledger.find_leaf(s, want))
+        except NotFound:
+            row = None
+    if row is None or not _may_see(p, row):
+        audit.emit_detached(
+            rt.sessions, actor_of(p, request), "authz.denied", target=f"ledger:hash:{want.hex()}", outcome="denied"
+        )
+        raise NotFound("no leaf with that hash")
+    return int(row.idx), row
+
+
 @router.get("/key", response_class=PlainTextResponse, summary="The log's verifier key (C2SP vkey)")
 def get_key(p: Auth, rt: Rt) -> PlainTextResponse:
     return PlainTextResponse(ledger.vkey(rt) + "\n")
@@ -184,13 +201,14 @@ def get_inclusion(
         raise Invalid("pass exactly one of index and leaf_hash")
     if size is None:
         size = ledger.latest_or_sign(rt).size
-    want = None if leaf_hash is None else _parse_hash(leaf_hash)
-    with rt.tx() as s:
-        if index is None:
-            index = ledger.find_leaf(s, want or b"")
-        row = _leaf(s, index)
-    if not _may_see(p, row):
-        raise _deny(rt, p, request, index)
+    if leaf_hash is not None:
+        index, row = _leaf_by_hash(rt, p, request, _parse_hash(leaf_hash))
+    else:
+        index = int(index or 0)
+        with rt.tx() as s:
+            row = _leaf(s, index)
+        if not _may_see(p, row):
+            raise _deny(rt, p, request, index)
     if index >= size:
         raise Invalid(f"leaf {index} is not in the tree of size {size}; sign a newer checkpoint or pass a larger size")
     with rt.tx() as s:

@@ -39,7 +39,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    created_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # The key that created this one (its parent; None for the bootstrap admin). Revoking a key
+    # revokes its descendants (marketplace.services.identity.revoke_key).
+    created_by: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)
 
     org: Mapped[Org] = relationship()
 

@@ -116,7 +116,7 @@ def _check_provider_offerings(s: Session, org_id: str, offering_ids: Iterable[st
     for oid in offering_ids:
         off = s.get(Offering, oid)
         if off is None or off.org_id != org_id:
-            raise NotFound(f"offering {oid} not found", denied=oid if off is not None else None)
+            raise NotFound(f"offering {oid} not found", denied=oid)
         if off.hosting != "provider":
             raise Conflict(f"offering {oid} is marketplace-hosted: it needs no agent")
         out.append(oid)

@@ -43,7 +43,7 @@ def get_visible(s: Session, p: Principal, offering_id: str) -> Offering:
     """
     off = s.get(Offering, offering_id)
     if off is None:
-        raise NotFound(f"offering {offering_id} not found")
+        raise NotFound(f"offering {offering_id} not found", denied=offering_id)  # audited as a hidden one is
     if off.status != "published" and off.org_id != p.org_id and not p.has("admin"):
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     return off
@@ -53,7 +53,7 @@ def get_owned(s: Session, p: Principal, offering_id: str) -> Offering:
     """An offering the caller's organisation owns (provider role checked by the caller)."""
     off = s.get(Offering, offering_id)
     if off is None:
-        raise NotFound(f"offering {offering_id} not found")
+        raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     if off.org_id != p.org_id:
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     return off

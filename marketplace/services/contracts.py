@@ -172,7 +172,7 @@ def publish_offer(
     t = now or utcnow()
     off = s.get(Offering, offering_id)
     if off is None or off.org_id != p.org_id:
-        raise NotFound(f"offering {offering_id} not found", denied=offering_id if off else None)
+        raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     try:
         offer = Offer.from_dict(signed)
     except (SchemaError, ValueError, TypeError) as e:
@@ -215,7 +215,7 @@ def get_offer(s: Session, p: Principal, offer_id: str) -> OfferRow:
     """An offer the caller may see: its own organisation's, or an open offer of a published offering."""
     row = s.get(OfferRow, offer_id)
     if row is None:
-        raise NotFound(f"offer {offer_id} not found")
+        raise NotFound(f"offer {offer_id} not found", denied=offer_id)  # audited as a hidden one is
     if row.provider_org_id == p.org_id or p.has("admin"):
         return row
     off = s.get(Offering, row.offering_id)
@@ -228,7 +228,7 @@ def list_offers(s: Session, p: Principal, offering_id: str) -> list[OfferRow]:
     """Offers of an offering visible to the caller (open ones; all of them for the owner)."""
     off = s.get(Offering, offering_id)
     if off is None:
-        raise NotFound(f"offering {offering_id} not found")
+        raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     stmt = select(OfferRow).where(OfferRow.offering_id == offering_id)
     if off.org_id != p.org_id and not p.has("admin"):
         if off.status != "published":
@@ -242,7 +242,7 @@ def withdraw_offer(s: Session, p: Principal, offer_id: str, who: audit.Actor) ->
     p.require("provider")
     row = s.get(OfferRow, offer_id)
     if row is None or row.provider_org_id != p.org_id:
-        raise NotFound(f"offer {offer_id} not found", denied=offer_id if row else None)
+        raise NotFound(f"offer {offer_id} not found", denied=offer_id)
     if row.status != "withdrawn":
         row.status = "withdrawn"
         audit.emit(s, who, "offer.withdraw", target=row.id, detail={"offering_id": row.offering_id})
@@ -330,7 +330,7 @@ def get_for_party(s: Session, p: Principal, contract_id: str) -> ContractRow:
     """A contract the caller's organisation is a party to (others: 404)."""
     row = s.get(ContractRow, contract_id)
     if row is None or p.org_id not in (row.provider_org_id, row.consumer_org_id):
-        raise NotFound(f"contract {contract_id} not found", denied=contract_id if row else None)
+        raise NotFound(f"contract {contract_id} not found", denied=contract_id)
     return row
 
 

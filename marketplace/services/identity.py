@@ -4,10 +4,18 @@ API keys look like ``som_<prefix>_<secret>``: the prefix identifies the key (sho
 audit events), the whole key is stored only as an argon2id hash, and the key is shown once.
 Verifying argon2id on every request would cost ~20 ms, so a verified key's SHA-256 is cached in
 process memory for a short time; revocation and expiry are still checked on every request.
+
+Every bad key gets one answer (:class:`KeyRefused`, one message) after one argon2 verification:
+an unknown prefix is verified against a dummy hash, and a revoked or expired key is told so only
+in the audit reason, after its secret verified. Keys have a lineage: ``created_by`` is the id of
+the key that created it; a key cannot create one that outlives it or holds more, an agent key
+creates none, and revoking a key revokes every key below it (docs/authentication.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import secrets
 import threading
@@ -25,12 +33,15 @@ from marketplace.db.models import ApiKey, Org
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound, Unauthenticated
 
 __all__ = [
+    "INVALID_KEY",
     "ROLES",
+    "KeyRefused",
     "Principal",
     "authenticate",
     "bootstrap",
     "create_key",
     "create_org",
+    "key_prefix",
     "revoke_key",
 ]
 
@@ -39,6 +50,32 @@ _HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)  # OWASP
 _CACHE_TTL = 60.0
 _cache: dict[bytes, tuple[str, float]] = {}
 _cache_lock = threading.Lock()
+
+#: The one message for every presented key that does not authenticate (unknown, wrong secret,
+#: revoked, expired, malformed): the client cannot tell them apart.
+INVALID_KEY = "invalid API key"
+
+
+class KeyRefused(Unauthenticated):
+    """A presented key did not authenticate. ``reason`` is for the audit log only, never the client
+    (``malformed``, ``unknown``, ``wrong_secret``, ``revoked``, ``expired``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(INVALID_KEY)
+        self.reason = reason
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """An argon2id hash of a random secret nobody knows, with the live parameters (made on first use)."""
+    return _HASHER.hash(secrets.token_urlsafe(32))
+
+
+def key_prefix(presented: str) -> str:
+    """The prefix a presented ``som_<prefix>_<secret>`` names (at most 12 characters), or ""."""
+    if presented.count("_") >= 2:
+        return presented.split("_", 2)[1][:12]
+    return ""
 
 
 @dataclass(frozen=True)
@@ -90,12 +127,31 @@ def create_key(
     created_by: str | None = None,
     now: datetime | None = None,
 ) -> tuple[ApiKey, str]:
-    """Create a key; returns the row and the plaintext key (shown once, never stored)."""
+    """Create a key; returns the row and the plaintext key (shown once, never stored).
+
+    ``created_by`` is the id of the creating key (None only for :func:`bootstrap`). The new key
+    expires no later than its creator; a non-admin creator grants only roles it holds, in its own
+    organisation; an agent key, or a creator that is not live, creates nothing (Forbidden).
+    """
     if session.get(Org, org_id) is None:
         raise NotFound(f"organisation {org_id} not found")
     if not 1 <= ttl_days <= 3650:
         raise Invalid(f"ttl_days must be in 1..3650, got {ttl_days}")
     now = now or utcnow()
+    expires_at = now + timedelta(days=ttl_days)
+    if created_by is not None:
+        parent = session.get(ApiKey, created_by)
+        if parent is None or parent.revoked_at is not None or parent.expires_at <= now:
+            raise Forbidden("the creating key is not live")
+        if parent.kind == "agent":
+            raise Forbidden("an agent key cannot create keys")
+        if "admin" not in parent.roles:
+            if org_id != parent.org_id:
+                raise Forbidden("a key creates keys only in its own organisation")
+            extra = set(roles) - set(parent.roles)
+            if extra:
+                raise Forbidden(f"you cannot grant roles you do not hold: {sorted(extra)}")
+        expires_at = min(expires_at, parent.expires_at)
     prefix = secrets.token_hex(6)
     plaintext = f"som_{prefix}_{secrets.token_urlsafe(32)}"
     row = ApiKey(
@@ -106,7 +162,7 @@ def create_key(
         name=name,
         kind=kind,
         offering_ids=offering_ids,
-        expires_at=now + timedelta(days=ttl_days),
+        expires_at=expires_at,
         created_by=created_by,
         created_at=now,
     )
@@ -115,44 +171,75 @@ def create_key(
     return row, plaintext
 
 
-def revoke_key(session: Session, key: ApiKey, *, now: datetime | None = None) -> None:
+def revoke_key(session: Session, key: ApiKey, *, now: datetime | None = None) -> list[ApiKey]:
+    """Revoke ``key`` and, recursively, every live key it created; returns those descendants.
+
+    Raises Conflict if ``key`` is already revoked.
+    """
     if key.revoked_at is not None:
         raise Conflict(f"key {key.id} is already revoked")
-    key.revoked_at = now or utcnow()
+    now = now or utcnow()
+    key.revoked_at = now
+    revoked = {key.id}
+    below: list[ApiKey] = []
+    frontier = [key.id]
+    while frontier:
+        children = session.scalars(select(ApiKey).where(ApiKey.created_by.in_(frontier))).all()
+        frontier = []
+        for child in children:
+            if child.id in revoked:
+                continue
+            revoked.add(child.id)
+            frontier.append(child.id)
+            if child.revoked_at is None:
+                child.revoked_at = now
+                below.append(child)
+    session.flush()
     with _cache_lock:
         for k, (kid, _) in list(_cache.items()):
-            if kid == key.id:
+            if kid in revoked:
                 del _cache[k]
+    return below
 
 
 def authenticate(session: Session, presented: str | None, *, now: datetime | None = None) -> Principal:
-    """Map a presented API key to a :class:`Principal` or raise :class:`Unauthenticated`."""
+    """Map a presented API key to a :class:`Principal`.
+
+    Raises :class:`Unauthenticated` if no key is presented, and :class:`KeyRefused` (one message,
+    after one argon2 verification whatever the cause) if the key is malformed, unknown, has the
+    wrong secret, or is revoked or expired. The secret is checked before anything else is said.
+    """
     if not presented:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer som_...'")
     parts = presented.split("_", 2)
-    if len(parts) != 3 or parts[0] != "som" or not parts[1]:
-        raise Unauthenticated("malformed API key")
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+    well_formed = len(parts) == 3 and parts[0] == "som" and bool(parts[1])
+    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1])) if well_formed else None
     if row is None:
-        raise Unauthenticated("unknown API key")
+        with contextlib.suppress(VerifyMismatchError, VerificationError, InvalidHashError):
+            _HASHER.verify(_dummy_hash(), presented)  # the same work as for a known prefix
+        raise KeyRefused("unknown" if well_formed else "malformed")
     now = now or utcnow()
-    if row.revoked_at is not None:
-        raise Unauthenticated("API key revoked")
-    if row.expires_at <= now:
-        raise Unauthenticated("API key expired")
+    live = row.revoked_at is None and row.expires_at > now
     digest = hashlib.sha256(presented.encode()).digest()
     mono = time.monotonic()
-    with _cache_lock:
-        hit = _cache.get(digest)
+    hit = None
+    if live:  # a revoked or expired key pays the full verification, as an unknown one does
+        with _cache_lock:
+            hit = _cache.get(digest)
     if not (hit and hit[0] == row.id and hit[1] > mono):
         try:
             _HASHER.verify(row.hash, presented)
         except (VerifyMismatchError, VerificationError, InvalidHashError) as e:
-            raise Unauthenticated("unknown API key") from e
-        with _cache_lock:
-            if len(_cache) > 10_000:
-                _cache.clear()
-            _cache[digest] = (row.id, mono + _CACHE_TTL)
+            raise KeyRefused("wrong_secret") from e
+        if live:
+            with _cache_lock:
+                if len(_cache) > 10_000:
+                    _cache.clear()
+                _cache[digest] = (row.id, mono + _CACHE_TTL)
+    if row.revoked_at is not None:
+        raise KeyRefused("revoked")
+    if not live:
+        raise KeyRefused("expired")
     return Principal(
         key_id=row.id,
         org_id=row.org_id,
@@ -163,8 +250,12 @@ def authenticate(session: Session, presented: str | None, *, now: datetime | Non
 
 
 def bootstrap(session: Session, *, org_name: str = "operator", now: datetime | None = None) -> tuple[ApiKey, str]:
-    """Create the operator organisation and its first admin key. Refuses if an admin key exists."""
-    existing = [k for k in session.scalars(select(ApiKey)) if "admin" in k.roles and k.revoked_at is None]
+    """Create the operator organisation and an admin key without a parent. Refuses if a live
+    (neither revoked nor expired) admin key exists."""
+    t = now or utcnow()
+    existing = [
+        k for k in session.scalars(select(ApiKey)) if "admin" in k.roles and k.revoked_at is None and k.expires_at > t
+    ]
     if existing:
         raise Conflict("an admin key already exists; create further keys with it (som key create)")
     org = session.scalar(select(Org).where(Org.name == org_name)) or create_org(session, org_name)

@@ -161,7 +161,7 @@ def get_for(s: Session, p: Principal, job_id: str) -> Job:
     Anyone else gets a 404 that is audited as a denied access."""
     job = s.get(Job, job_id)
     if job is None:
-        raise NotFound(f"job {job_id} not found")
+        raise NotFound(f"job {job_id} not found", denied=job_id)  # audited as a foreign one is
     if p.org_id not in (job.org_id, job.provider_org_id):
         raise NotFound(f"job {job_id} not found", denied=job_id)
     return job

@@ -188,7 +188,7 @@ def get_keyset(rt: Runtime, p: Principal, keyset_id: str) -> dict[str, Any]:
 def own_keyset(s: Session, p: Principal, keyset_id: str) -> Keyset:
     k = s.get(Keyset, keyset_id)
     if k is None:
-        raise NotFound(f"key set {keyset_id} not found")
+        raise NotFound(f"key set {keyset_id} not found", denied=keyset_id)  # audited as a foreign one is
     if k.org_id != p.org_id:
         raise NotFound(f"key set {keyset_id} not found", denied=keyset_id)
     return k
@@ -214,7 +214,7 @@ def keyset_content(rt: Runtime, p: Principal, keyset_id: str) -> bytes:
             or (p.kind == "agent" and p.offering_ids is not None and k.offering_id in p.offering_ids)
         )
         if k is None:
-            raise NotFound(f"key set {keyset_id} not found")
+            raise NotFound(f"key set {keyset_id} not found", denied=keyset_id)
         if not allowed:
             raise NotFound(f"key set {keyset_id} not found", denied=keyset_id)
         addr = k.blob

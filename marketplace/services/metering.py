@@ -355,7 +355,7 @@ def begin(
             c = lock_contract(s, contract_id) if contract_id else _resolve(s, p, offering_id)
             cid = contract_id or (c.id if c else "")
             if c is None or c.consumer_org_id != p.org_id:
-                raise NotFound(f"contract {cid} not found", denied=cid if c else None)
+                raise NotFound(f"contract {cid} not found", denied=cid or None)
             if c.offering_id != offering_id:
                 raise Invalid(f"contract {cid} is for offering {c.offering_id}, not {offering_id}")
             idem = s.get(IdempotencyKey, (p.org_id, kd))
@@ -517,7 +517,7 @@ def receipt_for(rt: Runtime, p: Principal, usage_id: str) -> dict[str, Any]:
         if u is None or not (
             p.org_id in (u.consumer_org_id, u.provider_org_id) or p.has("compliance")
         ):
-            raise NotFound(f"usage {usage_id} not found", denied=usage_id if u else None)
+            raise NotFound(f"usage {usage_id} not found", denied=usage_id)
         if u.state == "reserved":
             raise Conflict(f"usage {usage_id} is still in progress; no receipt yet")
         index = u.ledger_index

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     )
     job_result_ttl_seconds: float = Field(default=7 * 86400, description="How long results are kept.")
     api_key_ttl_days: int = Field(default=365, description="Default API key lifetime.")
+    org_storage_quota_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="Storage quota per organisation in MiB (model versions + stored job payloads); 0: none.",
+    )
+    auth_failure_window_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Failed authentications are summarised in one audit event per client per window.",
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

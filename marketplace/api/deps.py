@@ -42,13 +42,9 @@ def get_principal(
         prefix = ""
         if presented and presented.count("_") >= 2:
             prefix = presented.split("_", 2)[1][:12]
-        audit.emit_detached(
-            rt.sessions,
-            audit.Actor(actor=f"key:{prefix}" if prefix else "anonymous", org_id=None, request_id=request_id(request)),
-            "auth.failed",
-            target=request.url.path,
-            outcome="denied",
-            detail={"reason": e.message, "method": request.method},
+        audit.note_auth_failure(  # counted, summarised per client and window: not one leaf each
+            rt, source=request.client.host if request.client else "", prefix=prefix, path=request.url.path,
+            method=request.method, reason=e.message, request_id=request_id(request),
         )
         raise
     request.state.principal = p

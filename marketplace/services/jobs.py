@@ -8,7 +8,8 @@ the job is queued, or awaits the provider's approval (``custom``). A compute sit
 provider's agent for provider-hosted offerings, this process's worker threads for
 marketplace-hosted ones), opens the input, computes, seals the result to the consumer's reply
 key and posts it. The first successful result commits the reservation (charged once); failure,
-cancellation, rejection or expiry release it. The marketplace stores and relays sealed bytes only.
+cancellation, rejection or expiry release it. The marketplace stores and relays sealed bytes only,
+and deletes a job's sealed input as soon as the job is final (:func:`_drop_input`, :func:`_purge`).
 
 States::
 

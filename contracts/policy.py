@@ -9,7 +9,9 @@ Rate windows are fixed windows anchored at ``terms.valid_from``: window ``i`` co
 ``[valid_from + i*w, valid_from + (i+1)*w)``. Anyone can recompute the window of a ledger usage
 record from its ``time`` (the reservation time) and the terms, offline. Reserved (in-flight) units
 count against both quota and rate, so concurrent requests can never overspend; a released
-reservation gives its units back (to the rate only if its window is still the current one).
+reservation gives its units back (to the rate only if its window is still the current one and the
+caller does not ask ``keep_rate``; the marketplace keeps them: every attempt counts against the
+rate window).
 
 Checks run in this order, and the first failing one is the reason: terminated, suspended,
 not_yet_valid, expired, mode_not_allowed, job_kind_not_allowed, keyset_not_bound,
@@ -255,12 +257,13 @@ def commit(usage: UsageState, reservation: Reservation) -> UsageState:
     )
 
 
-def release(usage: UsageState, reservation: Reservation) -> UsageState:
+def release(usage: UsageState, reservation: Reservation, *, keep_rate: bool = False) -> UsageState:
     """The use failed: give the reserved units back to the quota, and to the rate window if it is
-    still the current one."""
+    still the current one, unless ``keep_rate`` (the attempt still counts against the rate: the
+    marketplace's choice, so failed submissions cannot probe for free; the quota is given back)."""
     _check_reservation(usage, reservation)
     window = usage.window_units
-    if usage.window_start == reservation.window_start:
+    if usage.window_start == reservation.window_start and not keep_rate:
         window = max(window - reservation.units, 0)
     return replace(
         usage, reserved_units=usage.reserved_units - reservation.units, window_units=window

@@ -96,13 +96,6 @@ class Settings(BaseSettings):
         "(logs a warning on every job). Off: such jobs are refused with 503.",
     )
 
-    def jail_config(self) -> JailConfig:
-        """The jail settings as a :class:`marketplace.services.jail.JailConfig`."""
-        from marketplace.services.jail import JailConfig
-
-        return JailConfig(
-            bwrap=self.jail_bwrap, max_pids=self.jail_max_pids, unsafe_unjailed=self.unsafe_unjailed_custom_jobs
-        )
     auth_fail_max_per_client: int = Field(
         default=20, ge=1, description="Failed authentications one client address may make per window before 429."
     )
@@ -112,6 +105,24 @@ class Settings(BaseSettings):
     auth_fail_window_seconds: float = Field(
         default=300.0, gt=0, description="Window of the failed-authentication throttle (per process)."
     )
+    org_storage_quota_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="Storage quota per organisation in MiB (model versions + stored job payloads); 0: none.",
+    )
+    auth_failure_window_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Failed authentications are summarised in one audit event per client per window.",
+    )
+
+    def jail_config(self) -> JailConfig:
+        """The jail settings as a :class:`marketplace.services.jail.JailConfig`."""
+        from marketplace.services.jail import JailConfig
+
+        return JailConfig(
+            bwrap=self.jail_bwrap, max_pids=self.jail_max_pids, unsafe_unjailed=self.unsafe_unjailed_custom_jobs
+        )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

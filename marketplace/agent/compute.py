@@ -8,7 +8,9 @@ Not for: deciding whether code may run (approval is the marketplace's state mach
 
 Errors: :class:`JobFailed` with a short ``reason`` (``bad_input``, ``too_many_rows``,
 ``cpu_limit``, ``memory_limit``, ``timeout``, ``jail_unavailable``, ``error``) and a message for
-the consumer.
+the consumer. The message is stored in the clear and shown to the provider too, so it never
+contains input values (nor a custom job's stderr): it names rows and columns
+(``row 3, column 2: not a number``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from marketplace.agent.payload import JobInput, JobResult, code_digest
 if TYPE_CHECKING:
     from marketplace.services.jail import JailConfig
 
-__all__ = ["JobFailed", "Limits", "Model", "load_model", "run_job"]
+__all__ = ["JobFailed", "Limits", "Model", "load_model", "run_job", "sealed_input_error"]
 
 
 class JobFailed(Exception):
@@ -92,16 +94,47 @@ def load_model(data: bytes, fmt: str) -> Model:
     return Model(data=data, fmt=fmt, layers=layers, postprocess=raw.postprocess)
 
 
+def sealed_input_error(e: Exception) -> str:
+    """The stored message for a sealed input that did not open. It names the kind of failure,
+    never text from inside the seal (which the provider and the operator could read)."""
+    from crypto.errors import DecryptionError
+
+    if isinstance(e, DecryptionError):
+        return "the sealed input did not open: it is not sealed to this compute site's key for this job"
+    return "the sealed input did not open: its content is malformed (re-create it with the SDK)"
+
+
+def _parse_csv(text: str) -> np.ndarray:
+    """CSV rows of numbers. Errors name the row and column (1-based lines of the input), never
+    the value: the message is stored and shown to the provider."""
+    lines = [(i, r) for i, r in enumerate(text.splitlines(), start=1) if r.strip()]
+    if lines and any(c.isalpha() and c not in "eE" for c in lines[0][1].replace("nan", "")):
+        lines = lines[1:]  # a header row
+    out: list[list[float]] = []
+    width: int | None = None
+    for i, r in lines:
+        cells = r.split(",")
+        if width is not None and len(cells) != width:
+            raise JobFailed("bad_input", f"row {i}: expected {width} columns, got {len(cells)}")
+        width = len(cells)
+        row: list[float] = []
+        for j, v in enumerate(cells, start=1):
+            try:
+                row.append(float(v))
+            except ValueError:
+                raise JobFailed("bad_input", f"row {i}, column {j}: not a number") from None
+        out.append(row)
+    return np.array(out, dtype=np.float64).reshape(len(out), width or 0)
+
+
 def _read_matrix(job: JobInput, *, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         if job.format == "csv":
-            text = job.data.decode("utf-8")
-            rows = [r for r in text.splitlines() if r.strip()]
-            if rows and any(c.isalpha() and c not in "eE" for c in rows[0].replace("nan", "")):
-                rows = rows[1:]  # a header row
-            arr = np.array([[float(v) for v in r.split(",")] for r in rows], dtype=np.float64)
-            if arr.ndim == 1:
-                arr = arr.reshape(len(rows), -1)
+            try:
+                text = job.data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JobFailed("bad_input", f"the csv input is not UTF-8 text (at byte {e.start})") from None
+            arr = _parse_csv(text)
             if labelled:
                 return arr[:, :-1], arr[:, -1]
             return arr, None
@@ -116,7 +149,9 @@ def _read_matrix(job: JobInput, *, labelled: bool) -> tuple[np.ndarray, np.ndarr
             y = np.asarray(f["y"], dtype=np.float64) if labelled else None
         return x, y
     except (ValueError, KeyError, OSError, UnicodeDecodeError, IndexError, zipfile.BadZipFile) as e:
-        raise JobFailed("bad_input", f"cannot read the {job.format} input: {type(e).__name__}: {e}") from e
+        # numpy's messages quote the input (header text, member names): only the kind is stored
+        what = "array 'x' or 'y' missing" if isinstance(e, KeyError) else f"{type(e).__name__}"
+        raise JobFailed("bad_input", f"cannot read the {job.format} input ({what})") from None
 
 
 def _check_rows(x: np.ndarray, model: Model, max_rows: int | None) -> None:
@@ -194,8 +229,9 @@ def _custom(
     except OSError as e:  # the job's cgroup or scratch folder could not be made
         raise JobFailed("jail_unavailable", f"the job jail could not be set up: {e}") from e
     if not res.ok:
-        tail = res.stderr.strip().splitlines()[-3:]
-        raise JobFailed(res.reason, res.message + (": " + " | ".join(tail) if tail else ""))
+        # The consumer's stderr is the consumer's output: it is not stored in the clear (the job's
+        # error is read by the provider and the operator). Only the sandbox's own verdict is.
+        raise JobFailed(res.reason, res.message)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for name, data in sorted(res.outputs.items()):

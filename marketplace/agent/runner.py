@@ -32,7 +32,14 @@ import httpx
 
 from crypto.sealing import SealKeyPair
 from crypto.signing import SigningKey
-from marketplace.agent.compute import JobFailed, Limits, Model, load_model, run_job
+from marketplace.agent.compute import (
+    JobFailed,
+    Limits,
+    Model,
+    load_model,
+    run_job,
+    sealed_input_error,
+)
 from marketplace.agent.payload import open_input, seal_result
 from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
 from marketplace.sdk.base import BaseClient, SomAPIError
@@ -320,7 +327,7 @@ class ProviderAgent:
         try:
             inp = open_input(self.seal, wid, payload, max_size=MAX_INPUT_BYTES)
         except (DecryptionError, ValueError) as e:
-            self._fail(wid, "bad_input", f"the sealed input did not open: {e}")
+            self._fail(wid, "bad_input", sealed_input_error(e))
             return
         try:
             out = run_job(

@@ -88,14 +88,11 @@ def get_any_principal(
     except Unauthenticated as e:
         if presented:
             _throttle(rt).failed(client=client, prefix=prefix)
-        # The one place failed authentications are recorded (an ``auth.failed`` audit event).
-        audit.emit_detached(
-            rt.sessions,
-            audit.Actor(actor=f"key:{prefix}" if prefix else "anonymous", org_id=None, request_id=request_id(request)),
-            "auth.failed",
-            target=request.url.path,
-            outcome="denied",
-            detail={"reason": e.reason if isinstance(e, KeyRefused) else "missing", "method": request.method},
+        # The one place failed authentications are recorded: counted and summarised per client
+        # and window (``auth.failures``), not one ledger leaf each.
+        audit.note_auth_failure(
+            rt, source=client, prefix=prefix, path=request.url.path, method=request.method,
+            reason=e.reason if isinstance(e, KeyRefused) else "missing", request_id=request_id(request),
         )
         raise
     request.state.principal = p

@@ -6,7 +6,9 @@ authorization. Events are append-only rows, and each also becomes a ledger leaf 
 :mod:`marketplace.services.ledger`) in the same transaction.
 
 Denials are recorded with :func:`emit_detached`, in a transaction of their own, because the
-request's own transaction is rolled back.
+request's own transaction is rolled back. Failed authentications (no principal at all) are not
+recorded one by one: :func:`note_auth_failure` counts them and emits one ``auth.failures`` summary
+per client and window (:mod:`marketplace.services.auth_failures`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from marketplace.db.base import utcnow
 from marketplace.db.models import AuditEvent
 
-__all__ = ["Actor", "LeafSink", "emit", "emit_detached", "query", "set_leaf_sink"]
+__all__ = ["Actor", "LeafSink", "emit", "emit_detached", "note_auth_failure", "query", "set_leaf_sink"]
 
 # Called with (session, event) inside the emitting transaction. By default every audit event
 # becomes a ledger leaf, whoever emits it (API, CLI on the server host, workers).
@@ -98,6 +100,18 @@ def emit_detached(factory: sessionmaker[Session], who: Actor, action: str, **kw:
     """Emit in a fresh transaction (for denials whose request transaction is rolled back)."""
     with factory() as session, session.begin():
         emit(session, who, action, **kw)
+
+
+def note_auth_failure(
+    rt: Any, *, source: str, prefix: str, path: str, method: str, reason: str, request_id: str = ""
+) -> None:
+    """Count a request that presented no valid key (``rt``: the Runtime). One ``auth.failures``
+    event per client address and window summarises them (see
+    :mod:`marketplace.services.auth_failures`); authenticated denials use :func:`emit_detached`."""
+    from marketplace.services import auth_failures
+
+    auth_failures.note(rt, source=source, prefix=prefix, path=path, method=method, reason=reason,
+                       request_id=request_id)
 
 
 def _aware(t: datetime | None) -> datetime | None:

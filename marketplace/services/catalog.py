@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from marketplace.db.base import utcnow
 from marketplace.db.models import Artifact, Offering, OfferingVersion
 from marketplace.errors import Conflict, Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType
-from marketplace.services import audit
+from marketplace.services import audit, storage
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -196,6 +196,7 @@ def add_version(
         raise Conflict(
             "this offering is provider-hosted: its weights stay with the provider agent and are never uploaded"
         )
+    storage.check_quota(rt, s, off.org_id, len(data), what="this model version")  # before parsing it
     info = _validate(data, fmt, input_shape, rt.settings.max_upload_bytes)
     number = (s.scalar(select(func.max(OfferingVersion.number)).where(OfferingVersion.offering_id == off.id)) or 0) + 1
     version = OfferingVersion(

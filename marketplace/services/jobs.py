@@ -8,7 +8,8 @@ the job is queued, or awaits the provider's approval (``custom``). A compute sit
 provider's agent for provider-hosted offerings, this process's worker threads for
 marketplace-hosted ones), opens the input, computes, seals the result to the consumer's reply
 key and posts it. The first successful result commits the reservation (charged once); failure,
-cancellation, rejection or expiry release it. The marketplace stores and relays sealed bytes only.
+cancellation, rejection or expiry release it. The marketplace stores and relays sealed bytes only,
+and deletes a job's sealed input as soon as the job is final (:func:`_drop_input`, :func:`_purge`).
 
 States::
 
@@ -28,6 +29,7 @@ import logging
 import os
 import secrets
 import threading
+import traceback
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -43,7 +45,7 @@ from marketplace.db.models import Artifact, Offering
 from marketplace.db.models_jobs import Agent, Job
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge, Unavailable
 from marketplace.runtime import Runtime
-from marketplace.services import agents, audit, catalog, metering
+from marketplace.services import agents, audit, catalog, metering, storage
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -339,6 +341,8 @@ def submit_input(rt: Runtime, p: Principal, job_id: str, blob: bytes, *, who: au
         req = metering.request_digest("jobs/v1", job.offering_id, job.kind, str(job.units), job.code_digest or "", digest)
         timeout = max(1.0, (job.deadline_at - utcnow()).total_seconds())
         key, offering_id, kind, units, contract_id = job.idempotency_key, job.offering_id, job.kind, job.units, job.contract_id
+    with rt.tx() as s:
+        storage.check_quota(rt, s, p.org_id, len(blob), what="this job's sealed input")
     res = metering.begin(
         rt, p, offering_id=offering_id, mode="remote_job", units=units, idempotency_key=key,
         request_digest=req, contract_id=contract_id, job_kind=kind, batch_size=1,
@@ -364,6 +368,7 @@ def submit_input(rt: Runtime, p: Principal, job_id: str, blob: bytes, *, who: au
                        detail={"status": job.status, "input_digest": digest, "usage_id": res.usage_id})
     except BaseException:
         metering.release(rt, res, reason="submission failed")
+        _purge(rt, addr)
         raise
     ensure_background(rt)
     agents.notify(rt)
@@ -395,6 +400,7 @@ def decide(
     if p.kind == "agent":
         raise Forbidden("approvals are made by a person with a provider key, not by an agent key")
     release_after: dict[str, Any] | None = None
+    purge = ""
     with rt.tx() as s:
         job = get_for(s, p, job_id)
         if job.provider_org_id != p.org_id:
@@ -419,8 +425,10 @@ def decide(
         else:
             job.status, job.error, job.error_reason, job.finished_at = "failed", f"rejected by the provider: {reason}"[:2000], "rejected", now
             release_after = job.reservation
+            purge = _drop_input(job)
         audit.emit(s, who, f"job.{'approve' if approve else 'reject'}", target=job.id,
                    detail={"code_digest": job.code_digest, "reason": reason[:500]})
+    _purge(rt, purge)
     if release_after is not None:
         _release(rt, release_after, "custom code rejected by the provider")
     else:
@@ -438,6 +446,21 @@ def _release(rt: Runtime, rdict: dict[str, Any] | None, reason: str) -> None:
         metering.release(rt, r, reason=reason)
 
 
+def _drop_input(job: Job) -> str:
+    """In the caller's transaction, as the job becomes final: forget its sealed input's address
+    and return it for :func:`_purge` after the commit (a final job keeps no sealed input)."""
+    addr, job.input_blob = job.input_blob, ""
+    return addr
+
+
+def _purge(rt: Runtime, *addrs: str | None) -> None:
+    """Delete these blobs (after the transaction that dropped their addresses committed)."""
+    for addr in addrs:
+        if addr:
+            with contextlib.suppress(OSError, ValueError):
+                rt.blobs.delete(addr)
+
+
 def cancel(rt: Runtime, p: Principal, job_id: str, *, who: audit.Actor) -> Job:
     p.require("consumer")
     with rt.tx() as s:
@@ -449,7 +472,9 @@ def cancel(rt: Runtime, p: Principal, job_id: str, *, who: audit.Actor) -> Job:
         job.status, job.finished_at, job.updated_at = "cancelled", utcnow(), utcnow()
         job.lease_owner = job.lease_expires_at = None
         rdict = job.reservation
+        purge = _drop_input(job)
         audit.emit(s, who, "job.cancel", target=job.id)
+    _purge(rt, purge)
     _release(rt, rdict, "cancelled by the consumer")
     return job
 
@@ -576,9 +601,10 @@ def _charge(rt: Runtime, job_id: str, *, result: bytes | None) -> Job:
     receipt: dict[str, Any] | None = None
     failed: str | None = None
     if r is not None:
-        body = rt.blobs.get(addr) if result is None else result
         try:
-            charged = metering.commit(rt, r, result=body, media_type="application/octet-stream")
+            # A job's Idempotency-Key never replays (each job begins once), so the usage row keeps
+            # no second copy of the sealed result: the job's own copy is purged when it expires.
+            charged = metering.commit(rt, r, result=b"", media_type="application/octet-stream")
             usage_id, receipt = charged.usage_id, charged.receipt
         except Conflict as e:
             failed = f"the reservation was released before the result came ({e.message})"
@@ -593,6 +619,7 @@ def _charge(rt: Runtime, job_id: str, *, result: bytes | None) -> Job:
         job.lease_owner = job.lease_expires_at = None
         job.finished_at = now
         job.updated_at = now
+        purge = _drop_input(job)
         if failed is not None:
             job.status, job.error, job.error_reason = "expired", failed, "reservation_released"
             job.result_blob = None
@@ -603,8 +630,7 @@ def _charge(rt: Runtime, job_id: str, *, result: bytes | None) -> Job:
             job.result_expires_at = now + timedelta(seconds=rt.settings.job_result_ttl_seconds)
             audit.emit(s, audit.Actor.system(), "job.succeed", target=job.id,
                        detail={"usage_id": job.usage_id, "attempts": job.attempts})
-    if failed is not None and addr:
-        rt.blobs.delete(addr)
+    _purge(rt, purge, addr if failed is not None else None)
     return job
 
 
@@ -622,7 +648,9 @@ def fail(rt: Runtime, job_id: str, *, owner: str, reason: str, message: str, p: 
         job.finished_at = job.updated_at = now
         job.lease_owner = job.lease_expires_at = None
         rdict = job.reservation
+        purge = _drop_input(job)
         audit.emit(s, audit.Actor.system(), "job.fail", target=job.id, outcome="failure", detail={"reason": reason[:40]})
+    _purge(rt, purge)
     _release(rt, rdict, f"job failed: {reason}"[:200])
     return job
 
@@ -630,9 +658,13 @@ def fail(rt: Runtime, job_id: str, *, owner: str, reason: str, message: str, p: 
 # -- background: expiry, lost leases, marketplace workers ------------------------------------------
 
 
-def _reap(rt: Runtime, s: Session, now: datetime, *, hosting: str | None = None, fail_lost: bool = True) -> list[dict[str, Any]]:
+def _reap(
+    rt: Runtime, s: Session, now: datetime, *, hosting: str | None = None, fail_lost: bool = True,
+    purge: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """In ``s``: lost leases go back to the queue or (``fail_lost``) fail.
-    Returns reservations to release after the transaction commits."""
+    Returns reservations to release after the transaction commits; the sealed inputs of failed
+    jobs are added to ``purge`` (deleted after the commit)."""
     released: list[dict[str, Any]] = []
     stmt = select(Job).where(
         Job.status == "running", Job.finishing.is_(False), Job.lease_expires_at < now
@@ -646,6 +678,8 @@ def _reap(rt: Runtime, s: Session, now: datetime, *, hosting: str | None = None,
             job.status, job.error_reason = "failed", "lost"
             job.error = f"the compute site stopped answering {job.attempts} times; giving up"
             job.finished_at = now
+            if purge is not None:
+                purge.append(_drop_input(job))
             if job.reservation:
                 released.append(job.reservation)
         else:
@@ -657,12 +691,13 @@ def _reap(rt: Runtime, s: Session, now: datetime, *, hosting: str | None = None,
 
 
 def sweep(rt: Runtime, *, now: datetime | None = None) -> None:
-    """Expire overdue jobs, requeue lost leases, purge old results, finish interrupted charges."""
+    """Expire overdue jobs, requeue lost leases, purge old results and the sealed inputs of jobs
+    that became final, finish interrupted charges."""
     now = now or utcnow()
     released: list[dict[str, Any]] = []
     purge: list[str] = []
     with rt.tx() as s:
-        released += _reap(rt, s, now)
+        released += _reap(rt, s, now, purge=purge)
         for job in s.scalars(
             select(Job).where(Job.status.in_(("created", "queued", "awaiting_approval", "running")),
                               Job.finishing.is_(False), Job.deadline_at < now)
@@ -670,6 +705,7 @@ def sweep(rt: Runtime, *, now: datetime | None = None) -> None:
             job.status, job.error, job.error_reason = "expired", "the job did not finish before its deadline", "deadline"
             job.finished_at = job.updated_at = now
             job.lease_owner = job.lease_expires_at = None
+            purge.append(_drop_input(job))
             if job.reservation:
                 released.append(job.reservation)
             audit.emit(s, audit.Actor.system(), "job.expire", target=job.id, outcome="failure")
@@ -681,9 +717,7 @@ def sweep(rt: Runtime, *, now: datetime | None = None) -> None:
         )))
     for rd in released:
         _release(rt, rd, "job expired or lost")
-    for addr in purge:
-        with contextlib.suppress(OSError, ValueError):
-            rt.blobs.delete(addr)
+    _purge(rt, *purge)
     for jid in stuck:
         try:
             _charge(rt, jid, result=None)
@@ -739,8 +773,10 @@ class _Background:
                 continue
             try:
                 run_marketplace_job(self.rt, item["id"], owner=owner, stop=self.stop)
-            except Exception:  # noqa: BLE001 - the job fails, the worker lives
-                log.exception("job worker crashed on %s", item["id"])
+            except Exception as e:  # noqa: BLE001 - the job fails, the worker lives
+                # the exception's message may quote the consumer's input: log its type and frames only
+                log.error("job worker crashed on %s: %s\n%s", item["id"], type(e).__name__,
+                          "".join(traceback.format_tb(e.__traceback__)))
                 with contextlib.suppress(Exception):
                     fail(self.rt, item["id"], owner=owner, reason="error", message="internal error in the worker")
 
@@ -775,8 +811,9 @@ def _keep_lease(rt: Runtime, job_id: str, owner: str, done: threading.Event) -> 
 
 def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading.Event | None = None) -> None:
     """Run a leased marketplace-hosted job in this process: decrypt the model in memory only."""
-    from marketplace.agent.compute import JobFailed, Limits, load_model, run_job
+    from marketplace.agent.compute import JobFailed, Limits, load_model, run_job, sealed_input_error
     from marketplace.agent.payload import open_input, seal_result
+    from marketplace.services.blobstore import BlobNotFound
 
     with rt.tx() as s:
         job = s.get(Job, job_id)
@@ -810,9 +847,14 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
                 complete(rt, job_id, owner=owner, result=sealed)
             return
         try:
-            inp = open_input(marketplace_seal_key(rt), job_id, rt.blobs.get(addr), max_size=rt.settings.max_sealed_bytes)
+            sealed_input = rt.blobs.get(addr)
+        except (BlobNotFound, ValueError):  # the job became final meanwhile (its input is purged)
+            fail(rt, job_id, owner=owner, reason="error", message="the sealed input is no longer stored")
+            return
+        try:
+            inp = open_input(marketplace_seal_key(rt), job_id, sealed_input, max_size=rt.settings.max_sealed_bytes)
         except (DecryptionError, ValueError) as e:
-            fail(rt, job_id, owner=owner, reason="bad_input", message=f"the sealed input did not open: {e}")
+            fail(rt, job_id, owner=owner, reason="bad_input", message=sealed_input_error(e))
             return
         try:
             model = load_model(catalog.decrypt_artifact(rt, art), fmt)

@@ -26,7 +26,8 @@ Guarantees (DESIGN §5):
 * :func:`commit` writes the charged usage record, its ``som.usage/v1`` ledger leaf and the
   counters in one transaction; the result bytes (opaque: ciphertexts or sealed boxes) are kept in
   the blob store so a retry with the same key replays the first answer.
-* :func:`release` gives the units back and records an uncharged (``released``) usage leaf.
+* :func:`release` gives the units back to the quota (not to the rate window: an attempt counts
+  against the rate whether or not it succeeded) and records an uncharged (``released``) usage leaf.
 * A reservation holds a *lease* (:data:`LEASE_SECONDS` by default). If the process dies between
   compute and commit, nothing is charged; once the lease expires the next :func:`begin` on that
   contract releases it, and a retry with the same key proceeds.
@@ -194,7 +195,9 @@ def _finish(
 ) -> None:
     """Charge or release ``u`` (state ``reserved``) on locked contract ``c``: counters, leaf, row."""
     st = _usage_state(c, frozenset())
-    st = policy.commit(st, _policy_res(u)) if outcome == "charged" else policy.release(st, _policy_res(u))
+    # A released use gives its units back to the quota but not to the rate window: every attempt
+    # that reserved (a failed, rejected, cancelled or expired job too) counts against the rate.
+    st = policy.commit(st, _policy_res(u)) if outcome == "charged" else policy.release(st, _policy_res(u), keep_rate=True)
     _apply(c, st, now)
     rec = records.usage_record(
         contract_of(c),

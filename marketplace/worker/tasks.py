@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
     """
     from crypto.envelope import WrappedKey, decrypt_artifact
     from crypto.errors import DecryptionError
-    from marketplace.agent.compute import JobFailed, Limits, load_model, run_job
+    from marketplace.agent.compute import JobFailed, Limits, load_model, run_job, sealed_input_error
     from marketplace.agent.payload import open_input, seal_result
     from marketplace.services.compute import _open_store
 
@@ -193,7 +194,7 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
     try:
         inp = open_input(keypair, job_id, sealed, max_size=int(msg["max_sealed_bytes"]))
     except (DecryptionError, ValueError) as e:
-        return {"ok": False, "reason": "bad_input", "message": f"the sealed input did not open: {e}"}
+        return {"ok": False, "reason": "bad_input", "message": sealed_input_error(e)}
     try:
         wrapped = WrappedKey.from_json(b64d(msg["wrapped_key"]).decode())
         plaintext = decrypt_artifact(blobs.get(str(msg["model_blob"])), wrapped, provider=provider,
@@ -208,6 +209,8 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
         return {"ok": True, "out": b64e(seal_result(inp.reply_public, out))}
     except JobFailed as e:
         return {"ok": False, "reason": e.reason, "message": e.message}
-    except Exception:  # noqa: BLE001 - a worker answers; the job fails, the worker lives
-        log.exception("job %s crashed in the worker", job_id)
+    except Exception as e:  # noqa: BLE001 - a worker answers; the job fails, the worker lives
+        # the exception's message may quote the consumer's input: log its type and frames only
+        log.error("job %s crashed in the worker: %s\n%s", job_id, type(e).__name__,
+                  "".join(traceback.format_tb(e.__traceback__)))
         return {"ok": False, "reason": "error", "message": "internal error in the worker"}

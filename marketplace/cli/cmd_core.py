@@ -47,6 +47,9 @@ def register(app: typer.Typer) -> None:
             s.host = host
         if port:
             s.port = port
+        from marketplace.emptycwd import enter_empty_cwd
+
+        enter_empty_cwd(s)  # docs/deployment.md: the server runs in an empty working directory
         uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="warning")
 
     db = typer.Typer(help="Database schema.", no_args_is_help=True)

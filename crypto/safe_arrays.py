@@ -23,6 +23,7 @@ import math
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import IO
@@ -53,6 +54,10 @@ _MAX_CENTRAL_DIR = 256 * 1024
 _MAX_HEADER = 4096  # a .npy header of a plain dtype is < 200 bytes
 _RATIO_SLACK = 64 * 1024  # tiny archives may compress better than max_ratio
 _EOCD = b"PK\x05\x06"
+# What zipfile and zlib raise on damaged input (NotImplementedError: a "zip version" it does not
+# know; RuntimeError: an encrypted member; struct.error: truncated records).
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError, struct.error,
+               UnicodeDecodeError, OverflowError, zlib.error)
 _ZIP64_LOCATOR = b"PK\x06\x07"
 
 
@@ -78,13 +83,13 @@ def _header(fp: IO[bytes], name: str,
             shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=_MAX_HEADER)
         else:
             raise ValueError(f"npy version {version} is not supported (expected 1.0 or 2.0)")
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError, zipfile.BadZipFile) as e:
+    except (*_ZIP_ERRORS, SyntaxError, TypeError) as e:
         raise ValueError(f"{name or 'array'}: not a valid .npy header") from e
     dtype = np.dtype(dtype)
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in kinds:
         raise ValueError(
             f"{name or 'array'}: dtype {dtype.str!r} is refused (allowed kinds: {''.join(sorted(kinds))}; "
-            "never object or structured arrays)"
+            "never object arrays, which need pickle, nor structured ones)"
         )
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
         raise ValueError(f"{name or 'array'}: bad shape in the .npy header")
@@ -147,7 +152,7 @@ class NpzArchive:
         try:
             with self._zf.open(self._infos[name]) as fp:
                 arr = npformat.read_array(fp, allow_pickle=False, max_header_size=_MAX_HEADER)
-        except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+        except _ZIP_ERRORS as e:
             raise ValueError(f"{name}: the member's data is damaged") from e
         if not isinstance(arr, np.ndarray) or arr.shape != h.shape or arr.dtype != h.dtype:
             raise ValueError(f"{name}: the member's data does not match its header")
@@ -177,7 +182,7 @@ def inspect_npz(
         raise ValueError(f"the archive lists too many members (at most {_MAX_MEMBERS})")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise ValueError("not a valid .npz archive") from e
     infos = zf.infolist()
     if len(infos) > _MAX_MEMBERS:
@@ -209,10 +214,11 @@ def inspect_npz(
     for base, info in seen.items():
         k = kinds(base) if callable(kinds) else kinds
         try:
-            with zf.open(info) as fp:
-                h = _header(fp, base, k)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            fp = zf.open(info)
+        except _ZIP_ERRORS as e:
             raise ValueError(f"{base}: damaged archive member") from e
+        with fp:
+            h = _header(fp, base, k)  # raises its own precise ValueError
         if h.offset + h.nbytes != info.file_size:
             raise ValueError(f"{base}: declared size {info.file_size} does not match its header ({h.offset + h.nbytes})")
         headers[base] = h

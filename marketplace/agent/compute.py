@@ -134,6 +134,8 @@ def _read_csv(data: bytes, *, width: int, max_rows: int | None, limits: InputLim
         rows = rows[1:]  # a header row
     if max_rows is not None and len(rows) > max_rows:
         raise _too_many(len(rows), max_rows)
+    if not rows:
+        raise JobFailed("bad_input", "the csv input has no rows")
     out = np.empty((len(rows), width), dtype=np.float64)
     for r, (line_no, ln) in enumerate(rows):
         n = ln.count(",") + 1

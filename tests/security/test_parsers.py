@@ -347,6 +347,41 @@ def test_mutated_npz_uploads_over_http_are_never_500(srv: Any) -> None:
         assert r.status_code in (201, 413, 415, 422), r.text
 
 
+def test_upload_validation_blocks_neither_the_event_loop_nor_the_database(srv: Any) -> None:
+    """While a ~46 MiB model is validated and encrypted, other callers' reads and writes are served
+    (before: the async route validated on the event loop inside a write transaction, and
+    /v1/health stalled for seconds)."""
+    import threading
+
+    w, url = srv
+    off = w.provider.create_offering(name="big", task="binary-classification")
+    big = model_npz(np.random.default_rng(1).normal(size=(1, 6_000_000)), np.zeros(1))
+    lat: list[float] = []
+    codes: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not done.is_set():
+                t = time.monotonic()
+                codes.append(c.get(f"{url}/v1/health").status_code)
+                codes.append(c.post(f"{url}/v1/offerings", json={"name": "w", "task": "t"},
+                                    headers=_h(w, "other_provider")).status_code)
+                lat.append(time.monotonic() - t)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        r = httpx.post(f"{url}/v1/offerings/{off['id']}/versions", params={"format": "npz"}, content=big,
+                       headers=_h(w, "provider"), timeout=120)
+    finally:
+        done.set()
+        th.join(timeout=60)
+    assert r.status_code == 201, r.text[:200]
+    assert len(lat) >= 3 and max(lat) < 2.0, lat
+    assert set(codes) <= {200, 201}, codes
+
+
 # ----------------------------------------------------------------------------- job inputs
 
 

@@ -22,6 +22,7 @@ import io
 import math
 import re
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Collection
@@ -83,7 +84,7 @@ def _header(fp: IO[bytes], name: str,
             shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=_MAX_HEADER)
         else:
             raise ValueError(f"npy version {version} is not supported (expected 1.0 or 2.0)")
-    except (*_ZIP_ERRORS, SyntaxError, TypeError) as e:
+    except (*_ZIP_ERRORS, SyntaxError, TypeError, KeyError, AttributeError, RecursionError, tokenize.TokenError) as e:
         raise ValueError(f"{name or 'array'}: not a valid .npy header") from e
     dtype = np.dtype(dtype)
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in kinds:

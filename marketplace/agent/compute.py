@@ -277,7 +277,9 @@ def run_job(
     if job.kind != expected_kind:
         raise JobFailed("bad_input", f"sealed input is a {job.kind!r} job, the marketplace queued a {expected_kind!r} one")
     if job.kind == "predict":
-        return _predict(model, job, max_rows, input_limits or InputLimits())
+        with np.errstate(over="ignore", under="ignore"):  # exp of a large finite input saturates: fine
+            return _predict(model, job, max_rows, input_limits or InputLimits())
     if job.kind == "evaluate":
-        return _evaluate(model, job, max_rows, input_limits or InputLimits())
+        with np.errstate(over="ignore", under="ignore"):
+            return _evaluate(model, job, max_rows, input_limits or InputLimits())
     return _custom(model, job, approved_digest=approved_digest, limits=limits or Limits(), workdir=workdir)

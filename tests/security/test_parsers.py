@@ -55,6 +55,21 @@ def srv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, 
         app.state.runtime.close()
 
 
+@pytest.fixture
+def srv_db(tmp_path: Path, db_url: str) -> Iterator[tuple[Any, str]]:
+    """The same, on SQLite and on PostgreSQL (for what is stored: JSON fields)."""
+    from marketplace.api.app import create_app
+
+    app = create_app(make_settings(tmp_path, db_url, workers=1))
+    try:
+        w = build_world(app)
+        with serve_in_thread(app) as url:
+            yield w, url
+        assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500; see data/logs/som.log"
+    finally:
+        app.state.runtime.close()
+
+
 def _client(w: Any, url: str, who: str) -> SomClient:
     return SomClient(url, w.keys[who])
 
@@ -333,6 +348,57 @@ def test_any_mutated_npz_is_4xx_never_500(tmp_path_factory: pytest.TempPathFacto
         assert 400 <= e.status < 500
 
 
+def _onnx_ok() -> bytes:
+    w = numpy_helper.from_array(np.ones((D_IN, 1), dtype=np.float32), "W")
+    b = numpy_helper.from_array(np.zeros((1,), dtype=np.float32), "B")
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "B"], ["z"]), helper.make_node("Sigmoid", ["z"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D_IN])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [w, b])
+    return bytes(helper.make_model(g).SerializeToString())
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_mutated_onnx_is_4xx_never_500(data: st.DataObject) -> None:
+    from marketplace.errors import MarketplaceError
+    from marketplace.services.catalog import _validate
+
+    b = bytearray(_onnx_ok())
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        i = data.draw(st.integers(min_value=0, max_value=len(b) - 1))
+        b[i] = data.draw(st.integers(min_value=0, max_value=255))
+    try:
+        _validate(bytes(b), "onnx", [], 64 << 20, max_decompressed=256 << 20)
+    except MarketplaceError as e:
+        assert 400 <= e.status < 500
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), fmt=st.sampled_from(["npz", "npy", "csv"]), kind=st.sampled_from(["predict", "evaluate"]))
+def test_any_mutated_job_input_fails_as_bad_input_or_runs(data: st.DataObject, fmt: str, kind: str) -> None:
+    """The compute site's parsers raise JobFailed (bad_input / too_many_rows) or compute; nothing else."""
+    import tempfile
+
+    from crypto.sealing import SealKeyPair
+    from marketplace.agent.compute import JobFailed, load_model, run_job
+    from marketplace.agent.payload import JobInput
+
+    model = load_model(model_npz(np.ones((1, D_IN)), np.zeros(1)), "npz")
+    x = features(4)
+    xy = np.column_stack([x, np.ones(4)]) if kind == "evaluate" else x
+    base = {"npz": npz_of([("x.npy", _npy(x)), ("y.npy", _npy(np.ones(4)))]), "npy": _npy(xy), "csv": to_csv(xy)}[fmt]
+    b = bytearray(base)
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        i = data.draw(st.integers(min_value=0, max_value=len(b) - 1))
+        b[i] = data.draw(st.integers(min_value=0, max_value=255))
+    inp = JobInput(job_id="j", kind=kind, reply_public=SealKeyPair.generate().public_text(), data=bytes(b), format=fmt)
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            run_job(model, inp, expected_kind=kind, max_rows=4, workdir=Path(d))
+        except JobFailed as e:
+            assert e.reason in ("bad_input", "too_many_rows")
+
+
 def test_mutated_npz_uploads_over_http_are_never_500(srv: Any) -> None:
     w, url = srv
     off = w.provider.create_offering(name="fuzz", task="binary-classification")
@@ -446,8 +512,8 @@ def _deep(n: int) -> dict[str, Any]:
     return d
 
 
-def test_deep_or_oversize_json_fields_are_422_and_the_catalog_stays_up(srv: Any) -> None:
-    w, url = srv
+def test_deep_or_oversize_json_fields_are_422_and_the_catalog_stays_up(srv_db: Any) -> None:
+    w, url = srv_db
     prov = _client(w, url, "provider")
     off = prov.create_offering(name="ok", task="t", hosting="provider")
     prov.publish(off["id"])

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=64 << 20, description="Largest model artifact upload.")
     max_ciphertext_bytes: int = Field(default=256 << 20, description="Largest HE request or key set.")
     max_sealed_bytes: int = Field(default=64 << 20, description="Largest sealed job payload.")
+    max_decompressed_bytes: int = Field(
+        default=256 << 20, ge=1,
+        description="Largest total an .npz upload or job input may declare uncompressed (checked before decompressing).",
+    )
+    max_compression_ratio: float = Field(
+        default=100.0, ge=1.0, description="Largest uncompressed/compressed size ratio of an .npz (zip bombs).",
+    )
     page_size_max: int = Field(default=200, description="Largest page a list endpoint returns.")
     log_origin: str = Field(
         default="som.example/ledger", description="Origin line of the ledger's signed checkpoints."

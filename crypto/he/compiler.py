@@ -8,7 +8,8 @@ cheapest ring up are tried on a sample of the calibration data with real keys; t
 measured encrypted-vs-plaintext error meets the requested precision wins, and the plan promises
 what was measured), and the Galois keys of the single-query layout are listed. Not for: running the model (``evaluate``) or making keys (``context``).
 
-The ``.npz`` layer format (``som-layers-v1``), loaded with ``np.load(allow_pickle=False)``:
+The ``.npz`` layer format (``som-layers-v1``), checked before decompression and read without
+pickle by :mod:`crypto.safe_arrays` (ONNX goes through :func:`crypto.he.onnx_import.load_onnx`):
 
 * ``layer{i}.weight``: float array of shape (d_out, d_in), like torch ``nn.Linear`` / ONNX Gemm
   with ``transB=1``; ``layer{i}.bias``: float array (d_out,); ``layer{i}.activation``: a 0-d
@@ -37,6 +38,8 @@ from crypto.hazmat.tenseal_ops import CkksParameters
 from crypto.he import circuit
 from crypto.he.onnx_import import ACTIVATIONS, RawLayer, RawModel, parse_onnx
 from crypto.he.plan import PublicPlan
+from crypto.safe_arrays import DEFAULT_MAX_BYTES as DEFAULT_MAX_DECOMPRESSED
+from crypto.safe_arrays import inspect_npz, layer_names
 
 __all__ = [
     "DEFAULT_DEGREES",
@@ -93,15 +96,22 @@ class ArtifactInfo:
     postprocess: str | None
 
 
-def _parse_npz(data: bytes) -> RawModel:
+def _layer_kinds(name: str) -> frozenset[str]:
+    return frozenset("U") if name.endswith(".activation") else frozenset("f")
+
+
+def _parse_npz(data: bytes, *, max_bytes: int) -> RawModel:
+    # Every member name, dtype and size is checked from the zip metadata and .npy headers before
+    # anything is decompressed (crypto.safe_arrays); object arrays (pickle) never load.
     try:
-        arrays = np.load(io.BytesIO(data), allow_pickle=False)
-        names = list(arrays.files)
-        loaded = {n: arrays[n] for n in names}
-    except ValueError as e:  # object arrays need pickle: refused
-        raise HEError(f"npz refused: it contains pickled (object) arrays ({e})") from e
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise HEError(f"not a valid .npz archive: {type(e).__name__}: {e}") from e
+        archive = inspect_npz(data, names=layer_names, kinds=_layer_kinds, max_bytes=max_bytes)
+        names = archive.names
+        for n, h in archive.headers.items():
+            if n.endswith(".activation") and (h.shape != () or h.nbytes > 64):
+                raise ValueError(f"{n}: expected a 0-d string array, got {h.dtype}{h.shape}")
+        loaded = {n: archive.read(n) for n in names}
+    except ValueError as e:
+        raise HEError(f"npz refused: {e}") from e
     n_layers = 0
     while f"layer{n_layers}.weight" in loaded:
         n_layers += 1
@@ -137,14 +147,18 @@ def _parse_npz(data: bytes) -> RawModel:
     return RawModel(tuple(layers), post, tuple(str(x.activation) for x in layers))
 
 
-def load_artifact(data: bytes, fmt: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RawModel:
-    """Parse an artifact into affine layers. Raises TypeError/ValueError/HEError."""
+def load_artifact(
+    data: bytes, fmt: str, *, max_bytes: int = DEFAULT_MAX_BYTES, max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
+) -> RawModel:
+    """Parse an artifact into affine layers. Raises TypeError/ValueError/HEError.
+
+    ``max_bytes`` caps the artifact, ``max_decompressed`` what an ``.npz`` declares uncompressed."""
     if not isinstance(data, bytes | bytearray):
         raise TypeError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise ValueError(f"artifact too large: {len(data)} bytes > max {max_bytes}")
     if fmt == "npz":
-        raw = _parse_npz(bytes(data))
+        raw = _parse_npz(bytes(data), max_bytes=max_decompressed)
     elif fmt == "onnx":
         raw = parse_onnx(bytes(data))
     else:
@@ -154,13 +168,15 @@ def load_artifact(data: bytes, fmt: str, *, max_bytes: int = DEFAULT_MAX_BYTES) 
     return raw
 
 
-def validate_artifact(data: bytes, fmt: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ArtifactInfo:
+def validate_artifact(
+    data: bytes, fmt: str, *, max_bytes: int = DEFAULT_MAX_BYTES, max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
+) -> ArtifactInfo:
     """Check an uploaded artifact without calibration data.
 
     Raises ValueError (size, format name), HEError (malformed, truncated, pickled) or
     UnsupportedOperator (naming the operator).
     """
-    raw = load_artifact(data, fmt, max_bytes=max_bytes)
+    raw = load_artifact(data, fmt, max_bytes=max_bytes, max_decompressed=max_decompressed)
     shapes = tuple((int(x.weight.shape[0]), int(x.weight.shape[1])) for x in raw.layers)
     return ArtifactInfo(
         fmt=fmt,

@@ -5,19 +5,35 @@ Flatten, Identity, with Relu/Sigmoid/Tanh or a square ``Mul(h, h)`` between affi
 that becomes consumer-side post-processing). Consecutive affine operators are folded into one
 layer. Not for: convolutions, control flow, or graphs with more than one input or output.
 Anything else raises ``UnsupportedOperator`` naming the operator.
+
+Loading is safe by construction (:func:`load_onnx`, the one loader every caller goes through):
+the bytes are parsed as a protobuf message only, and any tensor anywhere in the model (graph
+initializers, sparse initializers, node attributes, subgraphs, functions, training info) that
+names external data (``data_location == EXTERNAL`` or ``external_data`` entries) is refused before
+any tensor is read. No path from the model ever reaches the file system, so the error is the same
+whether a referenced file exists or not. Never call ``onnx.load``, ``load_external_data_*`` or
+``numpy_helper.to_array`` with a ``base_dir`` on artifact bytes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
 from crypto.errors import HEError, UnsupportedOperator
 
-__all__ = ["ACTIVATIONS", "RawLayer", "RawModel", "parse_onnx"]
+__all__ = ["ACTIVATIONS", "EXTERNAL_DATA_REFUSED", "MAX_WIDTH", "RawLayer", "RawModel", "load_onnx", "parse_onnx"]
+
+#: The one message for a model that names external data (no oracle on the named file).
+EXTERNAL_DATA_REFUSED = "ONNX tensors with external data are refused: embed the weights in the model file"
+_MAX_MESSAGES = 1_000_000
+#: Widest layer (features) accepted: the affine folding holds (width x width) matrices.
+MAX_WIDTH = 4096
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "square", "none")
 _ACT_OPS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
@@ -54,20 +70,73 @@ def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
     return default
 
 
-def parse_onnx(data: bytes) -> RawModel:
-    """Parse ONNX bytes. Raises HEError (malformed) or UnsupportedOperator."""
+def _verify_no_external_data(model: onnx.ModelProto) -> None:
+    """Raise HEError if any TensorProto anywhere in ``model`` uses external data.
+
+    Walks every set message field (iteratively: subgraphs nest), so tensors in attributes,
+    subgraphs of If/Loop/Scan, functions and training info are all covered."""
+    stack: list[Any] = [model]
+    seen = 0
+    while stack:
+        msg = stack.pop()
+        seen += 1
+        if seen > _MAX_MESSAGES:
+            raise HEError("ONNX model too complex")
+        if isinstance(msg, onnx.TensorProto) and (
+            msg.data_location == onnx.TensorProto.EXTERNAL or len(msg.external_data) > 0
+        ):
+            raise HEError(EXTERNAL_DATA_REFUSED)
+        for field, value in msg.ListFields():
+            if field.type != field.TYPE_MESSAGE:
+                continue
+            if isinstance(value, Message):
+                stack.append(value)
+            else:  # a repeated field (ONNX has no map fields holding tensors)
+                stack.extend(v for v in value if isinstance(v, Message))
+
+
+def load_onnx(data: bytes) -> onnx.ModelProto:
+    """Parse ONNX bytes as a message, refusing external data anywhere. Raises HEError.
+
+    Nothing here touches the file system (``ModelProto.ParseFromString`` only)."""
+    model = onnx.ModelProto()
     try:
-        model = onnx.load_from_string(data)
-    except Exception as e:  # protobuf DecodeError and friends
+        model.ParseFromString(bytes(data))
+    except Exception as e:  # protobuf DecodeError, RecursionError on absurd nesting, ...
         raise HEError(f"not a valid ONNX model: {type(e).__name__}") from e
+    _verify_no_external_data(model)
+    return model
+
+
+def _to_array(t: onnx.TensorProto) -> np.ndarray:
+    if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) > 0:  # checked by load_onnx too
+        raise HEError(EXTERNAL_DATA_REFUSED)
+    try:
+        return np.asarray(numpy_helper.to_array(t), dtype=np.float64)
+    except (ValueError, TypeError, KeyError) as e:
+        raise HEError(f"initializer {t.name[:80]!r} cannot be read as numbers") from e
+
+
+def parse_onnx(data: bytes) -> RawModel:
+    """Parse ONNX bytes (via :func:`load_onnx`). Raises HEError (malformed, external data) or UnsupportedOperator."""
+    model = load_onnx(data)
+    try:
+        return _interpret(model)
+    except (IndexError, KeyError, TypeError, OverflowError) as e:  # a malformed graph, never a 500
+        raise HEError(f"malformed ONNX graph: {type(e).__name__}") from e
+
+
+def _interpret(model: onnx.ModelProto) -> RawModel:
     g = model.graph
-    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in g.initializer}
+    inits = {t.name: _to_array(t) for t in g.initializer}
     inputs = [i for i in g.input if i.name not in inits]
     if len(inputs) != 1 or len(g.output) != 1:
         raise HEError(f"expected 1 input and 1 output, got {len(inputs)} and {len(g.output)}")
     d_in = _dim_of(inputs[0])
     if d_in is None:
         raise HEError("the graph input needs a static last dimension (the feature count)")
+    if not 1 <= d_in <= MAX_WIDTH:
+        raise HEError(f"the graph input has {d_in} features; at most {MAX_WIDTH} are supported")
     out_name = g.output[0].name
 
     cur = inputs[0].name
@@ -105,6 +174,8 @@ def parse_onnx(data: bytes) -> RawModel:
             c = const(ins[2]) * float(_attr(node, "beta", 1.0)) if len(ins) > 2 and ins[2] else 0.0
             if mat.ndim != 2 or mat.shape[0] != dim:
                 raise ValueError(f"Gemm weight: expected ({dim}, k), got {mat.shape}")
+            if mat.shape[1] > MAX_WIDTH:
+                raise HEError(f"Gemm output width {mat.shape[1]} > {MAX_WIDTH}")
             w, b = w @ mat, b @ mat + np.broadcast_to(c, (mat.shape[1],))
             dim = mat.shape[1]
         elif op == "MatMul":
@@ -113,6 +184,8 @@ def parse_onnx(data: bytes) -> RawModel:
             mat = const(ins[1])
             if mat.ndim != 2 or mat.shape[0] != dim:
                 raise ValueError(f"MatMul weight: expected ({dim}, k), got {mat.shape}")
+            if mat.shape[1] > MAX_WIDTH:
+                raise HEError(f"MatMul output width {mat.shape[1]} > {MAX_WIDTH}")
             w, b = w @ mat, b @ mat
             dim = mat.shape[1]
         elif op == "Mul" and ins[0] == cur and len(ins) > 1 and ins[1] == cur:  # x * x

@@ -1,6 +1,8 @@
 """The computations of remote jobs, run at the compute site (agent or marketplace worker).
 
-For: ``predict`` (batch inference over CSV/NPY features), ``evaluate`` (aggregate metrics over
+For: ``predict`` (batch inference over CSV/NPY/NPZ features, bounded before parsing: CSV rows,
+columns and cell lengths; ``.npy``/``.npz`` headers, sizes and rows against the paid units via
+:mod:`crypto.safe_arrays`, before any data is decompressed), ``evaluate`` (aggregate metrics over
 labelled data: only the metrics leave), and ``custom`` (approved consumer code in the jail of
 :func:`marketplace.services.sandbox.run_isolated`). Model artifacts are the declarative formats of
 :mod:`crypto.he.compiler` (``.npz`` layers or ONNX), loaded without pickle.
@@ -23,12 +25,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from crypto.safe_arrays import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_RATIO,
+    inspect_npy,
+    inspect_npz,
+    read_npy,
+)
 from marketplace.agent.payload import JobInput, JobResult, code_digest
 
 if TYPE_CHECKING:
     from marketplace.services.jail import JailConfig
 
-__all__ = ["JobFailed", "Limits", "Model", "load_model", "run_job", "sealed_input_error"]
+__all__ = ["InputLimits", "JobFailed", "Limits", "Model", "load_model", "run_job", "sealed_input_error"]
 
 
 class JobFailed(Exception):
@@ -86,7 +95,8 @@ class Model:
 
 
 def load_model(data: bytes, fmt: str) -> Model:
-    """Parse an artifact (``npz`` or ``onnx``). Raises ValueError / crypto.errors.HEError."""
+    """Parse an artifact (``npz`` or ``onnx``) with the one safe loader of :mod:`crypto.he.compiler`
+    (``.npz`` checked before decompression, ONNX external data refused). Raises ValueError / crypto.errors.HEError."""
     from crypto.he.compiler import load_artifact
 
     raw = load_artifact(data, fmt)
@@ -104,54 +114,84 @@ def sealed_input_error(e: Exception) -> str:
     return "the sealed input did not open: its content is malformed (re-create it with the SDK)"
 
 
-def _parse_csv(text: str) -> np.ndarray:
-    """CSV rows of numbers. Errors name the row and column (1-based lines of the input), never
-    the value: the message is stored and shown to the provider."""
-    lines = [(i, r) for i, r in enumerate(text.splitlines(), start=1) if r.strip()]
-    if lines and any(c.isalpha() and c not in "eE" for c in lines[0][1].replace("nan", "")):
-        lines = lines[1:]  # a header row
-    out: list[list[float]] = []
-    width: int | None = None
-    for i, r in lines:
-        cells = r.split(",")
-        if width is not None and len(cells) != width:
-            raise JobFailed("bad_input", f"row {i}: expected {width} columns, got {len(cells)}")
-        width = len(cells)
-        row: list[float] = []
-        for j, v in enumerate(cells, start=1):
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds on a job input, applied from metadata before the data is parsed or decompressed."""
+
+    max_decompressed: int = DEFAULT_MAX_BYTES
+    max_ratio: float = DEFAULT_MAX_RATIO
+    max_cell_chars: int = 64
+
+
+def _too_many(n: int | str, max_rows: int | None) -> JobFailed:
+    return JobFailed("too_many_rows", f"input has {n} rows; the job declared at most {max_rows}")
+
+
+def _check_shape(shape: tuple[int, ...], width: int, max_rows: int | None) -> None:
+    """Shape from the .npy header against the model and the paid units, before any data is read."""
+    if len(shape) != 2 or shape[1] != width:
+        raise JobFailed("bad_input", f"expected rows of {width} columns, got shape {shape}")
+    if max_rows is not None and shape[0] > max_rows:
+        raise _too_many(shape[0], max_rows)
+
+
+def _read_csv(data: bytes, *, width: int, max_rows: int | None, limits: InputLimits) -> np.ndarray:
+    # Rows, columns and cell lengths are bounded before anything is converted; errors name rows
+    # and columns, never the values in them.
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JobFailed("bad_input", "cannot read the csv input: it is not UTF-8") from e
+    if max_rows is not None and text.count("\n") > max_rows + 2:  # a header line, a last newline
+        raise _too_many("more than " + str(max_rows + 1), max_rows)
+    lines = [ln.rstrip("\r") for ln in text.split("\n")]
+    rows = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
+    if rows and any(c.isalpha() and c not in "eE" for c in rows[0][1].replace("nan", "")):
+        rows = rows[1:]  # a header row
+    if max_rows is not None and len(rows) > max_rows:
+        raise _too_many(len(rows), max_rows)
+    if not rows:
+        raise JobFailed("bad_input", "the csv input has no rows")
+    out = np.empty((len(rows), width), dtype=np.float64)
+    for r, (line_no, ln) in enumerate(rows):
+        n = ln.count(",") + 1
+        if n != width:
+            raise JobFailed("bad_input", f"csv line {line_no}: expected {width} columns, got {n}")
+        for c, cell in enumerate(ln.split(",")):
+            if len(cell) > limits.max_cell_chars:
+                raise JobFailed("bad_input", f"csv line {line_no}, column {c + 1}: cell longer than {limits.max_cell_chars} characters")
             try:
-                row.append(float(v))
+                out[r, c] = float(cell)
             except ValueError:
-                raise JobFailed("bad_input", f"row {i}, column {j}: not a number") from None
-        out.append(row)
-    return np.array(out, dtype=np.float64).reshape(len(out), width or 0)
+                raise JobFailed("bad_input", f"csv line {line_no}, column {c + 1}: not a number") from None
+    return out
 
 
-def _read_matrix(job: JobInput, *, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_matrix(
+    job: JobInput, *, labelled: bool, d_in: int, max_rows: int | None, limits: InputLimits
+) -> tuple[np.ndarray, np.ndarray | None]:
+    width = d_in + (1 if labelled else 0)
     try:
         if job.format == "csv":
-            try:
-                text = job.data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise JobFailed("bad_input", f"the csv input is not UTF-8 text (at byte {e.start})") from None
-            arr = _parse_csv(text)
-            if labelled:
-                return arr[:, :-1], arr[:, -1]
-            return arr, None
-        if job.format == "npy":
-            arr = np.load(io.BytesIO(job.data), allow_pickle=False)
-            arr = np.asarray(arr, dtype=np.float64)
-            if labelled:
-                return arr[:, :-1], arr[:, -1]
-            return arr, None
-        with np.load(io.BytesIO(job.data), allow_pickle=False) as f:
-            x = np.asarray(f["x"], dtype=np.float64)
-            y = np.asarray(f["y"], dtype=np.float64) if labelled else None
-        return x, y
-    except (ValueError, KeyError, OSError, UnicodeDecodeError, IndexError, zipfile.BadZipFile) as e:
-        # numpy's messages quote the input (header text, member names): only the kind is stored
-        what = "array 'x' or 'y' missing" if isinstance(e, KeyError) else f"{type(e).__name__}"
-        raise JobFailed("bad_input", f"cannot read the {job.format} input ({what})") from None
+            arr = _read_csv(job.data, width=width, max_rows=max_rows, limits=limits)
+        elif job.format == "npy":
+            h = inspect_npy(job.data, max_bytes=limits.max_decompressed)
+            _check_shape(h.shape, width, max_rows)
+            arr = read_npy(job.data, h).astype(np.float64)
+        else:
+            ar = inspect_npz(job.data, names=("x", "y"), required=("x", "y") if labelled else ("x",),
+                             max_bytes=limits.max_decompressed, max_ratio=limits.max_ratio)
+            _check_shape(ar.headers["x"].shape, d_in, max_rows)
+            if labelled and ar.headers["y"].shape not in ((ar.headers["x"].shape[0],), (ar.headers["x"].shape[0], 1)):
+                raise JobFailed("bad_input", "evaluate needs one label per row (the last CSV column, or y in the npz)")
+            x = ar.read("x").astype(np.float64)
+            y = ar.read("y").astype(np.float64).reshape(-1) if labelled else None
+            return x, y
+    except ValueError as e:
+        raise JobFailed("bad_input", f"cannot read the {job.format} input: {e}") from e
+    if labelled:
+        return arr[:, :-1], arr[:, -1]
+    return arr, None
 
 
 def _check_rows(x: np.ndarray, model: Model, max_rows: int | None) -> None:
@@ -163,8 +203,8 @@ def _check_rows(x: np.ndarray, model: Model, max_rows: int | None) -> None:
         raise JobFailed("too_many_rows", f"input has {x.shape[0]} rows; the job declared at most {max_rows}")
 
 
-def _predict(model: Model, job: JobInput, max_rows: int | None) -> JobResult:
-    x, _ = _read_matrix(job, labelled=False)
+def _predict(model: Model, job: JobInput, max_rows: int | None, limits: InputLimits) -> JobResult:
+    x, _ = _read_matrix(job, labelled=False, d_in=model.input_dim, max_rows=max_rows, limits=limits)
     _check_rows(x, model, max_rows)
     y = model.predict(x)
     if job.format == "csv":
@@ -177,8 +217,8 @@ def _predict(model: Model, job: JobInput, max_rows: int | None) -> JobResult:
     return JobResult(job_id=job.job_id, kind="predict", body=body, format=fmt, metrics={"rows": int(x.shape[0])})
 
 
-def _evaluate(model: Model, job: JobInput, max_rows: int | None) -> JobResult:
-    x, y = _read_matrix(job, labelled=True)
+def _evaluate(model: Model, job: JobInput, max_rows: int | None, limits: InputLimits) -> JobResult:
+    x, y = _read_matrix(job, labelled=True, d_in=model.input_dim, max_rows=max_rows, limits=limits)
     _check_rows(x, model, max_rows)
     if y is None or y.shape[0] != x.shape[0]:
         raise JobFailed("bad_input", "evaluate needs one label per row (the last CSV column, or y in the npz)")
@@ -257,17 +297,21 @@ def run_job(
     approved_digest: str | None = None,
     limits: Limits | None = None,
     workdir: Path,
+    input_limits: InputLimits | None = None,
     jail: JailConfig | None = None,
 ) -> JobResult:
     """Run one opened job input against ``model``. Raises :class:`JobFailed`.
 
+    ``input_limits`` bound the parsing of predict/evaluate inputs (defaults: crypto.safe_arrays').
     ``jail``: how to jail ``custom`` code (default: from the environment,
     :func:`marketplace.services.jail.config_from_env`); where the jail cannot be set up the job
     fails with reason ``jail_unavailable`` unless the config's unsafe switch is on."""
     if job.kind != expected_kind:
         raise JobFailed("bad_input", f"sealed input is a {job.kind!r} job, the marketplace queued a {expected_kind!r} one")
     if job.kind == "predict":
-        return _predict(model, job, max_rows)
+        with np.errstate(over="ignore", under="ignore"):  # exp of a large finite input saturates: fine
+            return _predict(model, job, max_rows, input_limits or InputLimits())
     if job.kind == "evaluate":
-        return _evaluate(model, job, max_rows)
+        with np.errstate(over="ignore", under="ignore"):
+            return _evaluate(model, job, max_rows, input_limits or InputLimits())
     return _custom(model, job, approved_digest=approved_digest, limits=limits or Limits(), workdir=workdir, jail=jail)

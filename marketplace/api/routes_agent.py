@@ -20,6 +20,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from marketplace.api.deps import AnyAuth, Auth, Rt, actor_of
+from marketplace.api.jsonlimits import BoundedJson
 from marketplace.api.routes_catalog import PUBLIC_DECORATORS
 from marketplace.api.schemas import KeyCreated, Strict
 from marketplace.db.models import ApiKey
@@ -48,7 +49,8 @@ class AgentKeyCreate(Strict):
 class AgentHello(Strict):
     seal_public: str = Field(max_length=80, description="x25519:<base64>; inputs are sealed to it")
     name: str = Field(default="", max_length=200)
-    capabilities: list[str] = Field(default_factory=lambda: list(agents.CAPABILITIES))
+    capabilities: list[Annotated[str, Field(max_length=40)]] = Field(
+        default_factory=lambda: list(agents.CAPABILITIES), max_length=32)
     offering_ids: list[str] | None = None
     version: str = Field(default="", max_length=40)
 
@@ -91,7 +93,7 @@ class WorkFailure(Strict):
 
 class PlanIn(Strict):
     plan: dict[str, Any]
-    report: dict[str, Any] | None = None
+    report: BoundedJson | None = None
 
 
 def _public(rt: Runtime, a: Agent) -> dict[str, Any]:

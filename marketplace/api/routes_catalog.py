@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
+from pydantic_core import PydanticSerializationError
+from starlette.concurrency import run_in_threadpool
 
 from marketplace.api.deps import Auth, Page, Rt, actor_of
 from marketplace.api.schemas import (
@@ -17,7 +19,7 @@ from marketplace.api.schemas import (
 from marketplace.db.base import utcnow
 from marketplace.db.models import Offering, OfferingVersion
 from marketplace.errors import Invalid
-from marketplace.services import audit, catalog
+from marketplace.services import audit, catalog, storage
 
 router = APIRouter(prefix="/v1/offerings", tags=["catalog"])
 
@@ -34,6 +36,17 @@ def to_public(s, off: Offering) -> OfferingPublic:  # type: ignore[no-untyped-de
     return out
 
 
+def served(out: OfferingPublic) -> OfferingPublic:
+    """Serialize ``out`` inside the caller's transaction: an offering that could not be served
+    back (e.g. nested too deep) raises Invalid here, so the transaction rolls back and nothing
+    is stored that would make later reads (the catalog listing) fail for everyone."""
+    try:
+        out.model_dump_json()
+    except (ValueError, PydanticSerializationError, RecursionError) as e:
+        raise Invalid("the offering cannot be served back as JSON; nothing was stored") from e
+    return out
+
+
 @router.post("", response_model=OfferingPublic, status_code=201, summary="Create an offering (provider; starts as draft)")
 def create_offering(body: OfferingCreate, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     p.require("provider")
@@ -42,7 +55,7 @@ def create_offering(body: OfferingCreate, p: Auth, rt: Rt, request: Request) -> 
         s.add(off)
         s.flush()
         audit.emit(s, actor_of(p, request), "offering.create", target=off.id, detail={"name": off.name})
-        return to_public(s, off)
+        return served(to_public(s, off))
 
 
 @router.get("", response_model=PageOf[OfferingPublic], summary="Search the catalog")
@@ -83,7 +96,7 @@ def update_offering(offering_id: str, body: OfferingUpdate, p: Auth, rt: Rt, req
             setattr(off, k, v)
         off.updated_at = utcnow()
         audit.emit(s, actor_of(p, request), "offering.update", target=off.id, detail={"fields": sorted(changes)})
-        return to_public(s, off)
+        return served(to_public(s, off))
 
 
 @router.post("/{offering_id}/publish", response_model=OfferingPublic, summary="Publish to the catalog")
@@ -130,10 +143,21 @@ async def upload_version(
 
         raise UnsupportedMediaType(f"send the artifact as application/octet-stream, not {ctype}")
     data = await request.body()
-    with rt.tx() as s:
-        off = catalog.get_owned(s, p, offering_id)
-        v = catalog.add_version(rt, s, off, data, fmt=format, input_shape=shape, who=actor_of(p, request))
-        return VersionPublic.model_validate(v)
+    who = actor_of(p, request)
+
+    def upload() -> VersionPublic:
+        # Ownership first (a stranger learns nothing about validation), then the CPU work of
+        # validating and encrypting with no transaction open, then one short transaction.
+        with rt.tx() as s:
+            off = catalog.get_owned(s, p, offering_id)
+            catalog.check_uploadable(off)
+            storage.check_quota(rt, s, off.org_id, len(data), what="this model version")  # before parsing
+        prepared = catalog.prepare_version(rt, data, fmt=format, input_shape=shape)
+        with rt.tx() as s:
+            v = catalog.commit_version(s, catalog.get_owned(s, p, offering_id), prepared, who=who)
+            return VersionPublic.model_validate(v)
+
+    return await run_in_threadpool(upload)  # off the event loop: other requests keep being served
 
 
 @router.get("/{offering_id}/versions", response_model=list[VersionPublic], summary="Versions of an offering")

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from contracts.offer import Status
 from marketplace.api.deps import Auth, Page, Rt, actor_of
+from marketplace.api.jsonlimits import BoundedRecord
 from marketplace.api.schemas import PageOf
 from marketplace.db.base import utcnow
 from marketplace.db.models_contracts import ContractRow, OfferRow
@@ -22,7 +23,7 @@ from marketplace.services import metering
 
 router = APIRouter(tags=["contracts"])
 
-SignedRecord = Annotated[dict[str, Any], Body(description="The signed record (its to_dict()).")]
+SignedRecord = Annotated[BoundedRecord, Body(description="The signed record (its to_dict()); at most 32 deep, 64 KiB.")]
 
 
 class OfferPublic(BaseModel):

@@ -1,16 +1,23 @@
-"""Wire schemas (pydantic) of the foundation routes: XCreate / XUpdate / XPublic."""
+"""Wire schemas (pydantic) of the foundation routes: XCreate / XUpdate / XPublic.
+
+Every field that is stored and served back is bounded at input: strings by length, JSON values
+by depth and size (:mod:`marketplace.api.jsonlimits`)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from marketplace.api.jsonlimits import BoundedJson
 
 T = TypeVar("T")
 
 Role = Literal["provider", "consumer", "compliance", "admin"]
 Hosting = Literal["marketplace", "provider"]
+#: One tag: short text (a list of them is stored and served back with every offering).
+Tag = Annotated[str, Field(min_length=1, max_length=60)]
 
 
 class Strict(BaseModel):
@@ -79,9 +86,9 @@ class OfferingCreate(Strict):
     description: str = Field(default="", max_length=10_000)
     model_card: str = Field(default="", max_length=200_000, description="Markdown.")
     task: str = Field(min_length=1, max_length=60, examples=["binary-classification"])
-    input_schema: dict[str, Any] = Field(default_factory=dict)
-    output_schema: dict[str, Any] = Field(default_factory=dict)
-    tags: list[str] = Field(default_factory=list, max_length=32)
+    input_schema: BoundedJson = Field(default_factory=dict, description="JSON Schema; at most 32 deep, 64 KiB.")
+    output_schema: BoundedJson = Field(default_factory=dict, description="JSON Schema; at most 32 deep, 64 KiB.")
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
     licence: str = Field(default="proprietary", max_length=100)
     hosting: Hosting = "marketplace"
 
@@ -91,9 +98,9 @@ class OfferingUpdate(Strict):
     description: str | None = Field(default=None, max_length=10_000)
     model_card: str | None = Field(default=None, max_length=200_000)
     task: str | None = Field(default=None, min_length=1, max_length=60)
-    input_schema: dict[str, Any] | None = None
-    output_schema: dict[str, Any] | None = None
-    tags: list[str] | None = Field(default=None, max_length=32)
+    input_schema: BoundedJson | None = None
+    output_schema: BoundedJson | None = None
+    tags: list[Tag] | None = Field(default=None, max_length=32)
     licence: str | None = Field(default=None, max_length=100)
 
 

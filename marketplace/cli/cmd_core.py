@@ -81,6 +81,9 @@ def register(app: typer.Typer) -> None:
             s.host = host
         if port:
             s.port = port
+        from marketplace.emptycwd import enter_empty_cwd
+
+        enter_empty_cwd(s)  # docs/deployment.md: the server runs in an empty working directory
         try:
             api = create_app(s)
         except SettingsError as e:

@@ -44,7 +44,10 @@ def register(app: typer.Typer) -> None:
             die(f"--pool must be prefork, solo or threads, got {pool!r}", 2)
         if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             die(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}", 2)
-        root = s.data_dir.resolve()
+        from marketplace.emptycwd import enter_empty_cwd
+
+        enter_empty_cwd(s)  # docs/deployment.md: the worker runs in an empty working directory
+        root = s.data_dir
         if not root.is_dir():
             typer.echo(f"warning: {root} does not exist; the worker must share the API replicas' data directory", err=True)
         from marketplace.custody import notice, resolve_key_dir

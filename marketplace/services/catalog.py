@@ -1,6 +1,9 @@
 """Catalog: offerings, their versions, and model artifacts encrypted at rest.
 
-An uploaded artifact is validated (size, format, declared input shape, supported operators),
+An uploaded artifact is validated (size, format, declared input shape, supported operators; an
+``.npz`` from its zip metadata and ``.npy`` headers before decompression, ONNX external data
+refused: see :mod:`crypto.safe_arrays` and :func:`crypto.he.onnx_import.load_onnx`) off the event
+loop and outside any transaction (:func:`prepare_version`),
 its SHA-256 becomes the version digest, and it is stored envelope-encrypted (fresh AES-256-GCM
 data key per version, wrapped by the key-encryption key) in the content-addressed blob store.
 The plaintext is never written anywhere: not to disk, the DB or the logs.
@@ -10,23 +13,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.orm import Session
 
-from marketplace.db.base import utcnow
+from marketplace.db.base import new_id, utcnow
 from marketplace.db.models import Artifact, Offering, OfferingVersion
 from marketplace.errors import Conflict, Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType
 from marketplace.services import audit, storage
 from marketplace.services.identity import Principal
 
 __all__ = [
+    "PreparedVersion",
     "add_version",
+    "check_uploadable",
+    "commit_version",
     "decrypt_artifact",
     "get_owned",
     "get_visible",
     "latest_version",
+    "prepare_version",
     "search",
     "set_status",
     "store_artifact",
@@ -121,7 +129,9 @@ def latest_version(s: Session, offering_id: str) -> OfferingVersion | None:
     )
 
 
-def _validate(data: bytes, fmt: str, input_shape: list[int], max_bytes: int) -> dict[str, Any]:
+def _validate(
+    data: bytes, fmt: str, input_shape: list[int], max_bytes: int, *, max_decompressed: int
+) -> dict[str, Any]:
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"artifact of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     if not data:
@@ -136,7 +146,7 @@ def _validate(data: bytes, fmt: str, input_shape: list[int], max_bytes: int) -> 
     from crypto.he import validate_artifact
 
     try:
-        info = validate_artifact(data, fmt, max_bytes=max_bytes)
+        info = validate_artifact(data, fmt, max_bytes=max_bytes, max_decompressed=max_decompressed)
     except HEError as e:
         raise Invalid(f"artifact refused: {e}") from e
     except ValueError as e:
@@ -182,6 +192,72 @@ def decrypt_artifact(rt: Any, art: Artifact) -> bytes:
     return _dec(rt.blobs.get(art.blob), wrapped, provider=rt.key_provider, aad=art.aad.encode())
 
 
+def check_uploadable(off: Offering) -> None:
+    """Raise Conflict unless model versions may be uploaded to ``off`` (marketplace-hosted)."""
+    if off.hosting != "marketplace":
+        raise Conflict(
+            "this offering is provider-hosted: its weights stay with the provider agent and are never uploaded"
+        )
+
+
+@dataclass(frozen=True)
+class PreparedVersion:
+    """An upload validated and envelope-encrypted (ciphertext already in the blob store), not yet in the DB."""
+
+    version_id: str
+    fmt: str
+    digest: str
+    size: int
+    info: dict[str, Any]
+    blob: str
+    wrapped_key: bytes
+    kek_id: str
+    aad: str
+
+
+def prepare_version(rt: Any, data: bytes, *, fmt: str, input_shape: list[int]) -> PreparedVersion:
+    """Validate ``data`` and encrypt it under a fresh data key: the CPU work of an upload.
+
+    Takes no DB session: call it outside any transaction and off the event loop. Raises
+    PayloadTooLarge, UnsupportedMediaType or Invalid (every parser error is one of these)."""
+    from crypto.envelope import encrypt_artifact
+
+    info = _validate(data, fmt, input_shape, rt.settings.max_upload_bytes,
+                     max_decompressed=rt.settings.max_decompressed_bytes)
+    version_id = new_id("ver")
+    aad = f"som:{version_id}:model"
+    ciphertext, wrapped = encrypt_artifact(data, provider=rt.key_provider, aad=aad.encode())
+    addr = rt.blobs.put(ciphertext)
+    return PreparedVersion(
+        version_id=version_id, fmt=fmt, digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data),
+        info=info, blob=addr, wrapped_key=wrapped.to_json().encode(), kek_id=wrapped.kek_id, aad=aad,
+    )
+
+
+def commit_version(s: Session, off: Offering, prep: PreparedVersion, *, who: audit.Actor) -> OfferingVersion:
+    """Record a prepared version (short: no parsing or crypto here)."""
+    check_uploadable(off)
+    number = (s.scalar(select(func.max(OfferingVersion.number)).where(OfferingVersion.offering_id == off.id)) or 0) + 1
+    version = OfferingVersion(
+        id=prep.version_id,
+        offering_id=off.id,
+        number=number,
+        format=prep.fmt,
+        digest=prep.digest,
+        size=prep.size,
+        input_shape=[int(prep.info.get("input_dim", 0))],
+        info=prep.info,
+    )
+    s.add(version)
+    s.flush()
+    s.add(Artifact(version_id=version.id, purpose="model", blob=prep.blob, wrapped_key=prep.wrapped_key,
+                   kek_id=prep.kek_id, aad=prep.aad))
+    s.flush()
+    off.updated_at = utcnow()
+    audit.emit(s, who, "offering.version.add", target=f"{off.id}/v{number}", detail={"digest": version.digest})
+    return version
+
+
 def add_version(
     rt: Any,
     s: Session,
@@ -192,25 +268,8 @@ def add_version(
     input_shape: list[int],
     who: audit.Actor,
 ) -> OfferingVersion:
-    if off.hosting != "marketplace":
-        raise Conflict(
-            "this offering is provider-hosted: its weights stay with the provider agent and are never uploaded"
-        )
+    """Validate, encrypt and record in one go (inside the caller's transaction: for scripts and
+    tests; the upload route uses :func:`prepare_version` then :func:`commit_version`)."""
+    check_uploadable(off)
     storage.check_quota(rt, s, off.org_id, len(data), what="this model version")  # before parsing it
-    info = _validate(data, fmt, input_shape, rt.settings.max_upload_bytes)
-    number = (s.scalar(select(func.max(OfferingVersion.number)).where(OfferingVersion.offering_id == off.id)) or 0) + 1
-    version = OfferingVersion(
-        offering_id=off.id,
-        number=number,
-        format=fmt,
-        digest="sha256:" + hashlib.sha256(data).hexdigest(),
-        size=len(data),
-        input_shape=[int(info.get("input_dim", 0))],
-        info=info,
-    )
-    s.add(version)
-    s.flush()
-    store_artifact(rt, s, version, "model", data)
-    off.updated_at = utcnow()
-    audit.emit(s, who, "offering.version.add", target=f"{off.id}/v{number}", detail={"digest": version.digest})
-    return version
+    return commit_version(s, off, prepare_version(rt, data, fmt=fmt, input_shape=input_shape), who=who)

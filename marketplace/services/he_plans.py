@@ -11,7 +11,6 @@ Not for: key sets (:mod:`marketplace.services.keysets`) or inference
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from crypto.errors import HEError
 from crypto.he import PublicPlan, compile_model, compile_report
+from crypto.safe_arrays import inspect_npy, read_npy
 from marketplace.db.base import utcnow
 from marketplace.db.models import Artifact, Offering, OfferingVersion
 from marketplace.db.models_he import HEAgentPlan
@@ -110,18 +110,15 @@ def get_plan(s: Session, p: Principal, offering_id: str) -> dict[str, Any]:
 def _parse_calibration(data: bytes, input_dim: int) -> np.ndarray:
     if not data:
         raise Invalid("empty calibration data: send a .npy array of shape (n, input_dim)")
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as e:  # object arrays need pickle: refused
-        raise Invalid(f"calibration refused: {e}") from e
-    except (OSError, EOFError) as e:
-        raise Invalid(f"calibration must be a .npy array (np.save), got something else ({type(e).__name__})") from e
-    if not isinstance(arr, np.ndarray):
-        raise Invalid("calibration must be a single .npy array, not an .npz archive")
-    if arr.dtype.kind not in "fiu" or arr.ndim != 2 or arr.shape[1] != input_dim or arr.shape[0] < 1:
-        raise Invalid(f"calibration: expected a numeric array of shape (n, {input_dim}), got {arr.dtype}{arr.shape}")
-    if arr.shape[0] > MAX_CALIBRATION_SAMPLES:
-        raise Invalid(f"calibration: at most {MAX_CALIBRATION_SAMPLES} samples, got {arr.shape[0]}")
+    try:  # the header decides (dtype, shape, size) before any data is read; never pickle
+        h = inspect_npy(data)
+    except ValueError as e:
+        raise Invalid(f"calibration must be a numeric .npy array (np.save) of shape (n, {input_dim}): {e}") from e
+    if len(h.shape) != 2 or h.shape[1] != input_dim or h.shape[0] < 1:
+        raise Invalid(f"calibration: expected a numeric array of shape (n, {input_dim}), got {h.dtype}{h.shape}")
+    if h.shape[0] > MAX_CALIBRATION_SAMPLES:
+        raise Invalid(f"calibration: at most {MAX_CALIBRATION_SAMPLES} samples, got {h.shape[0]}")
+    arr = read_npy(data, h)
     out = arr.astype(np.float64)
     if not np.all(np.isfinite(out)):
         raise Invalid("calibration values must be finite")

@@ -811,7 +811,15 @@ def _keep_lease(rt: Runtime, job_id: str, owner: str, done: threading.Event) -> 
 
 def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading.Event | None = None) -> None:
     """Run a leased marketplace-hosted job in this process: decrypt the model in memory only."""
-    from marketplace.agent.compute import JobFailed, Limits, load_model, run_job, sealed_input_error
+    from crypto.errors import HEError
+    from marketplace.agent.compute import (
+        InputLimits,
+        JobFailed,
+        Limits,
+        load_model,
+        run_job,
+        sealed_input_error,
+    )
     from marketplace.agent.payload import open_input, seal_result
     from marketplace.services.blobstore import BlobNotFound
 
@@ -857,11 +865,15 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
             fail(rt, job_id, owner=owner, reason="bad_input", message=sealed_input_error(e))
             return
         try:
-            model = load_model(catalog.decrypt_artifact(rt, art), fmt)
+            try:
+                model = load_model(catalog.decrypt_artifact(rt, art), fmt)
+            except (HEError, ValueError) as e:  # one message: nothing of what the loader saw
+                raise JobFailed("error", "the model artifact was refused by the model loader") from e
             out = run_job(
                 model, inp, expected_kind=kind, max_rows=max_rows if kind != "custom" else None,
                 approved_digest=approved, limits=Limits.from_dict(limits), workdir=Path(rt.data_dir) / "work",
                 jail=rt.settings.jail_config(),
+                input_limits=InputLimits(rt.settings.max_decompressed_bytes, rt.settings.max_compression_ratio),
             )
         except JobFailed as e:
             fail(rt, job_id, owner=owner, reason=e.reason, message=e.message)

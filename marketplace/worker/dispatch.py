@@ -148,6 +148,8 @@ def run_job_on_worker(
         "job_id": job_id, "input_blob": input_blob, "model_blob": model_blob, "wrapped_key": b64e(wrapped_key),
         "aad": aad, "format": fmt, "kind": kind, "limits": limits, "approved_digest": approved_digest,
         "max_rows": max_rows, "max_sealed_bytes": rt.settings.max_sealed_bytes,
+        "max_decompressed_bytes": rt.settings.max_decompressed_bytes,
+        "max_compression_ratio": rt.settings.max_compression_ratio,
     }
     try:
         reply = call(celery_for(rt), TASK_JOB, msg, key_dir=rt.key_dir, timeout=timeout)

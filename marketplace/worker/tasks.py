@@ -172,8 +172,15 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
     Returns ``{"ok": True, "out": b64 sealed result}`` or ``{"ok": False, "reason", "message"}``.
     """
     from crypto.envelope import WrappedKey, decrypt_artifact
-    from crypto.errors import DecryptionError
-    from marketplace.agent.compute import JobFailed, Limits, load_model, run_job, sealed_input_error
+    from crypto.errors import DecryptionError, HEError
+    from marketplace.agent.compute import (
+        InputLimits,
+        JobFailed,
+        Limits,
+        load_model,
+        run_job,
+        sealed_input_error,
+    )
     from marketplace.agent.payload import open_input, seal_result
     from marketplace.services.compute import _open_store
 
@@ -199,12 +206,18 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
         wrapped = WrappedKey.from_json(b64d(msg["wrapped_key"]).decode())
         plaintext = decrypt_artifact(blobs.get(str(msg["model_blob"])), wrapped, provider=provider,
                                      aad=str(msg["aad"]).encode())
-        model = load_model(plaintext, str(msg["format"]))
+        try:
+            model = load_model(plaintext, str(msg["format"]))
+        except (HEError, ValueError):
+            return {"ok": False, "reason": "error", "message": "the model artifact was refused by the model loader"}
         del plaintext
+        ilim = InputLimits()
+        ilim = InputLimits(int(msg.get("max_decompressed_bytes", ilim.max_decompressed)),
+                           float(msg.get("max_compression_ratio", ilim.max_ratio)))
         out = run_job(
             model, inp, expected_kind=kind, max_rows=int(max_rows) if max_rows is not None else None,
             approved_digest=msg.get("approved_digest"), limits=Limits.from_dict(dict(msg["limits"])),
-            workdir=Path(store.data_dir) / "work",
+            workdir=Path(store.data_dir) / "work", input_limits=ilim,
         )
         return {"ok": True, "out": b64e(seal_result(inp.reply_public, out))}
     except JobFailed as e:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from marketplace.cli.common import client, die, emit, err_console, handle_errors
+from marketplace.cli.common import client, die, emit, err_console, handle_errors, remember_receipt
 
 __all__ = ["read_features", "register", "write_predictions"]
 
@@ -133,6 +133,7 @@ def register(app: typer.Typer) -> None:
                 offering_id, x, contract_id=contract, key_dir=key_dir, layout=layout, progress=tick
             )
             post = c.he_plan(offering_id)["plan"].get("postprocess")
+        remember_receipt(c.last_receipt)
         text = write_predictions(out, output, postprocess=post)
         if output is None:
             typer.echo(text, nl=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from marketplace.cli.common import client, die, emit, state
+from marketplace.cli.common import client, die, emit, err_console, state
 
 LEDGER_HELP = "The tamper-evident usage ledger: export, verify offline, witness, checkpoints."
 
@@ -293,6 +293,46 @@ def register(app: typer.Typer) -> None:
         saved = {**saved, "log_vkey": log_vkey, "witness_vkey": w.vkey, "state": new_state.to_json(), "cosigned": cosigned.decode()}
         _write_private(state_file, json.dumps(saved, indent=2).encode() + b"\n")
         emit(ctx, {"cosigned_size": new_state.size, "previous_size": old, "witness_vkey": w.vkey})
+
+    @rec.command("show")
+    def receipt_show(
+        ctx: typer.Context,
+        index: int | None = typer.Argument(None, help="The leaf index of the use (the receipt header names it)."),
+        last: bool = typer.Option(False, "--last", help="The receipt of this CLI's last metered call."),
+        usage: str | None = typer.Option(None, "--usage", help="The usage id of a metered call (X-Som-Usage-Id)."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Also write the receipt (JSON) here."),
+    ) -> None:
+        """Fetch and print a receipt: what was charged, where it sits in the log, the checkpoint."""
+        from marketplace.cli.common import last_receipt_path
+
+        if sum(x is not None and x is not False for x in (index, usage, last or None)) != 1:
+            die("give exactly one of INDEX, --last or --usage USAGE_ID", 2)
+        if last:
+            path = last_receipt_path()
+            try:
+                receipt = json.loads(path.read_text())
+            except (OSError, ValueError):
+                die(f"no receipt kept yet at {path}: run a metered command (som infer, som predict) first", 2)
+                return
+            index = int(receipt["index"])
+        c = client(ctx)
+        receipt = c.receipt(usage) if usage is not None else c.ledger_receipt(int(index or 0))
+        if "receipt" in receipt and "index" not in receipt:
+            receipt = receipt["receipt"]
+        if out is not None:
+            _write_private(out, json.dumps(receipt, indent=2).encode() + b"\n")
+        record = json.loads(base64.b64decode(receipt["leaf"]))
+        checkpoint = receipt["checkpoint"].splitlines()
+        emit(ctx, receipt if state(ctx).json else {
+            "index": receipt["index"], "schema": record.get("schema"), "contract_id": record.get("contract_id"),
+            "mode": record.get("mode"), "units": record.get("units"), "amount_minor": record.get("amount_minor"),
+            "outcome": record.get("outcome"), "time": record.get("time"),
+            "checkpoint": f"{checkpoint[0]} size {checkpoint[1] if len(checkpoint) > 1 else '?'}",
+            "file": str(out) if out else None,
+        })
+        if not state(ctx).json:
+            err_console.print(f"next: som receipt verify {out or 'RECEIPT.json'} --vkey LOG_KEY   (offline)",
+                              highlight=False)
 
     @rec.command("verify")
     def receipt_verify(

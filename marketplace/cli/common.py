@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -18,7 +20,7 @@ from marketplace.sdk.errors import SomAPIError
 if TYPE_CHECKING:
     from marketplace.sdk import SomClient
 
-__all__ = ["State", "client", "die", "emit", "handle_errors", "state"]
+__all__ = ["State", "client", "die", "emit", "handle_errors", "last_receipt_path", "remember_receipt", "state"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -123,6 +125,26 @@ def hint_for(e: SomAPIError) -> str:
         429: "slow down; retry after the time the server gave",
         503: "the server is busy or a compute site is offline; retry shortly",
     }.get(e.status, "")
+
+
+def last_receipt_path() -> Path:
+    """Where the CLI keeps the receipt of its last metered call (``som receipt show --last``)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "som" / "last-receipt.json"
+
+
+def remember_receipt(receipt: dict[str, Any] | None) -> None:
+    """Keep ``receipt`` as the last one (0600); a failure to write it never fails the command."""
+    if not receipt:
+        return
+    path = last_receipt_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(receipt, f)
+    except OSError:
+        pass
 
 
 @contextmanager

@@ -154,3 +154,36 @@ def test_serve_says_where_it_is_and_where_the_admin_key_comes_from(tmp_path: Pat
     assert f"http://127.0.0.1:{port}" in err
     assert str((tmp_path / "data").resolve()) in err
     assert "som admin bootstrap" in err
+
+
+def test_receipt_show_by_index_last_and_usage(live, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    w, url = live
+    d = lr_breast_cancer()
+    off = lr_offering(w)
+    make_contract(w, off, max_batch=64)
+    data = tmp_path / "x.csv"
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows(d.x_test[:5].tolist())
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    r = _run(url, w.keys["consumer"], "infer", off, "--input", str(data), "--encrypted", "--output",
+             str(tmp_path / "p.csv"), "--key-dir", str(tmp_path / "keys"), env=state)
+    assert r.exit_code == 0, r.output
+    last = _run(url, w.keys["consumer"], "--json", "receipt", "show", "--last", "--out", str(tmp_path / "r.json"),
+                env=state)
+    assert last.exit_code == 0, last.output
+    shown = json.loads(last.stdout)
+    assert json.loads((tmp_path / "r.json").read_text()) == shown
+    by_index = _run(url, w.keys["consumer"], "receipt", "show", str(shown["index"]), env=state)
+    assert by_index.exit_code == 0 and "he_inference" in by_index.stdout and "5" in by_index.stdout, by_index.output
+    # the receipt verifies offline with the log key obtained out of band
+    vkey = w.consumer.ledger_key()
+    v = _run(url, w.keys["consumer"], "receipt", "verify", str(tmp_path / "r.json"), "--vkey", vkey)
+    assert v.exit_code == 0, v.output
+    # no receipt kept yet, or two selectors: a clear error, exit 2
+    r = _run(url, w.keys["consumer"], "receipt", "show", "--last", env={"XDG_STATE_HOME": str(tmp_path / "none")})
+    assert r.exit_code == 2 and "no receipt kept yet" in r.output
+    r = _run(url, w.keys["consumer"], "receipt", "show", "3", "--last", env=state)
+    assert r.exit_code == 2
+    # another organisation cannot read this consumer's receipt
+    r = _run(url, w.keys["other_consumer"], "receipt", "show", str(shown["index"]))
+    assert r.exit_code == 1 and "404" in r.output

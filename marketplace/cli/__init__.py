@@ -31,15 +31,25 @@ COMMANDS = (cmd_agent, cmd_contract, cmd_convert, cmd_core, cmd_infer, cmd_job, 
 
 
 class _RootGroup(TyperGroup):
-    """Accepts the global ``--json`` anywhere before ``--`` (``som offering list --json``), and
+    """Accepts the global ``--json`` and ``--field NAME`` anywhere before ``--``, and
     turns API and transport errors of any command into a message, a hint and a non-zero exit."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's vendored click Context
         end = args.index("--") if "--" in args else len(args)
-        if "--json" in args[:end]:
-            head = [a for a in args[:end] if a != "--json"]
-            args = ["--json", *head, *args[end:]]
-        return super().parse_args(ctx, args)
+        head, front, i = [], [], 0
+        while i < end:
+            a = args[i]
+            if a == "--json":
+                front.append(a)
+            elif a == "--field" and i + 1 < end:
+                front += [a, args[i + 1]]
+                i += 1
+            elif a.startswith("--field="):
+                front.append(a)
+            else:
+                head.append(a)
+            i += 1
+        return super().parse_args(ctx, [*front, *head, *args[end:]])
 
     def invoke(self, ctx: Any) -> Any:
         with handle_errors():  # every command: API errors become a message, a hint and exit 1
@@ -62,8 +72,11 @@ def _root(
     url: str = typer.Option("http://127.0.0.1:8600", envvar="SOM_URL", help="Server URL."),
     api_key: str = typer.Option("", envvar="SOM_API_KEY", help="API key (som_...).", show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON output."),
+    field: str = typer.Option(
+        None, "--field", metavar="NAME", help="Print only this field of the result (scripts: ID=$(som --field id ...))."
+    ),
 ) -> None:
-    ctx.obj = State(url=url, api_key=api_key or None, json=json_out)
+    ctx.obj = State(url=url, api_key=api_key or None, json=json_out, field=field)
 
 
 def _register(commands: tuple[Any, ...]) -> None:

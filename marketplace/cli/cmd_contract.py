@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from marketplace.cli.common import client, console, die, emit, err_console, state
+from marketplace.cli.common import client, console, die, emit, err_console, machine
 
 CONTRACT_COLS = ["id", "offering_id", "provider_org_id", "consumer_org_id", "status", "effective_status"]
 OFFER_COLS = ["id", "offering_id", "status", "price", "quota", "rate", "max_batch", "valid_until", "modes"]
@@ -99,8 +99,8 @@ def register(app: typer.Typer) -> None:
     def offers(ctx: typer.Context, offering_id: str) -> None:
         """List the offers of an offering, with price, quota, rate, validity and modes."""
         rows = client(ctx).list_offers(offering_id)
-        emit(ctx, rows if state(ctx).json else [_offer_row(o) for o in rows], columns=OFFER_COLS)
-        if not state(ctx).json and rows:
+        emit(ctx, rows if machine(ctx) else [_offer_row(o) for o in rows], columns=OFFER_COLS)
+        if not machine(ctx) and rows:
             console.print("next: som contract accept OFFER_ID (shows the terms and asks before signing)", highlight=False)
 
     @grp.command("accept")
@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
         cl = client(ctx)
         offer = cl.get_offer(offer_id)
         summary = terms_summary(offer.get("offer", {}).get("terms", {}))
-        out = err_console if state(ctx).json else console  # --json keeps stdout for the contract
+        out = err_console if machine(ctx) else console  # --json keeps stdout for the contract
         out.print(f"[bold]offer {offer_id}[/] for offering {offer.get('offering_id')} "
                   f"(signed by {offer.get('provider_key')})", highlight=False)
         for k in TERMS_COLS:
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         except ValueError as e:
             die(f"offer {offer_id} not accepted: {e}")
         emit(ctx, c, columns=CONTRACT_COLS)
-        if not state(ctx).json:
+        if not machine(ctx):
             console.print(f"next: som infer {c.get('offering_id')} --input rows.csv --encrypted   "
                           f"(or som job submit {c.get('offering_id')} ...)", highlight=False)
 
@@ -147,7 +147,7 @@ def register(app: typer.Typer) -> None:
     def show(ctx: typer.Context, contract_id: str) -> None:
         """One contract: terms (price, quota, rate, validity, modes), status, usage, events."""
         c = client(ctx).get_contract(contract_id)
-        if state(ctx).json:
+        if machine(ctx):
             emit(ctx, c)
             return
         emit(ctx, {k: c.get(k) for k in CONTRACT_COLS} | terms_summary(c.get("terms", {}))

@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from marketplace.cli.common import client, die, emit, err_console, state
+from marketplace.cli.common import client, die, emit, err_console, machine, state
 
 LEDGER_HELP = "The tamper-evident usage ledger: export, verify offline, witness, checkpoints."
 
@@ -323,14 +323,14 @@ def register(app: typer.Typer) -> None:
             _write_private(out, json.dumps(receipt, indent=2).encode() + b"\n")
         record = json.loads(base64.b64decode(receipt["leaf"]))
         checkpoint = receipt["checkpoint"].splitlines()
-        emit(ctx, receipt if state(ctx).json else {
+        emit(ctx, receipt if machine(ctx) else {
             "index": receipt["index"], "schema": record.get("schema"), "contract_id": record.get("contract_id"),
             "mode": record.get("mode"), "units": record.get("units"), "amount_minor": record.get("amount_minor"),
             "outcome": record.get("outcome"), "time": record.get("time"),
             "checkpoint": f"{checkpoint[0]} size {checkpoint[1] if len(checkpoint) > 1 else '?'}",
             "file": str(out) if out else None,
         })
-        if not state(ctx).json:
+        if not machine(ctx):
             err_console.print(f"next: som receipt verify {out or 'RECEIPT.json'} --vkey LOG_KEY   (offline)",
                               highlight=False)
 

@@ -20,7 +20,9 @@ from marketplace.sdk.errors import SomAPIError
 if TYPE_CHECKING:
     from marketplace.sdk import SomClient
 
-__all__ = ["State", "client", "die", "emit", "handle_errors", "last_receipt_path", "remember_receipt", "state"]
+__all__ = [
+    "State", "client", "die", "emit", "handle_errors", "last_receipt_path", "machine", "remember_receipt", "state",
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -31,6 +33,7 @@ class State:
     url: str
     api_key: str | None
     json: bool
+    field: str | None = None  # --field NAME: print only that field (for scripts: ID=$(som --field id ...))
 
 
 def state(ctx: typer.Context) -> State:
@@ -38,6 +41,12 @@ def state(ctx: typer.Context) -> State:
     if not isinstance(obj, State):  # pragma: no cover
         raise RuntimeError("CLI state missing")
     return obj
+
+
+def machine(ctx: typer.Context) -> bool:
+    """Output is for a program (``--json`` or ``--field``): hints and prompts go to stderr, or not at all."""
+    st = state(ctx)
+    return st.json or st.field is not None
 
 
 def client(ctx: typer.Context, *, need_key: bool = True) -> SomClient:
@@ -58,6 +67,15 @@ def die(message: str, code: int = 1) -> None:
 def emit(ctx: typer.Context, data: Any, *, columns: Sequence[str] | None = None, title: str | None = None) -> None:
     """Print ``data`` as JSON (--json) or as a table / key-value list."""
     st = state(ctx)
+    if st.field:
+        rows = data if isinstance(data, list) else [data]
+        for row in rows:
+            if not isinstance(row, dict) or st.field not in row:
+                have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+                die(f"--field {st.field}: the result has no such field (it has: {have})", 2)
+            v = row[st.field]
+            sys.stdout.write((v if isinstance(v, str) else json.dumps(v, default=str)) + "\n")
+        return
     if st.json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return

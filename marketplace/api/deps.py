@@ -7,10 +7,12 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from marketplace.api.cookie_auth import SESSION_COOKIE, session_principal
 from marketplace.errors import Unauthenticated
 from marketplace.runtime import Runtime
 from marketplace.services import audit
 from marketplace.services.identity import Principal, authenticate
+from marketplace.services.sso import check_key_owner
 
 __all__ = ["Auth", "Page", "Rt", "actor_of", "get_principal", "get_runtime", "request_id"]
 
@@ -34,10 +36,13 @@ def get_principal(
     rt: Rt,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    if "authorization" not in request.headers and SESSION_COOKIE in request.cookies:
+        return session_principal(request, rt)  # a browser signed in with SSO (docs/sso.md)
     presented = creds.credentials if creds else None
     try:
         with rt.tx() as s:
             p = authenticate(s, presented)
+            check_key_owner(s, p)  # a user's personal key stops with the user's roles
     except Unauthenticated as e:
         prefix = ""
         if presented and presented.count("_") >= 2:

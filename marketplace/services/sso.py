@@ -198,6 +198,12 @@ def finish_login(
     session.flush()
     actor = audit.Actor(actor=user.id, org_id=org.id, request_id=who.request_id)
     if before_roles is not None and (sorted(before_roles) != list(mapped.roles) or before_teams != list(mapped.teams)):
+        # The user's other sessions hold the old roles: they end, so the new ones apply everywhere.
+        session.execute(
+            update(WebSession)
+            .where(WebSession.user_id == user.id, WebSession.id != ws.id, WebSession.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
         audit.emit(
             session, actor, "user.roles.change", target=user.id,
             detail={"before": sorted(before_roles), "after": list(mapped.roles),

@@ -50,6 +50,18 @@ MAPPING_REFUSALS = frozenset({"unmapped_group", "several_organisations", "unknow
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 
+_ERR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_NO_SSO = {404: {"description": "SSO is not configured on this server", **_ERR}}
+_CALLBACK = {
+    303: {"description": "Signed in: the session cookie is set; on to the UI"},
+    400: {"description": "Refused: state missing, not this browser's, used or expired (error.reason)", **_ERR},
+    401: {"description": "Refused: the code or the ID token does not verify (error.reason)", **_ERR},
+    403: {"description": "Refused: the groups map to no role here (error.reason)", **_ERR},
+    502: {"description": "The OpenID Provider did not answer", **_ERR},
+    503: {"description": "The group mapping file cannot be read", **_ERR},
+    **_NO_SSO,
+}
+
 
 class AuthConfig(BaseModel):
     sso: bool
@@ -109,7 +121,10 @@ def auth_config(request: Request) -> AuthConfig:
     return AuthConfig(sso=on, login_url="/v1/auth/login" if on else None)
 
 
-@router.get("/login", summary="Start an SSO sign-in: redirect to the OpenID Provider", status_code=302)
+@router.get(
+    "/login", summary="Start an SSO sign-in: redirect to the OpenID Provider", status_code=302,
+    response_class=RedirectResponse, responses={302: {"description": "To the OP's authorization endpoint"}, **_NO_SSO},
+)
 def login(request: Request, rt: Rt, next: str | None = None) -> Response:
     client = _oidc(request)
     with rt.tx() as s:
@@ -176,7 +191,10 @@ def _groups(client: OidcClient, claim: str, claims: dict[str, Any], access_token
     return [g for g in raw if isinstance(g, str)][:500]
 
 
-@router.get("/callback", summary="The OpenID Provider's redirect back (code and state)")
+@router.get(
+    "/callback", summary="The OpenID Provider's redirect back (code and state)", status_code=303,
+    response_class=RedirectResponse, responses=_CALLBACK,
+)
 def callback(request: Request, rt: Rt) -> Response:
     client = _oidc(request)
     q = request.query_params

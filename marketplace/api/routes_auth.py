@@ -50,9 +50,9 @@ MAPPING_REFUSALS = frozenset({"unmapped_group", "several_organisations", "unknow
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 
-_ERR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-_NO_SSO = {404: {"description": "SSO is not configured on this server", **_ERR}}
-_CALLBACK = {
+_ERR: dict[str, Any] = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_NO_SSO: dict[int | str, dict[str, Any]] = {404: {"description": "SSO is not configured on this server", **_ERR}}
+_CALLBACK: dict[int | str, dict[str, Any]] = {
     303: {"description": "Signed in: the session cookie is set; on to the UI"},
     400: {"description": "Refused: state missing, not this browser's, used or expired (error.reason)", **_ERR},
     401: {"description": "Refused: the code or the ID token does not verify (error.reason)", **_ERR},
@@ -123,16 +123,24 @@ def auth_config(request: Request) -> AuthConfig:
 
 @router.get(
     "/login", summary="Start an SSO sign-in: redirect to the OpenID Provider", status_code=302,
-    response_class=RedirectResponse, responses={302: {"description": "To the OP's authorization endpoint"}, **_NO_SSO},
+    response_class=RedirectResponse,
+    responses={
+        302: {"description": "To the OP's authorization endpoint"},
+        502: {"description": "The OpenID Provider did not answer (error.reason)", **_ERR},
+        **_NO_SSO,
+    },
 )
 def login(request: Request, rt: Rt, next: str | None = None) -> Response:
     client = _oidc(request)
     with rt.tx() as s:
         pending = start_login(s, next_url=_safe_next(next))
-    url = client.authorization_url(
-        redirect_uri=_redirect_uri(rt, request), state=pending.state, nonce=pending.nonce,
-        code_verifier=pending.code_verifier,
-    )
+    try:
+        url = client.authorization_url(
+            redirect_uri=_redirect_uri(rt, request), state=pending.state, nonce=pending.nonce,
+            code_verifier=pending.code_verifier,
+        )
+    except LoginRefused as e:  # the OP's discovery document is unreachable or wrong
+        return _refuse(rt, request, e, {}, [])
     resp = RedirectResponse(url, status_code=302)
     resp.set_cookie(
         STATE_COOKIE, pending.state, max_age=600, path="/v1/auth", httponly=True, samesite="lax",

@@ -10,6 +10,7 @@ an audit event (``auth.login.refused``) with that reason.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -296,3 +297,39 @@ def test_broken_group_map_stops_the_server(tmp_path: Path, sqlite_url: str) -> N
     with pytest.raises(SettingsError, match="CLIENT_SECRET"):
         create_app(make_settings(tmp_path, sqlite_url, oidc_issuer="http://127.0.0.1:1", oidc_client_id="som",
                                  oidc_client_secret="changeme", oidc_group_map=bad))
+
+
+def test_unreachable_or_impostor_op_is_a_502_not_a_500(tmp_path: Path, sqlite_url: str) -> None:
+    """An issuer that does not answer, and one whose discovery document names another issuer."""
+    from marketplace.api.app import create_app
+    from tests.conftest import make_settings, serve_in_thread
+    from tests.oidc.op import GROUP_MAP, OP, free_port, op_missing
+
+    gm = tmp_path / "groups.json"
+    gm.write_text(json.dumps(GROUP_MAP))
+    down = f"http://127.0.0.1:{free_port()}"
+    app = create_app(make_settings(tmp_path, sqlite_url, oidc_issuer=down, oidc_client_id="som",
+                                   oidc_client_secret="a-real-secret-1", oidc_group_map=gm))
+    try:
+        with serve_in_thread(app) as url:
+            r = httpx.get(url + "/v1/auth/login", headers={"Accept": "application/json"})
+            assert r.status_code == 502 and r.json()["error"]["reason"] == "op_unreachable"
+        assert getattr(app.state, "internal_errors", 0) == 0
+    finally:
+        app.state.runtime.close()
+    if op_missing():
+        return
+    real = OP(workdir=tmp_path)
+    real.start()
+    try:
+        impostor = f"http://localhost:{real.port}"  # serves a discovery document naming 127.0.0.1
+        app = create_app(make_settings(tmp_path, sqlite_url, oidc_issuer=impostor, oidc_client_id="som",
+                                       oidc_client_secret="a-real-secret-1", oidc_group_map=gm))
+        try:
+            with serve_in_thread(app) as url:
+                r = httpx.get(url + "/v1/auth/login", headers={"Accept": "application/json"})
+                assert r.status_code == 502 and r.json()["error"]["reason"] == "wrong_issuer"
+        finally:
+            app.state.runtime.close()
+    finally:
+        real.stop()

@@ -333,3 +333,16 @@ def test_unreachable_or_impostor_op_is_a_502_not_a_500(tmp_path: Path, sqlite_ur
             app.state.runtime.close()
     finally:
         real.stop()
+
+
+def test_authorization_request_uses_pkce_state_and_nonce(stack: Stack) -> None:
+    with stack.browser_client() as http:
+        r = http.get(stack.url + "/v1/auth/login")
+        q = httpx.URL(r.headers["location"]).params
+        assert q["response_type"] == "code" and q["code_challenge_method"] == "S256"
+        assert len(q["code_challenge"]) == 43 and len(q["state"]) >= 43 and len(q["nonce"]) >= 43
+        assert q["client_id"] == "som-marketplace" and q["redirect_uri"] == stack.url + "/v1/auth/callback"
+        again = httpx.URL(http.get(stack.url + "/v1/auth/login").headers["location"]).params
+        assert {again["state"], again["nonce"], again["code_challenge"]}.isdisjoint(
+            {q["state"], q["nonce"], q["code_challenge"]}
+        )

@@ -51,7 +51,8 @@ MAPPING_REFUSALS = frozenset({"unmapped_group", "several_organisations", "unknow
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 
 _ERR: dict[str, Any] = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-_NO_SSO: dict[int | str, dict[str, Any]] = {404: {"description": "SSO is not configured on this server", **_ERR}}
+_AGENT: dict[int | str, dict[str, Any]] = {403: {"description": "An agent key was presented (agent protocol only)", **_ERR}}
+_NO_SSO: dict[int | str, dict[str, Any]] = {404: {"description": "SSO is not configured on this server", **_ERR}, **_AGENT}
 _CALLBACK: dict[int | str, dict[str, Any]] = {
     303: {"description": "Signed in: the session cookie is set; on to the UI"},
     400: {"description": "Refused: state missing, not this browser's, used or expired (error.reason)", **_ERR},
@@ -59,7 +60,7 @@ _CALLBACK: dict[int | str, dict[str, Any]] = {
     403: {"description": "Refused: the groups map to no role here (error.reason)", **_ERR},
     502: {"description": "The OpenID Provider did not answer", **_ERR},
     503: {"description": "The group mapping file cannot be read", **_ERR},
-    **_NO_SSO,
+    404: _NO_SSO[404],
 }
 
 
@@ -115,7 +116,7 @@ def _safe_next(value: str | None) -> str:
     return "/ui/"
 
 
-@router.get("/config", response_model=AuthConfig, summary="Whether SSO sign-in is available")
+@router.get("/config", response_model=AuthConfig, summary="Whether SSO sign-in is available", responses=_AGENT)
 def auth_config(request: Request) -> AuthConfig:
     on = getattr(request.app.state, "oidc", None) is not None
     return AuthConfig(sso=on, login_url="/v1/auth/login" if on else None)

@@ -128,13 +128,17 @@ def auth_config(request: Request) -> AuthConfig:
     responses={
         302: {"description": "To the OP's authorization endpoint"},
         502: {"description": "The OpenID Provider did not answer (error.reason)", **_ERR},
+        503: {"description": "Too many sign-ins in progress (error.reason busy)", **_ERR},
         **_NO_SSO,
     },
 )
 def login(request: Request, rt: Rt, next: str | None = None) -> Response:
     client = _oidc(request)
-    with rt.tx() as s:
-        pending = start_login(s, next_url=_safe_next(next))
+    try:
+        with rt.tx() as s:
+            pending = start_login(s, next_url=_safe_next(next))
+    except LoginRefused as e:  # too many logins in flight: not audited (one leaf per request would be the flood)
+        return _refused_response(request, e)
     try:
         url = client.authorization_url(
             redirect_uri=_redirect_uri(rt, request), state=pending.state, nonce=pending.nonce,

@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from marketplace.db.base import utcnow
@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 LOGIN_TTL_SECONDS = 600
+MAX_PENDING_LOGINS = 10_000  # unexpired, unfinished logins at once: /v1/auth/login is unauthenticated
 
 
 def hash_secret(value: str) -> str:
@@ -75,6 +76,11 @@ class Login:
 def start_login(session: Session, *, next_url: str, now: datetime | None = None) -> Login:
     """Record a login in flight; the state, nonce and verifier are random and single use."""
     now = now or utcnow()
+    pending = session.scalar(
+        select(func.count()).select_from(OidcLogin).where(OidcLogin.used_at.is_(None), OidcLogin.expires_at > now)
+    )
+    if (pending or 0) >= MAX_PENDING_LOGINS:
+        raise LoginRefused("busy", "too many sign-ins in progress; try again in a few minutes", 503)
     login = Login(
         state=secrets.token_urlsafe(32), nonce=secrets.token_urlsafe(32), code_verifier=secrets.token_urlsafe(64)
     )

@@ -346,3 +346,27 @@ def test_authorization_request_uses_pkce_state_and_nonce(stack: Stack) -> None:
         assert {again["state"], again["nonce"], again["code_challenge"]}.isdisjoint(
             {q["state"], q["nonce"], q["code_challenge"]}
         )
+
+
+def test_login_flood_is_bounded(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1/auth/login needs no credentials: logins in flight are capped (503 busy), unaudited."""
+    from marketplace.api.app import create_app
+    from marketplace.services import sso
+    from tests.conftest import make_settings, serve_in_thread
+    from tests.oidc.op import GROUP_MAP, free_port
+
+    monkeypatch.setattr(sso, "MAX_PENDING_LOGINS", 3)
+    gm = tmp_path / "groups.json"
+    gm.write_text(json.dumps(GROUP_MAP))
+    app = create_app(make_settings(tmp_path, sqlite_url, oidc_issuer=f"http://127.0.0.1:{free_port()}",
+                                   oidc_client_id="som", oidc_client_secret="a-real-secret-1", oidc_group_map=gm))
+    try:
+        with serve_in_thread(app) as url:
+            codes = [httpx.get(url + "/v1/auth/login", headers={"Accept": "application/json"}) for _ in range(5)]
+            assert [r.status_code for r in codes] == [502, 502, 502, 503, 503]
+            assert codes[-1].json()["error"]["reason"] == "busy"
+        with app.state.runtime.tx() as s:
+            rows = s.scalars(select(AuditEvent).where(AuditEvent.action == "auth.login.refused")).all()
+            assert [r.detail["reason"] for r in rows] == ["op_unreachable"] * 3
+    finally:
+        app.state.runtime.close()

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo browser jail test test-fast test-slow bench bench-peers lint docs clean
+.PHONY: install demo browser jail oidc test test-fast test-slow bench bench-peers lint docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ browser:
 jail:
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } || echo "bubblewrap is missing (run 'make jail' as root): custom jobs will be refused and the jail tests fail"
 
-test: install browser jail
+# The real OpenID Provider of the SSO tests (panva's oidc-provider, tests/oidc/provider.mjs), from
+# the committed package-lock.json into tests/oidc/node_modules. Needs node and npm (root: from Debian).
+oidc:
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; } || echo "npm is missing (run 'make oidc' as root): the SSO tests will be skipped"
+	@if command -v npm >/dev/null && [ ! tests/oidc/node_modules/.package-lock.json -nt tests/oidc/package-lock.json ]; then cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error; fi
+
+test: install browser jail oidc
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install

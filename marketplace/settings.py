@@ -122,6 +122,34 @@ class Settings(BaseSettings):
         gt=0,
         description="Failed authentications are summarised in one audit event per client per window.",
     )
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="OpenID Provider issuer URL for SSO (docs/sso.md); unset: no SSO, API keys only.",
+    )
+    oidc_client_id: str | None = Field(default=None, description="OIDC client id of som at the OpenID Provider.")
+    oidc_client_secret: SecretStr | None = Field(
+        default=None, description="OIDC client secret of som (client_secret_basic at the token endpoint)."
+    )
+    oidc_groups_claim: str = Field(
+        default="groups", description="The ID token (or userinfo) claim that lists the user's IdP groups."
+    )
+    oidc_group_map: Path | None = Field(
+        default=None,
+        description="JSON or TOML file mapping IdP groups to organisation, teams and roles (docs/sso.md); "
+        "re-read when it changes, applied at every login.",
+    )
+    oidc_redirect_uri: str | None = Field(
+        default=None,
+        description="The callback URL registered at the OP; default <the request's origin>/v1/auth/callback.",
+    )
+    oidc_scopes: str = Field(default="openid email profile", description="Scopes som asks the OP for.")
+    session_ttl_seconds: int = Field(default=8 * 3600, description="Lifetime of a web session (SSO sign-in).")
+    oidc_personal_key_max_days: int = Field(
+        default=30, description="Longest lifetime of a personal API key a signed-in user mints."
+    )
+    oidc_jwks_refetch_seconds: float = Field(
+        default=30.0, description="At most one JWKS refetch per this many seconds on an unknown key id."
+    )
 
     def jail_config(self) -> JailConfig:
         """The jail settings as a :class:`marketplace.services.jail.JailConfig`."""
@@ -138,6 +166,12 @@ class Settings(BaseSettings):
 
     def check_secrets(self) -> None:
         """Raise :class:`SettingsError` if a secret is a placeholder."""
+        if self.oidc_issuer:
+            secret = self.oidc_client_secret.get_secret_value() if self.oidc_client_secret else ""
+            if not self.oidc_client_id or secret.strip().lower() in PLACEHOLDER_SECRETS:
+                raise SettingsError("SOM_OIDC_ISSUER is set: SOM_OIDC_CLIENT_ID and a real SOM_OIDC_CLIENT_SECRET are needed")
+            if self.oidc_group_map is None:
+                raise SettingsError("SOM_OIDC_ISSUER is set: SOM_OIDC_GROUP_MAP (the group mapping file) is needed")
         if self.key_provider == "env":
             value = self.kek.get_secret_value() if self.kek else ""
             if value.strip().lower() in PLACEHOLDER_SECRETS:

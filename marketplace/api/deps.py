@@ -15,11 +15,13 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from marketplace.api.cookie_auth import SESSION_COOKIE, session_principal
 from marketplace.errors import Forbidden, Throttled, Unauthenticated
 from marketplace.runtime import Runtime
 from marketplace.services import audit
 from marketplace.services.auth_throttle import FailureThrottle
 from marketplace.services.identity import KeyRefused, Principal, authenticate, key_prefix
+from marketplace.services.sso import check_key_owner
 
 __all__ = [
     "AnyAuth",
@@ -69,7 +71,11 @@ def get_any_principal(
     rt: Rt,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """The caller's principal, of any key kind (agent keys included): for the agent protocol only."""
+    """The caller's principal, of any key kind (agent keys included): for the agent protocol only.
+
+    A browser signed in with SSO presents a session cookie instead (docs/sso.md)."""
+    if "authorization" not in request.headers and SESSION_COOKIE in request.cookies:
+        return session_principal(request, rt)
     presented = creds.credentials if creds else None
     prefix = key_prefix(presented) if presented else ""
     client = request.client.host if request.client else ""
@@ -85,6 +91,7 @@ def get_any_principal(
     try:
         with rt.tx() as s:
             p = authenticate(s, presented)
+            check_key_owner(s, p)  # a user's personal key stops with the user's roles
     except Unauthenticated as e:
         if presented:
             _throttle(rt).failed(client=client, prefix=prefix)

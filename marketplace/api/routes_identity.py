@@ -14,11 +14,13 @@ from marketplace.api.schemas import (
     OrgPublic,
     PageOf,
     WhoAmI,
+    WhoAmIUser,
 )
 from marketplace.db.models import ApiKey, Org
 from marketplace.errors import Forbidden, NotFound
 from marketplace.services import audit
 from marketplace.services.identity import create_key, create_org, revoke_key
+from marketplace.services.sso import teams_of, user_of_principal
 
 router = APIRouter(prefix="/v1", tags=["identity"])
 
@@ -27,7 +29,11 @@ router = APIRouter(prefix="/v1", tags=["identity"])
 def whoami(p: AnyAuth, rt: Rt) -> WhoAmI:
     with rt.tx() as s:
         org = s.get(Org, p.org_id)
-        return WhoAmI(key_id=p.key_id, org_id=p.org_id, org_name=org.name if org else "", roles=sorted(p.roles))
+        u = user_of_principal(s, p)
+        user = WhoAmIUser(id=u.id, email=u.email, name=u.name, teams=teams_of(s, u.id)) if u else None
+        return WhoAmI(
+            key_id=p.key_id, org_id=p.org_id, org_name=org.name if org else "", roles=sorted(p.roles), user=user
+        )
 
 
 @router.post("/orgs", response_model=OrgPublic, status_code=201, summary="Create an organisation (admin)")

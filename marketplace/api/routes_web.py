@@ -2,9 +2,9 @@
 
 For: serving ``marketplace/web/static/`` with strict security headers, and sending ``/`` to
 ``/ui/``. The UI is a client of the public ``/v1`` API like the SDK: it holds the user's API key in
-``sessionStorage`` and sends it as a bearer token; the server gives it nothing the API does not.
-Not for: any server-side rendering or session cookies (there are none, so no CSRF surface), and
-not part of the OpenAPI document (these routes are not API).
+``sessionStorage`` and sends it as a bearer token, or uses the SSO session cookie with its CSRF
+token (``routes_auth.py``, docs/sso.md); the server gives it nothing the API does not.
+Not for: any server-side rendering, and not part of the OpenAPI document (these routes are not API).
 """
 
 from __future__ import annotations

@@ -74,11 +74,19 @@ class KeyCreated(KeyPublic):
     key: str = Field(description="The API key. Shown once; store it now.")
 
 
+class WhoAmIUser(BaseModel):
+    id: str
+    email: str
+    name: str
+    teams: list[str]
+
+
 class WhoAmI(BaseModel):
     key_id: str
     org_id: str
     org_name: str
     roles: list[str]
+    user: WhoAmIUser | None = Field(default=None, description="The SSO user (a session, or the user's personal key).")
 
 
 class OfferingCreate(Strict):

@@ -1,7 +1,9 @@
 // The Share-of-Model web UI: a client of the /v1 API, like the SDK.
 //
-// The API key is entered once, kept in sessionStorage (gone when the tab closes), sent only as
-// "Authorization: Bearer ..." and never put in a URL. Every node is built with the DOM API
+// Two ways in. SSO (docs/sso.md): the server's HttpOnly session cookie, sent only to this origin
+// (credentials "same-origin"), with the session's CSRF token (from /v1/auth/me, kept in memory)
+// on every state-changing request. Or an API key: entered once, kept in sessionStorage (gone when
+// the tab closes), sent only as "Authorization: Bearer ..." (cookies omitted) and never put in a URL. Every node is built with the DOM API
 // (h() below, textContent); nothing is ever assigned to innerHTML. API errors are shown as the
 // message of their JSON body, {"error": {"code", "message"}}.
 
@@ -16,6 +18,8 @@ const who = document.getElementById("who");
 const banner = document.getElementById("message");
 let me = null;
 let renderSeq = 0;
+let sso = null; // {csrf} while signed in with the session cookie
+let ssoAvailable = false;
 
 // -- helpers ---------------------------------------------------------------------------------
 
@@ -53,7 +57,7 @@ function flash(text, kind = "error") {
   banner.hidden = false;
 }
 
-async function api(path, { method = "GET", params, accept = "application/json", raw = false } = {}) {
+async function api(path, { method = "GET", params, accept = "application/json", raw = false, body } = {}) {
   const url = new URL(path, location.origin);
   for (const [k, v] of Object.entries(params ?? {})) {
     if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, String(v));
@@ -61,9 +65,14 @@ async function api(path, { method = "GET", params, accept = "application/json", 
   const headers = { Accept: accept };
   const key = sessionStorage.getItem(KEY);
   if (key) headers.Authorization = `Bearer ${key}`;
+  else if (sso && method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = sso.csrf;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
   let r;
   try {
-    r = await fetch(url, { method, headers, cache: "no-store", credentials: "omit" });
+    r = await fetch(url, {
+      method, headers, cache: "no-store", credentials: key || !sso ? "omit" : "same-origin",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
   } catch (e) {
     throw new ApiError(0, "network", `Cannot reach the marketplace: ${e.message}`);
   }
@@ -194,6 +203,9 @@ function signInView(message) {
     "form",
     { class: "signin panel", id: "signin" },
     h("h2", {}, "Sign in"),
+    ssoAvailable
+      ? h("p", {}, h("a", { class: "button primary", id: "sso-login", href: `/v1/auth/login?next=${encodeURIComponent("/ui/" + (location.hash || ""))}` }, "Sign in with SSO"))
+      : null,
     h("p", { class: "muted" }, "Paste your API key. It stays in this browser tab (session storage) and is sent only as an Authorization header."),
     field("API key", input),
     err,
@@ -222,7 +234,15 @@ function signInView(message) {
   input.focus();
 }
 
-function signOut() {
+async function signOut() {
+  if (sso && !sessionStorage.getItem(KEY)) {
+    try {
+      await api("/v1/auth/logout", { method: "POST" });
+    } catch (e) {
+      flash(e.message);
+    }
+  }
+  sso = null;
   sessionStorage.removeItem(KEY);
   me = null;
   flash("");
@@ -763,7 +783,57 @@ async function ledgerView(params) {
 
 // -- account ---------------------------------------------------------------------------------
 
+async function personalKeyForm() {
+  const out = h("div", { id: "personal-key" });
+  const days = h("input", { id: "pk-days", name: "pk-days", type: "number", min: "1", max: "30", value: "30" });
+  const name = h("input", { id: "pk-name", name: "pk-name", type: "text", placeholder: "laptop CLI" });
+  const form = h(
+    "form",
+    { class: "panel", id: "personal-key-form" },
+    h("h3", {}, "Personal API key"),
+    h("p", { class: "muted" }, "For the CLI or the SDK: your roles at most, 30 days at most; it stops working when your groups no longer give you its roles."),
+    field("Name", name),
+    field("Lifetime (days)", days),
+    h("button", { type: "submit", class: "primary" }, "Create key"),
+    out,
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const k = await api("/v1/auth/keys", { method: "POST", body: { name: name.value, ttl_days: Number(days.value) } });
+      out.replaceChildren(h("p", {}, "Shown once; store it now: "), h("code", { id: "personal-key-value" }, k.key));
+    } catch (e) {
+      out.replaceChildren(h("p", { class: "error", role: "alert" }, e.message));
+    }
+  });
+  return form;
+}
+
 async function meView() {
+  if (sso) {
+    const m = await api("/v1/auth/me");
+    sso.csrf = m.csrf_token;
+    me = m;
+    renderChrome();
+    return [
+      h("h2", {}, "Account"),
+      h(
+        "dl",
+        { class: "meta", id: "whoami" },
+        [
+          ["Signed in as", m.user ? `${m.user.name} <${m.user.email}>` : m.key_id],
+          ["User id", h("code", {}, m.key_id)],
+          ["Organisation", m.org_name],
+          ["Organisation id", h("code", {}, m.org_id)],
+          ["Teams", (m.user ? m.user.teams : []).join(", ") || "none"],
+          ["Roles", m.roles.map((r) => badge(r, "role"))],
+          ["Session until", fmtTime(m.session_expires_at)],
+        ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+      ),
+      h("p", { class: "muted" }, "Signed in with SSO: your roles and teams come from your organisation's groups, re-read at every sign-in."),
+      await personalKeyForm(),
+    ];
+  }
   me = await api("/v1/whoami");
   renderChrome();
   return [
@@ -793,8 +863,25 @@ const VIEWS = {
   me: meView,
 };
 
+async function detectSession() {
+  // A session cookie is HttpOnly: ask the server whether this browser is signed in with SSO.
+  try {
+    const cfg = await (await fetch("/v1/auth/config", { cache: "no-store", credentials: "omit" })).json();
+    ssoAvailable = Boolean(cfg.sso);
+  } catch {
+    ssoAvailable = false;
+  }
+  if (!ssoAvailable || sessionStorage.getItem(KEY)) return;
+  const r = await fetch("/v1/auth/me", { cache: "no-store", credentials: "same-origin", headers: { Accept: "application/json" } });
+  if (r.ok) {
+    const m = await r.json();
+    sso = { csrf: m.csrf_token };
+    me = m;
+  }
+}
+
 async function render() {
-  if (!sessionStorage.getItem(KEY)) {
+  if (!sessionStorage.getItem(KEY) && !sso) {
     signInView();
     return;
   }
@@ -818,6 +905,7 @@ async function render() {
     if (seq !== renderSeq) return;
     if (e instanceof ApiError && e.status === 401) {
       sessionStorage.removeItem(KEY);
+      sso = null;
       me = null;
       signInView(e.message);
       return;
@@ -836,4 +924,4 @@ window.addEventListener("hashchange", () => {
 });
 window.addEventListener("unhandledrejection", (ev) => flash(String((ev.reason && ev.reason.message) || ev.reason)));
 window.addEventListener("error", (ev) => flash(ev.message));
-render();
+detectSession().finally(render);

@@ -32,7 +32,7 @@ def session_principal(request: Request, rt: Runtime) -> Principal:
     try:
         with rt.tx() as s:
             info = resolve_session(s, token)
-    except Unauthenticated as e:
+    except Unauthenticated:
         audit.note_auth_failure(  # summarised per client and window, like bad keys: not one leaf each
             rt, source=request.client.host if request.client else "", prefix="session", path=request.url.path,
             method=request.method, reason="session", request_id=rid,

@@ -176,7 +176,10 @@ def add_event(contract_id: str, body: SignedRecord, p: Auth, rt: Rt, request: Re
 
 
 def _aware(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+    """A query time as UTC: naive means UTC, an offset is converted (``+07:47`` is not refused)."""
+    if t is None:
+        return None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 @router.get(

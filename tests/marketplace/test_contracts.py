@@ -218,3 +218,14 @@ def test_signing_key_file(tmp_path) -> None:
         load_signing_key(path)
     with pytest.raises(FileNotFoundError):
         load_signing_key(tmp_path / "missing.key", create=False)
+
+
+def test_statement_period_with_a_utc_offset_is_converted(world) -> None:  # found by the API fuzzer
+    from tests.marketplace.test_contracts_support import make_deal
+
+    d = make_deal(world)
+    r = world.http.get(f"/v1/contracts/{d.contract_id}/statement",
+                       params={"from": "2020-01-01T07:47:00+07:47", "to": "2100-01-01T00:00:00-05:00"},
+                       headers={"Authorization": f"Bearer {world.keys['consumer']}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["period_start"].startswith("2020-01-01T00:00:00")

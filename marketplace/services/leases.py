@@ -60,7 +60,7 @@ TABLES: tuple[type[Leased], ...] = (AgentTask, Job)
 # -- taking, extending, reaping ------------------------------------------------------------------
 
 
-def queued(s: Session, table: type[T], *where: ColumnElement[bool]) -> Select[tuple[T]]:
+def queued(s: Session, table: type[T], *where: ColumnElement[bool]) -> Select[T]:
     """The oldest queued row of ``table`` matching ``where``, locked (skipping locked rows) on
     PostgreSQL so that concurrent takers pass each other by."""
     cols: Any = table

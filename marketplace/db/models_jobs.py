@@ -2,7 +2,7 @@
 
 For: the job queue (sealed inputs and results are blob addresses, never bytes in the DB), the
 agents that serve provider-hosted offerings (presence, sealing key), and agent tasks (one HE
-evaluation relayed to an agent by :func:`marketplace.services.agents.run_on_agent`).
+evaluation relayed to an agent by :func:`marketplace.services.dispatch.run_on_agent`).
 Not for: payloads (the blob store holds opaque sealed bytes or ciphertexts) or usage records
 (metering's tables), or how leases are taken and lost (:mod:`marketplace.services.leases`).
 """

@@ -13,6 +13,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import ColumnElement
+from sqlalchemy.orm import Session
+
 from marketplace.db.models_jobs import Agent, Job
 from marketplace.runtime import Runtime
 from marketplace.services import audit, leases
@@ -31,7 +34,7 @@ def _item(job: Job) -> dict[str, Any]:
     }
 
 
-def _take(rt: Runtime, s: Any, owner: str, now: datetime, *where: Any) -> dict[str, Any] | None:
+def _take(rt: Runtime, s: Session, owner: str, now: datetime, *where: ColumnElement[bool]) -> dict[str, Any] | None:
     job = leases.take(s, Job, owner, now, rt.settings.agent_lease_seconds, *where,
                       move=lambda j, to: move(j, to, now=now))
     if job is None:
@@ -40,7 +43,7 @@ def _take(rt: Runtime, s: Any, owner: str, now: datetime, *where: Any) -> dict[s
     return _item(job)
 
 
-def lease_for_agent(rt: Runtime, s: Any, agent: Agent, now: datetime) -> dict[str, Any] | None:
+def lease_for_agent(rt: Runtime, s: Session, agent: Agent, now: datetime) -> dict[str, Any] | None:
     """In the caller's transaction: lease the oldest queued job the agent can run, or None."""
     reap_lost(s, now, hosting="provider", fail_lost=False)
     kinds = [k for k in agent.capabilities if k in KINDS]
@@ -50,12 +53,12 @@ def lease_for_agent(rt: Runtime, s: Any, agent: Agent, now: datetime) -> dict[st
                  Job.kind.in_(kinds), Job.seal_public == agent.seal_public, Job.deadline_at > now)
 
 
-def lease_local(rt: Runtime, s: Any, owner: str, now: datetime) -> dict[str, Any] | None:
+def lease_local(rt: Runtime, s: Session, owner: str, now: datetime) -> dict[str, Any] | None:
     """In the caller's transaction: lease the oldest queued marketplace-hosted job, or None."""
     return _take(rt, s, owner, now, Job.hosting == "marketplace", Job.deadline_at > now)
 
 
-def reap_lost(s: Any, now: datetime, *, hosting: str | None = None, fail_lost: bool = True) -> list[Settlement]:
+def reap_lost(s: Session, now: datetime, *, hosting: str | None = None, fail_lost: bool = True) -> list[Settlement]:
     """In ``s``: lost leases go back to the queue or (``fail_lost``) fail. Returns what to settle
     after the commit (the failed jobs' units and sealed inputs)."""
     settled: list[Settlement] = []
@@ -75,7 +78,7 @@ def reap_lost(s: Any, now: datetime, *, hosting: str | None = None, fail_lost: b
     return settled
 
 
-def keep(rt: Runtime, s: Any, job_id: str, owner: str, now: datetime) -> bool:
+def keep(rt: Runtime, s: Session, job_id: str, owner: str, now: datetime) -> bool:
     """In ``s``: extend ``owner``'s lease on the job; False if it no longer holds it."""
     until = now + timedelta(seconds=rt.settings.agent_lease_seconds)
     return not leases.extend(s, owner, [job_id], until)

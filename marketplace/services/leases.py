@@ -161,14 +161,11 @@ _BELLS_LOCK = threading.Lock()
 
 def bell(rt: Runtime, name: str) -> Bell:
     """The runtime's bell ``name``: ``work`` (work was queued) or ``done`` (a result came)."""
-    key = f"agents.bell.{name}"
-    found = rt.extras.get(key)
-    if isinstance(found, Bell):
+    found = rt.bells.get(name)
+    if found is not None:
         return found
     with _BELLS_LOCK:
-        made = rt.extras.setdefault(key, Bell())
-    assert isinstance(made, Bell)
-    return made
+        return rt.bells.setdefault(name, Bell())
 
 
 def notify(rt: Runtime, name: str = "work") -> None:

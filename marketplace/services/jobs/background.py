@@ -1,7 +1,7 @@
 """The job threads of a marketplace process: the sweeper and the local workers.
 
 For: :func:`sweep` (expire overdue jobs, take back lost leases, purge old results, finish charges
-a crash interrupted), :class:`_Background` (the sweeper thread and ``settings.workers`` threads
+a crash interrupted), :class:`Background` (the sweeper thread and ``settings.workers`` threads
 that lease marketplace-hosted jobs and run them here) and :func:`ensure_background` (start them
 once per runtime). The threads stop with ``rt.close()``.
 Not for: what a job computes (:mod:`.local`) or provider-hosted jobs (their agents lease them,
@@ -28,7 +28,7 @@ from marketplace.services.jobs.local import run_marketplace_job
 from marketplace.services.jobs.results import charge, fail
 from marketplace.services.jobs.states import JobStatus, Settlement, finish, purge
 
-__all__ = ["SWEEP_SECONDS", "ensure_background", "sweep"]
+__all__ = ["SWEEP_SECONDS", "Background", "ensure_background", "sweep"]
 
 log = logging.getLogger("som.jobs")
 
@@ -68,7 +68,7 @@ def sweep(rt: Runtime, *, now: datetime | None = None) -> None:
             log.exception("could not finish job %s", jid)
 
 
-class _Background:
+class Background:
     """The sweeper thread and the worker threads of marketplace-hosted jobs."""
 
     def __init__(self, rt: Runtime) -> None:
@@ -127,13 +127,11 @@ class _Background:
 
 def ensure_background(rt: Runtime) -> None:
     """Start the sweeper and worker threads once per runtime (stopped by ``rt.close()``)."""
-    if "jobs.bg" in rt.extras:
+    if rt.job_threads is not None:
         return
-    lock = rt.extras.setdefault("jobs.bg.lock", threading.Lock())
-    with lock:
-        if "jobs.bg" in rt.extras:
+    with rt.job_threads_lock:
+        if rt.job_threads is not None:
             return
-        bg = _Background(rt)
-        rt.extras["jobs.bg"] = bg
+        bg = rt.job_threads = Background(rt)
         bg.start()
         rt.on_close(bg.close)

@@ -20,9 +20,8 @@ __all__ = ["marketplace_seal_key"]
 def marketplace_seal_key(rt: Runtime) -> SealKeyPair:
     """The worker's sealing key pair (``<key_dir>/job_seal.key``, 0600, made on first use; the key
     directory is outside the data directory, :mod:`marketplace.custody`)."""
-    kp = rt.extras.get("jobs.seal_key")
-    if isinstance(kp, SealKeyPair):
-        return kp
+    if rt.job_seal_key is not None:
+        return rt.job_seal_key
     path = Path(rt.key_dir) / SEAL_KEY_FILE
     try:
         kp = SealKeyPair.from_private_bytes(path.read_bytes())
@@ -42,6 +41,6 @@ def marketplace_seal_key(rt: Runtime) -> SealKeyPair:
             kp = SealKeyPair.from_private_bytes(path.read_bytes())
         finally:
             tmp.unlink(missing_ok=True)
-    rt.extras["jobs.seal_key"] = kp
+    rt.job_seal_key = kp
     return kp
 

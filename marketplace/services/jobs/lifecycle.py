@@ -139,7 +139,7 @@ def create(
         now = utcnow()
         job = Job(
             id=new_id("job"), org_id=p.org_id, submitted_by=p.key_id, offering_id=off.id,
-            provider_org_id=off.org_id, hosting=off.hosting, kind=kind, status=JobStatus.CREATED,
+            provider_org_id=off.org_id, hosting=off.hosting, kind=kind, status=JobStatus.CREATED.value,
             seal_public=seal_public, seal_statement=statement, input_blob="", input_size=0, input_digest="",
             code=code, code_digest=digest_of_code(code) if code is not None else None, units=units,
             limits=lim, idempotency_key=idempotency_key, request_digest="", contract_id=contract_id,

@@ -110,7 +110,7 @@ def _check(job: Job, to: JobStatus) -> None:
     except ValueError:
         raise IllegalTransition(f"job {job.id} has an unknown status {job.status!r}") from None
     if to not in TRANSITIONS[frm]:
-        why = "it is final" if frm in FINAL else f"allowed: {sorted(TRANSITIONS[frm])}"
+        why = "it is final" if frm in FINAL else "allowed: " + ", ".join(sorted(TRANSITIONS[frm]))
         raise IllegalTransition(f"job {job.id} cannot go from {frm} to {to} ({why})")
 
 
@@ -120,7 +120,7 @@ def move(job: Job, to: str, *, now: datetime | None = None) -> None:
     if target in FINAL:
         raise IllegalTransition(f"job {job.id}: {target} is final; end a job with finish()")
     _check(job, target)
-    job.status = target
+    job.status = target.value  # stored and audited as a plain str
     if now is not None:
         job.updated_at = now
 
@@ -202,7 +202,7 @@ def finish(
         raise IllegalTransition(f"job {job.id}: {target} is not final; use move()")
     _check(job, target)
     out = Settlement()
-    job.status = target
+    job.status = target.value  # stored and audited as a plain str
     job.finished_at = job.updated_at = now
     job.lease_owner = job.lease_expires_at = None
     job.finishing = False

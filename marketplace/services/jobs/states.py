@@ -7,27 +7,25 @@ the sealed input and any unwanted result). Nothing else in the code assigns a jo
 
 ::
 
-                    +--------------------> awaiting_approval --+
-                    |                        |  (approve)      |
-    created --(submit)--> queued <-----------+                 |
-                            |  ^                               |
-                    (lease) v  | (lease lost, attempts left)   |
-                          running                              |
-                            |                                  |
-       succeeded <----------+-- (result; also from queued)     |
-       failed    <-- (compute site failed, lease lost too often, rejected: any live state)
-       cancelled <-- (the consumer: any live state)
-       expired   <-- (deadline passed, or the reservation was released before the result)
+    created --submit--> queued ---lease---> running --result--> succeeded
+       |                  ^  ^                |
+       | submit (custom)  |  +---lease lost---+  (attempts left)
+       v                  | approve
+    awaiting_approval ----+
+    any live state --> failed (compute site failed; lease lost max_attempts times; code rejected)
+                   --> cancelled (the consumer) | expired (deadline; reservation released early)
 
-    +-------------------+------------------------------------------------------+
-    | from              | to                                                   |
-    +-------------------+------------------------------------------------------+
+    +-------------------+-------------------------------------------------------+
+    | from              | to                                                    |
+    +-------------------+-------------------------------------------------------+
     | created           | queued, awaiting_approval, failed, cancelled, expired |
-    | awaiting_approval | queued, failed, cancelled, expired                   |
-    | queued            | running, succeeded, failed, cancelled, expired       |
-    | running           | queued, succeeded, failed, cancelled, expired        |
-    | succeeded, failed, cancelled, expired: final, no move out                |
-    +-------------------+------------------------------------------------------+
+    | awaiting_approval | queued, failed, cancelled, expired                    |
+    | queued            | running, succeeded, failed, cancelled, expired        |
+    | running           | queued, succeeded, failed, cancelled, expired         |
+    | succeeded, failed, cancelled, expired: final, no move out                 |
+    +-------------------+-------------------------------------------------------+
+
+(``queued -> succeeded``: a result posted by a compute site whose lease was just reaped.)
 
 Invariants: a final job never moves again, so it is charged at most once (``charged`` is set only
 by ``finish(succeeded)``); every final job's sealed input is dropped in the same transaction and

@@ -21,8 +21,8 @@ Invariants:
   ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two replicas never take the same row); a lease is
   extended only for the owner it names and only while the row is held.
 - **An expired lease is reaped once.** :func:`reap` clears the owner in the transaction that
-  requeues (or gives up on) the row, so a second reaper, or the same one a second later, no
-  longer sees it; after ``max_attempts`` leases the row is handed to its table's give-up instead.
+  requeues (or gives up on) the row, and locks the rows it reaps (skipping locked ones on
+  PostgreSQL), so a second reaper, or the same one a second later, no longer sees it; after ``max_attempts`` leases the row is handed to its table's give-up instead.
 - **A lost lease's work is abandoned.** :func:`extend` answers the ids the caller no longer holds;
   the holder must drop them (compute nothing more, post nothing): its results are refused or
   discarded by the table's own state machine.
@@ -64,9 +64,13 @@ def queued(s: Session, table: type[T], *where: ColumnElement[bool]) -> Select[T]
     """The oldest queued row of ``table`` matching ``where``, locked (skipping locked rows) on
     PostgreSQL so that concurrent takers pass each other by."""
     cols: Any = table
-    stmt = select(table).where(cols.status == table.QUEUED, *where).order_by(cols.created_at).limit(1)
+    return _locked(s, select(table).where(cols.status == table.QUEUED, *where).order_by(cols.created_at).limit(1))
+
+
+def _locked(s: Session, stmt: Select[T]) -> Select[T]:
+    """On PostgreSQL, lock the selected rows and skip rows another transaction holds."""
     if s.bind is not None and s.bind.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
+        return stmt.with_for_update(skip_locked=True)
     return stmt
 
 
@@ -119,7 +123,8 @@ def reap(
     cleared either way. Returns the rows reaped."""
     cols: Any = table
     out: list[T] = []
-    for row in s.scalars(select(table).where(cols.status == table.HELD, cols.lease_expires_at < now, *where)):
+    stmt = select(table).where(cols.status == table.HELD, cols.lease_expires_at < now, *where)
+    for row in s.scalars(_locked(s, stmt)):
         if row.attempts >= max_attempts(row):
             if give_up is None:
                 continue

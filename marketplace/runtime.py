@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from marketplace.db.session import make_engine, make_sessionmaker, upgrade
 from marketplace.settings import Settings
+
+if TYPE_CHECKING:
+    from crypto.sealing import SealKeyPair
+    from marketplace.services.jobs.background import Background
+    from marketplace.services.leases import Bell
 
 __all__ = ["Runtime"]
 
@@ -48,6 +54,13 @@ class Runtime:
         self.extras: dict[str, Any] = {}
         self._blobs: Any = None
         self._keys: Any = None
+        # -- jobs and agent work (issue 11, part `jobs`): the wake-up bells of lease waiters
+        # (services.leases.bell), the marketplace's sealing key (services.jobs.sitekey) and the
+        # sweeper/worker threads (services.jobs.background.ensure_background).
+        self.bells: dict[str, Bell] = {}
+        self.job_seal_key: SealKeyPair | None = None
+        self.job_threads: Background | None = None
+        self.job_threads_lock = threading.Lock()
 
     @contextmanager
     def tx(self) -> Iterator[Session]:

@@ -11,7 +11,7 @@ takes ``Auth``, which refuses agent keys, so a key on a provider's machine canno
 from __future__ import annotations
 
 import weakref
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Header, Request, Response
@@ -23,11 +23,12 @@ from marketplace.api.deps import AnyAuth, Auth, Rt, actor_of
 from marketplace.api.jsonlimits import BoundedJson
 from marketplace.api.routes_catalog import PUBLIC_DECORATORS
 from marketplace.api.schemas import KeyCreated, Strict
+from marketplace.db.base import utcnow
 from marketplace.db.models import ApiKey
 from marketplace.db.models_jobs import Agent
 from marketplace.errors import NotFound, UnsupportedMediaType
 from marketplace.runtime import Runtime
-from marketplace.services import agents, jobs
+from marketplace.services import agents, dispatch, he_plans, jobs
 
 router = APIRouter(prefix="/v1", tags=["agents"])
 
@@ -83,7 +84,7 @@ class Heartbeat(Strict):
 
 
 class LeaseRequest(Strict):
-    wait: float = Field(default=agents.LEASE_WAIT_MAX, ge=0, le=agents.LEASE_WAIT_MAX)
+    wait: float = Field(default=dispatch.LEASE_WAIT_MAX, ge=0, le=dispatch.LEASE_WAIT_MAX)
 
 
 class WorkFailure(Strict):
@@ -97,10 +98,6 @@ class PlanIn(Strict):
 
 
 def _public(rt: Runtime, a: Agent) -> dict[str, Any]:
-    from datetime import timedelta
-
-    from marketplace.db.base import utcnow
-
     online = a.stopped_at is None and a.last_seen_at >= utcnow() - timedelta(seconds=rt.settings.agent_offline_seconds)
     return {
         "id": a.id, "org_id": a.org_id, "key_id": a.key_id, "name": a.name, "offering_ids": a.offering_ids,
@@ -150,7 +147,7 @@ def hello(body: AgentHello, p: AnyAuth, rt: Rt, request: Request) -> HelloOut:
     lease = rt.settings.agent_lease_seconds
     return HelloOut(
         **_public(rt, a), lease_seconds=lease, heartbeat_seconds=max(0.2, min(lease, rt.settings.agent_offline_seconds) / 3),
-        lease_wait_max=agents.LEASE_WAIT_MAX,
+        lease_wait_max=dispatch.LEASE_WAIT_MAX,
     )
 
 
@@ -176,7 +173,7 @@ def bye(p: AnyAuth, rt: Rt, request: Request, agent_id: AgentId) -> Response:
     responses={204: {"description": "no work within the wait"}},
 )
 def lease(p: AnyAuth, rt: Rt, agent_id: AgentId, body: LeaseRequest | None = None) -> Any:
-    item = agents.lease(rt, p, agent_id, wait=(body or LeaseRequest()).wait)
+    item = dispatch.lease(rt, p, agent_id, wait=(body or LeaseRequest()).wait)
     if item is None:
         return Response(status_code=204)
     return item
@@ -184,12 +181,7 @@ def lease(p: AnyAuth, rt: Rt, agent_id: AgentId, body: LeaseRequest | None = Non
 
 @router.get("/agent/work/{work_id}/payload", summary="The work's input (sealed job input or HE request)", responses=_BINARY_OUT)
 def work_payload(work_id: str, p: AnyAuth, rt: Rt, agent_id: AgentId) -> Response:
-    if work_id.startswith("job_"):
-        data = jobs.input_for_agent(rt, p, agent_id, work_id)
-    elif work_id.startswith("tsk_"):
-        data = agents.task_payload(rt, p, agent_id, work_id)
-    else:
-        raise NotFound(f"work {work_id} not found")
+    data = dispatch.payload(rt, p, agent_id, work_id)
     return Response(content=data, media_type="application/octet-stream")
 
 
@@ -199,37 +191,21 @@ async def work_result(work_id: str, p: AnyAuth, rt: Rt, request: Request, agent_
     if ctype != "application/octet-stream":
         raise UnsupportedMediaType(f"send the result as application/octet-stream, not {ctype}")
     data = await request.body()
-    agents.require_agent(p)
-    if work_id.startswith("job_"):
-        job = await run_in_threadpool(jobs.complete, rt, work_id, owner=agent_id, result=data, p=p)
-        return {"id": work_id, "status": job.status, "charged": job.charged}
-    if work_id.startswith("tsk_"):
-        await run_in_threadpool(agents.complete_task, rt, p, agent_id, work_id, data)
-        return {"id": work_id, "status": "done"}
-    raise NotFound(f"work {work_id} not found")
+    return await run_in_threadpool(dispatch.post_result, rt, p, agent_id, work_id, data)
 
 
 @router.post("/agent/work/{work_id}/fail", summary="The work cannot be done (the reason goes to the consumer)")
 def work_fail(work_id: str, body: WorkFailure, p: AnyAuth, rt: Rt, agent_id: AgentId) -> dict[str, Any]:
-    agents.require_agent(p)
-    if work_id.startswith("job_"):
-        job = jobs.fail(rt, work_id, owner=agent_id, reason=body.reason, message=body.message, p=p)
-        return {"id": work_id, "status": job.status}
-    if work_id.startswith("tsk_"):
-        agents.fail_task(rt, p, agent_id, work_id, f"{body.reason}: {body.message}")
-        return {"id": work_id, "status": "failed"}
-    raise NotFound(f"work {work_id} not found")
+    return dispatch.post_failure(rt, p, agent_id, work_id, reason=body.reason, message=body.message)
 
 
 @router.get("/agent/keysets/{keyset_id}", summary="A consumer's public HE context (cache it)", responses=_BINARY_OUT)
 def agent_keyset(keyset_id: str, p: AnyAuth, rt: Rt) -> Response:
-    return Response(content=agents.load_keyset(rt, p, keyset_id), media_type="application/octet-stream")
+    return Response(content=dispatch.load_keyset(rt, p, keyset_id), media_type="application/octet-stream")
 
 
 @router.post("/agent/offerings/{offering_id}/plan", summary="Publish the PUBLIC HE plan compiled beside the weights")
 def agent_plan(offering_id: str, body: PlanIn, p: AnyAuth, rt: Rt, request: Request) -> dict[str, Any]:
-    from marketplace.services import he_plans
-
     offerings = agents.require_agent(p)
     if offering_id not in offerings:
         raise NotFound(f"offering {offering_id} not found")

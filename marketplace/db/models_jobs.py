@@ -2,22 +2,41 @@
 
 For: the job queue (sealed inputs and results are blob addresses, never bytes in the DB), the
 agents that serve provider-hosted offerings (presence, sealing key), and agent tasks (one HE
-evaluation relayed to an agent by :func:`marketplace.services.agents.run_on_agent`).
+evaluation relayed to an agent by :func:`marketplace.services.dispatch.run_on_agent`).
 Not for: payloads (the blob store holds opaque sealed bytes or ciphertexts) or usage records
-(metering's tables).
+(metering's tables), or how leases are taken and lost (:mod:`marketplace.services.leases`).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from marketplace.db.base import Base, UTCDateTime, new_id, utcnow
 
-__all__ = ["Agent", "AgentTask", "Job"]
+__all__ = ["Agent", "AgentTask", "Job", "Leased"]
+
+
+class Leased:
+    """The lease columns of a table of work handed to one compute site at a time.
+
+    ``lease_owner`` holds it until ``lease_expires_at``; ``attempts`` counts the leases taken.
+    A table names its queued and held states (``QUEUED`` / ``HELD``) for
+    :mod:`marketplace.services.leases`; the columns (and so the schema) are the ones both tables
+    always had, so no migration is needed.
+    """
+
+    QUEUED: ClassVar[str] = "queued"
+    HELD: ClassVar[str]
+
+    id: Mapped[str]
+    status: Mapped[str]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(60), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Agent(Base):
@@ -39,10 +58,11 @@ class Agent(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
-class Job(Base):
+class Job(Leased, Base):
     """A remote-execution job. ``input_blob`` / ``result_blob`` hold sealed (HPKE) bytes only."""
 
     __tablename__ = "jobs"
+    HELD: ClassVar[str] = "running"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id"), index=True)  # consumer
@@ -66,10 +86,7 @@ class Job(Base):
     request_digest: Mapped[str] = mapped_column(String(80))
     contract_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     reservation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    lease_owner: Mapped[str | None] = mapped_column(String(60), nullable=True)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     finishing: Mapped[bool] = mapped_column(Boolean, default=False)
     result_blob: Mapped[str | None] = mapped_column(String(80), nullable=True)
     result_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -90,13 +107,15 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_offering", "status", "offering_id"),
         Index("ix_jobs_org_idem", "org_id", "idempotency_key", unique=True),
+        Index("ix_jobs_lease_expires_at", "lease_expires_at"),  # the reaper's scan (was index=True)
     )
 
 
-class AgentTask(Base):
+class AgentTask(Leased, Base):
     """One unit of work relayed to an agent and awaited by an API request (``run_on_agent``)."""
 
     __tablename__ = "agent_tasks"
+    HELD: ClassVar[str] = "leased"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("tsk"))
     offering_id: Mapped[str] = mapped_column(ForeignKey("offerings.id"), index=True)
@@ -104,9 +123,6 @@ class AgentTask(Base):
     status: Mapped[str] = mapped_column(String(20), default="queued")  # queued|leased|done|failed
     payload_blob: Mapped[str] = mapped_column(String(80))
     meta: Mapped[dict[str, Any]] = mapped_column(JSON)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    lease_owner: Mapped[str | None] = mapped_column(String(60), nullable=True)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     result_blob: Mapped[str | None] = mapped_column(String(80), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

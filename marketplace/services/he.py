@@ -22,7 +22,7 @@ from crypto.he import PublicPlan, wire
 from marketplace.db.base import utcnow
 from marketplace.errors import Conflict, Forbidden, Invalid, Unavailable
 from marketplace.runtime import Runtime
-from marketplace.services import agents, audit, catalog, compute, metering
+from marketplace.services import audit, catalog, compute, dispatch, metering
 from marketplace.services.he_plans import current_plan, latest_artifact
 from marketplace.services.identity import Principal
 from marketplace.services.keysets import keyset_public, own_keyset, refresh_revocation
@@ -103,7 +103,7 @@ def _compute(rt: Runtime, prep: _Prepared, body: bytes) -> bytes:
     if prep.hosting == "provider":
         meta = {"keyset_id": prep.keyset["id"], "plan_digest": prep.keyset["plan_digest"], "version": prep.version_number}
         try:
-            out: bytes = agents.run_on_agent(
+            out: bytes = dispatch.run_on_agent(
                 rt, offering_id=prep.offering_id, kind="he_infer", payload=body, meta=meta, timeout=AGENT_TIMEOUT_SECONDS,
             )
         except (Unavailable, Invalid):

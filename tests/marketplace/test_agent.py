@@ -15,7 +15,7 @@ import pytest
 from crypto.sealing import SealKeyPair
 from marketplace.errors import Unavailable
 from marketplace.sdk import SomAPIError
-from marketplace.services import agents
+from marketplace.services import dispatch
 from tests.conftest import build_world, make_settings
 from tests.marketplace.test_jobs_support import (
     agent_key,
@@ -137,7 +137,7 @@ def test_run_on_agent_round_trip_and_unavailable(jw: Any, tmp_path: Path) -> Non
     st = offering(jw, tmp_path, hosting="provider")
     rt = jw.rt
     with pytest.raises(Unavailable):
-        agents.run_on_agent(rt, offering_id=st.offering_id, payload=b"req", meta={}, timeout=1)
+        dispatch.run_on_agent(rt, offering_id=st.offering_id, payload=b"req", meta={}, timeout=1)
     c, aid = _hello(jw, agent_key(jw, st.offering_id))
     h = {"X-Som-Agent": aid}
     seen: list[Any] = []
@@ -161,16 +161,16 @@ def test_run_on_agent_round_trip_and_unavailable(jw: Any, tmp_path: Path) -> Non
 
     t = threading.Thread(target=fake_agent)
     t.start()
-    out = agents.run_on_agent(rt, offering_id=st.offering_id, payload=b"ciphertexts", meta={"keyset_id": "ks_1"}, timeout=10)
+    out = dispatch.run_on_agent(rt, offering_id=st.offering_id, payload=b"ciphertexts", meta={"keyset_id": "ks_1"}, timeout=10)
     assert out == b"stxetrehpic"
     with pytest.raises(Unavailable, match="bad"):
-        agents.run_on_agent(rt, offering_id=st.offering_id, payload=b"please fail", meta={}, timeout=10)
+        dispatch.run_on_agent(rt, offering_id=st.offering_id, payload=b"please fail", meta={}, timeout=10)
     t.join(10)
     assert seen[0]["type"] == "task" and seen[0]["kind"] == "he_infer" and seen[0]["meta"] == {"keyset_id": "ks_1"}
     # nobody answers: a timeout is Unavailable and the task is not left queued
     t0 = time.monotonic()
     with pytest.raises(Unavailable, match="did not answer"):
-        agents.run_on_agent(rt, offering_id=st.offering_id, payload=b"slow", meta={}, timeout=0.5)
+        dispatch.run_on_agent(rt, offering_id=st.offering_id, payload=b"slow", meta={}, timeout=0.5)
     assert time.monotonic() - t0 < 5
     r = c._http.post("/v1/agent/lease", json={"wait": 0}, headers=h)
     assert r.status_code == 204

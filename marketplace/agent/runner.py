@@ -5,7 +5,7 @@ long-poll on ``POST /v1/agent/lease``), authenticates with an agent key, registe
 public key (the private key stays in a 0600 file next to it) together with the provider's signed
 statements vouching for that key (``--signing-key``: the Ed25519 key that signs the provider's
 offers; consumers refuse to seal to an unvouched key), heartbeats, and for each piece of work:
-fetches the input, computes (jobs via :mod:`marketplace.agent.compute`, HE requests via
+fetches the input, computes (jobs via :mod:`marketplace.compute.jobs`, HE requests via
 :func:`crypto.he.evaluate` on a :class:`crypto.he.PublicContext` from the consumer's key set,
 fetched once and cached), posts the result. With ``--calibration`` it compiles the HE plan
 locally and publishes only the PUBLIC plan and report. It reconnects with exponential backoff.
@@ -32,7 +32,9 @@ import httpx
 
 from crypto.sealing import SealKeyPair
 from crypto.signing import SigningKey
-from marketplace.agent.compute import (
+from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
+from marketplace.compute.jail import JailConfig, config_from_env, probe
+from marketplace.compute.jobs import (
     JobFailed,
     Limits,
     Model,
@@ -40,10 +42,8 @@ from marketplace.agent.compute import (
     run_job,
     sealed_input_error,
 )
-from marketplace.agent.payload import open_input, seal_result
-from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
+from marketplace.compute.payload import open_input, seal_result
 from marketplace.sdk.base import BaseClient, SomAPIError
-from marketplace.services.jail import JailConfig, config_from_env, probe
 
 __all__ = ["AgentConfig", "LeaseLost", "ProviderAgent", "forget_env", "load_seal_key"]
 

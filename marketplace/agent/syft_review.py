@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from marketplace.agent.payload import code_digest
+from marketplace.compute.payload import code_digest
 from marketplace.sdk.base import SomAPIError
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 For: the job lifecycle of DESIGN §4. A consumer creates a job (``POST /v1/jobs``: kind, units,
 limits, code for ``custom``) and learns the compute site's sealing key; it seals its input
-(:mod:`marketplace.agent.payload`) to that key and uploads it (``POST /v1/jobs/{id}/payload``),
+(:mod:`marketplace.compute.payload`) to that key and uploads it (``POST /v1/jobs/{id}/payload``),
 which is the submission: units are reserved (:func:`marketplace.services.metering.begin`) and
 the job is queued, or awaits the provider's approval (``custom``). A compute site leases it (the
 provider's agent for provider-hosted offerings, this process's worker threads for
@@ -18,7 +18,7 @@ States::
     (rejected). A running job whose lease runs out goes back to queued (or fails after
     ``max_attempts`` leases).
 
-Not for: the computations themselves (:mod:`marketplace.agent.compute`) or agent presence
+Not for: the computations themselves (:mod:`marketplace.compute.jobs`) or agent presence
 (:mod:`marketplace.services.agents`).
 """
 
@@ -40,6 +40,8 @@ from sqlalchemy.orm import Session
 
 from crypto.errors import DecryptionError
 from crypto.sealing import SealKeyPair, open_sealed
+from marketplace.compute.hosted import JobSpec
+from marketplace.compute.jobs import InputLimits, JobFailed
 from marketplace.db.base import new_id, utcnow
 from marketplace.db.models import Artifact, Offering
 from marketplace.db.models_jobs import Agent, Job
@@ -218,7 +220,7 @@ def create(
     Invalid (bad kind, units, limits, code), NotFound (offering), Unavailable (no agent has ever
     registered for a provider-hosted offering).
     """
-    from marketplace.agent.payload import code_digest
+    from marketplace.compute.payload import code_digest
 
     p.require("consumer")
     metering.check_idempotency_key(idempotency_key)
@@ -381,7 +383,7 @@ def submit_input(rt: Runtime, p: Principal, job_id: str, blob: bytes, *, who: au
 def check_jail(rt: Runtime) -> None:
     """Raise Unavailable (503) if this marketplace cannot jail custom-job code (and the operator
     did not set SOM_UNSAFE_UNJAILED_CUSTOM_JOBS; then a warning is logged instead)."""
-    from marketplace.services.jail import JailUnavailable, require
+    from marketplace.compute.jail import JailUnavailable, require
 
     try:
         require(rt.settings.jail_config())
@@ -810,19 +812,8 @@ def _keep_lease(rt: Runtime, job_id: str, owner: str, done: threading.Event) -> 
 
 
 def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading.Event | None = None) -> None:
-    """Run a leased marketplace-hosted job in this process: decrypt the model in memory only."""
-    from crypto.errors import HEError
-    from marketplace.agent.compute import (
-        InputLimits,
-        JobFailed,
-        Limits,
-        load_model,
-        run_job,
-        sealed_input_error,
-    )
-    from marketplace.agent.payload import open_input, seal_result
-    from marketplace.services.blobstore import BlobNotFound
-
+    """Run a leased marketplace-hosted job on the runtime's executor (the model is decrypted in
+    the compute site's memory only, :mod:`marketplace.compute.hosted`) and record the outcome."""
     with rt.tx() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running" or job.lease_owner != owner:
@@ -834,50 +825,23 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
             raise Unavailable(f"offering {job.offering_id} has no model artifact")
         audit.emit(s, audit.Actor.system(), "artifact.decrypt", target=art.id,
                    detail={"purpose": "job", "job_id": job.id, "version": version.number})
-        fmt, kind, limits, approved, max_rows = version.format, job.kind, job.limits, job.code_digest, job.units
-        addr, deadline = job.input_blob, job.deadline_at
+        spec = JobSpec(
+            job_id=job_id, kind=job.kind, input_blob=job.input_blob, model_blob=art.blob,
+            wrapped_key=bytes(art.wrapped_key), aad=art.aad, fmt=version.format, limits=job.limits,
+            approved_digest=job.code_digest, max_rows=job.units if job.kind != "custom" else None,
+            max_sealed_bytes=rt.settings.max_sealed_bytes,
+            input_limits=InputLimits(rt.settings.max_decompressed_bytes, rt.settings.max_compression_ratio),
+        )
+        deadline = job.deadline_at
     done = threading.Event()
     keeper = threading.Thread(target=_keep_lease, args=(rt, job_id, owner, done), daemon=True)
     keeper.start()
     try:
-        if rt.settings.job_backend == "celery":  # scale-out: a Celery worker computes (docs/deployment.md)
-            from marketplace.worker.dispatch import JOB_GRACE_SECONDS, run_job_on_worker
-
-            sealed, reason, message = run_job_on_worker(
-                rt, job_id=job_id, input_blob=addr, model_blob=art.blob, wrapped_key=bytes(art.wrapped_key),
-                aad=art.aad, fmt=fmt, kind=kind, limits=limits, approved_digest=approved,
-                max_rows=max_rows if kind != "custom" else None,
-                timeout=max(1.0, (deadline - utcnow()).total_seconds()) + JOB_GRACE_SECONDS,
-            )
-            if sealed is None:
-                fail(rt, job_id, owner=owner, reason=reason, message=message)
-            else:
-                complete(rt, job_id, owner=owner, result=sealed)
-            return
         try:
-            sealed_input = rt.blobs.get(addr)
-        except (BlobNotFound, ValueError):  # the job became final meanwhile (its input is purged)
-            fail(rt, job_id, owner=owner, reason="error", message="the sealed input is no longer stored")
-            return
-        try:
-            inp = open_input(marketplace_seal_key(rt), job_id, sealed_input, max_size=rt.settings.max_sealed_bytes)
-        except (DecryptionError, ValueError) as e:
-            fail(rt, job_id, owner=owner, reason="bad_input", message=sealed_input_error(e))
-            return
-        try:
-            try:
-                model = load_model(catalog.decrypt_artifact(rt, art), fmt)
-            except (HEError, ValueError) as e:  # one message: nothing of what the loader saw
-                raise JobFailed("error", "the model artifact was refused by the model loader") from e
-            out = run_job(
-                model, inp, expected_kind=kind, max_rows=max_rows if kind != "custom" else None,
-                approved_digest=approved, limits=Limits.from_dict(limits), workdir=Path(rt.data_dir) / "work",
-                jail=rt.settings.jail_config(),
-                input_limits=InputLimits(rt.settings.max_decompressed_bytes, rt.settings.max_compression_ratio),
-            )
+            sealed = rt.executor.run_job(spec, timeout=max(1.0, (deadline - utcnow()).total_seconds()))
         except JobFailed as e:
             fail(rt, job_id, owner=owner, reason=e.reason, message=e.message)
             return
-        complete(rt, job_id, owner=owner, result=seal_result(inp.reply_public, out))
+        complete(rt, job_id, owner=owner, result=sealed)
     finally:
         done.set()

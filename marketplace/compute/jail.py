@@ -23,6 +23,11 @@ Policy: :func:`probe` says (cached) whether the jail works on this machine. :fun
 returns the :class:`JailConfig` to use, or ``None`` only when the operator set the loudly named
 ``unsafe_unjailed`` switch (``SOM_UNSAFE_UNJAILED_CUSTOM_JOBS``), logging a warning each time;
 otherwise it raises :class:`JailUnavailable`. Nothing falls back silently.
+
+This module is the policy and the public face; the jail is built by
+:mod:`marketplace.compute.jail_build` (config, root file system, child set-up, bubblewrap argv)
+and :mod:`marketplace.compute.jail_cgroup` (per-job cgroups), and run by
+:mod:`marketplace.compute.sandbox` (``sandbox_jailed``).
 """
 
 from __future__ import annotations

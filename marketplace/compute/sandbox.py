@@ -20,6 +20,9 @@ empty environment apart from ``PATH``, locale and thread-count variables and
 RLIMIT_CORE set before exec. Jailed, the job's cgroup is frozen and every member SIGKILLed when
 the job ends or its wall clock runs out (and the PID namespace dies with its first process);
 unjailed, its process group is SIGKILLed instead.
+
+This module checks the arguments and runs the unjailed child; the jailed run is
+:mod:`marketplace.compute.sandbox_jailed`, the pieces both share :mod:`marketplace.compute.sandbox_child`.
 """
 
 from __future__ import annotations
@@ -36,18 +39,18 @@ from pathlib import Path
 
 from marketplace.compute.jail_build import JailConfig
 from marketplace.compute.sandbox_child import (
-    _MIB,
-    _NAME,
-    _POLL_SECONDS,
+    INPUT_NAME,
+    MIB,
+    POLL_SECONDS,
     Reason,
     SandboxResult,
-    _check_positive,
-    _classify,
-    _collect_outputs,
-    _env,
-    _preexec,
-    _read_log,
-    _rmtree,
+    check_positive,
+    child_env,
+    classify,
+    collect_outputs,
+    read_log,
+    rlimit_preexec,
+    rmtree,
 )
 from marketplace.compute.sandbox_jailed import run_jailed
 
@@ -66,7 +69,7 @@ def run_isolated(
     wall_seconds: float,
     python: str = sys.executable,
     max_files: int = 64,
-    max_output_bytes: int = 64 * _MIB,
+    max_output_bytes: int = 64 * MIB,
     max_log_bytes: int = 64 * 1024,
     keep_scratch: bool = False,
     jail: JailConfig | None = _DEFAULT_JAIL,
@@ -84,12 +87,12 @@ def run_isolated(
     for name, value in (("cpu_seconds", cpu_seconds), ("memory_mb", memory_mb), ("max_files", max_files)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    _check_positive("wall_seconds", wall_seconds)
-    _check_positive("max_output_bytes", max_output_bytes)
-    _check_positive("max_log_bytes", max_log_bytes)
+    check_positive("wall_seconds", wall_seconds)
+    check_positive("max_output_bytes", max_output_bytes)
+    check_positive("max_log_bytes", max_log_bytes)
     for name, data in inputs.items():
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ValueError(f"input names must match {_NAME.pattern}, got {name!r}")
+        if not isinstance(name, str) or not INPUT_NAME.fullmatch(name):
+            raise ValueError(f"input names must match {INPUT_NAME.pattern}, got {name!r}")
         if not isinstance(data, bytes):
             raise TypeError(f"input {name!r} must be bytes, got {type(data).__name__}")
 
@@ -116,13 +119,13 @@ def run_isolated(
             proc = subprocess.Popen(  # noqa: S603 - fixed argv, untrusted code only in main.py
                 [python, "-I", "-B", "main.py"],
                 cwd=scratch,
-                env=_env(scratch),
+                env=child_env(scratch),
                 stdin=subprocess.DEVNULL,
                 stdout=out_f,
                 stderr=err_f,
                 close_fds=True,
                 start_new_session=True,
-                preexec_fn=_preexec(cpu_seconds, memory_mb * _MIB, max_files, max_output_bytes),  # noqa: PLW1509
+                preexec_fn=rlimit_preexec(cpu_seconds, memory_mb * MIB, max_files, max_output_bytes),  # noqa: PLW1509
             )
         pid = proc.pid
         timed_out = False
@@ -132,7 +135,7 @@ def run_isolated(
             if time.monotonic() >= deadline:
                 timed_out = True
                 break
-            time.sleep(_POLL_SECONDS)
+            time.sleep(POLL_SECONDS)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         _, status, usage = os.wait4(pid, 0)
@@ -141,10 +144,10 @@ def run_isolated(
         wall = time.monotonic() - start
         cpu = usage.ru_utime + usage.ru_stime
 
-        stdout = _read_log(out_path, max_log_bytes, tail=False)
-        stderr = _read_log(err_path, max_log_bytes, tail=True)
-        outputs, ignored, too_big = _collect_outputs(scratch_fd, max_output_bytes)
-        reason, message = _classify(
+        stdout = read_log(out_path, max_log_bytes, tail=False)
+        stderr = read_log(err_path, max_log_bytes, tail=True)
+        outputs, ignored, too_big = collect_outputs(scratch_fd, max_output_bytes)
+        reason, message = classify(
             timed_out=timed_out,
             code=exit_code,
             cpu=cpu,
@@ -171,6 +174,6 @@ def run_isolated(
         )
     finally:
         os.close(scratch_fd)
-        _rmtree(logs)
+        rmtree(logs)
         if not keep_scratch:
-            _rmtree(scratch)
+            rmtree(scratch)

@@ -21,14 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Reason", "SandboxResult"]
+__all__ = [
+    "INPUT_NAME",
+    "MIB",
+    "POLL_SECONDS",
+    "Reason",
+    "SandboxResult",
+    "check_positive",
+    "child_env",
+    "classify",
+    "collect_outputs",
+    "read_log",
+    "rlimit_preexec",
+    "rmtree",
+]
 
 Reason = Literal["ok", "cpu_limit", "memory_limit", "timeout", "error"]
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+INPUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MEMORY_MARKERS = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory")
-_MIB = 1024 * 1024
-_POLL_SECONDS = 0.01
+MIB = 1024 * 1024
+POLL_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -53,12 +66,12 @@ class SandboxResult:
     ignored_outputs: tuple[str, ...] = field(default=())
 
 
-def _check_positive(name: str, value: object) -> None:
+def check_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def _preexec(cpu_seconds: int, memory_bytes: int, max_files: int, max_file_bytes: int) -> Callable[[], None]:
+def rlimit_preexec(cpu_seconds: int, memory_bytes: int, max_files: int, max_file_bytes: int) -> Callable[[], None]:
     def limits() -> None:  # runs in the child between fork and exec
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
@@ -69,7 +82,7 @@ def _preexec(cpu_seconds: int, memory_bytes: int, max_files: int, max_file_bytes
     return limits
 
 
-def _env(scratch: Path) -> dict[str, str]:
+def child_env(scratch: Path) -> dict[str, str]:
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "PYTHONNOUSERSITE": "1",
@@ -83,7 +96,7 @@ def _env(scratch: Path) -> dict[str, str]:
     }
 
 
-def _read_log(path: Path, limit: int, *, tail: bool) -> str:
+def read_log(path: Path, limit: int, *, tail: bool) -> str:
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -102,7 +115,7 @@ def _read_log(path: Path, limit: int, *, tail: bool) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _collect_outputs(scratch_fd: int, max_bytes: int, *, outputs_fd: int | None = None) -> tuple[dict[str, bytes], list[str], bool]:
+def collect_outputs(scratch_fd: int, max_bytes: int, *, outputs_fd: int | None = None) -> tuple[dict[str, bytes], list[str], bool]:
     """Read top-level regular files of ``outputs/`` (or of the open folder ``outputs_fd``)
     without following symlinks."""
     outputs: dict[str, bytes] = {}
@@ -123,7 +136,7 @@ def _collect_outputs(scratch_fd: int, max_bytes: int, *, outputs_fd: int | None 
                 ignored.append(name)
                 continue
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or not _NAME.fullmatch(name):
+            if not stat.S_ISREG(st.st_mode) or not INPUT_NAME.fullmatch(name):
                 os.close(fd)
                 ignored.append(name)
                 continue
@@ -139,7 +152,7 @@ def _collect_outputs(scratch_fd: int, max_bytes: int, *, outputs_fd: int | None 
     return outputs, ignored, False
 
 
-def _rmtree(path: Path) -> None:
+def rmtree(path: Path) -> None:
     def fix(func: Callable[..., object], p: str, _exc: object) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(p), 0o700)
@@ -150,7 +163,7 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, onerror=fix)
 
 
-def _classify(
+def classify(
     *, timed_out: bool, code: int, cpu: float, stderr: str, cpu_seconds: int, memory_mb: int, wall_seconds: float,
     oom: bool = False, max_output_bytes: int = 0,
 ) -> tuple[Reason, str]:

@@ -24,14 +24,14 @@ from pathlib import Path
 from marketplace.compute.jail_build import JailConfig, bwrap_argv, layout, preexec
 from marketplace.compute.jail_cgroup import Cgroup, job_name
 from marketplace.compute.sandbox_child import (
-    _MIB,
-    _POLL_SECONDS,
+    MIB,
+    POLL_SECONDS,
     SandboxResult,
-    _classify,
-    _collect_outputs,
-    _env,
-    _read_log,
-    _rmtree,
+    child_env,
+    classify,
+    collect_outputs,
+    read_log,
+    rmtree,
 )
 
 __all__ = ["run_jailed"]
@@ -39,7 +39,7 @@ __all__ = ["run_jailed"]
 
 
 def _jail_env() -> dict[str, str]:
-    env = _env(Path("/tmp"))  # noqa: S108 - the jail's private /tmp
+    env = child_env(Path("/tmp"))  # noqa: S108 - the jail's private /tmp
     env["TMPDIR"] = "/tmp"  # noqa: S108
     env["PATH"] = "/usr/bin:/bin"
     return env
@@ -101,7 +101,7 @@ def run_jailed(
         os.chmod(scratch / "main.py", 0o644)
         output_bytes = -(-max_output_bytes // 4096) * 4096
         cg = Cgroup(cfg.cgroup_root, job_name())
-        cg.limit(memory_bytes=memory_mb * _MIB + output_bytes + cfg.tmp_bytes + 64 * _MIB, pids=cfg.max_pids)
+        cg.limit(memory_bytes=memory_mb * MIB + output_bytes + cfg.tmp_bytes + 64 * MIB, pids=cfg.max_pids)
         job_binds = ((str(scratch / "main.py"), "/job/main.py"), (str(scratch / "inputs"), "/job/inputs"))
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
@@ -111,7 +111,7 @@ def run_jailed(
             block_fd=block_r, info_fd=info_w, argv=[lay.python, "-I", "-B", "main.py"],
         )
         rlimits = [
-            (resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, memory_mb * _MIB),
+            (resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, memory_mb * MIB),
             (resource.RLIMIT_NOFILE, max_files), (resource.RLIMIT_FSIZE, max_output_bytes),
             (resource.RLIMIT_CORE, 0),
         ]
@@ -143,7 +143,7 @@ def run_jailed(
             if time.monotonic() >= deadline:
                 timed_out = True
                 break
-            time.sleep(_POLL_SECONDS)
+            time.sleep(POLL_SECONDS)
         cg.kill_all()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
@@ -155,13 +155,13 @@ def run_jailed(
         wall = time.monotonic() - start
         cg_cpu = cg.cpu_seconds()
         cpu = max(cg_cpu or 0.0, usage.ru_utime + usage.ru_stime)  # the cgroup counts stragglers too
-        stdout = _read_log(out_path, max_log_bytes, tail=False)
-        stderr = _read_log(err_path, max_log_bytes, tail=True)
+        stdout = read_log(out_path, max_log_bytes, tail=False)
+        stderr = read_log(err_path, max_log_bytes, tail=True)
         if out_fd >= 0:
-            outputs, ignored, too_big = _collect_outputs(-1, max_output_bytes, outputs_fd=out_fd)
+            outputs, ignored, too_big = collect_outputs(-1, max_output_bytes, outputs_fd=out_fd)
         else:
             outputs, ignored, too_big = {}, ["outputs/ (the jail did not start)"], False
-        reason, message = _classify(
+        reason, message = classify(
             timed_out=timed_out, code=exit_code, cpu=cpu, stderr=stderr, cpu_seconds=cpu_seconds,
             memory_mb=memory_mb, wall_seconds=wall_seconds, oom=cg.oom_killed(), max_output_bytes=max_output_bytes,
         )
@@ -184,5 +184,5 @@ def run_jailed(
         if cg is not None:
             cg.kill_all()
             cg.remove()
-        _rmtree(logs)
-        _rmtree(scratch)
+        rmtree(logs)
+        rmtree(scratch)

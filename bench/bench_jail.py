@@ -2,7 +2,7 @@
 
 Prints a markdown section (``make bench`` collects it). Measures, on this machine, the wall time
 of ``run_isolated`` for an empty ``main.py`` and for one that imports numpy, jailed
-(bubblewrap + per-job cgroups, :mod:`marketplace.services.jail`) and unjailed (the old plain
+(bubblewrap + per-job cgroups, :mod:`marketplace.compute.jail`) and unjailed (the old plain
 child process, ``jail=None``), and the in-process ``predict`` of 100 rows that the predict and
 evaluate runners do today, so the cost of moving those into the jail can be judged
 (docs/jobs.md, "The jail").
@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crypto.sealing import SealKeyPair  # noqa: E402
-from marketplace.agent.compute import load_model, run_job  # noqa: E402
-from marketplace.agent.payload import JobInput  # noqa: E402
-from marketplace.services.jail import JailConfig, probe  # noqa: E402
-from marketplace.services.sandbox import run_isolated  # noqa: E402
+from marketplace.compute.jail import JailConfig, probe  # noqa: E402
+from marketplace.compute.jobs import load_model, run_job  # noqa: E402
+from marketplace.compute.payload import JobInput  # noqa: E402
+from marketplace.compute.sandbox import run_isolated  # noqa: E402
 
 D_IN, ROWS = 30, 100
 

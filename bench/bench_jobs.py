@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crypto.sealing import SealKeyPair  # noqa: E402
-from marketplace.agent.compute import load_model, run_job  # noqa: E402
-from marketplace.agent.payload import JobInput  # noqa: E402
+from marketplace.compute.jobs import load_model, run_job  # noqa: E402
+from marketplace.compute.payload import JobInput  # noqa: E402
 
 D_IN, ROWS = 30, 100
 

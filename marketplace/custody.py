@@ -8,7 +8,7 @@ creating the DB and log files 0600. A copy of the data directory alone then hold
 no key that opens it (docs/crypto-at-rest.md "Key custody").
 Not for: making or using the keys themselves (:mod:`crypto.keyproviders`,
 :func:`marketplace.services.jobs.marketplace_seal_key`, :func:`marketplace.services.ledger.log_signer`,
-:func:`marketplace.worker.tasks.task_key`).
+:func:`marketplace.compute.messages.task_key`).
 
 Default key directory: ``$XDG_CONFIG_HOME/som/keys/<instance id>`` (``~/.config/som/...``), where
 the instance id is a random, public name written once to ``<data_dir>/instance-id``: the data

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from marketplace.compute.store import StoreSpec
 from marketplace.db.session import make_engine, make_sessionmaker, upgrade
 from marketplace.settings import Settings
 
 if TYPE_CHECKING:
     from crypto.sealing import SealKeyPair
+    from marketplace.compute.executor import Executor
     from marketplace.services.jobs.background import Background
     from marketplace.services.leases import Bell
 
@@ -61,6 +63,11 @@ class Runtime:
         self.job_seal_key: SealKeyPair | None = None
         self.job_threads: Background | None = None
         self.job_threads_lock = threading.Lock()
+        # -- issue 11 step 3 (compute site): where computations run, chosen once from settings
+        self.store_spec: StoreSpec = StoreSpec.from_settings(settings, data_dir=self.data_dir, key_dir=self.key_dir)
+        self._executor: Executor | None = None
+        self._executor_lock = threading.Lock()
+        self.on_close(self.shutdown_executor)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -92,6 +99,29 @@ class Runtime:
 
                 self._keys = LocalFileKeyProvider(self.key_dir / KEK_FILE)
         return self._keys
+
+    # -- issue 11 step 3 (compute site) ------------------------------------------------------
+
+    @property
+    def executor(self) -> Executor:
+        """The one executor of ``settings.job_backend`` (built on first use; nothing starts until
+        a computation is sent to it)."""
+        with self._executor_lock:
+            if self._executor is None:
+                # start-up cost: the executor loads TenSEAL (and Celery for the celery backend)
+                from marketplace.compute.executor import make_executor
+
+                self._executor = make_executor(self.settings, store=self.store_spec)
+            return self._executor
+
+    def shutdown_executor(self) -> None:
+        """Stop the executor's workers (when the app stops; the next computation makes a new one)."""
+        with self._executor_lock:
+            ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.shutdown()
+
+    # -- end of issue 11 step 3 -------------------------------------------------------------
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)

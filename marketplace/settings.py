@@ -14,7 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from marketplace.services.jail import JailConfig
+    from marketplace.compute.jail import JailConfig
 
 __all__ = ["PLACEHOLDER_SECRETS", "Settings", "SettingsError"]
 
@@ -152,8 +152,8 @@ class Settings(BaseSettings):
     )
 
     def jail_config(self) -> JailConfig:
-        """The jail settings as a :class:`marketplace.services.jail.JailConfig`."""
-        from marketplace.services.jail import JailConfig
+        """The jail settings as a :class:`marketplace.compute.jail.JailConfig`."""
+        from marketplace.compute.jail import JailConfig
 
         return JailConfig(
             bwrap=self.jail_bwrap, max_pids=self.jail_max_pids, unsafe_unjailed=self.unsafe_unjailed_custom_jobs

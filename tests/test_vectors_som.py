@@ -301,7 +301,7 @@ def _payload_keypair(c: dict[str, Any]) -> SealKeyPair:
 
 
 def run_open_input(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> None:
-    from marketplace.agent.payload import code_digest, open_input
+    from marketplace.compute.payload import code_digest, open_input
 
     job = open_input(_payload_keypair(c), c["job_id"], bytes.fromhex(c["blob_hex"]), max_size=1 << 20)
     if c["want_error"] is not None:
@@ -319,7 +319,7 @@ def run_open_input(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> Non
 
 
 def run_open_result(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> None:
-    from marketplace.agent.payload import open_result
+    from marketplace.compute.payload import open_result
 
     res = open_result(_payload_keypair(c), c["job_id"], bytes.fromhex(c["blob_hex"]))
     if c["want_error"] is None:

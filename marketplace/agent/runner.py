@@ -5,7 +5,7 @@ long-poll on ``POST /v1/agent/lease``), authenticates with an agent key, registe
 public key (the private key stays in a 0600 file next to it) together with the provider's signed
 statements vouching for that key (``--signing-key``: the Ed25519 key that signs the provider's
 offers; consumers refuse to seal to an unvouched key), heartbeats, and for each piece of work:
-fetches the input, computes (jobs via :mod:`marketplace.agent.compute`, HE requests via
+fetches the input, computes (jobs via :mod:`marketplace.compute.jobs`, HE requests via
 :func:`crypto.he.evaluate` on a :class:`crypto.he.PublicContext` from the consumer's key set,
 fetched once and cached), posts the result. With ``--calibration`` it compiles the HE plan
 locally and publishes only the PUBLIC plan and report. It reconnects with exponential backoff.
@@ -17,22 +17,30 @@ Not for: anything on the marketplace's side; the weights never leave this proces
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
+import signal
 import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
+from crypto.errors import CryptoError, DecryptionError
+from crypto.he import CompiledModel, PublicContext, compile_model, compile_report, evaluate
 from crypto.sealing import SealKeyPair
 from crypto.signing import SigningKey
-from marketplace.agent.compute import (
+from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
+from marketplace.compute.jail import JailConfig, config_from_env, probe
+from marketplace.compute.jobs import (
     JobFailed,
     Limits,
     Model,
@@ -40,10 +48,10 @@ from marketplace.agent.compute import (
     run_job,
     sealed_input_error,
 )
-from marketplace.agent.payload import open_input, seal_result
-from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
-from marketplace.sdk.base import BaseClient, SomAPIError
-from marketplace.services.jail import JailConfig, config_from_env, probe
+from marketplace.compute.payload import open_input, seal_result
+from marketplace.sdk.agent_api import AgentAPI
+from marketplace.sdk.contracts_api import load_signing_key
+from marketplace.sdk.errors import SomAPIError
 
 __all__ = ["AgentConfig", "LeaseLost", "ProviderAgent", "forget_env", "load_seal_key"]
 
@@ -73,8 +81,6 @@ def forget_env(name: str) -> None:
     """Drop ``name`` from this process's environment: from ``os.environ`` (so no child inherits
     it) and from the environment block the kernel shows in ``/proc/<pid>/environ`` (its value
     bytes are overwritten in place). Best effort on non-Linux systems."""
-    import ctypes
-
     os.environ.pop(name, None)
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
@@ -123,20 +129,18 @@ class ProviderAgent:
         self.seal = load_seal_key(cfg.seal_key_path or cfg.model_path.with_suffix(".seal.key"))
         self.signing_key: SigningKey | None = None
         if cfg.signing_key_path is not None:
-            from marketplace.sdk.contracts_api import load_signing_key
-
             self.signing_key = load_signing_key(cfg.signing_key_path, create=False)
         else:
             log.warning("no --signing-key: consumers will refuse to seal jobs to this agent (HE inference still works)")
         self._vouch_refresh_at = 0.0
-        self.api = BaseClient(cfg.url, cfg.api_key, http=http, timeout=cfg.lease_wait + 60)
+        self.api = AgentAPI(cfg.url, cfg.api_key, http=http, timeout=cfg.lease_wait + 60)
         self.agent_id: str | None = None
         self.heartbeat_seconds = 5.0
         self.holding: set[str] = set()
         self.lost: set[str] = set()
         self._lock = threading.Lock()
-        self.compiled: Any = None
-        self._keysets: OrderedDict[str, Any] = OrderedDict()
+        self.compiled: CompiledModel | None = None
+        self._keysets: OrderedDict[str, PublicContext] = OrderedDict()
         self.done = 0
         self.workdir = cfg.workdir or Path(tempfile.gettempdir()) / f"som-agent-{os.getpid()}"
         self.jail = cfg.jail if cfg.jail is not None else config_from_env()
@@ -153,10 +157,6 @@ class ProviderAgent:
     # -- setup -----------------------------------------------------------------------------
 
     def _compile(self, data: bytes, fmt: str, cal_path: Path) -> None:
-        import numpy as np
-
-        from crypto.he import compile_model, compile_report
-
         cal = np.load(cal_path, allow_pickle=False)
         self.compiled = compile_model(data, fmt, calibration=cal)
         self.report = compile_report(self.compiled, cal[:64]).to_dict()
@@ -171,7 +171,7 @@ class ProviderAgent:
         }
         if self.cfg.offering_ids:
             body["offering_ids"] = self.cfg.offering_ids
-        out = self.api.post_json("/v1/agent/hello", body)
+        out = self.api.hello(body)
         agent_id = str(out["id"])
         self.offerings = list(out["offering_ids"])
         self.heartbeat_seconds = float(out["heartbeat_seconds"])
@@ -179,11 +179,7 @@ class ProviderAgent:
         self._vouch(agent_id)
         if self.compiled is not None:
             for oid in self.offerings:
-                self.api.post_json(
-                    f"/v1/agent/offerings/{oid}/plan",
-                    {"plan": self.compiled.public_plan.to_dict(), "report": self.report},
-                    headers=self._h(agent_id),
-                )
+                self.api.plan(oid, self.compiled.public_plan.to_dict(), self.report, agent_id=agent_id)
         self.agent_id = agent_id  # connected only once the sealing key is vouched for
         log.info("agent %s connected for %s", self.agent_id, self.offerings)
 
@@ -192,19 +188,14 @@ class ProviderAgent:
         be sealed to this agent's key (valid :data:`DEFAULT_VALIDITY`, renewed at half-life)."""
         if self.signing_key is None:
             return
-        from datetime import UTC, datetime
-
         now = time.time() if now is None else now
         not_after = datetime.fromtimestamp(now, UTC) + DEFAULT_VALIDITY
         statements = [
             sign_seal_key(self.signing_key, offering_id=oid, seal_public=self.seal.public_text(), not_after=not_after).to_dict()
             for oid in self.offerings
         ]
-        self.api.post_json("/v1/agent/seal-key", {"statements": statements}, headers=self._h(agent_id))
+        self.api.seal_statements(statements, agent_id=agent_id)
         self._vouch_refresh_at = now + DEFAULT_VALIDITY.total_seconds() / 2
-
-    def _h(self, agent_id: str | None = None) -> dict[str, str]:
-        return {"X-Som-Agent": agent_id or self.agent_id or ""}
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -221,17 +212,17 @@ class ProviderAgent:
                         if not started:
                             hb.start()
                             started = True
-                    r = self.api._http.post(
-                        "/v1/agent/lease", json={"wait": self.cfg.lease_wait}, headers=self._h()
-                    )
-                    if r.status_code == 404:  # the server forgot us (new DB?): say hello again
-                        self.agent_id = None
+                    try:
+                        item = self.api.lease(self.cfg.lease_wait, agent_id=self.agent_id)
+                    except SomAPIError as e:
+                        if e.status != 404:
+                            raise
+                        self.agent_id = None  # the server forgot us (new DB?): say hello again
                         continue
-                    self.api._raise(r)
                     delay = 0.5
-                    if r.status_code == 204:
+                    if item is None:
                         continue
-                    self._handle(r.json())
+                    self._handle(item)
                     self.done += 1
                 except (httpx.TransportError, SomAPIError) as e:
                     if isinstance(e, SomAPIError) and e.status in (401, 403):
@@ -244,7 +235,7 @@ class ProviderAgent:
             stop.set()
             if self.agent_id is not None:
                 with contextlib.suppress(Exception):
-                    self.api._http.post("/v1/agent/bye", headers=self._h(), timeout=5)
+                    self.api.bye(agent_id=self.agent_id, timeout=5)
 
     def _heartbeats(self, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_seconds):
@@ -253,9 +244,9 @@ class ProviderAgent:
             with self._lock:
                 holding = sorted(self.holding)
             try:
-                out = self.api.post_json("/v1/agent/heartbeat", {"holding": holding}, headers=self._h())
+                lost = self.api.heartbeat(holding, agent_id=self.agent_id)
                 with self._lock:
-                    self.lost.update(out.get("lost", []))
+                    self.lost.update(lost)
                 if self.signing_key is not None and time.time() >= self._vouch_refresh_at and self.agent_id:
                     self._vouch(self.agent_id)
             except (httpx.TransportError, SomAPIError) as e:
@@ -267,8 +258,7 @@ class ProviderAgent:
         with self._lock:
             lost = wid in self.lost
         if not lost:
-            out = self.api.post_json("/v1/agent/heartbeat", {"holding": [wid]}, headers=self._h())
-            lost = wid in out.get("lost", [])
+            lost = wid in self.api.heartbeat([wid], agent_id=self.agent_id)
         if lost:
             raise LeaseLost(f"lost the lease on {wid}; another agent has it now")
 
@@ -279,7 +269,7 @@ class ProviderAgent:
         with self._lock:
             self.holding.add(wid)
         try:
-            payload = self.api.request("GET", f"/v1/agent/work/{wid}/payload", headers=self._h()).content
+            payload = self.api.payload(wid, agent_id=self.agent_id)
             if item["type"] == "task":
                 self._task(wid, item, payload)
             else:
@@ -298,10 +288,7 @@ class ProviderAgent:
         while True:
             try:
                 self.check_lease(wid)
-                self.api.request(
-                    "POST", f"/v1/agent/work/{wid}/result", content=data,
-                    headers={**self._h(), "Content-Type": "application/octet-stream"},
-                )
+                self.api.complete(wid, data, agent_id=self.agent_id)
                 return
             except SomAPIError as e:
                 if e.status == 409:  # cancelled or expired meanwhile: drop it
@@ -317,11 +304,9 @@ class ProviderAgent:
 
     def _fail(self, wid: str, reason: str, message: str) -> None:
         with contextlib.suppress(SomAPIError):
-            self.api.post_json(f"/v1/agent/work/{wid}/fail", {"reason": reason, "message": message[:4000]}, headers=self._h())
+            self.api.fail(wid, reason, message, agent_id=self.agent_id)
 
     def _job(self, wid: str, item: dict[str, Any], payload: bytes) -> None:
-        from crypto.errors import DecryptionError
-
         meta = item.get("meta") or {}
         self.check_lease(wid)
         try:
@@ -340,13 +325,11 @@ class ProviderAgent:
             return
         self._post_result(wid, seal_result(inp.reply_public, out))
 
-    def _context(self, keyset_id: str) -> Any:
-        from crypto.he import PublicContext
-
+    def _context(self, keyset_id: str, compiled: CompiledModel) -> PublicContext:
         ctx = self._keysets.get(keyset_id)
         if ctx is None:
-            data = self.api.request("GET", f"/v1/agent/keysets/{keyset_id}", headers=self._h()).content
-            ctx = PublicContext.from_bytes(data, plan=self.compiled.public_plan)
+            data = self.api.keyset(keyset_id, agent_id=self.agent_id)
+            ctx = PublicContext.from_bytes(data, plan=compiled.public_plan)
             self._keysets[keyset_id] = ctx
             while len(self._keysets) > _KEYSET_CACHE:
                 self._keysets.popitem(last=False)
@@ -355,15 +338,12 @@ class ProviderAgent:
         return ctx
 
     def _task(self, wid: str, item: dict[str, Any], payload: bytes) -> None:
-        from crypto.errors import CryptoError
-        from crypto.he import evaluate
-
         if self.compiled is None:
             self._fail(wid, "no_plan", "this agent has no HE plan (start it with --calibration)")
             return
         meta = item.get("meta") or {}
         try:
-            out = evaluate(self.compiled, self._context(str(meta["keyset_id"])), payload)
+            out = evaluate(self.compiled, self._context(str(meta["keyset_id"]), self.compiled), payload)
         except (CryptoError, ValueError, TypeError, KeyError) as e:
             self._fail(wid, "invalid", f"{type(e).__name__}: {e}")
             return
@@ -373,8 +353,6 @@ class ProviderAgent:
 def run_forever(cfg: AgentConfig) -> None:  # pragma: no cover - the CLI entry point
     agent = ProviderAgent(cfg)
     stop = threading.Event()
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     agent.run(stop)

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from marketplace.agent.payload import code_digest
+from marketplace.compute.payload import code_digest
 from marketplace.sdk.base import SomAPIError
 
 __all__ = [
@@ -134,6 +134,7 @@ class SyftReviewBridge:
         email: str,
         offering_ids: Sequence[str] = (),
     ) -> None:
+        # start-up cost: syft-job (and syft) take over a second to import
         from syft_job import JobClient, SyftJobConfig
 
         os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")  # belt and braces: we never run jobs
@@ -162,8 +163,9 @@ class SyftReviewBridge:
     def mirror(self, job: dict[str, Any]) -> bool:
         """Write ``job`` (an API job view awaiting approval) as a syft-job code request with a
         fresh ``pending`` state. Returns False if it is already mirrored or cannot be."""
+        # start-up cost: syft-job (and syft) take over a second to import
         from syft_job import JobClient, SyftJobConfig
-        from syft_job.models import JobSubmissionMetadata
+        from syft_job.models import JobSubmissionMetadata  # start-up cost
 
         job_id, code, digest = str(job["id"]), job.get("code"), job.get("code_digest")
         if job.get("kind") != "custom" or not isinstance(code, str) or not digest:
@@ -255,6 +257,7 @@ class SyftReviewBridge:
 
     def _reflect(self, ref: Any, state: Any, report: SyncReport) -> None:
         """Write the marketplace's final state of a mirrored job into its state.yaml."""
+        # start-up cost: syft-job (and syft) take over a second to import
         from syft_job.models import JobStatus
 
         job_id = str(ref.job_name)
@@ -294,8 +297,9 @@ class SyftReviewBridge:
     def sync(self) -> SyncReport:
         """One pass: mirror new jobs awaiting approval, forward the provider's syft-job decisions,
         reflect final marketplace states. Raises SomAPIError / httpx errors from the API."""
+        # start-up cost: syft-job (and syft) take over a second to import
         from syft_job.job_ref import JobStateNotFoundError
-        from syft_job.models import JobStatus
+        from syft_job.models import JobStatus  # start-up cost
 
         report = SyncReport()
         awaiting = self._awaiting()

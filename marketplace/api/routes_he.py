@@ -198,9 +198,4 @@ async def infer(
 
 
 def setup(rt: Runtime, app: FastAPI) -> None:
-    def stop() -> None:
-        pool = rt.extras.pop("he.compute", None)
-        if pool is not None:
-            pool.shutdown()
-
-    app.state.on_stop.append(stop)
+    app.state.on_stop.append(rt.shutdown_executor)

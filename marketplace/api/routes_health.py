@@ -16,6 +16,6 @@ router = APIRouter(prefix="/v1", tags=["health"])
 def health(rt: Rt) -> dict[str, str]:
     with rt.engine.connect() as c:
         c.execute(text("SELECT 1"))
-    from marketplace.services.jail import status
+    from marketplace.compute.jail import status
 
     return {"status": "ok", "version": marketplace.__version__, "jail": status(rt.settings.jail_config())}

@@ -23,8 +23,8 @@ from typing import Any
 
 from crypto.errors import CryptoError
 from crypto.sealing import SealKeyPair
-from marketplace.agent.payload import JobInput, JobResult, code_digest, open_result, seal_input
 from marketplace.agent.sealkey import verify_seal_key
+from marketplace.compute.payload import JobInput, JobResult, code_digest, open_result, seal_input
 from marketplace.sdk.base import BaseClient, SomAPIError
 
 __all__ = ["JobsAPI", "SealKeyRefused", "SubmittedJob", "count_rows"]

@@ -2,7 +2,7 @@
 
 For: ``infer`` meters one unit per sample (:func:`crypto.he.wire.count_samples`) with
 :mod:`marketplace.services.metering`, computes in the local worker pool
-(:mod:`marketplace.services.compute`) or on the provider's agent, and returns the result frame
+(:mod:`marketplace.compute.he`) or on the provider's agent, and returns the result frame
 with its usage receipt. Plans live in :mod:`marketplace.services.he_plans`, key sets in
 :mod:`marketplace.services.keysets`.
 
@@ -19,10 +19,11 @@ from datetime import datetime
 from typing import Any
 
 from crypto.he import PublicPlan, wire
+from marketplace.compute.he import ComputeError, HETask
 from marketplace.db.base import utcnow
 from marketplace.errors import Conflict, Forbidden, Invalid, Unavailable
 from marketplace.runtime import Runtime
-from marketplace.services import audit, catalog, compute, dispatch, metering
+from marketplace.services import audit, catalog, dispatch, metering
 from marketplace.services.he_plans import current_plan, latest_artifact
 from marketplace.services.identity import Principal
 from marketplace.services.keysets import keyset_public, own_keyset, refresh_revocation
@@ -120,14 +121,14 @@ def _compute(rt: Runtime, prep: _Prepared, body: bytes) -> bytes:
     if prep.compiled is None or prep.version_id is None:
         raise Unavailable("no compiled model for this offering")
     _art_id, wrapped, aad, blob = prep.compiled
-    task = compute.HETask(
-        store=compute.store_spec(rt), version_id=prep.version_id, model_blob=blob, wrapped_key=wrapped,
+    task = HETask(
+        store=rt.store_spec, version_id=prep.version_id, model_blob=blob, wrapped_key=wrapped,
         aad=aad, keyset_id=prep.keyset["id"], keyset_blob=prep.keyset["digest"], plan_json=prep.plan_json,
         request=body,
     )
     try:
-        return compute.get_pool(rt).run(task, timeout=COMPUTE_TIMEOUT_SECONDS)
-    except compute.ComputeError as e:
+        return rt.executor.run_he(task, timeout=COMPUTE_TIMEOUT_SECONDS)
+    except ComputeError as e:
         if e.kind == "invalid":
             raise Invalid(f"ciphertexts do not fit the plan and key set: {e.message}") from None
         raise Unavailable(f"compute failed: {e.message}") from None

@@ -179,9 +179,9 @@ def test_run_on_agent_round_trip_and_unavailable(jw: Any, tmp_path: Path) -> Non
 def test_lost_lease_goes_back_to_the_queue_and_charges_once(jw: Any, tmp_path: Path) -> None:
     """An agent leases a job and dies; after the lease expires another agent gets it; the first
     agent's late result and the second's both arrive: one charge."""
-    from marketplace.agent.compute import load_model, run_job
-    from marketplace.agent.payload import open_input, seal_result
     from marketplace.agent.runner import load_seal_key
+    from marketplace.compute.jobs import load_model, run_job
+    from marketplace.compute.payload import open_input, seal_result
 
     st = offering(jw, tmp_path, hosting="provider")
     key = agent_key(jw, st.offering_id)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from crypto.signing import SigningKey
-from marketplace.agent.payload import code_digest
+from marketplace.compute.payload import code_digest
 from marketplace.sdk import SomClient
 from tests.marketplace.test_cli_server import SOM, free_port, som
 from tests.marketplace.test_jobs_support import (

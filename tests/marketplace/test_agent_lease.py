@@ -50,9 +50,9 @@ def test_agent_abandons_work_whose_lease_it_lost(jw: Any, tmp_path: Path) -> Non
     a1 = ProviderAgent(cfg, http=TestClient(jw.app, raise_server_exceptions=False))  # type: ignore[arg-type]
     a1._hello()
     sub = jw.consumer.submit_job(st.offering_id, "predict", to_csv(features(4)))
-    item = a1.api.post_json("/v1/agent/lease", {"wait": 5}, headers=a1._h())
-    assert item["id"] == sub.id
-    payload = a1.api.request("GET", f"/v1/agent/work/{sub.id}/payload", headers=a1._h()).content
+    item = a1.api.lease(5, agent_id=a1.agent_id)
+    assert item is not None and item["id"] == sub.id
+    payload = a1.api.payload(sub.id, agent_id=a1.agent_id)
     a1.check_lease(sub.id)  # still ours
     with running_agent(jw, st, key, tmp_path) as a2:  # a1 stalls; a2 gets the job after the lease runs out
         job = jw.consumer.wait_job(sub.id, timeout=30)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from crypto.sealing import SealKeyPair, job_info, seal
-from marketplace.agent.payload import JobInput, code_digest, open_result, seal_input
+from marketplace.compute.payload import JobInput, code_digest, open_result, seal_input
 from marketplace.sdk import SomAPIError
 from tests.conftest import build_world, make_settings
 from tests.marketplace.test_jobs_support import (

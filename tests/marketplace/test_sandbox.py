@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from marketplace.services.sandbox import run_isolated
+from marketplace.compute.sandbox import run_isolated
 
 LIMITS = {"cpu_seconds": 5, "memory_mb": 512, "wall_seconds": 20}
 
@@ -277,7 +277,7 @@ def test_unjailed_run_only_when_asked(tmp_path):
 
 
 def test_require_refuses_a_missing_jail_unless_unsafe(caplog):
-    from marketplace.services.jail import JailConfig, JailUnavailable, require
+    from marketplace.compute.jail import JailConfig, JailUnavailable, require
 
     with pytest.raises(JailUnavailable, match="SOM_UNSAFE_UNJAILED_CUSTOM_JOBS"):
         require(JailConfig(bwrap="/nonexistent/bwrap"))

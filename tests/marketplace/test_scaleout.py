@@ -39,10 +39,14 @@ from crypto.envelope import encrypt_artifact
 from crypto.keyproviders import LocalFileKeyProvider
 from crypto.sealing import SealKeyPair
 from crypto.signing import SigningKey
-from marketplace.agent.payload import JobInput, open_result, seal_input
+from marketplace.compute import messages
+from marketplace.compute import store as compute_store
+from marketplace.compute.he import ComputeError, HETask
+from marketplace.compute.payload import JobInput, open_result, seal_input
+from marketplace.compute.store import StoreSpec
+from marketplace.custody import SEAL_KEY_FILE
 from marketplace.sdk import SomAPIError, SomClient
 from marketplace.services.blobstore import BlobStore
-from marketplace.services.compute import ComputeError, HETask, StoreSpec
 from marketplace.worker import tasks
 from tests.conftest import PG_ADMIN_URL, _pg_up
 from tests.marketplace.test_cli_server import SOM, free_port, som
@@ -327,7 +331,7 @@ def site(tmp_path: Path) -> dict[str, Any]:
     root.mkdir()
     provider = LocalFileKeyProvider.create(keys / "kek.json")
     seal = SealKeyPair.generate()
-    (keys / tasks.JOB_SEAL_KEY_PATH).write_bytes(seal.unsafe_private_bytes())
+    (keys / SEAL_KEY_FILE).write_bytes(seal.unsafe_private_bytes())
     w, b = model_arrays()
     aad = "som:ver_test:model"
     ct, wrapped = encrypt_artifact(model_npz(w, b), provider=provider, aad=aad.encode())
@@ -339,7 +343,7 @@ def site(tmp_path: Path) -> dict[str, Any]:
 def _msg(site: dict[str, Any], job_id: str, sealed: bytes, **kw: Any) -> dict[str, Any]:
     msg = {
         "job_id": job_id, "input_blob": site["blobs"].put(sealed), "model_blob": site["model_blob"],
-        "wrapped_key": tasks.b64e(site["wrapped"]), "aad": site["aad"], "format": "npz", "kind": "predict",
+        "wrapped_key": messages.b64e(site["wrapped"]), "aad": site["aad"], "format": "npz", "kind": "predict",
         "limits": {"cpu_seconds": 10, "memory_mb": 512, "wall_seconds": 10.0}, "approved_digest": None,
         "max_rows": 20, "max_sealed_bytes": 1 << 20,
     }
@@ -349,7 +353,7 @@ def _msg(site: dict[str, Any], job_id: str, sealed: bytes, **kw: Any) -> dict[st
 
 def _signed(site: dict[str, Any], task: str, msg: dict[str, Any]) -> dict[str, Any]:
     """Signed as an API replica sharing the data directory signs it."""
-    return tasks.sign_message(tasks.task_key(site["keys"], create=True), task, msg)
+    return messages.sign_message(messages.task_key(site["keys"], create=True), task, msg)
 
 
 def test_job_task_predicts_sealed_to_the_reply_key(site: dict[str, Any]) -> None:
@@ -359,14 +363,14 @@ def test_job_task_predicts_sealed_to_the_reply_key(site: dict[str, Any]) -> None
     msg = _signed(site, "som.run_job", _msg(site, "job_1", sealed))
     # the message names the encrypted model and the sealed input; it carries neither the weights nor the rows
     wire = json.dumps(msg)
-    assert tasks.b64e(model_npz(site["w"], site["b"]))[:64] not in wire and to_csv(x)[:32].decode() not in wire
+    assert messages.b64e(model_npz(site["w"], site["b"]))[:64] not in wire and to_csv(x)[:32].decode() not in wire
     out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local", key_dir=str(site["keys"])), msg)
     assert out["ok"] is True
-    res = open_result(reply, "job_1", tasks.b64d(out["out"]))
+    res = open_result(reply, "job_1", messages.b64d(out["out"]))
     got = np.array([[float(v) for v in ln.split(",")] for ln in res.body.decode().splitlines() if ln])
     np.testing.assert_allclose(got, expected(site["w"], site["b"], x), rtol=1e-9)
     with pytest.raises(Exception):  # noqa: B017 - opaque DecryptionError: only the reply key opens it
-        open_result(site["seal"], "job_1", tasks.b64d(out["out"]))
+        open_result(site["seal"], "job_1", messages.b64d(out["out"]))
 
 
 @pytest.mark.parametrize(
@@ -394,18 +398,18 @@ def test_job_task_failures_are_replies(site: dict[str, Any], change: str, reason
     if change == "aad":
         msg["aad"] = "som:ver_other:model"
     if change == "no_seal_key":
-        (site["keys"] / tasks.JOB_SEAL_KEY_PATH).unlink()
-        tasks._seal_keys.clear()
+        (site["keys"] / SEAL_KEY_FILE).unlink()
+        compute_store._seal_keys.clear()
     if change == "malformed":
         del msg["input_blob"]
     if change == "foreign_mac":
-        msg = tasks.sign_message(b"k" * 32, "som.run_job", msg)
+        msg = messages.sign_message(b"k" * 32, "som.run_job", msg)
     elif change != "unsigned":
         msg = _signed(site, "som.he_evaluate" if change == "other_task" else "som.run_job", msg)
     if change == "tampered":
         msg["max_rows"] = 10_000
     out = tasks.run_marketplace_job(StoreSpec(str(site["root"]), "local", key_dir=str(site["keys"])), msg)
-    tasks._seal_keys.clear()
+    compute_store._seal_keys.clear()
     assert out["ok"] is False and out["reason"] == reason, out
     assert "out" not in out
     refused = change in ("unsigned", "tampered", "foreign_mac", "other_task")
@@ -438,18 +442,18 @@ def test_celery_pool_without_a_worker_is_internal(tmp_path: Path) -> None:
         redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping()
     except redis.RedisError:
         pytest.skip("Redis is not running on 127.0.0.1:6379 (tests/marketplace/test_scaleout.py starts it)")
+    from marketplace.compute.remote import CeleryExecutor
     from marketplace.settings import Settings
-    from marketplace.worker.dispatch import CeleryPool
 
     # DB 15: no cluster fixture uses it, so no worker listens there (the cluster keeps its worker alive
     # for the whole module)
-    pool = CeleryPool(Settings(data_dir=tmp_path / "data", key_dir=tmp_path / "keys",
-                               redis_url="redis://127.0.0.1:6379/15"))
+    pool = CeleryExecutor(Settings(data_dir=tmp_path / "data", key_dir=tmp_path / "keys",
+                                   redis_url="redis://127.0.0.1:6379/15"), key_dir=tmp_path / "keys")
     task = HETask(store=StoreSpec(str(tmp_path), "local"), version_id="v", model_blob="m", wrapped_key=b"{}",
                   aad="a", keyset_id="k", keyset_blob="b", plan_json="{}", request=b"x")
     try:
         with pytest.raises(ComputeError) as e:
-            pool.run(task, timeout=5)
+            pool.run_he(task, timeout=5)
         assert e.value.kind == "internal" and "som worker" in e.value.message
     finally:
         pool.shutdown()

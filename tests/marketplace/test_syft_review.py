@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from marketplace.agent.payload import code_digest
 from marketplace.agent.syft_review import REFUSING_RUN_SH, SyftReviewBridge, provider_email
+from marketplace.compute.payload import code_digest
 from tests.conftest import build_world, make_settings
 from tests.marketplace.test_jobs_support import (
     agent_key,

@@ -198,7 +198,7 @@ def test_thief_with_a_copy_of_the_data_dir_decrypts_nothing(busy_server: Any, tm
     from crypto.errors import DecryptionError, KeyMaterialError
     from crypto.keyproviders import LocalFileKeyProvider
     from crypto.sealing import SealKeyPair
-    from marketplace.agent.payload import open_input
+    from marketplace.compute.payload import open_input
     from marketplace.services.blobstore import BlobStore
 
     rt = busy_server.rt

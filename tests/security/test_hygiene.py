@@ -33,7 +33,7 @@ import pytest
 from contracts.terms import JobLimits, Terms
 from crypto.sealing import SealKeyPair
 from crypto.signing import SigningKey
-from marketplace.agent.payload import JobInput, seal_input
+from marketplace.compute.payload import JobInput, seal_input
 from marketplace.db.base import utcnow
 from marketplace.sdk import SomAPIError, SomClient
 from tests.conftest import build_world, make_settings, serve_in_thread

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from marketplace.agent.payload import code_digest
+from marketplace.compute.payload import code_digest
 from marketplace.sdk import SomAPIError, SomClient
 from tests.conftest import build_world, make_settings, serve_in_thread
 from tests.marketplace.test_jobs_support import features, offering, to_csv
@@ -140,7 +140,7 @@ def procs_with(marker: str) -> list[int]:
 
 
 def job_cgroups() -> list[str]:
-    from marketplace.services.jail import _own_cgroup
+    from marketplace.compute.jail_cgroup import _own_cgroup
 
     out = []
     for c in ("memory", "pids", "freezer"):
@@ -400,7 +400,7 @@ def test_som_agent_jails_custom_jobs_and_forgets_its_key(tmp_path: Path) -> None
 
 def test_som_agent_without_the_jail_does_not_take_custom_jobs(tmp_path: Path) -> None:
     from marketplace.agent.runner import AgentConfig, ProviderAgent
-    from marketplace.services.jail import JailConfig
+    from marketplace.compute.jail import JailConfig
     from tests.marketplace.test_jobs_support import model_arrays, model_npz
 
     wgt, bias = model_arrays()

@@ -184,7 +184,7 @@ def test_onnx_loader_refuses_external_data_directly(tmp_path: Path, monkeypatch:
     """Every ONNX entry point (upload validation, compiler, job-time loader) goes through load_onnx."""
     from crypto.he.compiler import compile_model, validate_artifact
     from crypto.he.onnx_import import load_onnx, parse_onnx
-    from marketplace.agent.compute import load_model
+    from marketplace.compute.jobs import load_model
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "secret.bin").write_bytes(os.urandom(64))
@@ -380,8 +380,8 @@ def test_any_mutated_job_input_fails_as_bad_input_or_runs(data: st.DataObject, f
     import tempfile
 
     from crypto.sealing import SealKeyPair
-    from marketplace.agent.compute import JobFailed, load_model, run_job
-    from marketplace.agent.payload import JobInput
+    from marketplace.compute.jobs import JobFailed, load_model, run_job
+    from marketplace.compute.payload import JobInput
 
     model = load_model(model_npz(np.ones((1, D_IN)), np.zeros(1)), "npz")
     x = features(4)
@@ -486,8 +486,8 @@ def test_hostile_job_inputs_fail_cleanly_before_reading(srv: Any, tmp_path: Path
 def test_rows_beyond_the_paid_units_are_refused_from_the_header(tmp_path: Path) -> None:
     """The header says 1000 rows, the data behind it is garbage: too_many_rows, so nothing was read."""
     from crypto.sealing import SealKeyPair
-    from marketplace.agent.compute import JobFailed, load_model, run_job
-    from marketplace.agent.payload import JobInput
+    from marketplace.compute.jobs import JobFailed, load_model, run_job
+    from marketplace.compute.payload import JobInput
 
     model = load_model(model_npz(np.ones((1, D_IN)), np.zeros(1)), "npz")
     head = npy_header((1000, D_IN))

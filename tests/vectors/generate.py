@@ -915,7 +915,7 @@ _SEALED: dict[str, str] = {
 def _seal_fresh() -> dict[str, str]:
     """New sealed blobs for _SEALED (randomized). Uses the real payload framing."""
     from crypto.sealing import job_info, seal
-    from marketplace.agent.payload import JobInput, JobResult, seal_input, seal_result
+    from marketplace.compute.payload import JobInput, JobResult, seal_input, seal_result
 
     inp = JobInput(job_id=JOB_ID, kind="predict", reply_public=REPLY.public_text(),
                    data=b"sepal_length,sepal_width\n5.1,3.5\n6.2,2.9\n", format="csv",
@@ -927,7 +927,7 @@ def _seal_fresh() -> dict[str, str]:
     wrong_job = JobInput(job_id="job_vectors_9999", kind="predict",
                          reply_public=REPLY.public_text(), data=b"x\n1\n")
     # A header naming another job, sealed under JOB_ID's info: the framing check must refuse it.
-    from marketplace.agent.payload import INPUT_MAGIC, _frame
+    from marketplace.compute.payload import INPUT_MAGIC, _frame
 
     header = {"job_id": wrong_job.job_id, "kind": "predict", "reply_public": REPLY.public_text(),
               "format": "csv", "params": {}}

@@ -2,7 +2,7 @@
 the provider's side of the job lifecycle (DESIGN §4).
 
 A consumer creates a job (``POST /v1/jobs``: kind, units, limits, code for ``custom``) and learns
-the compute site's sealing key; it seals its input (:mod:`marketplace.agent.payload`) to that key
+the compute site's sealing key; it seals its input (:mod:`marketplace.compute.payload`) to that key
 and uploads it (``POST /v1/jobs/{id}/payload``), which is the submission: units are reserved
 (:func:`marketplace.services.metering.begin`) and the job is queued, or awaits the provider's
 approval (``custom``). A compute site then leases it (:mod:`.leasing`) and posts a result or a
@@ -10,7 +10,7 @@ failure (:mod:`.results`). The marketplace stores and relays sealed bytes only, 
 job's sealed input as soon as the job is final (:func:`.states.finish`).
 
 Not for: the allowed moves (:mod:`.states`), what compute sites post (:mod:`.results`), the
-computations themselves (:mod:`marketplace.agent.compute`) or agent presence
+computations themselves (:mod:`marketplace.compute.jobs`) or agent presence
 (:mod:`marketplace.services.agents`).
 """
 
@@ -24,7 +24,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from contracts.records import job_approval_record
-from marketplace.agent.payload import code_digest as digest_of_code
+from marketplace.compute.jail import JailUnavailable, require
+from marketplace.compute.payload import code_digest as digest_of_code
 from marketplace.db.base import new_id, utcnow
 from marketplace.db.models_contracts import ContractRow
 from marketplace.db.models_jobs import Job
@@ -33,7 +34,6 @@ from marketplace.runtime import Runtime
 from marketplace.services import agents, audit, catalog, leases, metering, storage
 from marketplace.services.contracts import ledger_append, terms_of
 from marketplace.services.identity import Principal
-from marketplace.services.jail import JailUnavailable, require
 from marketplace.services.jobs.background import ensure_background
 from marketplace.services.jobs.results import check_sealed
 from marketplace.services.jobs.sitekey import marketplace_seal_key

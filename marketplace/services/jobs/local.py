@@ -1,41 +1,30 @@
-"""Running a marketplace-hosted job in this process (or handing it to a Celery worker).
+"""Running a marketplace-hosted job: the job service's thin call into the compute site.
 
 For: :func:`run_marketplace_job`, called by the local worker threads (:mod:`.background`) with a
-job they leased: decrypt the model in memory only, open the sealed input, compute, seal the
-result to the consumer's reply key and post it (:mod:`.results`), keeping the lease meanwhile.
-This is the compute site's part of jobs: it moves to ``marketplace/compute/`` (issue 11 step 3);
-the job service keeps a thin call to it.
-Not for: the computations themselves (:mod:`marketplace.agent.compute`).
+job they leased: read the job and its model's encrypted artifact, audit the decryption, hand a
+:class:`marketplace.compute.hosted.JobSpec` to the runtime's executor (local pool or Celery,
+chosen once from settings), keep the lease meanwhile, and record the outcome (:mod:`.results`).
+Not for: opening the sealed input, decrypting the model or computing (all in
+:mod:`marketplace.compute`, where the weights are decrypted in memory only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from pathlib import Path
 
 from sqlalchemy import select
 
-from crypto.errors import DecryptionError, HEError
-from marketplace.agent.compute import (
-    InputLimits,
-    JobFailed,
-    Limits,
-    load_model,
-    run_job,
-    sealed_input_error,
-)
-from marketplace.agent.payload import open_input, seal_result
+from marketplace.compute.hosted import JobSpec
+from marketplace.compute.jobs import InputLimits, JobFailed
 from marketplace.db.base import utcnow
 from marketplace.db.models import Artifact, Offering
 from marketplace.db.models_jobs import Job
 from marketplace.errors import Unavailable
 from marketplace.runtime import Runtime
 from marketplace.services import audit, catalog
-from marketplace.services.blobstore import BlobNotFound
 from marketplace.services.jobs.leasing import keep
 from marketplace.services.jobs.results import complete, fail
-from marketplace.services.jobs.sitekey import marketplace_seal_key
 from marketplace.services.jobs.states import JobStatus
 
 __all__ = ["run_marketplace_job"]
@@ -49,7 +38,8 @@ def _keep_lease(rt: Runtime, job_id: str, owner: str, done: threading.Event) -> 
 
 
 def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading.Event | None = None) -> None:
-    """Run a leased marketplace-hosted job in this process: decrypt the model in memory only."""
+    """Run a leased marketplace-hosted job on the runtime's executor (the model is decrypted in
+    the compute site's memory only, :mod:`marketplace.compute.hosted`) and record the outcome."""
     with rt.tx() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
@@ -61,51 +51,23 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
             raise Unavailable(f"offering {job.offering_id} has no model artifact")
         audit.emit(s, audit.Actor.system(), "artifact.decrypt", target=art.id,
                    detail={"purpose": "job", "job_id": job.id, "version": version.number})
-        fmt, kind, limits, approved, max_rows = version.format, job.kind, job.limits, job.code_digest, job.units
-        addr, deadline = job.input_blob, job.deadline_at
+        spec = JobSpec(
+            job_id=job_id, kind=job.kind, input_blob=job.input_blob, model_blob=art.blob,
+            wrapped_key=bytes(art.wrapped_key), aad=art.aad, fmt=version.format, limits=job.limits,
+            approved_digest=job.code_digest, max_rows=job.units if job.kind != "custom" else None,
+            max_sealed_bytes=rt.settings.max_sealed_bytes,
+            input_limits=InputLimits(rt.settings.max_decompressed_bytes, rt.settings.max_compression_ratio),
+        )
+        deadline = job.deadline_at
     done = threading.Event()
     keeper = threading.Thread(target=_keep_lease, args=(rt, job_id, owner, done), daemon=True)
     keeper.start()
     try:
-        if rt.settings.job_backend == "celery":  # scale-out: a Celery worker computes (docs/deployment.md)
-            # optional: Celery is an extra, imported only for this backend (moves with compute, step 3)
-            from marketplace.worker.dispatch import JOB_GRACE_SECONDS, run_job_on_worker
-
-            sealed, reason, message = run_job_on_worker(
-                rt, job_id=job_id, input_blob=addr, model_blob=art.blob, wrapped_key=bytes(art.wrapped_key),
-                aad=art.aad, fmt=fmt, kind=kind, limits=limits, approved_digest=approved,
-                max_rows=max_rows if kind != "custom" else None,
-                timeout=max(1.0, (deadline - utcnow()).total_seconds()) + JOB_GRACE_SECONDS,
-            )
-            if sealed is None:
-                fail(rt, job_id, owner=owner, reason=reason, message=message)
-            else:
-                complete(rt, job_id, owner=owner, result=sealed)
-            return
         try:
-            sealed_input = rt.blobs.get(addr)
-        except (BlobNotFound, ValueError):  # the job became final meanwhile (its input is purged)
-            fail(rt, job_id, owner=owner, reason="error", message="the sealed input is no longer stored")
-            return
-        try:
-            inp = open_input(marketplace_seal_key(rt), job_id, sealed_input, max_size=rt.settings.max_sealed_bytes)
-        except (DecryptionError, ValueError) as e:
-            fail(rt, job_id, owner=owner, reason="bad_input", message=sealed_input_error(e))
-            return
-        try:
-            try:
-                model = load_model(catalog.decrypt_artifact(rt, art), fmt)
-            except (HEError, ValueError) as e:  # one message: nothing of what the loader saw
-                raise JobFailed("error", "the model artifact was refused by the model loader") from e
-            out = run_job(
-                model, inp, expected_kind=kind, max_rows=max_rows if kind != "custom" else None,
-                approved_digest=approved, limits=Limits.from_dict(limits), workdir=Path(rt.data_dir) / "work",
-                jail=rt.settings.jail_config(),
-                input_limits=InputLimits(rt.settings.max_decompressed_bytes, rt.settings.max_compression_ratio),
-            )
+            sealed = rt.executor.run_job(spec, timeout=max(1.0, (deadline - utcnow()).total_seconds()))
         except JobFailed as e:
             fail(rt, job_id, owner=owner, reason=e.reason, message=e.message)
             return
-        complete(rt, job_id, owner=owner, result=seal_result(inp.reply_public, out))
+        complete(rt, job_id, owner=owner, result=sealed)
     finally:
         done.set()

@@ -1,19 +1,22 @@
-"""The local compute worker pool for marketplace-hosted HE inference.
+"""HE evaluation at the compute site: one task, and the process pool that runs tasks locally.
 
-For: evaluating a compiled model on a consumer's ciphertexts in a separate process
-(``concurrent.futures.ProcessPoolExecutor`` with ``settings.workers`` processes, created
-lazily on first use, shut down when the app stops). A worker receives only what it needs: the
-blob address, wrapped data key and AAD of the *encrypted* compiled model, the blob address of
-the consumer's public key set, the public plan and the request frame. It opens the blob store
-and the key-encryption-key provider itself, decrypts the model only in its own memory, and
+For: :func:`run_he_task`, evaluating a compiled model on a consumer's ciphertexts, and
+:class:`ComputePool`, the local ``concurrent.futures.ProcessPoolExecutor`` (``settings.workers``
+processes, ``spawn``, created lazily on first use) that :class:`marketplace.compute.executor.LocalExecutor`
+runs it in (a Celery worker runs the same function, :mod:`marketplace.worker.tasks`). A task
+(:class:`HETask`) carries only what evaluation needs: the blob address, wrapped data key and AAD
+of the *encrypted* compiled model, the blob address of the consumer's public key set, the public
+plan and the request frame. The process opens the blob store and the KEK provider itself
+(:func:`marketplace.compute.store.open_store`), decrypts the model only in its own memory, and
 caches decrypted models by version id and loaded public contexts by key set id (small LRUs).
 
 Not for: authorization, metering or audit (the API process does those, see
-:mod:`marketplace.services.he`); provider-hosted offerings (their agent computes).
+:mod:`marketplace.services.he`); provider-hosted offerings (their agent computes); choosing
+where to run (:mod:`marketplace.compute.executor`).
 
-Worker failures come back as :class:`ComputeError` with a kind: ``"invalid"`` (the request or
-key set does not fit the plan: a 422 for the caller) or ``"internal"`` (anything else: the
-caller releases the reservation and answers 503). A crashed pool is replaced on next use.
+Failures come back as :class:`ComputeError` with a kind: ``"invalid"`` (the request or key set
+does not fit the plan: a 422 for the caller) or ``"internal"`` (anything else: the caller
+releases the reservation and answers 503). A crashed pool is replaced on next use.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from marketplace.worker.dispatch import CeleryPool
+from crypto.envelope import WrappedKey, decrypt_artifact
+from crypto.errors import CryptoError, HEError
+from crypto.he import CompiledModel, PublicContext, PublicPlan, evaluate
+from marketplace.compute.store import StoreSpec, open_store
 
-__all__ = ["ComputeError", "ComputePool", "HETask", "StoreSpec", "get_pool", "run_he_task"]
+__all__ = ["ComputeError", "ComputePool", "HETask", "run_he_task"]
 
 log = logging.getLogger("som.compute")
 
@@ -49,23 +53,6 @@ class ComputeError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across the process boundary
         return (ComputeError, (self.kind, self.message))
-
-
-@dataclass(frozen=True)
-class StoreSpec:
-    """How a worker opens the data directory's blob store and KEK provider."""
-
-    data_dir: str
-    key_provider: str  # "local" | "env"
-    kek: str | None = None  # base64 KEK when key_provider == "env" (never logged)
-    key_dir: str = ""  # the key directory (marketplace.custody); "" = <data_dir>/keys (unsafe dev layout)
-
-    def keys_path(self) -> Path:
-        """The key directory: ``key_dir``, or ``<data_dir>/keys`` when it is empty."""
-        return Path(self.key_dir) if self.key_dir else Path(self.data_dir) / "keys"
-
-    def __repr__(self) -> str:
-        return f"StoreSpec(data_dir={self.data_dir!r}, key_provider={self.key_provider!r}, key_dir={self.key_dir!r})"
 
 
 @dataclass(frozen=True)
@@ -88,48 +75,25 @@ class HETask:
 
 # ---------------------------------------------------------------- worker process side
 
-_stores: dict[StoreSpec, tuple[Any, Any]] = {}
-_models: OrderedDict[str, Any] = OrderedDict()
-_contexts: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_models: OrderedDict[str, CompiledModel] = OrderedDict()
+_contexts: OrderedDict[tuple[str, str], PublicContext] = OrderedDict()
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
-def _open_store(spec: StoreSpec) -> tuple[Any, Any]:
-    hit = _stores.get(spec)
-    if hit is not None:
-        return hit
-    from marketplace.services.blobstore import BlobStore
-
-    root = Path(spec.data_dir)
-    provider: Any
-    if spec.key_provider == "env":
-        from crypto.keyproviders import EnvKeyProvider
-
-        provider = EnvKeyProvider(environ={"SOM_KEK": spec.kek or ""})
-    else:
-        from crypto.keyproviders import LocalFileKeyProvider
-
-        provider = LocalFileKeyProvider(spec.keys_path() / "kek.json", create_if_missing=False)
-    pair = (BlobStore(root / "blobs"), provider)
-    _stores[spec] = pair
-    return pair
-
-
-def _lru_put(cache: OrderedDict[Any, Any], key: Any, value: Any, cap: int) -> None:
+def _lru_put(cache: OrderedDict[_K, _V], key: _K, value: _V, cap: int) -> None:
     cache[key] = value
     cache.move_to_end(key)
     while len(cache) > cap:
         cache.popitem(last=False)
 
 
-def _model(task: HETask) -> Any:
+def _model(task: HETask) -> CompiledModel:
     m = _models.get(task.version_id)
     if m is not None:
         _models.move_to_end(task.version_id)
         return m
-    from crypto.envelope import WrappedKey, decrypt_artifact
-    from crypto.he import CompiledModel
-
-    blobs, provider = _open_store(task.store)
+    blobs, provider = open_store(task.store)
     wrapped = WrappedKey.from_json(task.wrapped_key.decode())
     plaintext = decrypt_artifact(blobs.get(task.model_blob), wrapped, provider=provider, aad=task.aad.encode())
     m = CompiledModel.from_bytes(plaintext)
@@ -138,15 +102,13 @@ def _model(task: HETask) -> Any:
     return m
 
 
-def _context(task: HETask, plan: Any) -> Any:
+def _context(task: HETask, plan: PublicPlan) -> PublicContext:
     key = (task.keyset_id, plan.digest())
     c = _contexts.get(key)
     if c is not None:
         _contexts.move_to_end(key)
         return c
-    from crypto.he import PublicContext
-
-    blobs, _ = _open_store(task.store)
+    blobs, _ = open_store(task.store)
     c = PublicContext.from_bytes(blobs.get(task.keyset_blob), plan=plan)
     _lru_put(_contexts, key, c, CONTEXT_CACHE_SIZE)
     return c
@@ -154,9 +116,6 @@ def _context(task: HETask, plan: Any) -> Any:
 
 def run_he_task(task: HETask) -> bytes:
     """Evaluate ``task`` (runs in a worker process; also callable in-process). Raises ComputeError."""
-    from crypto.errors import CryptoError, HEError
-    from crypto.he import PublicPlan, evaluate
-
     try:
         plan = PublicPlan.from_json(task.plan_json)
         model = _model(task)
@@ -175,9 +134,7 @@ def run_he_task(task: HETask) -> bytes:
 
 
 def _warm() -> int:
-    import crypto.he  # noqa: F401  (import TenSEAL once per worker)
-
-    return 0
+    return 0  # unpickling this function imported this module, hence TenSEAL, once per process
 
 
 # ---------------------------------------------------------------- API process side
@@ -231,33 +188,3 @@ class ComputePool:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-_pool_lock = threading.Lock()
-
-
-def get_pool(rt: Any) -> ComputePool | CeleryPool:
-    """The runtime's pool (one per runtime; shut down with it): local processes, or Celery
-    workers when ``settings.job_backend == "celery"`` (same ``run``/``shutdown``, same errors)."""
-    with _pool_lock:
-        pool = rt.extras.get("he.compute")
-        if pool is None:
-            if rt.settings.job_backend == "celery":  # scale-out (docs/deployment.md)
-                from marketplace.worker.dispatch import CeleryPool, celery_for
-
-                pool = CeleryPool(rt.settings, app=celery_for(rt))
-            else:
-                pool = ComputePool(rt.settings.workers)
-            rt.extras["he.compute"] = pool
-            rt.on_close(pool.shutdown)
-    return pool  # type: ignore[no-any-return]
-
-
-def store_spec(rt: Any) -> StoreSpec:
-    s = rt.settings
-    kek = s.kek.get_secret_value() if (s.key_provider == "env" and s.kek is not None) else None
-    if s.key_provider == "env" and kek is None:
-        import os
-
-        kek = os.environ.get("SOM_KEK")
-    return StoreSpec(data_dir=str(rt.data_dir), key_provider=s.key_provider, kek=kek, key_dir=str(rt.key_dir))

@@ -4,7 +4,7 @@ For: ``predict`` (batch inference over CSV/NPY/NPZ features, bounded before pars
 columns and cell lengths; ``.npy``/``.npz`` headers, sizes and rows against the paid units via
 :mod:`crypto.safe_arrays`, before any data is decompressed), ``evaluate`` (aggregate metrics over
 labelled data: only the metrics leave), and ``custom`` (approved consumer code in the jail of
-:func:`marketplace.services.sandbox.run_isolated`). Model artifacts are the declarative formats of
+:func:`marketplace.compute.sandbox.run_isolated`). Model artifacts are the declarative formats of
 :mod:`crypto.he.compiler` (``.npz`` layers or ONNX), loaded without pickle.
 Not for: deciding whether code may run (approval is the marketplace's state machine) or sealing.
 
@@ -21,10 +21,11 @@ import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from crypto.errors import DecryptionError
 from crypto.safe_arrays import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_RATIO,
@@ -32,10 +33,9 @@ from crypto.safe_arrays import (
     inspect_npz,
     read_npy,
 )
-from marketplace.agent.payload import JobInput, JobResult, code_digest
-
-if TYPE_CHECKING:
-    from marketplace.services.jail import JailConfig
+from marketplace.compute.jail import JailConfig, JailUnavailable, config_from_env, require
+from marketplace.compute.payload import JobInput, JobResult, code_digest
+from marketplace.compute.sandbox import run_isolated
 
 __all__ = ["InputLimits", "JobFailed", "Limits", "Model", "load_model", "run_job", "sealed_input_error"]
 
@@ -97,7 +97,7 @@ class Model:
 def load_model(data: bytes, fmt: str) -> Model:
     """Parse an artifact (``npz`` or ``onnx``) with the one safe loader of :mod:`crypto.he.compiler`
     (``.npz`` checked before decompression, ONNX external data refused). Raises ValueError / crypto.errors.HEError."""
-    from crypto.he.compiler import load_artifact
+    from crypto.he.compiler import load_artifact  # start-up cost: imports TenSEAL and ONNX (0.4 s)
 
     raw = load_artifact(data, fmt)
     layers = tuple((np.asarray(x.weight), np.asarray(x.bias), str(x.activation)) for x in raw.layers)
@@ -107,8 +107,6 @@ def load_model(data: bytes, fmt: str) -> Model:
 def sealed_input_error(e: Exception) -> str:
     """The stored message for a sealed input that did not open. It names the kind of failure,
     never text from inside the seal (which the provider and the operator could read)."""
-    from crypto.errors import DecryptionError
-
     if isinstance(e, DecryptionError):
         return "the sealed input did not open: it is not sealed to this compute site's key for this job"
     return "the sealed input did not open: its content is malformed (re-create it with the SDK)"
@@ -246,9 +244,6 @@ def _evaluate(model: Model, job: JobInput, max_rows: int | None, limits: InputLi
 def _custom(
     model: Model, job: JobInput, *, approved_digest: str | None, limits: Limits, workdir: Path, jail: JailConfig | None
 ) -> JobResult:
-    from marketplace.services.jail import JailUnavailable, config_from_env, require
-    from marketplace.services.sandbox import run_isolated
-
     if job.code is None or approved_digest is None or code_digest(job.code) != approved_digest:
         raise JobFailed("not_approved", "the sealed code is not the code the provider approved")
     try:
@@ -304,7 +299,7 @@ def run_job(
 
     ``input_limits`` bound the parsing of predict/evaluate inputs (defaults: crypto.safe_arrays').
     ``jail``: how to jail ``custom`` code (default: from the environment,
-    :func:`marketplace.services.jail.config_from_env`); where the jail cannot be set up the job
+    :func:`marketplace.compute.jail.config_from_env`); where the jail cannot be set up the job
     fails with reason ``jail_unavailable`` unless the config's unsafe switch is on."""
     if job.kind != expected_kind:
         raise JobFailed("bad_input", f"sealed input is a {job.kind!r} job, the marketplace queued a {expected_kind!r} one")

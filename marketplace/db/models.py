@@ -42,6 +42,8 @@ class ApiKey(Base):
     # The key that created this one (its parent; None for the bootstrap admin). Revoking a key
     # revokes its descendants (marketplace.services.identity.revoke_key).
     created_by: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)
+    # a personal key of a user signed in with SSO (docs/sso.md): it lives only while the user holds its roles
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
 
     org: Mapped[Org] = relationship()
 

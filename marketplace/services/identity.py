@@ -125,6 +125,7 @@ def create_key(
     kind: str = "user",
     offering_ids: list[str] | None = None,
     created_by: str | None = None,
+    user_id: str | None = None,
     now: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; returns the row and the plaintext key (shown once, never stored).
@@ -132,6 +133,8 @@ def create_key(
     ``created_by`` is the id of the creating key (None only for :func:`bootstrap`). The new key
     expires no later than its creator; a non-admin creator grants only roles it holds, in its own
     organisation; an agent key, or a creator that is not live, creates nothing (Forbidden).
+    ``user_id`` makes a signed-in user's personal key instead (no creating key: the caller,
+    :func:`marketplace.services.sso.mint_personal_key`, bounds its roles and lifetime).
     """
     if session.get(Org, org_id) is None:
         raise NotFound(f"organisation {org_id} not found")
@@ -164,6 +167,7 @@ def create_key(
         offering_ids=offering_ids,
         expires_at=expires_at,
         created_by=created_by,
+        user_id=user_id,
         created_at=now,
     )
     session.add(row)

@@ -261,7 +261,7 @@ def mint_personal_key(
     now: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """A key for the signed-in user: roles within the session's, lifetime within ``max_days``.
-    It is the user's (``created_by``): it stops when the user is refused at a later login or no
+    It is the user's (``user_id``): it stops when the user is refused at a later login or no
     longer holds its roles (:func:`check_key_owner`)."""
     wanted = sorted(set(roles)) if roles else sorted(info.principal.roles)
     extra = set(wanted) - set(info.principal.roles)
@@ -271,16 +271,16 @@ def mint_personal_key(
         raise Invalid(f"a personal key lives 1..{max_days} days, got {ttl_days}")
     return create_key(
         session, org_id=info.principal.org_id, roles=wanted, name=name or "personal key",
-        ttl_days=ttl_days, created_by=info.user_id, now=now,
+        ttl_days=ttl_days, user_id=info.user_id, now=now,
     )
 
 
 def check_key_owner(session: Session, p: Principal) -> None:
     """A personal key works only while its user is active in the key's organisation and holds its roles."""
     row = session.get(ApiKey, p.key_id)
-    if row is None or not (row.created_by or "").startswith("usr_"):
+    if row is None or row.user_id is None:
         return
-    user = session.get(User, row.created_by)
+    user = session.get(User, row.user_id)
     if user is None or user.disabled_at is not None or user.org_id != row.org_id or not set(row.roles) <= set(user.roles):
         raise Unauthenticated("this personal key's user no longer holds its roles: sign in again and mint a new key")
 
@@ -290,6 +290,6 @@ def user_of_principal(session: Session, p: Principal) -> User | None:
     if p.key_id.startswith("usr_"):
         return session.get(User, p.key_id)
     row = session.get(ApiKey, p.key_id)
-    if row is not None and (row.created_by or "").startswith("usr_"):
-        return session.get(User, row.created_by)
+    if row is not None and row.user_id is not None:
+        return session.get(User, row.user_id)
     return None

@@ -221,7 +221,7 @@ def test_som_whoami_shows_the_user(stack: Stack) -> None:
     assert json.loads(out.output)["user"] is None
     with stack.world.rt.tx() as s:
         row = s.scalar(select(ApiKey).where(ApiKey.id == k.json()["id"]))
-        assert row is not None and row.created_by == me["key_id"]
+        assert row is not None and row.user_id == me["key_id"] and row.created_by is None  # the user's, not a key's
         assert (row.expires_at - row.created_at).days == 30  # the personal key's default and maximum
 
 

@@ -71,9 +71,17 @@ def upgrade() -> None:
     sa.UniqueConstraint('token_hash', name=op.f('uq_web_sessions_token_hash'))
     )
     op.create_index(op.f('ix_web_sessions_user_id'), 'web_sessions', ['user_id'], unique=False)
+    with op.batch_alter_table("api_keys", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("user_id", sa.String(length=40), nullable=True))
+        batch_op.create_index(batch_op.f("ix_api_keys_user_id"), ["user_id"], unique=False)
+        batch_op.create_foreign_key(batch_op.f("fk_api_keys_user_id_users"), "users", ["user_id"], ["id"])
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("api_keys", schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f("fk_api_keys_user_id_users"), type_="foreignkey")
+        batch_op.drop_index(batch_op.f("ix_api_keys_user_id"))
+        batch_op.drop_column("user_id")
     op.drop_index(op.f('ix_web_sessions_user_id'), table_name='web_sessions')
     op.drop_table('web_sessions')
     op.drop_index(op.f('ix_user_teams_org_id'), table_name='user_teams')

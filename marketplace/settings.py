@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     )
     job_result_ttl_seconds: float = Field(default=7 * 86400, description="How long results are kept.")
     api_key_ttl_days: int = Field(default=365, description="Default API key lifetime.")
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for GET /metrics; unset: /metrics answers loopback clients only.",
+    )
+    monitoring_flush_seconds: float = Field(
+        default=5.0, description="How often a process writes its per-minute latency aggregates to the DB."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

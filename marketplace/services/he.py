@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,7 +32,7 @@ from marketplace.db.base import utcnow
 from marketplace.db.models import Artifact, Offering, OfferingVersion
 from marketplace.db.models_he import HEAgentPlan, Keyset
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
-from marketplace.services import audit, catalog, compute
+from marketplace.services import audit, catalog, compute, monitoring
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -568,6 +569,7 @@ def infer(
     """
     from marketplace.services import metering
 
+    t0 = time.perf_counter()
     p.require("consumer")
     idempotency_key = metering.check_idempotency_key(idempotency_key)
     if not keyset_id:
@@ -588,9 +590,11 @@ def infer(
     replay = getattr(res, "replay", None)
     if replay is not None:
         return InferResult(replay.body, replay.media_type, replay.usage_id, replay.receipt, True, units)
+    tm = time.perf_counter()
     try:
         out = _compute(rt, prep, body)
     except BaseException as e:
+        _observe(prep, t0, tm, time.perf_counter(), ok=False, error_class=type(e).__name__)
         reason = e.message if isinstance(e, Invalid | Unavailable) else type(e).__name__
         try:
             metering.release(rt, res, reason=str(reason)[:200])
@@ -598,11 +602,24 @@ def infer(
             if prep.compiled is not None:
                 _audit_decrypt(rt, who, prep, units, outcome="failure")
         raise
+    tc = time.perf_counter()
     if prep.compiled is not None:
         _audit_decrypt(rt, who, prep, units, outcome="success")
     charged = metering.commit(rt, res, result=out, media_type=MEDIA_TYPE)
+    _observe(prep, t0, tm, tc, ok=True)
     return InferResult(
         out, MEDIA_TYPE, getattr(charged, "usage_id", None), getattr(charged, "receipt", None), False, units
+    )
+
+
+def _observe(prep: _Prepared, t0: float, tm: float, tc: float, *, ok: bool, error_class: str | None = None) -> None:
+    """One HE inference for monitoring: model = the computation (worker or agent, waiting for
+    one included: the pool does not report its queue), overhead = everything else (lookups,
+    metering, audit). Phases: [t0, tm) overhead, [tm, tc) model, [tc, now) overhead."""
+    now = time.perf_counter()
+    monitoring.record_inference(
+        prep.offering_id, prep.version_number or 0, "he_inference", queue_s=0.0, model_s=tc - tm,
+        overhead_s=(tm - t0) + (now - tc), ok=ok, error_class=error_class,
     )
 
 

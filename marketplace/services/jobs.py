@@ -28,6 +28,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -43,7 +44,7 @@ from marketplace.db.models import Artifact, Offering
 from marketplace.db.models_jobs import Agent, Job
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge, Unavailable
 from marketplace.runtime import Runtime
-from marketplace.services import agents, audit, catalog, metering
+from marketplace.services import agents, audit, catalog, metering, monitoring
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -541,6 +542,7 @@ def complete(rt: Runtime, job_id: str, *, owner: str, result: bytes, p: Principa
 
 def _charge(rt: Runtime, job_id: str, *, result: bytes | None) -> Job:
     """Second half of :func:`complete` (also the sweeper's retry after a crash): commit, then mark."""
+    t0 = time.perf_counter()
     with rt.tx() as s:
         job = s.get(Job, job_id)
         if job is None:  # pragma: no cover
@@ -583,12 +585,29 @@ def _charge(rt: Runtime, job_id: str, *, result: bytes | None) -> Job:
         else:
             job.status, job.charged = "succeeded", True
             job.usage_id, job.receipt = usage_id or (r.usage_id if r else None), receipt
+            _observe(s, job, r, overhead_s=time.perf_counter() - t0, ok=True)
             job.result_expires_at = now + timedelta(seconds=rt.settings.job_result_ttl_seconds)
             audit.emit(s, audit.Actor.system(), "job.succeed", target=job.id,
                        detail={"usage_id": job.usage_id, "attempts": job.attempts})
     if failed is not None and addr:
         rt.blobs.delete(addr)
     return job
+
+
+def _observe(
+    s: Session, job: Job, r: metering.Reservation | None, *, overhead_s: float, ok: bool, error_class: str | None = None
+) -> None:
+    """One finished job for monitoring: queue = reserved (queued) to started, model = started to
+    finished (on the worker or agent), overhead = storing the result and charging."""
+    ver = catalog.latest_version(s, job.offering_id)
+    queued = r.time if r is not None else job.created_at
+    started = job.started_at or queued
+    end = job.finished_at or utcnow()
+    monitoring.record_inference(
+        job.offering_id, ver.number if ver else 0, "remote_job",
+        queue_s=(started - queued).total_seconds(), model_s=(end - started).total_seconds(),
+        overhead_s=overhead_s, ok=ok, error_class=error_class,
+    )
 
 
 def fail(rt: Runtime, job_id: str, *, owner: str, reason: str, message: str, p: Principal | None = None) -> Job:
@@ -605,6 +624,7 @@ def fail(rt: Runtime, job_id: str, *, owner: str, reason: str, message: str, p: 
         job.finished_at = job.updated_at = now
         job.lease_owner = job.lease_expires_at = None
         rdict = job.reservation
+        _observe(s, job, _reservation(rdict), overhead_s=0.0, ok=False, error_class=reason[:40])
         audit.emit(s, audit.Actor.system(), "job.fail", target=job.id, outcome="failure", detail={"reason": reason[:40]})
     _release(rt, rdict, f"job failed: {reason}"[:200])
     return job

@@ -22,10 +22,9 @@ from marketplace.errors import Forbidden, Unauthenticated
 from marketplace.runtime import Runtime
 from marketplace.services import monitoring, monitoring_query, monitoring_store
 
-__all__ = ["metrics_router", "router", "setup"]
+__all__ = ["metrics", "router", "setup"]
 
 router = APIRouter(prefix="/v1/monitoring", tags=["monitoring"])
-metrics_router = APIRouter(include_in_schema=False)
 
 From = Annotated[datetime | None, Query(alias="from", description="Start (ISO 8601; default: a step-dependent span before `to`).")]
 To = Annotated[datetime | None, Query(description="End (ISO 8601; default now).")]
@@ -45,7 +44,6 @@ def _check_scraper(request: Request, rt: Runtime) -> None:
         raise Forbidden("GET /metrics answers loopback clients only; set SOM_METRICS_TOKEN to scrape from elsewhere")
 
 
-@metrics_router.get("/metrics", include_in_schema=False)
 def metrics(request: Request, rt: Rt) -> Response:
     _check_scraper(request, rt)
     return Response(monitoring.exposition(), media_type=monitoring.CONTENT_TYPE)
@@ -76,7 +74,7 @@ async def marketplace(p: Auth, rt: Rt, frm: From = None, to: To = None, step: St
 
 def setup(rt: Runtime, app: FastAPI) -> None:
     """``/metrics`` and a background flusher of latency aggregates and the adoption roll-up."""
-    app.include_router(metrics_router)
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)  # a route of its own: not API
     flusher = monitoring_store.Flusher(rt, rt.settings.monitoring_flush_seconds)
     app.state.on_start.append(flusher.start)
     app.state.on_stop.append(flusher.stop)

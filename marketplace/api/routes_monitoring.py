@@ -49,6 +49,12 @@ def metrics(request: Request, rt: Rt) -> Response:
     return Response(monitoring.exposition(), media_type=monitoring.CONTENT_TYPE)
 
 
+@router.get("/offerings", summary="Your offerings with their totals (provider)")
+async def offerings(p: Auth, rt: Rt, frm: From = None, to: To = None, step: StepQ = monitoring_query.Step.DAY) -> dict[str, Any]:
+    win = monitoring_query.window(frm, to, step)
+    return await run_in_threadpool(monitoring_query.offerings_summary, rt, p, win)
+
+
 @router.get("/offerings/{offering_id}", summary="Adoption and latency of one of your offerings (provider)")
 async def offering(
     p: Auth, rt: Rt, offering_id: Annotated[str, Path(max_length=40)], frm: From = None, to: To = None,

@@ -33,7 +33,10 @@ from marketplace.runtime import Runtime
 from marketplace.services import monitoring, monitoring_store
 from marketplace.services.identity import Principal
 
-__all__ = ["MAX_RANGE", "QUANTILES", "Step", "Window", "contracts_report", "marketplace_report", "offering_report", "window"]
+__all__ = [
+    "MAX_RANGE", "QUANTILES", "Step", "Window", "contracts_report", "marketplace_report", "offering_report",
+    "offerings_summary", "window",
+]
 
 
 class Step(StrEnum):
@@ -277,3 +280,19 @@ def marketplace_report(rt: Runtime, p: Principal, win: Window) -> dict[str, Any]
     offerings.sort(key=lambda x: (-x["calls"], x["offering_id"]))
     return {**win.public(), "totals": _totals(usage), "offerings": offerings,
             "adoption": _adoption(usage, win), "latency": _latency(latency, win)}
+
+
+def offerings_summary(rt: Runtime, p: Principal, win: Window) -> dict[str, Any]:
+    """The caller's organisation's offerings (as provider) with their totals in ``win``."""
+    _refresh(rt)
+    with rt.tx() as s:
+        offs = list(s.execute(select(Offering.id, Offering.name, Offering.status, Offering.hosting)
+                              .where(Offering.org_id == p.org_id).order_by(Offering.created_at, Offering.id)))
+        usage = list(s.scalars(select(MonitoringUsage).where(
+            MonitoringUsage.provider_org_id == p.org_id, *_in(win, MonitoringUsage))))
+    by_off: dict[str, list[MonitoringUsage]] = {}
+    for r in usage:
+        by_off.setdefault(r.offering_id, []).append(r)
+    items = [{"offering_id": o.id, "name": o.name, "status": o.status, "hosting": o.hosting,
+              "totals": _totals(by_off.get(o.id, []))} for o in offs]
+    return {**win.public(), "offerings": items}

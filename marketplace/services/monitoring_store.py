@@ -39,7 +39,6 @@ log = logging.getLogger("som.monitoring")
 
 #: Usage records summarised per roll-up transaction (short transactions; it loops).
 ROLLUP_BATCH = 5000
-_CHUNK = 500  # rows per INSERT statement (SQLite's bound-parameter limit)
 _LATENCY_KEYS = ("offering_id", "version", "mode", "t", "writer")
 
 
@@ -49,11 +48,11 @@ def minute_of(t: datetime) -> int:
 
 
 def _upsert(s: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """One INSERT ... ON CONFLICT DO UPDATE statement, executed for every row (executemany)."""
     insert = sqlite_insert if s.get_bind().dialect.name == "sqlite" else pg_insert
-    for i in range(0, len(rows), _CHUNK):
-        stmt = insert(MonitoringLatency).values(list(rows[i : i + _CHUNK]))
-        cols = {c: stmt.excluded[c] for c in rows[0] if c not in _LATENCY_KEYS}
-        s.execute(stmt.on_conflict_do_update(index_elements=list(_LATENCY_KEYS), set_=cols))
+    stmt = insert(MonitoringLatency)
+    cols = {c: stmt.excluded[c] for c in rows[0] if c not in _LATENCY_KEYS}
+    s.execute(stmt.on_conflict_do_update(index_elements=list(_LATENCY_KEYS), set_=cols), list(rows))
 
 
 def flush(rt: Runtime) -> int:

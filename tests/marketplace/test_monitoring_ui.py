@@ -200,3 +200,23 @@ def test_thirty_days_of_minutes_render_and_the_time_is_reported(page: Any, serve
     assert ms["points"] == 43_200 and ms["took"] is not None
     record_property("render_43200_points_ms", round(ms["took"], 1))
     print(f"\n30 days of one-minute points (43,200 x 3 series): chart built in {ms['took']:.1f} ms")
+
+
+def test_dashboard_files_are_same_origin_under_the_unchanged_csp(server: Any) -> None:
+    import re
+
+    _, base, _ = server
+    with httpx.Client(base_url=base) as c:
+        index = c.get("/ui/")
+        assert "script-src 'self'" in index.headers["content-security-policy"]
+        assert 'src="vendor/uPlot.iife.min.js"' in index.text and "<script>" not in index.text
+        refs = re.findall(r'(?:src|href)="([^"]*)"', index.text)
+        assert "vendor/uPlot.min.css" in refs and not [r for r in refs if "//" in r or r.startswith("http")]  # no CDN
+        for name in ("monitor.js", "vendor/uPlot.iife.min.js"):
+            js = c.get(f"/ui/{name}")
+            assert js.status_code == 200 and "javascript" in js.headers["content-type"], name
+            assert not re.search(r"\.(inner|outer)HTML\s*=|insertAdjacentHTML|document\.write|\beval\(|new Function", js.text), name
+        css = c.get("/ui/vendor/uPlot.min.css")
+        assert css.status_code == 200 and "text/css" in css.headers["content-type"]
+    licence = (ROOT / "marketplace" / "web" / "static" / "vendor" / "uPlot.LICENSE").read_text()
+    assert "MIT" in licence or "Permission is hereby granted" in licence

@@ -15,6 +15,7 @@ own usage records (reservation to charge), never other consumers' figures; compl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.offer import Status
 from marketplace.db.base import utcnow
@@ -37,6 +39,9 @@ __all__ = [
     "MAX_RANGE", "QUANTILES", "Step", "Window", "contracts_report", "marketplace_report", "offering_report",
     "offerings_summary", "window",
 ]
+
+
+log = logging.getLogger("som.monitoring")
 
 
 class Step(StrEnum):
@@ -101,8 +106,13 @@ def window(frm: datetime | None, to: datetime | None, step: str, *, now: datetim
 
 
 def _refresh(rt: Runtime) -> None:
-    monitoring_store.flush(rt)
-    monitoring_store.rollup(rt)
+    """Flush and roll up before a read; if the database is busy, read what is there (the
+    background flusher catches up) rather than fail the read."""
+    try:
+        monitoring_store.flush(rt)
+        monitoring_store.rollup(rt)
+    except SQLAlchemyError:
+        log.warning("monitoring refresh before a read failed; answering from the stored rows", exc_info=True)
 
 
 # -- series ------------------------------------------------------------------------------------------

@@ -90,3 +90,10 @@ class Settings(BaseSettings):
                     "SOM_KEK is unset or a placeholder; set it to a base64 32-byte key "
                     "(python -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())')"
                 )
+        if self.metrics_token is not None:
+            token = self.metrics_token.get_secret_value()
+            if token.strip().lower() in PLACEHOLDER_SECRETS or len(token) < 16:
+                raise SettingsError(
+                    "SOM_METRICS_TOKEN is a placeholder or shorter than 16 characters; unset it "
+                    "(loopback-only scrapes) or set a random one (python -c 'import secrets;print(secrets.token_urlsafe(32))')"
+                )

@@ -125,3 +125,12 @@ def test_raw_paths_cannot_explode_label_cardinality(live: Any) -> None:
     assert "other" in {s.labels["offering"] for s in fam["som_inference_duration_seconds"].samples}
     classes = {s.labels["error_class"] for s in fam["som_inference_errors"].samples}
     assert len(classes) <= monitoring.MAX_ERROR_CLASSES + 1
+
+
+@pytest.mark.parametrize("token", ["", "changeme", "secret", "short-token"])
+def test_a_placeholder_or_short_metrics_token_refuses_to_start(tmp_path: Path, sqlite_url: str, token: str) -> None:
+    from marketplace.api.app import create_app
+    from marketplace.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="SOM_METRICS_TOKEN"):
+        create_app(make_settings(tmp_path, sqlite_url, metrics_token=token))

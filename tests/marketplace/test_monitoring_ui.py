@@ -121,10 +121,6 @@ def test_provider_dashboard_shows_the_api_numbers_and_refreshes(page: Any, serve
     assert page.text_content("[data-kpi=calls]") == "3"
     assert page.text_content("[data-kpi=units]") == "19"
     assert page.text_content("[data-kpi=errors]") == "1"
-    if os.environ.get("SOM_WRITE_SCREENSHOTS") == "1":
-        page.wait_for_timeout(300)
-        page.screenshot(path=str(ROOT / "docs" / "monitoring-dashboard.png"), full_page=True)
-
     # a new call shows up without reloading the page, within one refresh period (5 s; 10 s allowed)
     before = page.evaluate("() => window.somMonitoring.refreshes")
     sub = w.consumer.submit_job(st.offering_id, "predict", to_csv(features(5)))
@@ -134,6 +130,14 @@ def test_provider_dashboard_shows_the_api_numbers_and_refreshes(page: Any, serve
     assert page.evaluate("() => window.somMonitoring.refreshes") > before
     assert sum(chart_data(page, "provider-modes")[1]) == 4
     assert page.evaluate("() => location.hash").startswith("#/monitoring")
+    # the range selector: the last hour, by minute (also the view the screenshot shows)
+    page.select_option("#monitor-range", "1h")
+    page.wait_for_function("() => window.somMonitoring.report && window.somMonitoring.report.step === 'minute'"
+                           " && Date.parse(window.somMonitoring.report.to) - Date.parse(window.somMonitoring.report.from) <= 3660e3")
+    assert len(chart_data(page, "provider-modes")[0]) in (60, 61)
+    if os.environ.get("SOM_WRITE_SCREENSHOTS") == "1":
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ROOT / "docs" / "monitoring-dashboard.png"), full_page=True)
 
 
 def test_consumer_dashboard_shows_its_own_contract(page: Any, server: Any) -> None:

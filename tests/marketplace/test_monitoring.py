@@ -280,3 +280,53 @@ def test_bad_parameters_are_422(live: Any) -> None:
             r = c.get(base, params=params)
             assert r.status_code == 422 and r.json()["error"]["code"] in ("invalid", "validation_error"), (params, r.text)
         assert c.get(base, params={"step": "hour", "from": (now - timedelta(days=32)).isoformat()}).status_code == 200
+
+
+def test_concurrent_rollups_count_every_leaf_once(tmp_path: Path, db_url: str) -> None:
+    """Several replicas rolling up at once (threads with their own sessions, PostgreSQL row lock
+    or SQLite's single writer): every charged leaf is summarised exactly once."""
+    import threading
+
+    from marketplace.api.app import create_app
+    from marketplace.db.models_monitoring import MonitoringUsage
+    from marketplace.services import metering, monitoring_store
+    from tests.marketplace.test_contracts_support import make_deal
+
+    app = create_app(make_settings(tmp_path, db_url))
+    try:
+        w = build_world(app)
+        deal = make_deal(w)
+        total = 0
+        errors: list[BaseException] = []
+
+        def roll() -> None:
+            try:
+                monitoring_store.rollup(w.rt, batch=3)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        for i in range(24):
+            units = 1 + i % 5
+            r = metering.begin(w.rt, deal.consumer, offering_id=deal.offering_id, mode="remote_job", job_kind="predict",
+                               units=units, idempotency_key=f"k{i}", request_digest=metering.request_digest(f"k{i}"))
+            if i % 7 == 3:
+                metering.release(w.rt, r, reason="test")
+            else:
+                metering.commit(w.rt, r, result=b"r", media_type="application/octet-stream")
+                total += units
+            if i % 6 == 5:  # interleave: replicas roll up while uses are still being charged
+                errors.clear()
+                threads = [threading.Thread(target=roll) for _ in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                assert not errors, errors
+        monitoring_store.rollup(w.rt)
+        with w.rt.tx() as s:
+            rows = list(s.scalars(select(MonitoringUsage).where(MonitoringUsage.offering_id == deal.offering_id)))
+        assert sum(r.units for r in rows) == total
+        assert sum(r.leaf_count for r in rows) == 24 - 3 and sum(r.released for r in rows) == 3
+        assert monitoring_store.rollup(w.rt) == 0  # nothing new: nothing counted twice
+    finally:
+        app.state.runtime.close()

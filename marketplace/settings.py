@@ -158,6 +158,13 @@ class Settings(BaseSettings):
         return JailConfig(
             bwrap=self.jail_bwrap, max_pids=self.jail_max_pids, unsafe_unjailed=self.unsafe_unjailed_custom_jobs
         )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for GET /metrics; unset: /metrics answers loopback clients only.",
+    )
+    monitoring_flush_seconds: float = Field(
+        default=5.0, description="How often a process writes its per-minute latency aggregates to the DB."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -178,4 +185,11 @@ class Settings(BaseSettings):
                 raise SettingsError(
                     "SOM_KEK is unset or a placeholder; set it to a base64 32-byte key "
                     "(python -c 'import os,base64;print(base64.b64encode(os.urandom(32)).decode())')"
+                )
+        if self.metrics_token is not None:
+            token = self.metrics_token.get_secret_value()
+            if token.strip().lower() in PLACEHOLDER_SECRETS or len(token) < 16:
+                raise SettingsError(
+                    "SOM_METRICS_TOKEN is a placeholder or shorter than 16 characters; unset it "
+                    "(loopback-only scrapes) or set a random one (python -c 'import secrets;print(secrets.token_urlsafe(32))')"
                 )

@@ -19,6 +19,7 @@ import marketplace
 import marketplace.api as _api
 from marketplace.api.errors import install_error_handlers
 from marketplace.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from marketplace.api.middleware_metrics import HttpMetricsMiddleware
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 
@@ -100,4 +101,5 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HttpMetricsMiddleware)  # outermost: times and counts every answer, 413s too
     return app

@@ -117,6 +117,7 @@ class UsageRow(Base):
     __table_args__ = (
         Index("ix_usage_records_contract_state", "contract_id", "state"),
         Index("ix_usage_records_contract_time", "contract_id", "reserved_at"),
+        Index("ix_usage_records_ledger_index", "ledger_index"),  # the monitoring roll-up's watermark
     )
 
 

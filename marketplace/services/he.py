@@ -14,6 +14,7 @@ plaintext: it relays and computes on ciphertexts and stores public key material 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,7 +24,7 @@ from marketplace.compute.he import ComputeError, HETask
 from marketplace.db.base import utcnow
 from marketplace.errors import Conflict, Forbidden, Invalid, Unavailable
 from marketplace.runtime import Runtime
-from marketplace.services import audit, catalog, dispatch, metering
+from marketplace.services import audit, catalog, dispatch, metering, monitoring
 from marketplace.services.he_plans import current_plan, latest_artifact
 from marketplace.services.identity import Principal
 from marketplace.services.keysets import keyset_public, own_keyset, refresh_revocation
@@ -144,6 +145,7 @@ def infer(
     charged), NotFound, Forbidden (keyset revoked or bound to another contract), PolicyDenied,
     Conflict, Unavailable.
     """
+    t0 = time.perf_counter()
     p.require("consumer")
     idempotency_key = metering.check_idempotency_key(idempotency_key)
     if not keyset_id:
@@ -162,9 +164,11 @@ def infer(
     replay = getattr(res, "replay", None)
     if replay is not None:
         return InferResult(replay.body, replay.media_type, replay.usage_id, replay.receipt, True, units)
+    tm = time.perf_counter()
     try:
         out = _compute(rt, prep, body)
     except BaseException as e:
+        _observe(prep, t0, tm, time.perf_counter(), ok=False, error_class=type(e).__name__)
         reason = e.message if isinstance(e, Invalid | Unavailable) else type(e).__name__
         try:
             metering.release(rt, res, reason=str(reason)[:200])
@@ -172,11 +176,24 @@ def infer(
             if prep.compiled is not None:
                 _audit_decrypt(rt, who, prep, units, outcome="failure")
         raise
+    tc = time.perf_counter()
     if prep.compiled is not None:
         _audit_decrypt(rt, who, prep, units, outcome="success")
     charged = metering.commit(rt, res, result=out, media_type=MEDIA_TYPE)
+    _observe(prep, t0, tm, tc, ok=True)
     return InferResult(
         out, MEDIA_TYPE, getattr(charged, "usage_id", None), getattr(charged, "receipt", None), False, units
+    )
+
+
+def _observe(prep: _Prepared, t0: float, tm: float, tc: float, *, ok: bool, error_class: str | None = None) -> None:
+    """One HE inference for monitoring: model = the computation (worker or agent, waiting for
+    one included: the pool does not report its queue), overhead = everything else (lookups,
+    metering, audit). Phases: [t0, tm) overhead, [tm, tc) model, [tc, now) overhead."""
+    now = time.perf_counter()
+    monitoring.record_inference(
+        prep.offering_id, prep.version_number or 0, "he_inference", queue_s=0.0, model_s=tc - tm,
+        overhead_s=(tm - t0) + (now - tc), ok=ok, error_class=error_class,
     )
 
 

@@ -9,6 +9,7 @@ for agents) or leasing (:mod:`.leasing`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from marketplace.db.base import utcnow
 from marketplace.db.models_jobs import Job
 from marketplace.errors import Conflict, Invalid, NotFound, PayloadTooLarge
 from marketplace.runtime import Runtime
-from marketplace.services import metering
+from marketplace.services import catalog, metering, monitoring
 from marketplace.services.jobs.states import FINAL, JobStatus, finish, move, reservation_of
 
 __all__ = ["MayPost", "charge", "check_sealed", "complete", "fail"]
@@ -68,8 +69,25 @@ def complete(rt: Runtime, job_id: str, *, owner: str, result: bytes, may_post: M
     return charge(rt, job_id, result=result)
 
 
+def _observe(
+    s: Session, job: Job, r: metering.Reservation | None, *, overhead_s: float, ok: bool, error_class: str | None = None
+) -> None:
+    """One finished job for monitoring: queue = reserved (queued) to started, model = started to
+    finished (on the worker or agent), overhead = storing the result and charging."""
+    ver = catalog.latest_version(s, job.offering_id)
+    queued = r.time if r is not None else job.created_at
+    started = job.started_at or queued
+    end = job.finished_at or utcnow()
+    monitoring.record_inference(
+        job.offering_id, ver.number if ver else 0, "remote_job",
+        queue_s=(started - queued).total_seconds(), model_s=(end - started).total_seconds(),
+        overhead_s=overhead_s, ok=ok, error_class=error_class,
+    )
+
+
 def charge(rt: Runtime, job_id: str, *, result: bytes | None) -> Job:
     """Second half of :func:`complete` (also the sweeper's retry after a crash): commit, then mark."""
+    t0 = time.perf_counter()
     with rt.tx() as s:
         job = s.get(Job, job_id)
         if job is None:  # pragma: no cover
@@ -114,6 +132,7 @@ def charge(rt: Runtime, job_id: str, *, result: bytes | None) -> Job:
                           usage_id=usage_id or (r.usage_id if r else None), receipt=receipt,
                           result_ttl=rt.settings.job_result_ttl_seconds,
                           detail={"usage_id": usage_id or (r.usage_id if r else None), "attempts": job.attempts})
+            _observe(s, job, r, overhead_s=time.perf_counter() - t0, ok=True)
     done.apply(rt)
     return job
 
@@ -129,5 +148,6 @@ def fail(
         done = finish(s, job, JobStatus.FAILED, now=utcnow(), event="job.fail", error=message[:4000],
                       reason=reason[:40], detail={"reason": reason[:40]}, outcome="failure",
                       release=f"job failed: {reason}"[:200])
+        _observe(s, job, reservation_of(job.reservation), overhead_s=0.0, ok=False, error_class=reason[:40])
     done.apply(rt)
     return job

@@ -9,6 +9,7 @@
 
 import { renderMarkdown } from "./md.js";
 import { b64decode, parseCheckpoint, parseVkey, sameVkey, verifyInclusion, verifyNoteSignature, vkeyFingerprint } from "./merkle.js";
+import { monitoringView } from "./monitor.js";
 
 const KEY = "som.apiKey";
 const PAGE = 20;
@@ -258,6 +259,7 @@ function renderChrome() {
   const links = [["catalog", "Catalog"]];
   if (hasRole("consumer", "provider", "admin")) links.push(["contracts", "Contracts"]);
   if (hasRole("compliance", "admin")) links.push(["audit", "Audit trail"], ["ledger", "Ledger"]);
+  if (hasRole("consumer", "provider", "compliance", "admin")) links.push(["monitoring", "Monitoring"]);
   links.push(["me", "Account"]);
   const current = (location.hash.slice(2).split(/[/?]/)[0] || defaultView());
   nav.replaceChildren(
@@ -860,6 +862,7 @@ const VIEWS = {
   contracts: contractsView,
   audit: auditView,
   ledger: ledgerView,
+  monitoring: (params) => monitoringView(params, { api, roles: me.roles, go: (p) => go("monitoring", p) }),
   me: meView,
 };
 

@@ -10,7 +10,7 @@ from alembic import op
 import marketplace.db.base
 
 revision = "0008_sso"
-down_revision = "0006_auth"
+down_revision = "0007_monitoring"
 branch_labels = None
 depends_on = None
 

@@ -41,6 +41,7 @@ class RoundOutcome:
     params: list[np.ndarray]
     participants: int  # replies aggregated (after dropouts)
     failures: int
+    accuracy: float | None  # the global model on the participants' data (federated evaluation)
 
 
 class _Client(NumPyClient):
@@ -82,11 +83,16 @@ def _strategy(recipe: Recipe, params: Sequence[np.ndarray], rnd: int, n_nodes: i
         return {"round": rnd}
 
     return FedAvg(
-        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=recipe.min_participants,
-        min_evaluate_clients=0, min_available_clients=min(recipe.min_participants, max(n_nodes, 1)),
+        fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=recipe.min_participants,
+        min_evaluate_clients=1, evaluate_metrics_aggregation_fn=_weighted_accuracy, min_available_clients=min(recipe.min_participants, max(n_nodes, 1)),
         initial_parameters=ndarrays_to_parameters(list(params)), on_fit_config_fn=fit_config,
         accept_failures=True, fit_metrics_aggregation_fn=_no_metrics,
     )
+
+
+def _weighted_accuracy(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    n = sum(k for k, _ in results)
+    return {"accuracy": sum(k * float(m.get("accuracy", 0.0)) for k, m in results) / n} if n else {}
 
 
 def _no_metrics(_: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -103,18 +109,21 @@ def run_round(grid: Grid, recipe: Recipe, params: Sequence[np.ndarray], rnd: int
         grid.current_round = rnd
     if recipe.secure_aggregation:
         fit = SecAggPlusWorkflow(
-            num_shares=max(n_nodes, recipe.min_participants), reconstruction_threshold=recipe.min_participants,
+            num_shares=1.0, reconstruction_threshold=recipe.min_participants,  # 1.0: every node shares with all
             timeout=recipe.round_timeout, clipping_range=max(8.0, recipe.clipping),
         )
         workflow = DefaultWorkflow(fit_workflow=fit)
     else:
         workflow = DefaultWorkflow()
     app = ServerApp()
+    result: dict[str, float | None] = {}
 
     @app.main()
     def main(g: Grid, context: Context) -> None:
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy)
         workflow(g, legacy)
+        acc = legacy.history.metrics_distributed.get("accuracy")
+        result["accuracy"] = float(acc[-1][1]) if acc else None
         context.state.array_records[MAIN_PARAMS_RECORD] = legacy.state.array_records[MAIN_PARAMS_RECORD]
 
     ctx = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -123,4 +132,5 @@ def run_round(grid: Grid, recipe: Recipe, params: Sequence[np.ndarray], rnd: int
     new = parameters_to_ndarrays(compat.arrayrecord_to_parameters(arr, keep_input=True))
     stats = getattr(grid, "last_round_stats", {})
     return RoundOutcome(params=[np.asarray(a, dtype=np.float64) for a in new],
-                        participants=int(stats.get("replied", 0)), failures=int(stats.get("failed", 0)))
+                        participants=int(stats.get("replied", 0)), failures=int(stats.get("failed", 0)),
+                        accuracy=result.get("accuracy"))

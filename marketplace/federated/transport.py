@@ -73,6 +73,7 @@ class Mailbox:
     digests: dict[tuple[str, int], hashlib._Hash] = field(default_factory=dict)  # (round, node)
     contributors: dict[str, set[int]] = field(default_factory=dict)  # round -> nodes whose update arrived
     view: list[tuple[int, str, bytes]] = field(default_factory=list)  # (node, round, bytes)
+    polling: dict[int, int] = field(default_factory=dict)  # node -> long polls in progress
     closed: bool = False
 
     def post(self, msg: Message) -> None:
@@ -88,15 +89,19 @@ class Mailbox:
         """The next message for ``node``, waiting up to ``wait`` s (long poll)."""
         end = time.monotonic() + wait
         with self.cv:
-            self.last_seen[node] = time.monotonic()
-            while not self.closed:
-                q = self.outbox.get(node)
-                if q:
-                    return q.popleft()[1]
-                left = end - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cv.wait(left)
+            self.polling[node] = self.polling.get(node, 0) + 1
+            try:
+                while not self.closed:
+                    self.last_seen[node] = time.monotonic()
+                    q = self.outbox.get(node)
+                    if q:
+                        return q.popleft()[1]
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self.cv.wait(left)
+            finally:
+                self.polling[node] -= 1
                 self.last_seen[node] = time.monotonic()
         return None
 
@@ -157,9 +162,10 @@ class Mailbox:
             return out
 
     def online(self, nodes: Iterable[int], within: float) -> list[int]:
+        """Nodes waiting for a message now, or that were active in the last ``within`` s."""
         now = time.monotonic()
         with self.cv:
-            return [n for n in nodes if now - self.last_seen.get(n, -1e9) <= within]
+            return [n for n in nodes if self.polling.get(n) or now - self.last_seen.get(n, -1e9) <= within]
 
     def close(self) -> None:
         with self.cv:

@@ -121,7 +121,9 @@ class Mailbox:
                 raise ReplyRefused("the reply answers no message sent to this participant")
             if ref in self.replies:
                 raise ReplyRefused("that message was already answered")
-            ins = self.instructions[ref]
+            ins = self.instructions.get(ref)
+            if ins is None:
+                raise ReplyRefused("that message was already answered")
             if msg.has_content() and msg.metadata.message_type != ins.metadata.message_type:
                 raise ReplyRefused("the reply's type differs from the instruction's")
             md = msg.metadata.__dict__
@@ -144,9 +146,10 @@ class Mailbox:
             while True:
                 got = [self.replies.pop(i) for i in list(ids) if i in self.replies]
                 if got or time.monotonic() >= end or self.closed:
-                    for m in got:
+                    for m in got:  # done: a second reply to it answers nothing
                         ref = m.metadata.reply_to_message_id
                         self.instructions.pop(ref, None)
+                        self.sent_to.pop(ref, None)
                     return got
                 self.cv.wait(end - time.monotonic())
 
@@ -223,8 +226,10 @@ class MailboxGrid(Grid):
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if self.mailbox.closed:
                 break
-        for ref in pending:  # unanswered (dropped out): forget, a late reply is refused
-            self.mailbox.sent_to.pop(ref, None)
+        with self.mailbox.cv:
+            for ref in pending:  # unanswered (dropped out): forget, a late reply is refused
+                self.mailbox.sent_to.pop(ref, None)
+                self.mailbox.instructions.pop(ref, None)
         failed = sum(1 for m in out if m.has_error())
         self.last_round_stats = {"replied": len(out) - failed, "failed": failed + len(pending)}
         return out

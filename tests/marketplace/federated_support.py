@@ -4,6 +4,7 @@ an offering with a parent version, and organisations holding a ``federated`` con
 from __future__ import annotations
 
 import io
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,7 @@ def participant_orgs(world: Any, offering_id: str, signing_key: SigningKey, n: i
     offer = world.provider.publish_offer(offering_id, make_terms(modes=modes), signing_key=signing_key)
     out = []
     for i in range(n):
-        org = world.admin.create_org(f"hospital-{i}-{offering_id[-6:]}")
+        org = world.admin.create_org(f"hospital-{i}-{secrets.token_hex(4)}")
         key = world.admin.create_key(org["id"], ["consumer"], name=f"hospital-{i}")["key"]
         c = SomClient("http://testserver", key, http=world.client(key)._http)
         c.accept_offer(offer["id"], signing_key=SigningKey.generate())

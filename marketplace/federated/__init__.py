@@ -5,3 +5,9 @@ Modules: :mod:`learning` (pure numpy logistic regression), :mod:`recipe` (the ty
 participant terms), :mod:`privacy` (the RDP accountant), :mod:`apps` (the Flower apps),
 :mod:`transport` (the Grid over the marketplace's mailbox), :mod:`participant` (the agent loop).
 """
+
+import os
+
+# Flower's telemetry is on by default in some entry points; a privacy product does not phone home
+# (set before any flwr import: Flower reads it when its telemetry module loads).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -6,6 +6,8 @@ Non-participants get 404 for everything of a federation (its existence is not di
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import datetime
 from typing import Any
 
@@ -133,9 +135,6 @@ def receipts(fed_id: str, p: Auth, rt: Rt) -> list[dict[str, Any]]:
         assert pt is not None
         idx = [i for r in federations.rounds_of(s, fed_id) if pt.org_id in r.participants for i in r.ledger_indexes]
     out = [ledger.receipt(rt, i) for i in idx]
-    import base64  # noqa: PLC0415 - only here: filter the receipts to the caller's own leaves
-    import json  # noqa: PLC0415
-
     return [r for r in out if json.loads(base64.b64decode(r["leaf"])).get("org") == pt.org_id]
 
 
@@ -144,8 +143,7 @@ def receipts(fed_id: str, p: Auth, rt: Rt) -> list[dict[str, Any]]:
 def next_message(fed_id: str, p: Auth, rt: Rt, body: PollIn | None = None) -> Response:
     with rt.tx() as s:
         f, _ = federations.get_for(s, p, fed_id)
-        pt = federations.participant_of(s, p, fed_id)
-        assert pt is not None
+        pt = federations.active_participant(s, p, fed_id)
         node, state = pt.node_id, f.status
     headers = {"X-Som-Federation-Status": state}
     if state not in federations.OPEN:
@@ -166,9 +164,7 @@ async def reply(fed_id: str, p: Auth, rt: Rt, request: Request) -> dict[str, Any
     def _node() -> int:
         with rt.tx() as s:
             federations.get_for(s, p, fed_id)
-            pt = federations.participant_of(s, p, fed_id)
-            assert pt is not None
-            return pt.node_id
+            return federations.active_participant(s, p, fed_id).node_id
 
     node = await run_in_threadpool(_node)
     box = coordinator.mailbox_for(rt, fed_id)

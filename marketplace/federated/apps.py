@@ -33,6 +33,7 @@ from marketplace.federated.recipe import Recipe
 
 __all__ = ["RoundOutcome", "client_app", "run_round"]
 
+FULL_GRAPH = 10
 logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every stage at INFO
 
 
@@ -108,8 +109,17 @@ def run_round(grid: Grid, recipe: Recipe, params: Sequence[np.ndarray], rnd: int
     if hasattr(grid, "current_round"):
         grid.current_round = rnd
     if recipe.secure_aggregation:
+        # up to FULL_GRAPH nodes every node shares with all (the threshold is then the minimum of
+        # participants); above, each node shares with ~FULL_GRAPH neighbours (SecAgg+'s sparse graph)
+        # and a node's secrets need 2/3 of its neighbours' shares
+        if n_nodes <= FULL_GRAPH:
+            shares: float = 1.0
+            threshold = recipe.min_participants
+        else:
+            shares = FULL_GRAPH / n_nodes
+            threshold = min(recipe.min_participants, max(2, (2 * FULL_GRAPH) // 3))
         fit = SecAggPlusWorkflow(
-            num_shares=1.0, reconstruction_threshold=recipe.min_participants,  # 1.0: every node shares with all
+            num_shares=shares, reconstruction_threshold=threshold,
             timeout=recipe.round_timeout, clipping_range=max(8.0, recipe.clipping),
         )
         workflow = DefaultWorkflow(fit_workflow=fit)

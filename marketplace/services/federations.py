@@ -31,7 +31,7 @@ from marketplace.services.contracts import ledger_append, terms_of
 from marketplace.services.identity import Principal
 
 __all__ = [
-    "can_run_round", "complete", "create", "fail", "get_for", "join", "participant_of", "record_round", "rounds_of",
+    "active_participant", "can_run_round", "complete", "create", "fail", "get_for", "join", "participant_of", "record_round", "rounds_of",
 ]
 
 OPEN = ("open", "running")
@@ -122,6 +122,17 @@ def participant_of(s: Session, p: Principal, fed_id: str, *, required: bool = Tr
     if part is None and required:
         raise NotFound(f"federation {fed_id} not found")
     return part
+
+
+def active_participant(s: Session, p: Principal, fed_id: str) -> FederationParticipant:
+    """The caller's participation, while its ``federated`` contract is still active (403 once
+    suspended or terminated: it stops receiving and sending messages)."""
+    pt = participant_of(s, p, fed_id)
+    assert pt is not None
+    row = s.get(ContractRow, pt.contract_id)
+    if row is None or row.status != "active":
+        raise Forbidden("the contract this participation rests on is no longer active")
+    return pt
 
 
 def participants(s: Session, fed_id: str) -> list[FederationParticipant]:

@@ -114,6 +114,7 @@ class Federation:
     id: str
     offering_id: str
     orgs: list[tuple[str, str]]  # (org id, key)
+    signing_key: SigningKey | None = None  # the provider's offer-signing key
 
 
 def open_federation(world: Any, recipe: dict[str, Any], *, n: int = 3, terms: dict[str, Any] | None = None,
@@ -123,7 +124,7 @@ def open_federation(world: Any, recipe: dict[str, Any], *, n: int = 3, terms: di
     split = split or breast_cancer_split(n)
     full = {"dim": 30, "mean": split.mean.tolist(), "scale": split.scale.tolist(), **recipe}
     fed = world.provider.create_federation(off, full, terms=terms or {}, name="tumour")
-    return Federation(fed["id"], off, orgs)
+    return Federation(fed["id"], off, orgs, sk)
 
 
 def run_participants(url: str, fed: Federation, split: Split, *, stops: dict[int, Any] | None = None,

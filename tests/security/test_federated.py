@@ -62,6 +62,27 @@ def test_a_non_participant_cannot_join_or_read(live: Any) -> None:
     assert r.status_code == 401 and "error" in r.json()
 
 
+def test_a_terminated_contract_ends_the_participation(live: Any) -> None:
+    world, url = live
+    fed = open_federation(world, RECIPE, n=2)
+    a = SomClient(url, fed.orgs[0][1])
+    a.join_federation(fed.id, samples=10)
+    assert a.federation_next(fed.id, wait=0)[0] is None  # polling works while the contract is active
+    with world.rt.tx() as s:
+        from marketplace.services import federations
+
+        [pt] = [x for x in federations.participants(s, fed.id) if x.org_id == fed.orgs[0][0]]
+        cid = pt.contract_id
+    assert fed.signing_key is not None
+    world.provider.terminate_contract(cid, signing_key=fed.signing_key, reason="left the consortium")
+    with pytest.raises(SomAPIError) as e:
+        a.federation_next(fed.id, wait=0)
+    assert _status(e) == 403
+    with pytest.raises(SomAPIError) as e:
+        a.federation_reply(fed.id, b"\x00")
+    assert _status(e) == 403
+
+
 def test_allowed_orgs_restricts_who_joins(live: Any) -> None:
     world, url = live
     off, sk = open_offering(world)

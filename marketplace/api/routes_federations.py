@@ -92,6 +92,16 @@ def create(body: FederationCreate, p: Auth, rt: Rt, request: Request) -> Federat
         return _out(f, [])
 
 
+@router.get("", response_model=list[FederationOut], summary="Federations your organisation runs or takes part in")
+def list_federations(p: Auth, rt: Rt) -> list[FederationOut]:
+    with rt.tx() as s:
+        out = []
+        for f in federations.list_for(s, p):
+            mine = federations.participant_of(s, p, f.id, required=False) if f.org_id != p.org_id else None
+            out.append(_out(f, federations.participants(s, f.id) if mine is None else [mine]))
+        return out
+
+
 @router.get("/{fed_id}", response_model=FederationOut, summary="A federation (its provider or a participant)")
 def status(fed_id: str, p: Auth, rt: Rt) -> FederationOut:
     with rt.tx() as s:

@@ -26,6 +26,9 @@ class FederationsAPI(BaseClient):
     def federation(self, fed_id: str) -> dict[str, Any]:
         return dict(self.get_json(f"/v1/federations/{fed_id}"))
 
+    def federations(self) -> list[dict[str, Any]]:
+        return list(self.get_json("/v1/federations"))
+
     def federation_rounds(self, fed_id: str) -> list[dict[str, Any]]:
         return list(self.get_json(f"/v1/federations/{fed_id}/rounds"))
 

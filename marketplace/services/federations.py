@@ -31,7 +31,7 @@ from marketplace.services.contracts import ledger_append, terms_of
 from marketplace.services.identity import Principal
 
 __all__ = [
-    "active_participant", "can_run_round", "complete", "create", "fail", "get_for", "join", "participant_of", "record_round", "rounds_of",
+    "active_participant", "can_run_round", "complete", "list_for", "create", "fail", "get_for", "join", "participant_of", "record_round", "rounds_of",
 ]
 
 OPEN = ("open", "running")
@@ -114,6 +114,13 @@ def get_for(s: Session, p: Principal, fed_id: str) -> tuple[Federation, Federati
         if part is not None:
             return f, part
     raise NotFound(f"federation {fed_id} not found")
+
+
+def list_for(s: Session, p: Principal) -> list[Federation]:
+    """Federations the caller's organisation runs or takes part in, newest first."""
+    mine = select(FederationParticipant.federation_id).where(FederationParticipant.org_id == p.org_id)
+    return list(s.scalars(select(Federation).where((Federation.org_id == p.org_id) | Federation.id.in_(mine))
+                          .order_by(Federation.created_at.desc()).limit(500)))
 
 
 def participant_of(s: Session, p: Principal, fed_id: str, *, required: bool = True) -> FederationParticipant | None:

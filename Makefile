@@ -19,6 +19,7 @@ install: $(STAMP)
 
 demo: install
 	$(PY) examples/demo.py
+	$(PY) examples/federated_demo.py
 
 # Debian's Chromium for the web UI's browser tests (tests/marketplace/test_web_ui.py); root only.
 browser:

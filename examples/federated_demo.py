@@ -77,7 +77,8 @@ def main() -> int:
         ok(f"server up at {url}")
         admin = SomClient(url, boot["api_key"])
         prov_org = admin.create_org("Oncology Models")
-        provider = SomClient(url, admin.create_key(prov_org["id"], ["provider"])["key"])
+        provider_key = admin.create_key(prov_org["id"], ["provider"])["key"]
+        provider = SomClient(url, provider_key)
 
         step("2. A provider lists a tumour classifier and offers federated contracts")
         parts, x_test, y_test = split_data()
@@ -113,7 +114,7 @@ def main() -> int:
         recipe = {"dim": 30, "rounds": 10, "local_epochs": 5, "lr": 0.1, "min_participants": 2,
                   "mean": mean.tolist(), "scale": scale.tolist()}
         fed = json.loads(som("--json", "federation", "create", "--offering", off["id"], "--recipe", json.dumps(recipe),
-                             "--terms", json.dumps({"counting": "samples"}), env={**env, "SOM_API_KEY": provider._http.headers["Authorization"][7:]}))
+                             "--terms", json.dumps({"counting": "samples"}), env={**env, "SOM_API_KEY": provider_key}))
         ok(f"federation {fed['id']} on v1")
         for name, key, csv in hospitals:
             agents.append(subprocess.Popen([*SOM, "--json", "agent", "--federation", fed["id"], "--data", str(csv), "--lease-wait", "2"],

@@ -19,8 +19,7 @@ from marketplace.api.deps import Auth, Rt, actor_of
 from marketplace.api.schemas import Strict
 from marketplace.db.models_federated import Federation, FederationParticipant
 from marketplace.errors import Conflict, Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType
-from marketplace.federated import coordinator
-from marketplace.federated.transport import ReplyRefused
+from marketplace.federated.errors import ReplyRefused
 from marketplace.services import federations, ledger
 
 router = APIRouter(prefix="/v1/federations", tags=["federations"])
@@ -76,6 +75,14 @@ def _part(pt: FederationParticipant) -> dict[str, Any]:
             "credit_minor": pt.credit_minor, "epsilon_spent": pt.epsilon_spent}
 
 
+def _coordinator() -> Any:
+    # Imported on first use: Flower takes seconds to load, and a server that runs no federation
+    # should not pay for it at start.
+    from marketplace.federated import coordinator
+
+    return coordinator
+
+
 def _out(f: Federation, parts: list[FederationParticipant]) -> FederationOut:
     return FederationOut(
         id=f.id, offering_id=f.offering_id, org_id=f.org_id, name=f.name, parent_version_id=f.parent_version_id,
@@ -126,7 +133,7 @@ def start(fed_id: str, p: Auth, rt: Rt) -> dict[str, Any]:
             raise NotFound(f"federation {fed_id} not found")
         if f.status != "open":
             raise Conflict(f"federation {fed_id} is {f.status}")
-    coordinator.start(rt, fed_id)
+    _coordinator().start(rt, fed_id)
     return {"id": fed_id, "status": "running"}
 
 
@@ -158,7 +165,7 @@ def next_message(fed_id: str, p: Auth, rt: Rt, body: PollIn | None = None) -> Re
     headers = {"X-Som-Federation-Status": state}
     if state not in federations.OPEN:
         return Response(status_code=204, headers=headers)
-    data = coordinator.mailbox_for(rt, fed_id).next_for(node, (body or PollIn()).wait)
+    data = _coordinator().mailbox_for(rt, fed_id).next_for(node, (body or PollIn()).wait)
     if data is None:
         return Response(status_code=204, headers=headers)
     return Response(content=data, media_type="application/octet-stream", headers=headers)
@@ -177,7 +184,7 @@ async def reply(fed_id: str, p: Auth, rt: Rt, request: Request) -> dict[str, Any
             return federations.active_participant(s, p, fed_id).node_id
 
     node = await run_in_threadpool(_node)
-    box = coordinator.mailbox_for(rt, fed_id)
+    box = _coordinator().mailbox_for(rt, fed_id)
     if len(data) > box.max_reply_bytes:
         raise PayloadTooLarge(f"reply of {len(data)} bytes exceeds {box.max_reply_bytes}")
     try:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import math
 
-from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
-from dp_accounting.rdp import RdpAccountant
-
 __all__ = ["epsilon_after", "flower_epsilon"]
 
 
@@ -23,6 +20,10 @@ def epsilon_after(noise_multiplier: float, rounds: int, delta: float) -> float:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    # Imported here: dp-accounting pulls in scipy and takes seconds; only DP federations need it.
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
     acc = RdpAccountant()
     acc.compose(SelfComposedDpEvent(GaussianDpEvent(noise_multiplier), rounds))
     return float(acc.get_epsilon(delta))

@@ -31,6 +31,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from marketplace.federated.errors import ReplyRefused
+
 __all__ = ["Mailbox", "MailboxGrid", "ReplyRefused", "ensure_identity"]
 
 COORDINATOR_NODE = 1  # Flower's SUPERLINK_NODE_ID: the source of every instruction
@@ -52,10 +54,6 @@ def _carries_update(ins: Message) -> bool:
         return False
     cfg = ins.content.config_records.get(RECORD_KEY_CONFIGS)
     return cfg is None or cfg.get(SaKey.STAGE) == Stage.COLLECT_MASKED_VECTORS
-
-
-class ReplyRefused(ValueError):
-    """A reply the mailbox will not pass to the coordinator (malformed, unsolicited, replayed)."""
 
 
 @dataclass

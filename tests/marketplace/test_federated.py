@@ -239,3 +239,15 @@ def test_som_agent_federation_process_takes_part(live: Any, tmp_path: Path) -> N
     res = json.loads(out)
     assert res["status"] == "completed" and res["answered"] > 0
     assert all(len(r["participants"]) == 3 for r in world.provider.federation_rounds(fed.id))
+    # the provider's CLI view of the run
+    penv = {**env, "SOM_API_KEY": world.keys["provider"]}
+    status = json.loads(subprocess.run([str(som), "--json", "federation", "status", fed.id], env=penv,
+                                       capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert status["status"] == "completed" and status["participants"] == 3 and status["result_version_id"]
+    rounds = json.loads(subprocess.run([str(som), "--json", "federation", "rounds", fed.id], env=penv,
+                                       capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["participants"] == 3 for r in rounds)
+    # a participant's receipts over the CLI: its own three leaves
+    receipts = json.loads(subprocess.run([str(som), "--json", "federation", "receipts", fed.id], env=env,
+                                         capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert len(receipts) == 3

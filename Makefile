@@ -12,12 +12,14 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt flwr  # Flower: its own pins conflict (pyproject)
 	@touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
 	$(PY) examples/demo.py
+	$(PY) examples/federated_demo.py
 
 # Debian's Chromium for the web UI's browser tests (tests/marketplace/test_web_ui.py); root only.
 browser:

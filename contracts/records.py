@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -58,6 +59,7 @@ __all__ = [
     "AUDIT_SCHEMA",
     "CONTRACT_EVENT_SCHEMA",
     "CONTRACT_SCHEMA",
+    "FL_CONTRIBUTION_SCHEMA",
     "JOB_APPROVAL_SCHEMA",
     "SCHEMAS",
     "USAGE_OUTCOMES",
@@ -67,6 +69,7 @@ __all__ = [
     "parse_time",
     "contract_event_record",
     "contract_record",
+    "fl_contribution_record",
     "job_approval_record",
     "parse_record",
     "usage_record",
@@ -78,6 +81,7 @@ CONTRACT_SCHEMA = "som.contract/v1"
 CONTRACT_EVENT_SCHEMA = "som.contract-event/v1"
 AUDIT_SCHEMA = "som.audit/v1"
 JOB_APPROVAL_SCHEMA = "som.job-approval/v1"
+FL_CONTRIBUTION_SCHEMA = "som.fl-contribution/v1"
 USAGE_OUTCOMES = ("charged", "released")
 AUDIT_OUTCOMES = ("success", "failure", "denied")
 JOB_DECISIONS = ("approved", "rejected")
@@ -217,6 +221,28 @@ def job_approval_record(
     )
 
 
+def fl_contribution_record(
+    *, federation_id: str, round: int, org: str, samples: int, update_digest: str,
+    epsilon: str, delta: str, time: datetime,
+) -> dict[str, Any]:
+    """A ``som.fl-contribution/v1`` leaf: ``org`` contributed an update to a federation's round
+    (``samples`` as declared; ``update_digest`` of the masked shares the coordinator received;
+    ``epsilon``/``delta`` the cumulative privacy spent, decimal strings)."""
+    return validate_record(
+        {
+            "schema": FL_CONTRIBUTION_SCHEMA,
+            "federation_id": federation_id,
+            "round": round,
+            "org": org,
+            "samples": samples,
+            "update_digest": update_digest,
+            "epsilon": epsilon,
+            "delta": delta,
+            "time": format_time(time),
+        }
+    )
+
+
 # -- validators ----------------------------------------------------------------------------
 
 
@@ -333,12 +359,30 @@ def _validate_job_approval(d: Mapping[str, Any]) -> None:
     get_str(d, "time", w, pattern=TIME_RE)
 
 
+def _validate_fl_contribution(d: Mapping[str, Any]) -> None:
+    w = FL_CONTRIBUTION_SCHEMA
+    expect_keys(
+        d, w, ("schema", "federation_id", "round", "org", "samples", "update_digest", "epsilon", "delta", "time")
+    )
+    for k in ("federation_id", "org"):
+        get_str(d, k, w)
+    get_int(d, "round", w, minimum=1)
+    get_int(d, "samples", w, minimum=0)
+    get_digest(d, "update_digest", w)
+    for k in ("epsilon", "delta"):
+        get_str(d, k, w, pattern=_DECIMAL_RE)
+    get_str(d, "time", w, pattern=TIME_RE)
+
+
+_DECIMAL_RE = re.compile(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,12})?|inf")
+
 _VALIDATORS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     USAGE_SCHEMA: _validate_usage,
     CONTRACT_SCHEMA: _validate_contract,
     CONTRACT_EVENT_SCHEMA: _validate_contract_event,
     AUDIT_SCHEMA: _validate_audit,
     JOB_APPROVAL_SCHEMA: _validate_job_approval,
+    FL_CONTRIBUTION_SCHEMA: _validate_fl_contribution,
 }
 SCHEMAS: tuple[str, ...] = tuple(_VALIDATORS)
 

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 TERMS_SCHEMA = "som.terms/v1"
-MODES: tuple[str, ...] = ("he_inference", "remote_job")
+MODES: tuple[str, ...] = ("federated", "he_inference", "remote_job")
 JOB_KINDS: tuple[str, ...] = ("custom", "evaluate", "predict")
 
 CURRENCY_RE = re.compile(r"[A-Z]{3}")

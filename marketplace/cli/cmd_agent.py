@@ -25,6 +25,26 @@ import typer
 from marketplace.cli.common import client, die, emit, state
 
 
+def _federate(ctx: typer.Context, fed_id: str, data: Path | None, wait: float) -> None:
+    """``som agent --federation ID --data FILE.csv``: the participant loop (marketplace.federated)."""
+    if data is None:
+        die("--data FILE.csv is required with --federation")
+        return
+    # Imported here: Flower loads only for federation participants, not for every `som` command.
+    from marketplace.federated import learning, participant
+    from marketplace.federated.recipe import Recipe
+
+    c = client(ctx)
+    c.join_federation(fed_id, samples=0)  # join first (only participants may read the recipe); run() declares the rows
+    fed = c.federation(fed_id)
+    try:
+        x, y = learning.load_csv(data.read_bytes(), dim=Recipe.from_dict(fed["recipe"]).dim)
+    except ValueError as e:
+        die(f"{data}: {e}")
+    out = participant.run(c, fed_id, x, y, wait=wait)
+    emit(ctx, {k: out[k] for k in ("id", "status", "rounds_done", "epsilon_spent", "result_version_id", "answered")})
+
+
 def register(app: typer.Typer) -> None:
     agent = typer.Typer(help="The provider agent (weights stay on this machine).", invoke_without_command=True)
     app.add_typer(agent, name="agent")
@@ -44,9 +64,15 @@ def register(app: typer.Typer) -> None:
         workdir: Path = typer.Option(None, "--workdir", help="Scratch folder for custom jobs."),
         lease_wait: float = typer.Option(20.0, "--lease-wait", help="Long-poll wait in seconds."),
         verbose: bool = typer.Option(False, "--verbose", "-v"),
+        federation: str = typer.Option("", "--federation", help="Take part in this federation (with --data)."),
+        data: Path = typer.Option(None, "--data", exists=True, dir_okay=False,
+                                  help="The participant's training CSV (features + 0/1 label); it never leaves."),
     ) -> None:
         """Run the agent (when no subcommand is given)."""
         if ctx.invoked_subcommand is not None:
+            return
+        if federation:
+            _federate(ctx, federation, data, lease_wait)
             return
         if model is None:
             die("--model is required to run the agent (or use `som agent key create`)")

@@ -257,7 +257,7 @@ function defaultView() {
 
 function renderChrome() {
   const links = [["catalog", "Catalog"]];
-  if (hasRole("consumer", "provider", "admin")) links.push(["contracts", "Contracts"]);
+  if (hasRole("consumer", "provider", "admin")) links.push(["contracts", "Contracts"], ["federations", "Federations"]);
   if (hasRole("compliance", "admin")) links.push(["audit", "Audit trail"], ["ledger", "Ledger"]);
   if (hasRole("consumer", "provider", "compliance", "admin")) links.push(["monitoring", "Monitoring"]);
   links.push(["me", "Account"]);
@@ -854,6 +854,73 @@ async function meView() {
   ];
 }
 
+// -- federations: rounds, participants, accuracy per round ---------------------------------------
+
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs ?? {})) el.setAttribute(k, String(v));
+  for (const c of children.flat(Infinity)) if (c) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+function accuracyPlot(rounds) {
+  const pts = rounds.filter((r) => typeof r.metrics.accuracy === "number").map((r) => [r.number, r.metrics.accuracy]);
+  if (!pts.length) return h("p", { class: "muted" }, "No accuracy yet.");
+  const W = 480, H = 200, P = 32;
+  const maxX = Math.max(...pts.map((p) => p[0]), 2);
+  const lo = Math.max(0, Math.min(...pts.map((p) => p[1])) - 0.05);
+  const x = (n) => P + ((n - 1) / (maxX - 1)) * (W - 2 * P);
+  const y = (a) => H - P - ((a - lo) / (1 - lo || 1)) * (H - 2 * P);
+  return svg(
+    "svg",
+    { id: "accuracy-plot", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "Accuracy per round" },
+    svg("line", { x1: P, y1: H - P, x2: W - P, y2: H - P, stroke: "currentColor" }),
+    svg("line", { x1: P, y1: P, x2: P, y2: H - P, stroke: "currentColor" }),
+    svg("text", { x: P, y: P - 8, "font-size": 11 }, "accuracy"),
+    svg("text", { x: W - P, y: H - 8, "font-size": 11, "text-anchor": "end" }, "round"),
+    svg("text", { x: 4, y: y(1) + 4, "font-size": 10 }, "1.0"),
+    svg("text", { x: 4, y: y(lo) + 4, "font-size": 10 }, lo.toFixed(2)),
+    svg("polyline", { points: pts.map((p) => `${x(p[0])},${y(p[1])}`).join(" "), fill: "none", stroke: "currentColor", "stroke-width": 2 }),
+    pts.map((p) => svg("circle", { class: "point", cx: x(p[0]), cy: y(p[1]), r: 3 }, svg("title", {}, `round ${p[0]}: ${p[1].toFixed(4)}`))),
+  );
+}
+
+async function federationsView() {
+  const rows = await api("/v1/federations");
+  return h(
+    "section",
+    { class: "panel" },
+    h("h2", {}, "Federations"),
+    rows.length
+      ? table(["Federation", "Status", "Rounds", "Participants", "ε spent"], rows.map((f) => h("tr", {},
+        h("td", {}, h("a", { href: `#/federation/${encodeURIComponent(f.id)}` }, f.name || f.id)),
+        h("td", {}, f.status), h("td", {}, `${f.rounds_done} / ${f.recipe.rounds}`),
+        h("td", {}, String(f.participants.length)), h("td", {}, f.epsilon_spent.toFixed(3)))))
+      : h("p", { class: "muted" }, "None: your organisation runs or takes part in no federation."),
+  );
+}
+
+async function federationView(params, [id]) {
+  const [f, rounds] = await Promise.all([api(`/v1/federations/${encodeURIComponent(id)}`), api(`/v1/federations/${encodeURIComponent(id)}/rounds`)]);
+  return [
+    h("section", { class: "panel" },
+      h("h2", {}, `Federation ${f.name || f.id}`),
+      h("p", { id: "federation-status" }, `Status: ${f.status}; ${f.rounds_done} of ${f.recipe.rounds} rounds; ε spent ${f.epsilon_spent.toFixed(3)}`
+        + (f.terms.epsilon ? ` of ${f.terms.epsilon}` : "") + (f.result_version_id ? `; new version ${f.result_version_id}` : "")),
+      f.error ? h("p", { class: "error" }, f.error) : null,
+      h("h3", {}, "Accuracy per round"), accuracyPlot(rounds)),
+    h("section", { class: "panel" }, h("h3", {}, "Participants"),
+      table(["Organisation", "Samples", "Rounds", "Units", "Credit", "ε"], f.participants.map((p) => h("tr", {},
+        h("td", {}, p.org_id), h("td", {}, String(p.samples)), h("td", {}, String(p.rounds)), h("td", {}, String(p.units)),
+        h("td", {}, String(p.credit_minor)), h("td", {}, p.epsilon_spent.toFixed(3)))), "participants")),
+    h("section", { class: "panel" }, h("h3", {}, "Rounds"),
+      table(["Round", "Participants", "Accuracy", "ε", "Ledger leaves"], rounds.map((r) => h("tr", {},
+        h("td", {}, String(r.number)), h("td", {}, String(r.participants.length)),
+        h("td", {}, typeof r.metrics.accuracy === "number" ? r.metrics.accuracy.toFixed(4) : "–"),
+        h("td", {}, r.epsilon.toFixed(3)), h("td", {}, r.ledger_indexes.join(", ")))), "rounds")),
+  ];
+}
+
 // -- router ----------------------------------------------------------------------------------
 
 const VIEWS = {
@@ -863,6 +930,8 @@ const VIEWS = {
   audit: auditView,
   ledger: ledgerView,
   monitoring: (params) => monitoringView(params, { api, roles: me.roles, go: (p) => go("monitoring", p) }),
+  federations: federationsView,
+  federation: federationView,
   me: meView,
 };
 

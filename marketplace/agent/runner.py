@@ -7,7 +7,8 @@ statements vouching for that key (``--signing-key``: the Ed25519 key that signs 
 offers; consumers refuse to seal to an unvouched key), heartbeats, and for each piece of work:
 fetches the input, computes (jobs via :mod:`marketplace.agent.compute`, HE requests via
 :func:`crypto.he.evaluate` on a :class:`crypto.he.PublicContext` from the consumer's key set,
-fetched once and cached), posts the result. With ``--calibration`` it compiles the HE plan
+fetched once and cached), posts the result. Gateway calls (plaintext rows, answered synchronously)
+come over a second long-poll in their own thread (:mod:`marketplace.agent.gateway_loop`). With ``--calibration`` it compiles the HE plan
 locally and publishes only the PUBLIC plan and report. It reconnects with exponential backoff.
 Work whose lease it lost (a heartbeat says so, or the check before posting) is abandoned: another
 agent has it now.
@@ -33,6 +34,7 @@ import httpx
 from crypto.sealing import SealKeyPair
 from crypto.signing import SigningKey
 from marketplace.agent.compute import JobFailed, Limits, Model, load_model, run_job
+from marketplace.agent.gateway_loop import GatewayLoop
 from marketplace.agent.payload import open_input, seal_result
 from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
 from marketplace.sdk.base import BaseClient, SomAPIError
@@ -75,7 +77,7 @@ class AgentConfig:
     signing_key_path: Path | None = None  # the provider's offer-signing key: vouches for the sealing key
     calibration_path: Path | None = None
     name: str = ""
-    capabilities: tuple[str, ...] = ("predict", "evaluate", "custom", "he_infer")
+    capabilities: tuple[str, ...] = ("predict", "evaluate", "custom", "he_infer", "gateway")
     workdir: Path | None = None
     lease_wait: float = 20.0
     backoff_max: float = 30.0
@@ -179,6 +181,8 @@ class ProviderAgent:
                         self._hello()
                         if not started:
                             hb.start()
+                            if "gateway" in self.cfg.capabilities:  # plaintext gateway calls, own thread
+                                GatewayLoop(self, wait=self.cfg.lease_wait).start(stop)
                             started = True
                     r = self.api._http.post(
                         "/v1/agent/lease", json={"wait": self.cfg.lease_wait}, headers=self._h()

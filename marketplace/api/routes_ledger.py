@@ -271,7 +271,7 @@ def get_usage(
     consumer_org: str | None = None,
     provider_org: str | None = None,
     offering_id: str | None = None,
-    mode: Literal["he_inference", "remote_job"] | None = None,
+    mode: Literal["he_inference", "remote_job", "gateway"] | None = None,
     outcome: Literal["charged", "released"] | None = None,
     since: datetime | None = None,
     until: datetime | None = None,

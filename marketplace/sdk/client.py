@@ -5,6 +5,7 @@ from __future__ import annotations
 from marketplace.sdk.base import SomAPIError
 from marketplace.sdk.catalog_api import CatalogAPI
 from marketplace.sdk.contracts_api import ContractsAPI
+from marketplace.sdk.gateway_api import GatewayAPI
 from marketplace.sdk.he_api import HEAPI
 from marketplace.sdk.jobs_api import JobsAPI
 from marketplace.sdk.ledger_api import LedgerAPI
@@ -12,5 +13,5 @@ from marketplace.sdk.ledger_api import LedgerAPI
 __all__ = ["SomAPIError", "SomClient"]
 
 
-class SomClient(CatalogAPI, LedgerAPI, HEAPI, ContractsAPI, JobsAPI):
+class SomClient(CatalogAPI, LedgerAPI, HEAPI, ContractsAPI, JobsAPI, GatewayAPI):
     """Talks to a Share-of-Model server. ``transport=`` accepts an ``httpx`` test transport."""

@@ -56,7 +56,7 @@ __all__ = [
     "task_payload",
 ]
 
-CAPABILITIES = ("predict", "evaluate", "custom", "he_infer")
+CAPABILITIES = ("predict", "evaluate", "custom", "he_infer", "gateway")
 LEASE_WAIT_MAX = 20.0
 """Longest a ``POST /v1/agent/lease`` waits for work before answering 204."""
 TASK_MAX_ATTEMPTS = 2

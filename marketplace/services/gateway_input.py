@@ -48,17 +48,23 @@ def media_type_of(content_type: str | None) -> str:
     )
 
 
+class _NonFinite(ValueError):
+    pass
+
+
 def _refuse_constant(name: str) -> float:
-    raise ValueError(name)
+    raise _NonFinite(name)
 
 
 def _parse_json(body: bytes, max_rows: int) -> np.ndarray:
     try:
         doc = json.loads(body, parse_constant=_refuse_constant)
-    except ValueError as e:
-        if isinstance(e, json.JSONDecodeError):
-            raise Invalid(f"the body is not valid JSON (line {e.lineno}, column {e.colno})") from None
+    except _NonFinite:
         raise Invalid("the body is not valid JSON: NaN and Infinity are not numbers") from None
+    except json.JSONDecodeError as e:
+        raise Invalid(f"the body is not valid JSON (line {e.lineno}, column {e.colno})") from None
+    except ValueError:  # e.g. an integer of more than 4300 digits
+        raise Invalid("the body is not valid JSON: a number could not be read") from None
     except RecursionError:
         raise Invalid("the body is nested too deeply") from None
     if not isinstance(doc, dict) or set(doc) != {"rows"}:
@@ -117,7 +123,7 @@ def _parse_csv(body: bytes, max_rows: int) -> np.ndarray:
     out: list[list[float]] = []
     width = -1
     try:
-        for lineno, cells in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        for lineno, cells in enumerate(csv.reader(io.StringIO(text, newline=""), strict=True), start=1):
             if not cells or all(not c.strip() for c in cells):
                 continue
             values = [_cell(c.strip()) for c in cells]

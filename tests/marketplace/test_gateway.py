@@ -15,7 +15,6 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ import pytest
 
 from marketplace.sdk import SomAPIError
 from marketplace.sdk.ledger_api import verify_receipt
-from tests.conftest import build_world, make_settings, serve_in_thread
 from tests.marketplace.test_gateway_support import (
     features,
     gw_offering,
@@ -33,6 +31,7 @@ from tests.marketplace.test_gateway_support import (
     mlp_numpy,
     mlp_onnx,
     onnx_reference,
+    served,
     som_agent,
     to_csv,
     usage_states,
@@ -40,23 +39,6 @@ from tests.marketplace.test_gateway_support import (
 )
 
 TIMING = ("queue", "model", "metering", "total")
-
-
-@contextmanager
-def served(tmp_path: Path, db_url: str, **settings: Any) -> Iterator[tuple[Any, str]]:
-    from marketplace.api.app import create_app
-
-    settings.setdefault("workers", 1)
-    settings.setdefault("agent_offline_seconds", 5.0)
-    settings.setdefault("gateway_agent_timeout_seconds", 3.0)
-    app = create_app(make_settings(tmp_path, db_url, **settings))
-    try:
-        w = build_world(app)
-        with serve_in_thread(app) as url:
-            yield w, url
-        assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500; see data/logs/som.log"
-    finally:
-        app.state.runtime.close()
 
 
 @pytest.fixture
@@ -192,7 +174,7 @@ def test_micro_batching_gives_the_same_predictions_metered_per_call(tmp_path: Pa
             barrier = threading.Barrier(n)
 
             def call(i: int) -> None:
-                barrier.wait()
+                barrier.wait()  # noqa: B023
                 out[i] = clients[i].predict(g.offering_id, xs[i])  # noqa: B023
 
             ts = [threading.Thread(target=call, args=(i,)) for i in range(n)]

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from contracts.terms import JobLimits, Terms
 from crypto.signing import SigningKey
 from marketplace.db.base import utcnow
+from tests.conftest import build_world, make_settings, serve_in_thread
 from tests.marketplace.test_jobs_support import write_signing_key
 
 D_IN = 6
@@ -159,7 +160,7 @@ def som_agent(world: Any, url: str, gw: GW, tmp_path: Path, *, timeout: float = 
     sk = write_signing_key(gw.model_path.parent / "provider.key", gw.signing_key)
     env = {**os.environ, "SOM_URL": url, "SOM_API_KEY": key}
     log = (tmp_path / f"agent-{gw.offering_id}.log").open("wb")
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: S603 - our own CLI, argv list
         [sys.executable, "-m", "marketplace.cli", "agent", "--model", str(gw.model_path), "--signing-key", str(sk),
          "--lease-wait", "2", "--workdir", str(tmp_path / "agent-work")],
         env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -190,3 +191,20 @@ def onnx_reference(data: bytes, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     name = m.graph.input[0].name
     return np.asarray(sess.run(None, {name: x.astype(np.float32)})[0], dtype=np.float64)
+
+
+@contextmanager
+def served(tmp_path: Path, db_url: str, **settings: Any) -> Iterator[tuple[Any, str]]:
+    from marketplace.api.app import create_app
+
+    settings.setdefault("workers", 1)
+    settings.setdefault("agent_offline_seconds", 5.0)
+    settings.setdefault("gateway_agent_timeout_seconds", 3.0)
+    app = create_app(make_settings(tmp_path, db_url, **settings))
+    try:
+        w = build_world(app)
+        with serve_in_thread(app) as url:
+            yield w, url
+        assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500; see data/logs/som.log"
+    finally:
+        app.state.runtime.close()

@@ -9,6 +9,7 @@ and ``last_timing`` (the ``Server-Timing`` durations in ms). A retry with the sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Sequence
@@ -31,10 +32,8 @@ def parse_server_timing(header: str | None) -> dict[str, float]:
         for param in rest.split(";"):
             k, _, v = param.strip().partition("=")
             if k == "dur" and name:
-                try:
+                with contextlib.suppress(ValueError):
                     out[name] = float(v)
-                except ValueError:
-                    pass
     return out
 
 

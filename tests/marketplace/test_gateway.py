@@ -251,3 +251,41 @@ def test_provider_and_marketplace_hosted_agree(gw: tuple[Any, str], tmp_path: Pa
     x = features(8, seed=21)
     with som_agent(w, url, st, tmp_path):
         np.testing.assert_allclose(c.predict(st.offering_id, x), c.predict(mk.offering_id, x), rtol=1e-12)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_som_predict_cli_csv_json_and_npy(tmp_path: Path, sqlite_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    with served(tmp_path, sqlite_url) as (w, url):
+        g = gw_offering(w, tmp_path)
+        x = features(3)
+        want = lr_numpy(g.weight, g.bias, x)
+        env = {**os.environ, "SOM_URL": url, "SOM_API_KEY": w.keys["consumer"]}
+        (tmp_path / "rows.csv").write_bytes(to_csv(x, header=True))
+        (tmp_path / "rows.json").write_text(json.dumps({"rows": x.tolist()}))
+        np.save(tmp_path / "rows.npy", x)
+
+        def som(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "marketplace.cli", *args], env=env, capture_output=True,  # noqa: S603
+                                  text=True, timeout=120, check=False)
+
+        r = som("predict", g.offering_id, "--input", str(tmp_path / "rows.csv"))
+        assert r.returncode == 0, r.stderr
+        np.testing.assert_allclose(_read_csv(r.stdout.encode())[1], want, rtol=1e-12)
+        for name in ("rows.json", "rows.npy"):
+            r = som("--json", "predict", g.offering_id, "--input", str(tmp_path / name), "--idempotency-key", f"k-{name}")
+            assert r.returncode == 0, r.stderr
+            doc = json.loads(r.stdout)
+            np.testing.assert_allclose(doc["outputs"], want, rtol=1e-12)
+            assert doc["usage_id"] and isinstance(doc["ledger_index"], int) and set(doc["timing_ms"]) == set(TIMING)
+        r = som("--json", "predict", g.offering_id, "--input", str(tmp_path / "rows.json"), "--idempotency-key", "k-rows.json")
+        assert json.loads(r.stdout)["replay"] is True
+        assert usage_states(w.rt, g.contract_id or "") == [("charged", 3)] * 3
+        (tmp_path / "bad.csv").write_text("1,2\n3\n")
+        r = som("predict", g.offering_id, "--input", str(tmp_path / "bad.csv"))
+        assert r.returncode != 0 and "line 2" in r.stderr

@@ -18,7 +18,10 @@ encrypted-artifact pointers are, invalidated when this process writes an offerin
 
 What it reveals: the compute site sees the rows (a marketplace worker process, or the provider's
 agent); the weights stay where they are (decrypted only in worker memory, or never leaving the
-agent). See docs/gateway.md.
+agent). Nothing of the rows is stored (the usage record holds their digest); the answer kept for
+idempotent replays is AES-256-GCM sealed under a key derived from the Idempotency-Key, which is
+itself stored only as a SHA-256, so a DB or backup reader cannot read predictions. See
+docs/gateway.md.
 
 Not for: HTTP (``marketplace.api.routes_gateway``), ORT sessions (``gateway_runtime``).
 """
@@ -43,6 +46,7 @@ from marketplace.runtime import Runtime
 from marketplace.services import audit, compute, metering, monitoring
 from marketplace.services.gateway_hub import AgentFailed, hub_of
 from marketplace.services.gateway_input import JSON, parse_rows, render
+from marketplace.services.gateway_replay import open_answer, seal_answer
 from marketplace.services.gateway_runtime import (
     GatewayAnswer,
     GatewayTask,
@@ -322,6 +326,7 @@ def predict(
     the ``Server-Timing`` header; the call is reported to :mod:`marketplace.services.monitoring`."""
     clock = _Clock()
     version = 0
+    answer = b""
     try:
         p.require("consumer")
         key = metering.check_idempotency_key(idempotency_key)
@@ -350,7 +355,8 @@ def predict(
                     out = _run_marketplace(rt, t, rows, clock, who)
                 else:
                     out = _run_agent(rt, t, rows, clock)
-                use.set_result(render(out, accept, version=t.version, units=n), accept)
+                answer = render(out, accept, version=t.version, units=n)
+                use.set_result(seal_answer(answer, idempotency_key=key, org_id=p.org_id, request_digest=digest), accept)
             c0 = time.perf_counter()
         clock.metering += time.perf_counter() - c0
     except MarketplaceError as e:
@@ -365,10 +371,11 @@ def predict(
     _record(offering_id, version, timing, ok=True)
     if use.replay is not None:
         r = use.replay
-        return Answer(r.body, r.media_type or JSON, n, t.version, r.usage_id, r.receipt, True, timing)
+        body = open_answer(r.body, idempotency_key=key, org_id=p.org_id, request_digest=digest)
+        return Answer(body, r.media_type or JSON, n, t.version, r.usage_id, r.receipt, True, timing)
     charged = use.charged
     return Answer(
-        use.result or b"", accept, n, t.version, charged.usage_id if charged else None,
+        answer, accept, n, t.version, charged.usage_id if charged else None,
         charged.receipt if charged else None, False, timing,
     )
 

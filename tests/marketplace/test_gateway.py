@@ -132,6 +132,29 @@ def test_idempotency_key_replays_and_charges_once(gw: tuple[Any, str], tmp_path:
     assert used_units(w.rt, g.contract_id or "") == (4, 0)
 
 
+def test_inputs_and_predictions_are_not_stored_in_the_clear(tmp_path: Path, sqlite_url: str) -> None:
+    """The rows are never stored (the usage record holds their digest); the answer kept for
+    replays is sealed under a key derived from the Idempotency-Key (stored only as a digest)."""
+    from tests.scan import find_bytes, float_patterns
+
+    with served(tmp_path, sqlite_url) as (w, url):
+        g = gw_offering(w, tmp_path)
+        x = features(4, seed=77) * 0.3 + 0.123456789  # predictions well inside (0, 1)
+        idem = str(uuid.uuid4())
+        body = json.dumps({"rows": x.tolist()}).encode()
+        r = _post(url, w.keys["consumer"], g.offering_id, body, "application/json", idem=idem)
+        assert r.status_code == 200
+        y = np.asarray(r.json()["outputs"])
+        csv_r = _post(url, w.keys["consumer"], g.offering_id, to_csv(x), "text/csv")
+        again = _post(url, w.keys["consumer"], g.offering_id, body, "application/json", idem=idem)
+        assert again.content == r.content  # the replay opens with the key
+        rt = w.rt
+        paths = [rt.data_dir, Path(rt.engine.url.database or "")]
+        assert find_bytes(float_patterns(x), paths=paths) == []
+        assert find_bytes(float_patterns(y), paths=paths) == []
+        assert find_bytes([r.content[:40], csv_r.content[:40], idem.encode()], paths=paths) == []
+
+
 def test_onnx_upload_answers_equal_onnxruntime_and_numpy(gw: tuple[Any, str], tmp_path: Path) -> None:
     w, url = gw
     data, params = mlp_onnx()

@@ -195,7 +195,7 @@ class Batcher:
                 if self._open.get(key) is b:
                     del self._open[key]
                 items = list(b.items)
-            self.runs += 1
+                self.runs += 1
             try:
                 ans = fn(np.vstack([r for r, _ in items]) if len(items) > 1 else items[0][0])
             except BaseException as e:

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -203,8 +203,8 @@ class Batcher:
                     f.set_exception(e)
             else:
                 off = 0
-                for r, f in items:
-                    f.set_result((ans.outputs[off : off + r.shape[0]], ans))
+                for i, (r, f) in enumerate(items):  # a load is reported (and audited) once
+                    f.set_result((ans.outputs[off : off + r.shape[0]], ans if i == 0 else replace(ans, loaded=False)))
                     off += r.shape[0]
         return fut.result()
 

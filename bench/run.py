@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["bench_ledger.py", "bench_metering.py", "bench_he.py", "bench_he_service.py", "bench_jobs.py", "bench_jail.py",
-         "bench_federated.py"]
+         "bench_gateway.py", "bench_federated.py"]
 
 
 def main() -> int:

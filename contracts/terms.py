@@ -5,7 +5,8 @@ For: the typed, versioned (``som.terms/v1``) value that an offer signs and that
 Not for: signing (see :mod:`contracts.offer`), usage state (see :mod:`contracts.policy`) or
 money formatting beyond :func:`format_minor`.
 
-Both computation modes (``he_inference``, ``remote_job``) draw on one quota of *units*. Prices are
+All computation modes (``he_inference``, ``remote_job``, ``gateway``: plaintext rows answered
+synchronously, the compute site sees the inputs) draw on one quota of *units*. Prices are
 integers in the currency's minor unit (cents for EUR); derived amounts use :class:`decimal.Decimal`,
 never float. The validity window is half-open: ``valid_from <= t < valid_until``.
 
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 TERMS_SCHEMA = "som.terms/v1"
-MODES: tuple[str, ...] = ("federated", "he_inference", "remote_job")
+MODES: tuple[str, ...] = ("federated", "gateway", "he_inference", "remote_job")
 JOB_KINDS: tuple[str, ...] = ("custom", "evaluate", "predict")
 
 CURRENCY_RE = re.compile(r"[A-Z]{3}")

@@ -183,6 +183,35 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     verify_receipt(receipt, log_vkey)
     ok(f"usage receipt verified offline against the pinned log key: leaf #{receipt['index']} included in the signed checkpoint")
 
+    step("5b. A downstream application calls the inference gateway over plain HTTP")
+    gw_terms = Terms(
+        modes=frozenset({"gateway"}), quota_units=5_000, rate_units=10_000, rate_window_seconds=60,
+        valid_from=now - timedelta(minutes=1), valid_until=now + timedelta(days=30), unit_price_minor=1,
+        currency="EUR", max_batch=256,
+    )
+    gw_offer = provider.publish_offer(off["id"], gw_terms, signing_key=p_key)
+    gw_contract = consumer.accept_offer(gw_offer.get("offer_id") or gw_offer["offer"]["offer_id"], signing_key=c_key)
+    gw_cid = gw_contract.get("contract_id") or gw_contract["id"]
+    ok(f"gateway contract {gw_cid}: plaintext rows, the marketplace's worker sees the inputs (the weights stay encrypted at rest)")
+    headers = {"Authorization": f"Bearer {keys['consumer']}", "X-Som-Contract": gw_cid}
+    with httpx.Client(base_url=url, headers=headers) as app_http:  # what any language's HTTP client does (curl -d ...)
+        for i in range(3):
+            r = app_http.post(f"/v1/offerings/{off['id']}/predict", json={"rows": Xte[i : i + 1].tolist()},
+                              headers={"Idempotency-Key": f"demo-gateway-{i}"})
+            r.raise_for_status()
+            ok(f"POST /v1/offerings/{off['id']}/predict -> {r.json()['outputs'][0][0]:.4f} "
+               f"(plaintext {plain[i]:.4f}); Server-Timing: {r.headers['server-timing']}")
+        csv_rows = "\n".join(",".join(repr(float(x)) for x in row) for row in Xte[:20]) + "\n"
+        r = app_http.post(f"/v1/offerings/{off['id']}/predict", content=csv_rows.encode(),
+                          headers={"Content-Type": "text/csv", "Idempotency-Key": "demo-gateway-csv"})
+        r.raise_for_status()
+        got = np.loadtxt(io.StringIO(r.text), delimiter=",", skiprows=1).reshape(-1)
+        assert np.allclose(got, plain[:20], atol=1e-9), "gateway predictions differ from the model"
+        gw_receipt = json.loads(base64.urlsafe_b64decode(r.headers["x-som-receipt"] + "=" * (-len(r.headers["x-som-receipt"]) % 4)))
+        verify_receipt(gw_receipt, consumer.ledger_key())
+        ok(f"20 CSV rows -> 20 predictions equal to the model's; {r.headers['x-som-units']} units charged once, "
+           f"receipt verified offline (leaf #{gw_receipt['index']})")
+
     step("6. A provider-hosted model and a remote job: the weights never move")
     model_path = work / "provider-host" / "model.npz"
     model_path.parent.mkdir()

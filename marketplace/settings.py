@@ -165,6 +165,25 @@ class Settings(BaseSettings):
     monitoring_flush_seconds: float = Field(
         default=5.0, description="How often a process writes its per-minute latency aggregates to the DB."
     )
+    gateway_batch_window_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="Gateway micro-batching: stack concurrent calls on one version arriving within this many ms into one model run (0 = off).",
+    )
+    gateway_batch_max_rows: int = Field(default=4096, ge=1, description="Rows at which a gateway micro-batch closes early.")
+    gateway_max_rows: int = Field(
+        default=10_000, ge=1, description="Most rows one gateway call may carry (the contract's max_batch applies too)."
+    )
+    gateway_cache_seconds: float = Field(
+        default=2.0, ge=0, description="How long a gateway API process caches an offering's version and artifact pointers."
+    )
+    gateway_model_cache: int = Field(default=8, ge=1, description="Warm ONNX Runtime sessions kept per gateway worker (LRU).")
+    gateway_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime intra-op threads per gateway worker (0 = cores / workers)."
+    )
+    gateway_compute_timeout_seconds: float = Field(default=30.0, gt=0, description="Longest a gateway model run may take.")
+    gateway_agent_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Longest a gateway call waits for a provider's agent before 503 + Retry-After."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

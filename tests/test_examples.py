@@ -19,7 +19,7 @@ def test_demo_runs_the_whole_story() -> None:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     out = r.stdout
-    for marker in ("Provider lists a model", "encrypted inference", "remote job", "ledger export",
+    for marker in ("Provider lists a model", "encrypted inference", "inference gateway", "remote job", "ledger export",
                    "receipt verified offline", "demo finished"):
         assert marker in out, f"demo output lacks {marker!r}"
 

@@ -7,7 +7,8 @@ statements vouching for that key (``--signing-key``: the Ed25519 key that signs 
 offers; consumers refuse to seal to an unvouched key), heartbeats, and for each piece of work:
 fetches the input, computes (jobs via :mod:`marketplace.compute.jobs`, HE requests via
 :func:`crypto.he.evaluate` on a :class:`crypto.he.PublicContext` from the consumer's key set,
-fetched once and cached), posts the result. With ``--calibration`` it compiles the HE plan
+fetched once and cached), posts the result. Gateway calls (plaintext rows, answered synchronously)
+come over a second long-poll in their own thread (:mod:`marketplace.agent.gateway_loop`). With ``--calibration`` it compiles the HE plan
 locally and publishes only the PUBLIC plan and report. It reconnects with exponential backoff.
 Work whose lease it lost (a heartbeat says so, or the check before posting) is abandoned: another
 agent has it now.
@@ -38,6 +39,7 @@ from crypto.errors import CryptoError, DecryptionError
 from crypto.he import CompiledModel, PublicContext, compile_model, compile_report, evaluate
 from crypto.sealing import SealKeyPair
 from crypto.signing import SigningKey
+from marketplace.agent.gateway_loop import GatewayLoop
 from marketplace.agent.sealkey import DEFAULT_VALIDITY, sign_seal_key
 from marketplace.compute.jail import JailConfig, config_from_env, probe
 from marketplace.compute.jobs import (
@@ -111,7 +113,7 @@ class AgentConfig:
     signing_key_path: Path | None = None  # the provider's offer-signing key: vouches for the sealing key
     calibration_path: Path | None = None
     name: str = ""
-    capabilities: tuple[str, ...] = ("predict", "evaluate", "custom", "he_infer")
+    capabilities: tuple[str, ...] = ("predict", "evaluate", "custom", "he_infer", "gateway")
     workdir: Path | None = None
     jail: JailConfig | None = None  # how custom jobs are jailed (default: from the environment)
     lease_wait: float = 20.0
@@ -211,6 +213,8 @@ class ProviderAgent:
                         self._hello()
                         if not started:
                             hb.start()
+                            if "gateway" in self.cfg.capabilities:  # plaintext gateway calls, own thread
+                                GatewayLoop(self, wait=self.cfg.lease_wait).start(stop)
                             started = True
                     try:
                         item = self.api.lease(self.cfg.lease_wait, agent_id=self.agent_id)

@@ -186,6 +186,7 @@ def _aware(t: datetime | None) -> datetime | None:
     "/v1/contracts/{contract_id}/statement",
     summary="Usage statement over [from, to) (JSON or CSV); reconciles with the ledger's usage leaves",
     response_model=None,
+    responses={200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}}},
 )
 def get_statement(
     contract_id: str,

@@ -289,7 +289,7 @@ def get_usage(
     consumer_org: str | None = None,
     provider_org: str | None = None,
     offering_id: str | None = None,
-    mode: Literal["federated", "he_inference", "remote_job"] | None = None,
+    mode: Literal["federated", "gateway", "he_inference", "remote_job"] | None = None,
     outcome: Literal["charged", "released"] | None = None,
     since: datetime | None = None,
     until: datetime | None = None,

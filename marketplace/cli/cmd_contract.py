@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         window: int = typer.Option(60, help="Rate window in seconds."),
         price: int = typer.Option(0, help="Price per unit in the currency's minor unit (cents)."),
         currency: str = typer.Option("EUR", help="ISO 4217 currency."),
-        modes: str = typer.Option("he_inference,remote_job", help="Allowed modes, comma-separated."),
+        modes: str = typer.Option("he_inference,remote_job", help="Allowed modes, comma-separated (he_inference, remote_job, gateway)."),
         job_kinds: str = typer.Option("predict,evaluate", help="Allowed job kinds, comma-separated."),
         days: int = typer.Option(365, help="Validity in days from now."),
         max_batch: int = typer.Option(64, help="Largest batch per request."),

@@ -121,7 +121,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run inference on an offering. With --encrypted, inputs never leave this machine in the clear."""
         if not encrypted:
-            die("only --encrypted inference runs here; plaintext predictions run as remote jobs (som job ...)")
+            die("only --encrypted inference runs here; for plaintext predictions use `som predict` (a gateway "
+                "contract) or remote jobs (som job ...)")
         try:
             x = read_features(input)
         except (ValueError, OSError) as e:

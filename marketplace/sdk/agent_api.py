@@ -87,6 +87,12 @@ class AgentAPI:
         item: dict[str, Any] = r.json()
         return item
 
+    def gateway_exchange(self, body: dict[str, Any], *, agent_id: str) -> list[dict[str, Any]]:
+        """Post the previous gateway answers and long-poll for the next plaintext requests
+        (docs/gateway.md). Raises SomAPIError (401/403: this key may not serve; stop)."""
+        r = self._client.request("POST", "/v1/agent/gateway/exchange", json=body, headers=self._h(agent_id))
+        return list(r.json().get("requests") or [])
+
     def payload(self, work_id: str, *, agent_id: str | None) -> bytes:
         """The work's input: a sealed job input or an HE request frame."""
         return self._client.request("GET", f"/v1/agent/work/{work_id}/payload", headers=self._h(agent_id)).content

@@ -45,7 +45,7 @@ __all__ = [
     "sealing_key_for",
 ]
 
-CAPABILITIES = ("predict", "evaluate", "custom", "he_infer")
+CAPABILITIES = ("predict", "evaluate", "custom", "he_infer", "gateway")
 
 
 # -- keys and presence --------------------------------------------------------------------

@@ -41,6 +41,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -73,6 +75,7 @@ __all__ = [
     "LEASE_SECONDS",
     "Charged",
     "Reservation",
+    "Use",
     "StoredResult",
     "begin",
     "check_idempotency_key",
@@ -82,6 +85,7 @@ __all__ = [
     "receipt_header",
     "release",
     "request_digest",
+    "reserved",
     "sweep_expired",
 ]
 
@@ -526,3 +530,55 @@ def receipt_for(rt: Runtime, p: Principal, usage_id: str) -> dict[str, Any]:
         index = u.ledger_index
         out = {"usage_id": u.id, "contract_id": u.contract_id, "outcome": u.state}
     return {**out, "receipt": ledger_receipt(rt, index)}
+
+
+@dataclass
+class Use:
+    """What :func:`reserved` yields: the reservation, or the replay of the first answer.
+
+    Call :meth:`set_result` with the answer's bytes before leaving the block; ``charged`` is set
+    once the block exited and the use was committed."""
+
+    reservation: Reservation
+    result: bytes | None = None
+    media_type: str = "application/octet-stream"
+    charged: Charged | None = None
+
+    @property
+    def replay(self) -> StoredResult | None:
+        return self.reservation.replay
+
+    def set_result(self, result: bytes, media_type: str) -> None:
+        self.result = bytes(result)
+        self.media_type = media_type
+
+
+@contextmanager
+def reserved(rt: Runtime, p: Principal, **begin_kwargs: Any) -> Iterator[Use]:
+    """Reserve -> compute -> commit (success) or release (exception), as one block::
+
+        with metering.reserved(rt, p, offering_id=..., mode="gateway", units=n,
+                               idempotency_key=key, request_digest=digest) as use:
+            if use.replay is None:
+                use.set_result(compute(), "application/json")
+        answer = use.replay.body if use.replay else use.result   # use.charged: the receipt
+
+    ``begin_kwargs`` are :func:`begin`'s. A replayed key yields ``use.replay`` and charges
+    nothing. An exception inside the block releases the units (reason: the exception's message
+    for a :class:`marketplace.errors.MarketplaceError`, else its type) and propagates; leaving the
+    block without a result releases too (reason ``"no result"``)."""
+    res = begin(rt, p, **begin_kwargs)
+    use = Use(reservation=res)
+    if res.replay is not None:
+        yield use
+        return
+    try:
+        yield use
+    except BaseException as e:
+        reason = getattr(e, "message", None) or type(e).__name__
+        release(rt, res, reason=str(reason)[:200])
+        raise
+    if use.result is None:
+        release(rt, res, reason="no result")
+        return
+    use.charged = commit(rt, res, result=use.result, media_type=use.media_type)

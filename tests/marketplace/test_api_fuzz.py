@@ -197,7 +197,7 @@ def _fuzz_as(
         if binary and data.draw(st.booleans(), label="random bytes"):
             case.body = data.draw(st.binary(max_size=4096), label="body")
             case.media_type = "application/octet-stream"
-        if op.path == "/v1/agent/lease":  # a long-poll (20 s by default): keep the run bounded
+        if op.path in ("/v1/agent/lease", "/v1/agent/gateway/exchange"):  # long-polls (20 s by default): keep the run bounded
             if isinstance(case.body, dict):
                 case.body["wait"] = 0.05
             elif case.body is None or isinstance(case.body, NotSet):

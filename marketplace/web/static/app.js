@@ -355,10 +355,29 @@ function heCard(version) {
   return h("section", { class: "panel he-card", id: "he-card" }, h("h3", {}, `HE model card (version ${version.number})`), h("table", { class: "kv" }, h("tbody", {}, rows)));
 }
 
+// Contract modes: how each is shown, and what it reveals to whom (docs/gateway.md).
+const MODE_LABELS = { he_inference: "encrypted inference (HE)", remote_job: "remote jobs", gateway: "gateway (plaintext)" };
+
+function modeLabel(m) {
+  return MODE_LABELS[m] || m;
+}
+
+function gatewayNotice(hosting) {
+  const site = hosting === "provider" ? "the provider's agent" : "the marketplace's compute worker";
+  return h(
+    "p",
+    { class: "notice gateway-reveals", id: "gateway-reveals" },
+    h("strong", {}, "Gateway mode reveals your inputs to the compute site: "),
+    `${site} sees the rows you send in plaintext (and the predictions). The weights stay where they are`,
+    hosting === "provider" ? " (on the provider's machine)." : " (decrypted only in the worker's memory).",
+    " Use encrypted inference (HE) when the inputs must stay hidden.",
+  );
+}
+
 function termsSummary(t) {
   if (!t) return "";
   const parts = [];
-  if (t.modes) parts.push(t.modes.join(", "));
+  if (t.modes) parts.push(t.modes.map(modeLabel).join(", "));
   if (t.quota_units !== undefined) parts.push(`quota ${t.quota_units} units`);
   if (t.rate) parts.push(`rate ${t.rate.units}/${t.rate.window_seconds}s`);
   if (t.price) parts.push(`${fmtMoney(t.price.unit_price_minor, t.price.currency)} per unit`);
@@ -439,6 +458,7 @@ async function offeringView(params, [id]) {
               ),
             )
           : h("p", { class: "empty" }, "No open offers."),
+      offers && offers.some((of) => of.offer && of.offer.terms && (of.offer.terms.modes || []).includes("gateway")) ? gatewayNotice(o.hosting) : null,
     ),
   ];
 }

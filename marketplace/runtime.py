@@ -3,13 +3,16 @@
 The secret keys live in :attr:`Runtime.key_dir`, outside the data directory (:mod:`marketplace.custody`).
 
 Built by :func:`marketplace.api.app.create_app` (never at import time) and shared by routes and
-workers. Everything with a lifetime hangs off one :class:`Runtime`.
+workers. Everything with a lifetime hangs off one :class:`Runtime`, as a typed attribute: the
+ledger's log signer and background :class:`~marketplace.services.ledger.Checkpointer` among them
+(started and stopped by ``create_app``'s lifespan, the one place lifecycles are wired).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +21,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from crypto.note import NoteSigner
+from marketplace.custody import LOG_KEY_FILE, private_file, resolve_key_dir, tighten_db_files
 from marketplace.db.session import make_engine, make_sessionmaker, upgrade
+from marketplace.services.ledger.checkpoints import Checkpointer, load_log_signer
 from marketplace.settings import Settings
 
 __all__ = ["Runtime"]
@@ -32,8 +38,6 @@ class Runtime:
     def __init__(self, settings: Settings, *, migrate: bool = True) -> None:
         settings.check_secrets()
         self.settings = settings
-        from marketplace.custody import private_file, resolve_key_dir, tighten_db_files
-
         self.data_dir = settings.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key_dir: Path = resolve_key_dir(settings, create=True)
@@ -45,9 +49,17 @@ class Runtime:
             upgrade(self.engine)
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
         self._closers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        #: Still used by services/jobs.py, agents.py (helper ``jobs``), compute.py and
+        #: worker/dispatch.py (helper ``compute``) and auth_failures.py / api/deps.py until those
+        #: parts give their state typed attributes; nothing of the wiring part is kept here.
         self.extras: dict[str, Any] = {}
         self._blobs: Any = None
         self._keys: Any = None
+        # -- issue 11, wiring: the ledger ------------------------------------------------
+        self._log_signer: NoteSigner | None = None
+        #: Signs checkpoints in the background; ``create_app`` starts and stops it.
+        self.checkpointer = Checkpointer(self, self.sessions)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -79,6 +91,17 @@ class Runtime:
 
                 self._keys = LocalFileKeyProvider(self.key_dir / KEK_FILE)
         return self._keys
+
+    # -- issue 11, wiring: the ledger ----------------------------------------------------
+
+    @property
+    def log_signer(self) -> NoteSigner:
+        """The log's Ed25519 note signer (``<key_dir>/log.key``, loaded or created once)."""
+        if self._log_signer is None:
+            with self._lock:
+                if self._log_signer is None:
+                    self._log_signer = load_log_signer(self.key_dir / LOG_KEY_FILE, self.settings.log_origin)
+        return self._log_signer
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)

@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from marketplace.errors import Forbidden, Throttled, Unauthenticated
 from marketplace.runtime import Runtime
-from marketplace.services import audit
+from marketplace.services import audit, auth_failures
 from marketplace.services.auth_throttle import FailureThrottle
 from marketplace.services.identity import KeyRefused, Principal, authenticate, key_prefix
 
@@ -90,7 +90,7 @@ def get_any_principal(
             _throttle(rt).failed(client=client, prefix=prefix)
         # The one place failed authentications are recorded: counted and summarised per client
         # and window (``auth.failures``), not one ledger leaf each.
-        audit.note_auth_failure(
+        auth_failures.note(
             rt, source=client, prefix=prefix, path=request.url.path, method=request.method,
             reason=e.reason if isinstance(e, KeyRefused) else "missing", request_id=request_id(request),
         )

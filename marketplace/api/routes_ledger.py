@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import case, func, select
@@ -35,14 +35,6 @@ MAX_LEAVES_PER_REQUEST = 1000
 #: Leaf indexes and tree sizes are 64-bit signed in the database; larger ones are refused (422).
 MAX_INDEX = 2**63 - 1
 _FULL = ("compliance", "admin")
-
-
-def setup(rt: Runtime, app: FastAPI) -> None:
-    """Every audit event becomes a leaf; a background thread signs checkpoints."""
-    audit.set_leaf_sink(ledger.audit_leaf_sink)
-    cp = ledger.install(rt)
-    app.state.on_start.append(cp.start)
-    app.state.on_stop.append(cp.stop)
 
 
 class CheckpointPublic(BaseModel):
@@ -149,7 +141,7 @@ def list_checkpoints(p: Auth, rt: Rt, page: Page) -> PageOf[CheckpointPublic]:
     with rt.tx() as s:
         total = s.scalar(select(func.count()).select_from(t)) or 0
         rows = s.execute(select(t).order_by(t.c.size).limit(page.limit).offset(page.offset)).all()
-    items = [_cp_public(ledger._to_cp(r)) for r in rows]
+    items = [_cp_public(ledger.checkpoints._to_cp(r)) for r in rows]
     return PageOf[CheckpointPublic].build(items, total, page)
 
 

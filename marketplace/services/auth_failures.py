@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from marketplace.services import audit
+from marketplace.services.audit import _fit
+
 if TYPE_CHECKING:
     from marketplace.runtime import Runtime
 
@@ -89,8 +92,6 @@ class _Aggregator:
 
     def flush(self, *, everything: bool = False) -> int:
         """Emit the summaries of ended windows (all of them with ``everything``); how many."""
-        from marketplace.services import audit
-
         now = time.time()
         with self.lock:
             due = [k for k in self.buckets if everything or k[0] + self.window <= now]
@@ -146,8 +147,6 @@ def note(
     rt: Runtime, *, source: str, prefix: str, path: str, method: str, reason: str, request_id: str = ""
 ) -> None:
     """Count one failed authentication from ``source`` (the client's address)."""
-    from marketplace.services.audit import _fit
-
     _aggregator(rt).note(
         _fit(source or "unknown", 200), _fit(prefix, 40), _fit(path, 200), _fit(method, 16), _fit(reason, 200),
         request_id,

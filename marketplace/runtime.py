@@ -21,9 +21,17 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from crypto.keyproviders import EnvKeyProvider, KeyProvider, LocalFileKeyProvider
 from crypto.note import NoteSigner
-from marketplace.custody import LOG_KEY_FILE, private_file, resolve_key_dir, tighten_db_files
+from marketplace.custody import (
+    KEK_FILE,
+    LOG_KEY_FILE,
+    private_file,
+    resolve_key_dir,
+    tighten_db_files,
+)
 from marketplace.db.session import make_engine, make_sessionmaker, upgrade
+from marketplace.services.blobstore import BlobStore
 from marketplace.services.ledger.checkpoints import Checkpointer, load_log_signer
 from marketplace.settings import Settings
 
@@ -54,8 +62,8 @@ class Runtime:
         #: worker/dispatch.py (helper ``compute``) and auth_failures.py / api/deps.py until those
         #: parts give their state typed attributes; nothing of the wiring part is kept here.
         self.extras: dict[str, Any] = {}
-        self._blobs: Any = None
-        self._keys: Any = None
+        self._blobs: BlobStore | None = None
+        self._keys: KeyProvider | None = None
         # -- issue 11, wiring: the ledger ------------------------------------------------
         self._log_signer: NoteSigner | None = None
         #: Signs checkpoints in the background; ``create_app`` starts and stops it.
@@ -68,27 +76,20 @@ class Runtime:
             yield session
 
     @property
-    def blobs(self) -> Any:
+    def blobs(self) -> BlobStore:
         if self._blobs is None:
-            from marketplace.services.blobstore import BlobStore
-
             self._blobs = BlobStore(self.data_dir / "blobs")
         return self._blobs
 
     @property
-    def key_provider(self) -> Any:
+    def key_provider(self) -> KeyProvider:
         if self._keys is None:
             if self.settings.key_provider == "env":
-                from crypto.keyproviders import EnvKeyProvider
-
                 env = dict(os.environ)
                 if self.settings.kek is not None:
                     env["SOM_KEK"] = self.settings.kek.get_secret_value()
                 self._keys = EnvKeyProvider(environ=env)
             else:
-                from crypto.keyproviders import LocalFileKeyProvider
-                from marketplace.custody import KEK_FILE
-
                 self._keys = LocalFileKeyProvider(self.key_dir / KEK_FILE)
         return self._keys
 

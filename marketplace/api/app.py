@@ -115,6 +115,6 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         app.include_router(router)
     routes_docs.mount_assets(app)
     routes_web.mount_ui(app)
-    app.add_middleware(BodyLimitMiddleware, limit_for=route_limits(app, rt.settings))
+    app.add_middleware(BodyLimitMiddleware, limit_for=route_limits(ROUTERS, rt.settings))
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends
 from fastapi.params import Depends as DependsParam
 from fastapi.routing import APIRoute
 from starlette.routing import Match
@@ -75,15 +75,21 @@ def _declared(route: APIRoute) -> BodyLimit:
     return BodyLimit.JSON
 
 
-def route_limits(app: FastAPI, settings: Settings) -> Callable[[Scope], int]:
-    """``limit_for(scope)``: the body limit of the route ``scope`` goes to (read when called, so
-    routes added later count)."""
+def route_limits(routers: Iterable[APIRouter], settings: Settings) -> Callable[[Scope], int]:
+    """``limit_for(scope)``: the body limit of the route of ``routers`` that ``scope`` goes to
+    (``max_request_bytes`` for a route that declares none, or no route)."""
     default = BodyLimit.JSON.bytes(settings)
+    declared = [
+        (route, _declared(route).bytes(settings))
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute) and _declared(route) is not BodyLimit.JSON
+    ]
 
     def limit_for(scope: Scope) -> int:
-        for route in app.router.routes:
-            if isinstance(route, APIRoute) and route.matches(scope)[0] is Match.FULL:
-                return _declared(route).bytes(settings)
+        for route, limit in declared:
+            if route.matches(scope)[0] is Match.FULL:
+                return limit
         return default
 
     return limit_for

@@ -10,7 +10,7 @@ takes ``Auth``, which refuses agent keys, so a key on a provider's machine canno
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -22,11 +22,12 @@ from marketplace.api.deps import AnyAuth, Auth, Rt, actor_of
 from marketplace.api.jsonlimits import BoundedJson
 from marketplace.api.middleware import BodyLimit, body_limit
 from marketplace.api.schemas import KeyCreated, Strict
+from marketplace.db.base import utcnow
 from marketplace.db.models import ApiKey
 from marketplace.db.models_jobs import Agent
 from marketplace.errors import NotFound, UnsupportedMediaType
 from marketplace.runtime import Runtime
-from marketplace.services import agents, jobs
+from marketplace.services import agents, he_plans, jobs
 
 router = APIRouter(prefix="/v1", tags=["agents"])
 
@@ -96,10 +97,6 @@ class PlanIn(Strict):
 
 
 def _public(rt: Runtime, a: Agent) -> dict[str, Any]:
-    from datetime import timedelta
-
-    from marketplace.db.base import utcnow
-
     online = a.stopped_at is None and a.last_seen_at >= utcnow() - timedelta(seconds=rt.settings.agent_offline_seconds)
     return {
         "id": a.id, "org_id": a.org_id, "key_id": a.key_id, "name": a.name, "offering_ids": a.offering_ids,
@@ -227,8 +224,6 @@ def agent_keyset(keyset_id: str, p: AnyAuth, rt: Rt) -> Response:
 
 @router.post("/agent/offerings/{offering_id}/plan", summary="Publish the PUBLIC HE plan compiled beside the weights")
 def agent_plan(offering_id: str, body: PlanIn, p: AnyAuth, rt: Rt, request: Request) -> dict[str, Any]:
-    from marketplace.services import he_plans
-
     offerings = agents.require_agent(p)
     if offering_id not in offerings:
         raise NotFound(f"offering {offering_id} not found")

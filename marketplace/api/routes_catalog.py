@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic_core import PydanticSerializationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -19,8 +20,8 @@ from marketplace.api.schemas import (
     VersionPublic,
 )
 from marketplace.db.base import utcnow
-from marketplace.db.models import Offering, OfferingVersion
-from marketplace.errors import Invalid
+from marketplace.db.models import Hosting, Offering, OfferingStatus, OfferingVersion
+from marketplace.errors import Invalid, UnsupportedMediaType
 from marketplace.runtime import Runtime
 from marketplace.services import agents, audit, catalog, storage
 
@@ -32,7 +33,7 @@ def to_public(rt: Runtime, s: Session, off: Offering) -> OfferingPublic:
     v = catalog.latest_version(s, off.id)
     out = OfferingPublic.model_validate(off)
     out.latest_version = VersionPublic.model_validate(v) if v else None
-    if off.hosting == "provider":
+    if off.hosting == Hosting.PROVIDER:
         out.agent_online = agents.is_online(rt, s, off.id)
     return out
 
@@ -67,14 +68,14 @@ def search_offerings(
     q: Annotated[str | None, Query(max_length=200, description="Text in name or description")] = None,
     task: str | None = None,
     tag: str | None = None,
-    hosting: Literal["marketplace", "provider"] | None = None,
+    hosting: Hosting | None = None,
     org_id: str | None = None,
-    status: Literal["draft", "published", "withdrawn"] | None = None,
+    status: OfferingStatus | None = None,
 ) -> PageOf[OfferingPublic]:
     with rt.tx() as s:
         rows, total = catalog.search(
             s, p, q=q, task=task, tag=tag, hosting=hosting, org_id=org_id, status=status,
-            limit=page.limit, offset=page.offset,
+            page=page,
         )
         return PageOf[OfferingPublic].build([to_public(rt, s, r) for r in rows], total, page)
 
@@ -105,7 +106,7 @@ def publish(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPubl
     p.require("provider")
     with rt.tx() as s:
         off = catalog.get_owned(s, p, offering_id)
-        return to_public(rt, s, catalog.set_status(s, off, "published", actor_of(p, request)))
+        return to_public(rt, s, catalog.set_status(s, off, OfferingStatus.PUBLISHED, actor_of(p, request)))
 
 
 @router.post("/{offering_id}/withdraw", response_model=OfferingPublic, summary="Withdraw from the catalog")
@@ -113,7 +114,7 @@ def withdraw(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPub
     p.require("provider")
     with rt.tx() as s:
         off = catalog.get_owned(s, p, offering_id)
-        return to_public(rt, s, catalog.set_status(s, off, "withdrawn", actor_of(p, request)))
+        return to_public(rt, s, catalog.set_status(s, off, OfferingStatus.WITHDRAWN, actor_of(p, request)))
 
 
 @router.post(
@@ -141,8 +142,6 @@ async def upload_version(
         raise Invalid(f"input_shape must be comma-separated integers, got {input_shape!r}") from e
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype not in ("application/octet-stream", "application/onnx", "application/x-npz"):
-        from marketplace.errors import UnsupportedMediaType
-
         raise UnsupportedMediaType(f"send the artifact as application/octet-stream, not {ctype}")
     data = await request.body()
     who = actor_of(p, request)
@@ -164,8 +163,6 @@ async def upload_version(
 
 @router.get("/{offering_id}/versions", response_model=list[VersionPublic], summary="Versions of an offering")
 def list_versions(offering_id: str, p: Auth, rt: Rt, request: Request) -> list[VersionPublic]:
-    from sqlalchemy import select
-
     with rt.tx() as s:
         catalog.get_visible(s, p, offering_id)
         rows = s.scalars(

@@ -142,7 +142,7 @@ async def create_keyset(
 
 @router.get("/keysets", response_model=PageOf[KeysetPublic], summary="Your organisation's key sets")
 def list_keysets(p: Auth, rt: Rt, page: Page) -> PageOf[KeysetPublic]:
-    rows, total = keysets.list_keysets(rt, p, limit=page.limit, offset=page.offset)
+    rows, total = keysets.list_keysets(rt, p, page)
     return PageOf[KeysetPublic].build([KeysetPublic(**r) for r in rows], total, page)
 
 

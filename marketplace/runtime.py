@@ -31,6 +31,8 @@ from marketplace.custody import (
     tighten_db_files,
 )
 from marketplace.db.session import make_engine, make_sessionmaker, upgrade
+from marketplace.services.auth_failures import FailureSummaries
+from marketplace.services.auth_throttle import FailureThrottle
 from marketplace.services.blobstore import BlobStore
 from marketplace.services.ledger.checkpoints import Checkpointer, load_log_signer
 from marketplace.settings import Settings
@@ -59,8 +61,8 @@ class Runtime:
         self._closers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         #: Still used by services/jobs.py, agents.py (helper ``jobs``), compute.py and
-        #: worker/dispatch.py (helper ``compute``) and auth_failures.py / api/deps.py until those
-        #: parts give their state typed attributes; nothing of the wiring part is kept here.
+        #: worker/dispatch.py (helper ``compute``) until those parts give their state typed
+        #: attributes; nothing of the wiring part is kept here.
         self.extras: dict[str, Any] = {}
         self._blobs: BlobStore | None = None
         self._keys: KeyProvider | None = None
@@ -68,6 +70,17 @@ class Runtime:
         self._log_signer: NoteSigner | None = None
         #: Signs checkpoints in the background; ``create_app`` starts and stops it.
         self.checkpointer = Checkpointer(self, self.sessions)
+        # -- issue 11, wiring: authentication failures (api/deps.py, services/auth_failures.py) --
+        #: Failed-authentication counters of this process (429 with ``Retry-After``).
+        self.auth_throttle = FailureThrottle(
+            per_client=settings.auth_fail_max_per_client,
+            per_prefix=settings.auth_fail_max_per_prefix,
+            window=settings.auth_fail_window_seconds,
+        )
+        #: Summarises failed authentications per client and window; its thread starts on the
+        #: first failure and stops (flushing) with :meth:`close`.
+        self.auth_failures = FailureSummaries(self)
+        self.on_close(self.auth_failures.close)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:

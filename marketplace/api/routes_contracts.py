@@ -76,12 +76,12 @@ def _offer_public(row: OfferRow) -> OfferPublic:
 def _contract_public(s: Any, row: ContractRow, *, events: bool) -> ContractPublic:
     terms = svc.terms_of(row)
     now = utcnow()
-    eff = row.status
-    if eff != Status.TERMINATED.value:
+    eff: Status = row.status
+    if eff != Status.TERMINATED:
         if now >= terms.valid_until:
-            eff = Status.EXPIRED.value
+            eff = Status.EXPIRED
         elif now < terms.valid_from:
-            eff = Status.NOT_YET_VALID.value
+            eff = Status.NOT_YET_VALID
     return ContractPublic(
         id=row.id, offer_id=row.offer_id, offering_id=row.offering_id,
         provider_org_id=row.provider_org_id, consumer_org_id=row.consumer_org_id,

@@ -38,7 +38,13 @@ from contracts.offer import (
 )
 from crypto.errors import InvalidSignature
 from marketplace.db.base import utcnow
-from marketplace.db.models_contracts import ContractEventRow, ContractRow, UsageRow
+from marketplace.db.models_contracts import (
+    ContractEventRow,
+    ContractRow,
+    OfferState,
+    UsageRow,
+    UsageState,
+)
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound
 from marketplace.services import audit
 from marketplace.services.contracts.offers import get_offer
@@ -75,7 +81,7 @@ def accept_offer(
     p.require("consumer")
     t = now or utcnow()
     orow = get_offer(s, p, offer_id)
-    if orow.status != "open":
+    if orow.status != OfferState.OPEN:
         raise Conflict(f"offer {offer_id} is {orow.status}; ask the provider for an open offer")
     if orow.provider_org_id == p.org_id:
         raise Forbidden("an organisation cannot accept its own offer")
@@ -109,7 +115,7 @@ def accept_offer(
         record=contract.to_dict(),
         digest=contract.digest(),
         terms=offer.terms.to_dict(),
-        status=Status.ACTIVE.value,
+        status=Status.ACTIVE,
         seq=0,
         head=contract.digest(),
         head_time=acc.accepted_at,
@@ -225,7 +231,7 @@ def add_event(
         digest=ev.digest(), record=ev.to_dict(), time=ev.time, created_at=t,
     )
     s.add(erow)
-    row.status = new.status.value
+    row.status = new.status
     row.seq = new.seq
     row.head = new.head
     row.head_time = new.time
@@ -253,7 +259,7 @@ def usage_leaves(s: Session, contract_id: str, start: datetime, end: datetime) -
         select(UsageRow.record)
         .where(
             UsageRow.contract_id == contract_id,
-            UsageRow.state.in_(("charged", "released")),
+            UsageRow.state.in_((UsageState.CHARGED, UsageState.RELEASED)),
             UsageRow.reserved_at >= start,
             UsageRow.reserved_at < end,
         )

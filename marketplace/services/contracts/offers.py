@@ -21,7 +21,7 @@ from crypto.errors import InvalidSignature, KeyMaterialError
 from crypto.signing import verify
 from marketplace.db.base import utcnow
 from marketplace.db.models import Offering, OfferingStatus
-from marketplace.db.models_contracts import OfferRow
+from marketplace.db.models_contracts import OfferRow, OfferState
 from marketplace.errors import Conflict, Invalid, NotFound
 from marketplace.services import audit
 from marketplace.services.contracts.store import OFFER_ID_RE, check_time
@@ -71,7 +71,7 @@ def publish_offer(
         provider_key=offer.provider_key,
         digest=offer.digest(),
         record=offer.to_dict(),
-        status="open",
+        status=OfferState.OPEN,
         created_at=t,
     )
     s.add(row)
@@ -91,7 +91,7 @@ def get_offer(s: Session, p: Principal, offer_id: str) -> OfferRow:
     if row.provider_org_id == p.org_id or p.has("admin"):
         return row
     off = s.get(Offering, row.offering_id)
-    if row.status != "open" or off is None or off.status != OfferingStatus.PUBLISHED:
+    if row.status != OfferState.OPEN or off is None or off.status != OfferingStatus.PUBLISHED:
         raise NotFound(f"offer {offer_id} not found", denied=offer_id)
     return row
 
@@ -105,7 +105,7 @@ def list_offers(s: Session, p: Principal, offering_id: str) -> list[OfferRow]:
     if off.org_id != p.org_id and not p.has("admin"):
         if off.status != OfferingStatus.PUBLISHED:
             raise NotFound(f"offering {offering_id} not found", denied=offering_id)
-        stmt = stmt.where(OfferRow.status == "open")
+        stmt = stmt.where(OfferRow.status == OfferState.OPEN)
     return list(s.scalars(stmt.order_by(OfferRow.created_at, OfferRow.id)))
 
 
@@ -115,7 +115,7 @@ def withdraw_offer(s: Session, p: Principal, offer_id: str, who: audit.Actor) ->
     row = s.get(OfferRow, offer_id)
     if row is None or row.provider_org_id != p.org_id:
         raise NotFound(f"offer {offer_id} not found", denied=offer_id)
-    if row.status != "withdrawn":
-        row.status = "withdrawn"
+    if row.status != OfferState.WITHDRAWN:
+        row.status = OfferState.WITHDRAWN
         audit.emit(s, who, "offer.withdraw", target=row.id, detail={"offering_id": row.offering_id})
     return row

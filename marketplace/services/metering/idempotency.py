@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crypto.canonical import canonicalize
-from marketplace.db.models_contracts import UsageRow
+from marketplace.db.models_contracts import UsageRow, UsageState
 from marketplace.errors import Conflict, Invalid, NotFound
 from marketplace.runtime import Runtime
 from marketplace.services.contracts import ledger_receipt
@@ -92,7 +92,7 @@ def receipt_for(rt: Runtime, p: Principal, usage_id: str) -> dict[str, Any]:
             p.org_id in (u.consumer_org_id, u.provider_org_id) or p.has("compliance")
         ):
             raise NotFound(f"usage {usage_id} not found", denied=usage_id)
-        if u.state == "reserved":
+        if u.state == UsageState.RESERVED:
             raise Conflict(f"usage {usage_id} is still in progress; no receipt yet")
         index = u.ledger_index
         out = {"usage_id": u.id, "contract_id": u.contract_id, "outcome": u.state}

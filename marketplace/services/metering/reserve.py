@@ -48,7 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from contracts import policy
 from contracts.terms import JOB_KINDS, MODES
 from marketplace.db.base import new_id, utcnow
-from marketplace.db.models_contracts import IdempotencyKey, UsageRow
+from marketplace.db.models_contracts import IdempotencyKey, UsageRow, UsageState
 from marketplace.errors import Conflict, Invalid, MarketplaceError, NotFound, PolicyDenied
 from marketplace.runtime import Runtime
 from marketplace.services import audit
@@ -201,10 +201,10 @@ def begin(
                         "use a new key for a new request"
                     )
                 prev = s.get(UsageRow, idem.usage_id)
-                if idem.state == "charged" and prev is not None:
+                if idem.state == UsageState.CHARGED and prev is not None:
                     replay_of = (prev.id, prev.result_blob or "", prev.result_inline,
                                  prev.result_media_type or "", prev.ledger_index)
-                elif idem.state == "reserved" and prev is not None:
+                elif idem.state == UsageState.RESERVED and prev is not None:
                     if prev.lease_expires_at > t:
                         wait = int((prev.lease_expires_at - t).total_seconds()) + 1
                         raise Conflict(
@@ -213,7 +213,7 @@ def begin(
                         )
                     if prev.contract_id != c.id:
                         raise Conflict("this Idempotency-Key is in use on another contract")
-                    finish(s, c, prev, "released", t, reason="lease expired")
+                    finish(s, c, prev, UsageState.RELEASED, t, reason="lease expired")
             if replay_of is None:
                 sweep(s, c, t)
                 bound: frozenset[str] = frozenset()
@@ -238,7 +238,7 @@ def begin(
                         id=new_id("use"), contract_id=c.id, offering_id=offering_id,
                         consumer_org_id=c.consumer_org_id, provider_org_id=c.provider_org_id,
                         mode=mode, job_kind=job_kind, keyset_id=keyset_id, units=units,
-                        state="reserved", idempotency_key_digest=kd,
+                        state=UsageState.RESERVED, idempotency_key_digest=kd,
                         request_digest=request_digest, reserved_at=t,
                         window_start=pres.window_start, lease_expires_at=t + lease,
                     )
@@ -246,12 +246,12 @@ def begin(
                     if idem is None:
                         s.add(IdempotencyKey(
                             org_id=p.org_id, key_digest=kd, request_digest=request_digest,
-                            usage_id=u.id, contract_id=c.id, state="reserved", created_at=t,
+                            usage_id=u.id, contract_id=c.id, state=UsageState.RESERVED, created_at=t,
                         ))
                     else:
                         idem.usage_id = u.id
                         idem.contract_id = c.id
-                        idem.state = "reserved"
+                        idem.state = UsageState.RESERVED
                     res = Reservation(
                         usage_id=u.id, contract_id=c.id, offering_id=offering_id, mode=mode,
                         units=units, time=t, lease_expires_at=t + lease, org_id=p.org_id,
@@ -299,7 +299,7 @@ def commit(
         u = s.get(UsageRow, reservation.usage_id)
         if c is None or u is None:
             raise NotFound(f"usage {reservation.usage_id} not found")
-        if u.state != "reserved":
+        if u.state != UsageState.RESERVED:
             raise Conflict(
                 f"usage {u.id} is already {u.state} (its lease expired?); nothing more was charged; "
                 f"retry with the same Idempotency-Key"
@@ -307,7 +307,7 @@ def commit(
         u.result_blob = addr
         u.result_inline = None if addr else data
         u.result_media_type = media_type
-        finish(s, c, u, "charged", t)
+        finish(s, c, u, UsageState.CHARGED, t)
         index = u.ledger_index
     return Charged(usage_id=reservation.usage_id, ledger_index=index, receipt=ledger_receipt(rt, index))
 
@@ -323,9 +323,9 @@ def release(rt: Runtime, reservation: Reservation, *, reason: str, now: datetime
     with rt.tx() as s:
         c = lock_contract(s, reservation.contract_id or "")
         u = s.get(UsageRow, reservation.usage_id)
-        if c is None or u is None or u.state != "reserved":
+        if c is None or u is None or u.state != UsageState.RESERVED:
             return
-        finish(s, c, u, "released", t, reason=reason or "released")
+        finish(s, c, u, UsageState.RELEASED, t, reason=reason or "released")
 
 
 class Use:

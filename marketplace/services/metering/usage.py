@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from contracts import policy, records
 from contracts.offer import Status
 from marketplace.db.base import utcnow
-from marketplace.db.models_contracts import ContractRow, IdempotencyKey, UsageRow
+from marketplace.db.models_contracts import ContractRow, IdempotencyKey, UsageRow, UsageState
 from marketplace.errors import Conflict, NotFound
 from marketplace.runtime import Runtime
 from marketplace.services.contracts import contract_of, ledger_append, lock_contract, terms_of
@@ -55,20 +55,20 @@ def _policy_res(u: UsageRow) -> policy.Reservation:
 
 
 def finish(
-    s: Session, c: ContractRow, u: UsageRow, outcome: str, now: datetime, *, reason: str | None = None
+    s: Session, c: ContractRow, u: UsageRow, outcome: UsageState, now: datetime, *, reason: str | None = None
 ) -> None:
     """Charge or release ``u`` (state ``reserved``) on locked contract ``c``: counters, leaf, row."""
     st = usage_state(c, frozenset())
     # A released use gives its units back to the quota but not to the rate window: every attempt
     # that reserved (a failed, rejected, cancelled or expired job too) counts against the rate.
-    st = policy.commit(st, _policy_res(u)) if outcome == "charged" else policy.release(st, _policy_res(u), keep_rate=True)
+    st = policy.commit(st, _policy_res(u)) if outcome is UsageState.CHARGED else policy.release(st, _policy_res(u), keep_rate=True)
     apply_state(c, st, now)
     rec = records.usage_record(
         contract_of(c),
         usage_id=u.id,
         mode=u.mode,
         units=u.units,
-        outcome=outcome,
+        outcome=outcome.value,  # the leaf holds exact strings
         request_digest=u.request_digest,
         idempotency_key_digest=u.idempotency_key_digest,
         time=u.reserved_at,
@@ -99,14 +99,14 @@ def sweep(s: Session, c: ContractRow, now: datetime) -> int:
             select(UsageRow)
             .where(
                 UsageRow.contract_id == c.id,
-                UsageRow.state == "reserved",
+                UsageRow.state == UsageState.RESERVED,
                 UsageRow.lease_expires_at <= now,
             )
             .order_by(UsageRow.reserved_at, UsageRow.id)
         )
     )
     for u in expired:
-        finish(s, c, u, "released", now, reason="lease expired")
+        finish(s, c, u, UsageState.RELEASED, now, reason="lease expired")
     return len(expired)
 
 
@@ -142,7 +142,7 @@ def sweep_expired(rt: Runtime, *, now: datetime | None = None) -> int:
     t = now or utcnow()
     with rt.tx() as s:
         ids = sorted(set(s.scalars(
-            select(UsageRow.contract_id).where(UsageRow.state == "reserved", UsageRow.lease_expires_at <= t)
+            select(UsageRow.contract_id).where(UsageRow.state == UsageState.RESERVED, UsageRow.lease_expires_at <= t)
         )))
     n = 0
     for cid in ids:

@@ -163,7 +163,7 @@ def ours_prepared(rt: Any, prepared: list[Any], batch: int) -> float:
     t = time.perf_counter()
     for b in range(0, len(prepared), batch):
         with rt.tx() as s:
-            ledger._append_prepared(s, prepared[b : b + batch])
+            ledger.tree._append_prepared(s, prepared[b : b + batch])
     return time.perf_counter() - t
 
 
@@ -172,7 +172,7 @@ def bench_appends(n: int, batch: int, repeats: int) -> list[str]:
 
     c = make_contract(n)
     recs = [contract_record(c, time=T0 - timedelta(hours=1)), *records(c, 0, n - 1)]
-    prepared = [ledger._prepare(r) for r in recs]
+    prepared = [ledger.tree._prepare(r) for r in recs]
     raw = [p[1][2] for p in prepared]  # the canonical bytes
     bare, log1, mine, bare_b, mine_b = [], [], [], [], []
     for _ in range(repeats):

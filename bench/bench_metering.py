@@ -79,12 +79,12 @@ def one(rt: Runtime, p: identity.Principal, oid: str, i: int, *, receipt: bool) 
 
 
 def _commit_no_receipt(rt: Runtime, r: metering.Reservation, out: bytes) -> None:
-    real = metering.ledger_receipt
-    metering.ledger_receipt = lambda _rt, _i: {}  # type: ignore[assignment]
+    real = metering.reserve.ledger_receipt
+    metering.reserve.ledger_receipt = lambda _rt, _i: {}  # type: ignore[assignment]
     try:
         metering.commit(rt, r, result=out, media_type="application/octet-stream")
     finally:
-        metering.ledger_receipt = real  # type: ignore[assignment]
+        metering.reserve.ledger_receipt = real  # type: ignore[assignment]
 
 
 def pct(xs: list[float], q: float) -> float:

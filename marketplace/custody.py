@@ -7,7 +7,7 @@ keys (migration), refusing to make fresh keys for a data directory that was set 
 creating the DB and log files 0600. A copy of the data directory alone then holds ciphertext and
 no key that opens it (docs/crypto-at-rest.md "Key custody").
 Not for: making or using the keys themselves (:mod:`crypto.keyproviders`,
-:func:`marketplace.services.jobs.marketplace_seal_key`, :func:`marketplace.services.ledger.log_signer`,
+:func:`marketplace.services.jobs.marketplace_seal_key`, :attr:`marketplace.runtime.Runtime.log_signer`,
 :func:`marketplace.compute.messages.task_key`).
 
 Default key directory: ``$XDG_CONFIG_HOME/som/keys/<instance id>`` (``~/.config/som/...``), where

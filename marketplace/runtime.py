@@ -3,7 +3,9 @@
 The secret keys live in :attr:`Runtime.key_dir`, outside the data directory (:mod:`marketplace.custody`).
 
 Built by :func:`marketplace.api.app.create_app` (never at import time) and shared by routes and
-workers. Everything with a lifetime hangs off one :class:`Runtime`.
+workers. Everything with a lifetime hangs off one :class:`Runtime`, as a typed attribute: the
+ledger's log signer and background :class:`~marketplace.services.ledger.Checkpointer` among them
+(started and stopped by ``create_app``'s lifespan, the one place lifecycles are wired).
 """
 
 from __future__ import annotations
@@ -14,18 +16,34 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from crypto.keyproviders import EnvKeyProvider, KeyProvider, LocalFileKeyProvider
+from crypto.note import NoteSigner
 from marketplace.compute.store import StoreSpec
+from marketplace.custody import (
+    KEK_FILE,
+    LOG_KEY_FILE,
+    private_file,
+    resolve_key_dir,
+    tighten_db_files,
+)
 from marketplace.db.session import make_engine, make_sessionmaker, upgrade
+from marketplace.services.auth_failures import FailureSummaries
+from marketplace.services.auth_throttle import FailureThrottle
+from marketplace.services.blobstore import BlobStore
+from marketplace.services.ledger.checkpoints import Checkpointer, load_log_signer
 from marketplace.settings import Settings
 
 if TYPE_CHECKING:
     from crypto.sealing import SealKeyPair
     from marketplace.compute.executor import Executor
+    from marketplace.compute.gateway import GatewayPool
+    from marketplace.services.gateway import Batcher, TargetCache
+    from marketplace.services.gateway_hub import Hub
     from marketplace.services.jobs.background import Background
     from marketplace.services.leases import Bell
 
@@ -40,8 +58,6 @@ class Runtime:
     def __init__(self, settings: Settings, *, migrate: bool = True) -> None:
         settings.check_secrets()
         self.settings = settings
-        from marketplace.custody import private_file, resolve_key_dir, tighten_db_files
-
         self.data_dir = settings.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key_dir: Path = resolve_key_dir(settings, create=True)
@@ -53,9 +69,12 @@ class Runtime:
             upgrade(self.engine)
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
         self._closers: list[Callable[[], None]] = []
-        self.extras: dict[str, Any] = {}
-        self._blobs: Any = None
-        self._keys: Any = None
+        self._lock = threading.Lock()
+        # -- the inference gateway (docs/gateway.md): its warm ORT worker pool, the in-process
+        # hub of provider-hosted calls, and its caches/micro-batcher; made on first use.
+        self.gateway_pool: GatewayPool | None = None
+        self.gateway_hub: Hub | None = None
+        self.gateway_state: tuple[TargetCache, Batcher | None] | None = None
         # -- jobs and agent work (issue 11, part `jobs`): the wake-up bells of lease waiters
         # (services.leases.bell), the marketplace's sealing key (services.jobs.sitekey) and the
         # sweeper/worker threads (services.jobs.background.ensure_background).
@@ -68,6 +87,23 @@ class Runtime:
         self._executor: Executor | None = None
         self._executor_lock = threading.Lock()
         self.on_close(self.shutdown_executor)
+        self._blobs: BlobStore | None = None
+        self._keys: KeyProvider | None = None
+        # -- issue 11, wiring: the ledger ------------------------------------------------
+        self._log_signer: NoteSigner | None = None
+        #: Signs checkpoints in the background; ``create_app`` starts and stops it.
+        self.checkpointer = Checkpointer(self, self.sessions)
+        # -- issue 11, wiring: authentication failures (api/deps.py, services/auth_failures.py) --
+        #: Failed-authentication counters of this process (429 with ``Retry-After``).
+        self.auth_throttle = FailureThrottle(
+            per_client=settings.auth_fail_max_per_client,
+            per_prefix=settings.auth_fail_max_per_prefix,
+            window=settings.auth_fail_window_seconds,
+        )
+        #: Summarises failed authentications per client and window; its thread starts on the
+        #: first failure and stops (flushing) with :meth:`close`.
+        self.auth_failures = FailureSummaries(self)
+        self.on_close(self.auth_failures.close)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -76,27 +112,20 @@ class Runtime:
             yield session
 
     @property
-    def blobs(self) -> Any:
+    def blobs(self) -> BlobStore:
         if self._blobs is None:
-            from marketplace.services.blobstore import BlobStore
-
             self._blobs = BlobStore(self.data_dir / "blobs")
         return self._blobs
 
     @property
-    def key_provider(self) -> Any:
+    def key_provider(self) -> KeyProvider:
         if self._keys is None:
             if self.settings.key_provider == "env":
-                from crypto.keyproviders import EnvKeyProvider
-
                 env = dict(os.environ)
                 if self.settings.kek is not None:
                     env["SOM_KEK"] = self.settings.kek.get_secret_value()
                 self._keys = EnvKeyProvider(environ=env)
             else:
-                from crypto.keyproviders import LocalFileKeyProvider
-                from marketplace.custody import KEK_FILE
-
                 self._keys = LocalFileKeyProvider(self.key_dir / KEK_FILE)
         return self._keys
 
@@ -122,6 +151,16 @@ class Runtime:
             ex.shutdown()
 
     # -- end of issue 11 step 3 -------------------------------------------------------------
+    # -- issue 11, wiring: the ledger ----------------------------------------------------
+
+    @property
+    def log_signer(self) -> NoteSigner:
+        """The log's Ed25519 note signer (``<key_dir>/log.key``, loaded or created once)."""
+        if self._log_signer is None:
+            with self._lock:
+                if self._log_signer is None:
+                    self._log_signer = load_log_signer(self.key_dir / LOG_KEY_FILE, self.settings.log_origin)
+        return self._log_signer
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)

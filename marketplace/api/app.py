@@ -1,39 +1,66 @@
 """The application factory. ``create_app(settings)`` does the work; importing does none.
 
-Routers are discovered: every ``marketplace/api/routes_*.py`` exposes ``router`` and may expose
-``setup(rt, app)`` (start background work, register hooks). Features add a module, not an edit here.
+:data:`ROUTERS` is the table of contents of the HTTP surface: a new feature adds its router
+there. Everything with a lifetime (the ledger's checkpointer, the jobs' background threads, the
+HE compute pool) is started and stopped in :func:`create_app`'s lifespan, the one place
+lifecycles are wired; route modules have no ``setup`` hooks.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from types import ModuleType
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 import marketplace
-import marketplace.api as _api
+from marketplace.api import (
+    routes_agent,
+    routes_audit,
+    routes_auth,
+    routes_catalog,
+    routes_contracts,
+    routes_docs,
+    routes_federations,
+    routes_gateway,
+    routes_he,
+    routes_health,
+    routes_identity,
+    routes_jobs,
+    routes_ledger,
+    routes_monitoring,
+    routes_web,
+)
 from marketplace.api.errors import install_error_handlers
-from marketplace.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from marketplace.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, route_limits
 from marketplace.api.middleware_metrics import HttpMetricsMiddleware
+from marketplace.api.routes_gateway import ServerTimingFallback
+from marketplace.custody import announce
 from marketplace.runtime import Runtime
+from marketplace.services import jobs, monitoring_store
 from marketplace.settings import Settings
 
-__all__ = ["create_app", "route_modules"]
+__all__ = ["ROUTERS", "create_app"]
 
-BINARY_SUFFIXES = ("/versions", "/infer", "/keysets", "/payload", "/result", "/compile", "/results")
-
-
-def route_modules() -> list[ModuleType]:
-    mods = []
-    for m in sorted(pkgutil.iter_modules(_api.__path__), key=lambda m: m.name):
-        if m.name.startswith("routes_"):
-            mods.append(importlib.import_module(f"marketplace.api.{m.name}"))
-    return mods
+#: Every router of the API, in the order they are included.
+ROUTERS: tuple[APIRouter, ...] = (
+    routes_health.router,
+    routes_identity.router,
+    routes_catalog.router,
+    routes_contracts.router,
+    routes_he.router,
+    routes_gateway.router,
+    routes_jobs.router,
+    routes_agent.router,
+    routes_federations.router,
+    routes_ledger.router,
+    routes_audit.router,
+    routes_monitoring.router,
+    routes_auth.router,
+    routes_docs.router,
+    routes_web.router,
+)
 
 
 def _configure_logging(rt: Runtime) -> None:
@@ -46,23 +73,31 @@ def _configure_logging(rt: Runtime) -> None:
     logger.setLevel(logging.INFO)
 
 
+def _lifecycle(rt: Runtime, *, owned: bool) -> tuple[list[Callable[[], None]], list[Callable[[], None]]]:
+    """What the lifespan starts (in order) and stops (in reverse order): the jobs' background
+    threads, the ledger's checkpointer, the monitoring flusher, the compute executor."""
+    flusher = monitoring_store.Flusher(rt, rt.settings.monitoring_flush_seconds)
+    on_start = [lambda: jobs.ensure_background(rt), rt.checkpointer.start, flusher.start]
+    on_stop = [rt.close] if owned else []
+    on_stop += [rt.shutdown_executor, rt.checkpointer.stop, flusher.stop]
+    return on_start, on_stop
+
+
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
     """Build the app: open the DB (upgrading it), the key provider, the blob store, the routes."""
-    from marketplace.custody import announce
-
     rt = runtime or Runtime(settings or Settings())
     _configure_logging(rt)
     custody_notice = announce(rt.settings, rt.key_dir)  # where the keys are; a warning when unsafe
-    mods = route_modules()
+    on_start, on_stop = _lifecycle(rt, owned=runtime is None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for fn in app.state.on_start:
+        for fn in on_start:
             fn()
         try:
             yield
         finally:
-            for fn in reversed(app.state.on_stop):
+            for fn in reversed(on_stop):
                 fn()
 
     app = FastAPI(
@@ -80,26 +115,15 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     )
     app.state.runtime = rt
     app.state.custody_notice = custody_notice
-    app.state.on_start = []
-    app.state.on_stop = [rt.close] if runtime is None else []
     install_error_handlers(app)
-    for mod in mods:
-        app.include_router(mod.router)
-    for mod in mods:
-        setup = getattr(mod, "setup", None)
-        if setup is not None:
-            setup(rt, app)
-
-    s = rt.settings
-
-    def limit_for(path: str) -> int:
-        if path.endswith(("/infer", "/keysets")):
-            return s.max_ciphertext_bytes
-        if path.endswith(BINARY_SUFFIXES):
-            return max(s.max_upload_bytes, s.max_sealed_bytes) + 1024
-        return s.max_request_bytes
-
-    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    for router in ROUTERS:
+        app.include_router(router)
+    routes_monitoring.mount_metrics(app)  # GET /metrics: Prometheus text, not part of the API document
+    routes_auth.configure_oidc(rt, app)  # SSO when SOM_OIDC_ISSUER is set (docs/sso.md)
+    routes_docs.mount_assets(app)
+    routes_web.mount_ui(app)
+    app.add_middleware(ServerTimingFallback)  # gateway answers always carry Server-Timing
+    app.add_middleware(BodyLimitMiddleware, limit_for=route_limits(ROUTERS, rt.settings))
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)  # outermost: times and counts every answer, 413s too
     return app

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from marketplace.errors import Forbidden, Unauthenticated
 from marketplace.runtime import Runtime
-from marketplace.services import audit
+from marketplace.services import audit, auth_failures
 from marketplace.services.identity import Principal
 from marketplace.services.sso import csrf_ok, resolve_session
 
@@ -33,7 +33,7 @@ def session_principal(request: Request, rt: Runtime) -> Principal:
         with rt.tx() as s:
             info = resolve_session(s, token)
     except Unauthenticated:
-        audit.note_auth_failure(  # summarised per client and window, like bad keys: not one leaf each
+        auth_failures.note(  # summarised per client and window, like bad keys: not one leaf each
             rt, source=request.client.host if request.client else "", prefix="session", path=request.url.path,
             method=request.method, reason="session", request_id=rid,
         )

@@ -18,8 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from marketplace.api.cookie_auth import SESSION_COOKIE, session_principal
 from marketplace.errors import Forbidden, Throttled, Unauthenticated
 from marketplace.runtime import Runtime
-from marketplace.services import audit
-from marketplace.services.auth_throttle import FailureThrottle
+from marketplace.services import audit, auth_failures
 from marketplace.services.identity import KeyRefused, Principal, authenticate, key_prefix
 from marketplace.services.sso import check_key_owner
 
@@ -51,21 +50,6 @@ def request_id(request: Request) -> str:
 Rt = Annotated[Runtime, Depends(get_runtime)]
 
 
-def _throttle(rt: Runtime) -> FailureThrottle:
-    th = rt.extras.get("auth.throttle")
-    if th is None:
-        s = rt.settings
-        th = rt.extras.setdefault(
-            "auth.throttle",
-            FailureThrottle(
-                per_client=s.auth_fail_max_per_client,
-                per_prefix=s.auth_fail_max_per_prefix,
-                window=s.auth_fail_window_seconds,
-            ),
-        )
-    return th  # type: ignore[no-any-return]
-
-
 def get_any_principal(
     request: Request,
     rt: Rt,
@@ -80,7 +64,7 @@ def get_any_principal(
     prefix = key_prefix(presented) if presented else ""
     client = request.client.host if request.client else ""
     if presented:
-        wait = _throttle(rt).retry_after(client=client, prefix=prefix)
+        wait = rt.auth_throttle.retry_after(client=client, prefix=prefix)
         if wait is not None:
             # Not audited (it would be one ledger leaf per refused guess); the log says it.
             log.warning("failed-authentication throttle: 429 for client %r, prefix %r, retry after %d s",
@@ -94,10 +78,10 @@ def get_any_principal(
             check_key_owner(s, p)  # a user's personal key stops with the user's roles
     except Unauthenticated as e:
         if presented:
-            _throttle(rt).failed(client=client, prefix=prefix)
+            rt.auth_throttle.failed(client=client, prefix=prefix)
         # The one place failed authentications are recorded: counted and summarised per client
         # and window (``auth.failures``), not one ledger leaf each.
-        audit.note_auth_failure(
+        auth_failures.note(
             rt, source=client, prefix=prefix, path=request.url.path, method=request.method,
             reason=e.reason if isinstance(e, KeyRefused) else "missing", request_id=request_id(request),
         )

@@ -1,16 +1,98 @@
-"""ASGI middleware: request ids and request-size limits (checked while streaming)."""
+"""ASGI middleware: request ids and request-size limits (checked while streaming).
+
+Each route that takes a large binary body declares its limit with a dependency,
+``dependencies=[body_limit(BodyLimit.BINARY)]``; every other route gets ``max_request_bytes``.
+The middleware finds the route before the body is read (:func:`route_limits`) and refuses a
+larger body with 413 ``payload_too_large``, by Content-Length or while streaming.
+
+=====================  ==================================================  ======================
+``BodyLimit``          limit                                               routes
+=====================  ==================================================  ======================
+``JSON`` (default)     ``max_request_bytes``                               everything else
+``CIPHERTEXT``         ``max_ciphertext_bytes``                            key sets, HE inference
+``BINARY``             ``max(max_upload_bytes, max_sealed_bytes) + 1024``  uploads, sealed inputs
+                                                                           and results
+=====================  ==================================================  ======================
+"""
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from enum import StrEnum
 from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.params import Depends as DependsParam
+from fastapi.routing import APIRoute
+from starlette.routing import Match
+
+from marketplace.settings import Settings
 
 Scope = dict[str, Any]
 ASGIApp = Callable[..., Any]
 
-__all__ = ["BodyLimitMiddleware", "RequestIdMiddleware"]
+__all__ = ["BodyLimit", "BodyLimitMiddleware", "RequestIdMiddleware", "body_limit", "route_limits"]
+
+
+class BodyLimit(StrEnum):
+    """Which request-body limit a route has (the table in the module docstring)."""
+
+    JSON = "json"
+    CIPHERTEXT = "ciphertext"
+    BINARY = "binary"
+
+    def bytes(self, s: Settings) -> int:
+        if self is BodyLimit.CIPHERTEXT:
+            return s.max_ciphertext_bytes
+        if self is BodyLimit.BINARY:
+            return max(s.max_upload_bytes, s.max_sealed_bytes) + 1024
+        return s.max_request_bytes
+
+
+def _marker(kind: BodyLimit) -> Callable[[], None]:
+    def declared() -> None:
+        """Declares the route's body limit; the middleware enforces it before the route runs."""
+
+    declared.body_limit = kind  # type: ignore[attr-defined]
+    return declared
+
+
+_MARKERS = {kind: _marker(kind) for kind in BodyLimit}
+
+
+def body_limit(kind: BodyLimit) -> DependsParam:
+    """The route dependency that declares ``kind`` as the route's body limit."""
+    return Depends(_MARKERS[kind])  # type: ignore[no-any-return]
+
+
+def _declared(route: APIRoute) -> BodyLimit:
+    for dep in route.dependant.dependencies:
+        kind = getattr(dep.call, "body_limit", None)
+        if isinstance(kind, BodyLimit):
+            return kind
+    return BodyLimit.JSON
+
+
+def route_limits(routers: Iterable[APIRouter], settings: Settings) -> Callable[[Scope], int]:
+    """``limit_for(scope)``: the body limit of the route of ``routers`` that ``scope`` goes to
+    (``max_request_bytes`` for a route that declares none, or no route)."""
+    default = BodyLimit.JSON.bytes(settings)
+    declared = [
+        (route, _declared(route).bytes(settings))
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute) and _declared(route) is not BodyLimit.JSON
+    ]
+
+    def limit_for(scope: Scope) -> int:
+        for route, limit in declared:
+            if route.matches(scope)[0] is Match.FULL:
+                return limit
+        return default
+
+    return limit_for
 
 
 async def _send_error(send: Any, status: int, code: str, message: str) -> None:
@@ -55,9 +137,9 @@ class _TooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over ``limit_for(path)`` with 413, by Content-Length or while streaming."""
+    """Refuses bodies over ``limit_for(scope)`` with 413, by Content-Length or while streaming."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]) -> None:
         self.app = app
         self.limit_for = limit_for
 
@@ -65,7 +147,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["path"])
+        limit = self.limit_for(scope)
         for k, v in scope.get("headers", []):
             if k == b"content-length":
                 try:

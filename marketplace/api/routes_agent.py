@@ -10,25 +10,24 @@ takes ``Auth``, which refuses agent keys, so a key on a provider's machine canno
 
 from __future__ import annotations
 
-import weakref
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from marketplace.api.deps import AnyAuth, Auth, Rt, actor_of
 from marketplace.api.jsonlimits import BoundedJson
-from marketplace.api.routes_catalog import PUBLIC_DECORATORS
+from marketplace.api.middleware import BodyLimit, body_limit
 from marketplace.api.schemas import KeyCreated, Strict
 from marketplace.db.base import utcnow
 from marketplace.db.models import ApiKey
 from marketplace.db.models_jobs import Agent
 from marketplace.errors import NotFound, UnsupportedMediaType
 from marketplace.runtime import Runtime
-from marketplace.services import agents, dispatch, he_plans, jobs
+from marketplace.services import agents, dispatch, he_plans
 
 router = APIRouter(prefix="/v1", tags=["agents"])
 
@@ -185,7 +184,7 @@ def work_payload(work_id: str, p: AnyAuth, rt: Rt, agent_id: AgentId) -> Respons
     return Response(content=data, media_type="application/octet-stream")
 
 
-@router.post("/agent/work/{work_id}/result", summary="Post the result (octet-stream)", openapi_extra=_BINARY)
+@router.post("/agent/work/{work_id}/result", summary="Post the result (octet-stream)", openapi_extra=_BINARY, dependencies=[body_limit(BodyLimit.BINARY)])
 async def work_result(work_id: str, p: AnyAuth, rt: Rt, request: Request, agent_id: AgentId) -> dict[str, Any]:
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype != "application/octet-stream":
@@ -210,22 +209,3 @@ def agent_plan(offering_id: str, body: PlanIn, p: AnyAuth, rt: Rt, request: Requ
     if offering_id not in offerings:
         raise NotFound(f"offering {offering_id} not found")
     return dict(he_plans.set_agent_plan(rt, p, offering_id, body.plan, body.report, who=actor_of(p, request)))
-
-
-# -- catalog decoration ---------------------------------------------------------
-
-
-def _decorate_online(s: Any, off: Any, out: Any) -> None:
-    if off.hosting != "provider":
-        return
-    rt = _RUNTIMES.get(s.get_bind())
-    if rt is not None:
-        out.agent_online = agents.is_online(rt, s, off.id)
-
-
-_RUNTIMES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # engine -> runtime (weak)
-def setup(rt: Runtime, app: FastAPI) -> None:
-    _RUNTIMES[rt.engine] = weakref.proxy(rt)
-    if _decorate_online not in PUBLIC_DECORATORS:
-        PUBLIC_DECORATORS.append(_decorate_online)
-    app.state.on_start.append(lambda: jobs.ensure_background(rt))

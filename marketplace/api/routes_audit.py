@@ -6,10 +6,10 @@ from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter
-from sqlalchemy import func, select
 
 from marketplace.api.deps import Auth, Page, Rt
 from marketplace.api.schemas import AuditPublic, PageOf
+from marketplace.db.paging import page_scalars
 from marketplace.services import audit
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -31,6 +31,5 @@ def list_audit(
     p.require("compliance", "admin")
     stmt = audit.query(org_id=org_id, actor=actor, action=action, outcome=outcome, target=target, since=since, until=until)
     with rt.tx() as s:
-        total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
-        rows = s.scalars(stmt.limit(page.limit).offset(page.offset)).all()
+        rows, total = page_scalars(s, stmt, page)
         return PageOf[AuditPublic].build([AuditPublic.model_validate(r) for r in rows], total, page)

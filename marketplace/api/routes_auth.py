@@ -43,7 +43,7 @@ from marketplace.services.sso import (
 from marketplace.services.sso_mapping import GroupMapError, load_group_map, map_groups
 from marketplace.settings import SettingsError
 
-__all__ = ["STATE_COOKIE", "router", "setup"]
+__all__ = ["STATE_COOKIE", "configure_oidc", "router"]
 
 STATE_COOKIE = "som_oidc_state"
 MAPPING_REFUSALS = frozenset({"unmapped_group", "several_organisations", "unknown_organisation"})
@@ -302,7 +302,7 @@ def personal_key(body: PersonalKeyCreate, p: Auth, rt: Rt, request: Request) -> 
         return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=plaintext)
 
 
-def setup(rt: Runtime, app: FastAPI) -> None:
+def configure_oidc(rt: Runtime, app: FastAPI) -> None:
     """With SOM_OIDC_ISSUER set: the OIDC client (discovery is fetched at the first login) and a
     check that the group mapping file parses, so a broken mapping stops the server at start."""
     s = rt.settings

@@ -6,9 +6,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic_core import PydanticSerializationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from marketplace.api.deps import Auth, Page, Rt, actor_of
+from marketplace.api.middleware import BodyLimit, body_limit
 from marketplace.api.schemas import (
     OfferingCreate,
     OfferingPublic,
@@ -17,22 +20,21 @@ from marketplace.api.schemas import (
     VersionPublic,
 )
 from marketplace.db.base import utcnow
-from marketplace.db.models import Offering, OfferingVersion
-from marketplace.errors import Invalid
-from marketplace.services import audit, catalog, storage
+from marketplace.db.models import Hosting, Offering, OfferingStatus, OfferingVersion
+from marketplace.errors import Invalid, UnsupportedMediaType
+from marketplace.runtime import Runtime
+from marketplace.services import agents, audit, catalog, storage
 
 router = APIRouter(prefix="/v1/offerings", tags=["catalog"])
 
-# Features that know more about an offering (agent presence) register a decorator here.
-PUBLIC_DECORATORS: list = []  # type: ignore[type-arg]
-
-
-def to_public(s, off: Offering) -> OfferingPublic:  # type: ignore[no-untyped-def]
+def to_public(rt: Runtime, s: Session, off: Offering) -> OfferingPublic:
+    """The public view of ``off``: its latest version and, for provider-hosted offerings, whether
+    an agent serving it is online."""
     v = catalog.latest_version(s, off.id)
     out = OfferingPublic.model_validate(off)
     out.latest_version = VersionPublic.model_validate(v) if v else None
-    for fn in PUBLIC_DECORATORS:
-        fn(s, off, out)
+    if off.hosting == Hosting.PROVIDER:
+        out.agent_online = agents.is_online(rt, s, off.id)
     return out
 
 
@@ -55,7 +57,7 @@ def create_offering(body: OfferingCreate, p: Auth, rt: Rt, request: Request) -> 
         s.add(off)
         s.flush()
         audit.emit(s, actor_of(p, request), "offering.create", target=off.id, detail={"name": off.name})
-        return served(to_public(s, off))
+        return served(to_public(rt, s, off))
 
 
 @router.get("", response_model=PageOf[OfferingPublic], summary="Search the catalog")
@@ -66,22 +68,22 @@ def search_offerings(
     q: Annotated[str | None, Query(max_length=200, description="Text in name or description")] = None,
     task: str | None = None,
     tag: str | None = None,
-    hosting: Literal["marketplace", "provider"] | None = None,
+    hosting: Hosting | None = None,
     org_id: str | None = None,
-    status: Literal["draft", "published", "withdrawn"] | None = None,
+    status: OfferingStatus | None = None,
 ) -> PageOf[OfferingPublic]:
     with rt.tx() as s:
         rows, total = catalog.search(
             s, p, q=q, task=task, tag=tag, hosting=hosting, org_id=org_id, status=status,
-            limit=page.limit, offset=page.offset,
+            page=page,
         )
-        return PageOf[OfferingPublic].build([to_public(s, r) for r in rows], total, page)
+        return PageOf[OfferingPublic].build([to_public(rt, s, r) for r in rows], total, page)
 
 
 @router.get("/{offering_id}", response_model=OfferingPublic, summary="One offering")
 def get_offering(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     with rt.tx() as s:
-        return to_public(s, catalog.get_visible(s, p, offering_id))
+        return to_public(rt, s, catalog.get_visible(s, p, offering_id))
 
 
 @router.patch("/{offering_id}", response_model=OfferingPublic, summary="Update an offering you own")
@@ -96,7 +98,7 @@ def update_offering(offering_id: str, body: OfferingUpdate, p: Auth, rt: Rt, req
             setattr(off, k, v)
         off.updated_at = utcnow()
         audit.emit(s, actor_of(p, request), "offering.update", target=off.id, detail={"fields": sorted(changes)})
-        return served(to_public(s, off))
+        return served(to_public(rt, s, off))
 
 
 @router.post("/{offering_id}/publish", response_model=OfferingPublic, summary="Publish to the catalog")
@@ -104,7 +106,7 @@ def publish(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPubl
     p.require("provider")
     with rt.tx() as s:
         off = catalog.get_owned(s, p, offering_id)
-        return to_public(s, catalog.set_status(s, off, "published", actor_of(p, request)))
+        return to_public(rt, s, catalog.set_status(s, off, OfferingStatus.PUBLISHED, actor_of(p, request)))
 
 
 @router.post("/{offering_id}/withdraw", response_model=OfferingPublic, summary="Withdraw from the catalog")
@@ -112,7 +114,7 @@ def withdraw(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPub
     p.require("provider")
     with rt.tx() as s:
         off = catalog.get_owned(s, p, offering_id)
-        return to_public(s, catalog.set_status(s, off, "withdrawn", actor_of(p, request)))
+        return to_public(rt, s, catalog.set_status(s, off, OfferingStatus.WITHDRAWN, actor_of(p, request)))
 
 
 @router.post(
@@ -123,6 +125,7 @@ def withdraw(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPub
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     },
+    dependencies=[body_limit(BodyLimit.BINARY)],
 )
 async def upload_version(
     offering_id: str,
@@ -139,8 +142,6 @@ async def upload_version(
         raise Invalid(f"input_shape must be comma-separated integers, got {input_shape!r}") from e
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype not in ("application/octet-stream", "application/onnx", "application/x-npz"):
-        from marketplace.errors import UnsupportedMediaType
-
         raise UnsupportedMediaType(f"send the artifact as application/octet-stream, not {ctype}")
     data = await request.body()
     who = actor_of(p, request)
@@ -162,8 +163,6 @@ async def upload_version(
 
 @router.get("/{offering_id}/versions", response_model=list[VersionPublic], summary="Versions of an offering")
 def list_versions(offering_id: str, p: Auth, rt: Rt, request: Request) -> list[VersionPublic]:
-    from sqlalchemy import select
-
     with rt.tx() as s:
         catalog.get_visible(s, p, offering_id)
         rows = s.scalars(

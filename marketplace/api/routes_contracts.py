@@ -18,6 +18,7 @@ from marketplace.api.jsonlimits import BoundedRecord
 from marketplace.api.schemas import PageOf
 from marketplace.db.base import utcnow
 from marketplace.db.models_contracts import ContractRow, OfferRow
+from marketplace.db.paging import page_scalars
 from marketplace.services import contracts as svc
 from marketplace.services import metering
 
@@ -75,12 +76,12 @@ def _offer_public(row: OfferRow) -> OfferPublic:
 def _contract_public(s: Any, row: ContractRow, *, events: bool) -> ContractPublic:
     terms = svc.terms_of(row)
     now = utcnow()
-    eff = row.status
-    if eff != Status.TERMINATED.value:
+    eff: Status = row.status
+    if eff != Status.TERMINATED:
         if now >= terms.valid_until:
-            eff = Status.EXPIRED.value
+            eff = Status.EXPIRED
         elif now < terms.valid_from:
-            eff = Status.NOT_YET_VALID.value
+            eff = Status.NOT_YET_VALID
     return ContractPublic(
         id=row.id, offer_id=row.offer_id, offering_id=row.offering_id,
         provider_org_id=row.provider_org_id, consumer_org_id=row.consumer_org_id,
@@ -153,9 +154,9 @@ def list_contracts(
     status: Literal["active", "suspended", "terminated"] | None = None,
 ) -> PageOf[ContractPublic]:
     with rt.tx() as s:
-        rows = svc.list_for_party(s, p, role=role, offering_id=offering_id, status=status)
-        items = [_contract_public(s, r, events=False) for r in rows[page.offset : page.offset + page.limit]]
-        total = len(rows)
+        stmt = svc.party_query(p, role=role, offering_id=offering_id, status=status)
+        rows, total = page_scalars(s, stmt, page)
+        items = [_contract_public(s, r, events=False) for r in rows]
         return PageOf[ContractPublic].build(items, total, page)
 
 

@@ -19,14 +19,14 @@ import re
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from starlette.responses import HTMLResponse, Response
 
 from marketplace.api.routes_web import SECURITY_HEADERS, UIFiles
-from marketplace.runtime import Runtime
+from marketplace.errors import NotFound
 
-__all__ = ["ASSETS_DIR", "ASSETS_PREFIX", "docs_csp", "router", "setup"]
+__all__ = ["ASSETS_DIR", "ASSETS_PREFIX", "docs_csp", "mount_assets", "router"]
 
 ASSETS_PREFIX = "/docs/assets"
 ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
@@ -64,30 +64,36 @@ def _secured(page: HTMLResponse) -> Response:
     return HTMLResponse(html, headers=headers)
 
 
-def setup(rt: Runtime, app: FastAPI) -> None:
-    """Add ``/docs``, ``/redoc`` and their local assets (when the app has an OpenAPI document)."""
-    if app.openapi_url is None:
-        return
-    openapi_url = app.openapi_url
-    title = app.title
+def _openapi(request: Request) -> tuple[str, str]:
+    app = request.app
+    if app.openapi_url is None:  # pragma: no cover - create_app always serves the document
+        raise NotFound("this app serves no OpenAPI document")
+    return str(app.openapi_url), str(app.title)
 
-    @app.get("/docs", include_in_schema=False)
-    def swagger_ui() -> Response:
-        return _secured(get_swagger_ui_html(
-            openapi_url=openapi_url, title=f"{title} - Swagger UI",
-            swagger_js_url=f"{ASSETS_PREFIX}/swagger-ui-bundle.js",
-            swagger_css_url=f"{ASSETS_PREFIX}/swagger-ui.css",
-            swagger_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
-            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
-        ))
 
-    @app.get("/redoc", include_in_schema=False)
-    def redoc() -> Response:
-        return _secured(get_redoc_html(
-            openapi_url=openapi_url, title=f"{title} - ReDoc",
-            redoc_js_url=f"{ASSETS_PREFIX}/redoc.standalone.js",
-            redoc_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
-            with_google_fonts=False,
-        ))
+@router.get("/docs")
+def swagger_ui(request: Request) -> Response:
+    openapi_url, title = _openapi(request)
+    return _secured(get_swagger_ui_html(
+        openapi_url=openapi_url, title=f"{title} - Swagger UI",
+        swagger_js_url=f"{ASSETS_PREFIX}/swagger-ui-bundle.js",
+        swagger_css_url=f"{ASSETS_PREFIX}/swagger-ui.css",
+        swagger_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
+    ))
 
+
+@router.get("/redoc")
+def redoc(request: Request) -> Response:
+    openapi_url, title = _openapi(request)
+    return _secured(get_redoc_html(
+        openapi_url=openapi_url, title=f"{title} - ReDoc",
+        redoc_js_url=f"{ASSETS_PREFIX}/redoc.standalone.js",
+        redoc_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
+        with_google_fonts=False,
+    ))
+
+
+def mount_assets(app: FastAPI) -> None:
+    """Serve the docs pages' local assets under ``/docs/assets`` (a mount: routers cannot hold one)."""
     app.mount(ASSETS_PREFIX, UIFiles(directory=ASSETS_DIR), name="docs-assets")

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
@@ -176,6 +176,3 @@ class ServerTimingFallback:
 
         await self.app(scope, receive, _send)
 
-
-def setup(rt: Runtime, app: FastAPI) -> None:
-    app.add_middleware(ServerTimingFallback)

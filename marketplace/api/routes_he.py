@@ -10,14 +10,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from marketplace.api.deps import Auth, Page, Rt, actor_of
+from marketplace.api.middleware import BodyLimit, body_limit
 from marketplace.api.schemas import PageOf, VersionPublic
 from marketplace.errors import PayloadTooLarge, UnsupportedMediaType
-from marketplace.runtime import Runtime
 from marketplace.services import he, he_plans, keysets
 
 router = APIRouter(prefix="/v1", tags=["he"])
@@ -83,6 +83,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     response_model=VersionPublic,
     summary="Compile a model version for HE inference (provider; body: .npy calibration data)",
     openapi_extra=_BINARY,
+    dependencies=[body_limit(BodyLimit.BINARY)],
 )
 async def compile_version(
     offering_id: str, number: Annotated[int, Path(ge=1, le=2**31 - 1)], p: Auth, rt: Rt, request: Request
@@ -121,6 +122,7 @@ def set_he_plan(offering_id: str, body: HEPlanSet, p: Auth, rt: Rt, request: Req
     status_code=201,
     summary="Register a public key set for one of your contracts (consumer; octet-stream)",
     openapi_extra=_BINARY,
+    dependencies=[body_limit(BodyLimit.CIPHERTEXT)],
 )
 async def create_keyset(
     p: Auth,
@@ -140,7 +142,7 @@ async def create_keyset(
 
 @router.get("/keysets", response_model=PageOf[KeysetPublic], summary="Your organisation's key sets")
 def list_keysets(p: Auth, rt: Rt, page: Page) -> PageOf[KeysetPublic]:
-    rows, total = keysets.list_keysets(rt, p, limit=page.limit, offset=page.offset)
+    rows, total = keysets.list_keysets(rt, p, page)
     return PageOf[KeysetPublic].build([KeysetPublic(**r) for r in rows], total, page)
 
 
@@ -170,6 +172,7 @@ def delete_keyset(keyset_id: str, p: Auth, rt: Rt, request: Request) -> KeysetPu
     summary="Encrypted inference: request frame in, result frame out (consumer; metered per sample)",
     openapi_extra=_BINARY,
     responses=_BINARY_OUT,  # type: ignore[arg-type]
+    dependencies=[body_limit(BodyLimit.CIPHERTEXT)],
 )
 async def infer(
     offering_id: str,
@@ -196,6 +199,3 @@ async def infer(
         headers["X-Som-Replay"] = "true"
     return Response(content=res.body, media_type=res.media_type, headers=headers)
 
-
-def setup(rt: Runtime, app: FastAPI) -> None:
-    app.state.on_stop.append(rt.shutdown_executor)

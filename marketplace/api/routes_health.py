@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 import marketplace
 from marketplace.api.deps import Rt
+from marketplace.compute.jail import status
 
 router = APIRouter(prefix="/v1", tags=["health"])
 
@@ -16,6 +17,4 @@ router = APIRouter(prefix="/v1", tags=["health"])
 def health(rt: Rt) -> dict[str, str]:
     with rt.engine.connect() as c:
         c.execute(text("SELECT 1"))
-    from marketplace.compute.jail import status
-
     return {"status": "ok", "version": marketplace.__version__, "jail": status(rt.settings.jail_config())}

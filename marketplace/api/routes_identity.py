@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from marketplace.api.deps import AnyAuth, Auth, Page, Rt, actor_of
 from marketplace.api.schemas import (
@@ -17,6 +17,7 @@ from marketplace.api.schemas import (
     WhoAmIUser,
 )
 from marketplace.db.models import ApiKey, Org
+from marketplace.db.paging import page_scalars
 from marketplace.errors import Forbidden, NotFound
 from marketplace.services import audit
 from marketplace.services.identity import create_key, create_org, revoke_key
@@ -49,8 +50,7 @@ def create_organisation(body: OrgCreate, p: Auth, rt: Rt, request: Request) -> O
 def list_orgs(p: Auth, rt: Rt, page: Page) -> PageOf[OrgPublic]:
     with rt.tx() as s:
         stmt = select(Org) if p.has("admin") else select(Org).where(Org.id == p.org_id)
-        total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
-        rows = s.scalars(stmt.order_by(Org.created_at).limit(page.limit).offset(page.offset)).all()
+        rows, total = page_scalars(s, stmt.order_by(Org.created_at, Org.id), page)
         return PageOf[OrgPublic].build([OrgPublic.model_validate(r) for r in rows], total, page)
 
 
@@ -96,8 +96,7 @@ def list_keys(p: Auth, rt: Rt, page: Page, org_id: str | None = None) -> PageOf[
     with rt.tx() as s:
         target = org_id if (org_id and p.has("admin")) else p.org_id
         stmt = select(ApiKey).where(ApiKey.org_id == target)
-        total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
-        rows = s.scalars(stmt.order_by(ApiKey.created_at).limit(page.limit).offset(page.offset)).all()
+        rows, total = page_scalars(s, stmt.order_by(ApiKey.created_at, ApiKey.id), page)
         return PageOf[KeyPublic].build([KeyPublic.model_validate(r) for r in rows], total, page)
 
 

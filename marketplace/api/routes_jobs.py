@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from marketplace.api.deps import Auth, Page, Rt, actor_of
+from marketplace.api.middleware import BodyLimit, body_limit
 from marketplace.api.schemas import PageOf, Strict
 from marketplace.errors import UnsupportedMediaType
 from marketplace.services import jobs, metering
@@ -109,7 +110,7 @@ def create_job(
     return _out(job)
 
 
-@router.post("/{job_id}/payload", response_model=JobPublic, summary="Submit the sealed input (octet-stream)", openapi_extra=_BINARY)
+@router.post("/{job_id}/payload", response_model=JobPublic, summary="Submit the sealed input (octet-stream)", openapi_extra=_BINARY, dependencies=[body_limit(BodyLimit.BINARY)])
 async def submit_payload(job_id: str, p: Auth, rt: Rt, request: Request) -> JobPublic:
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype != "application/octet-stream":

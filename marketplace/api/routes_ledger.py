@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import case, func, select
@@ -24,6 +24,7 @@ from contracts._validate import format_time
 from marketplace.api.deps import Auth, Page, Rt, actor_of
 from marketplace.api.schemas import PageOf
 from marketplace.db.models_ledger import LedgerCheckpoint, LedgerLeaf
+from marketplace.db.paging import page_rows
 from marketplace.errors import Invalid, NotFound
 from marketplace.runtime import Runtime
 from marketplace.services import audit, ledger
@@ -35,14 +36,6 @@ MAX_LEAVES_PER_REQUEST = 1000
 #: Leaf indexes and tree sizes are 64-bit signed in the database; larger ones are refused (422).
 MAX_INDEX = 2**63 - 1
 _FULL = ("compliance", "admin")
-
-
-def setup(rt: Runtime, app: FastAPI) -> None:
-    """Every audit event becomes a leaf; a background thread signs checkpoints."""
-    audit.set_leaf_sink(ledger.audit_leaf_sink)
-    cp = ledger.install(rt)
-    app.state.on_start.append(cp.start)
-    app.state.on_stop.append(cp.stop)
 
 
 class CheckpointPublic(BaseModel):
@@ -147,9 +140,8 @@ def list_checkpoints(p: Auth, rt: Rt, page: Page) -> PageOf[CheckpointPublic]:
     p.require(*_FULL)
     t = LedgerCheckpoint.__table__
     with rt.tx() as s:
-        total = s.scalar(select(func.count()).select_from(t)) or 0
-        rows = s.execute(select(t).order_by(t.c.size).limit(page.limit).offset(page.offset)).all()
-    items = [_cp_public(ledger._to_cp(r)) for r in rows]
+        rows, total = page_rows(s, select(t).order_by(t.c.size), page)
+    items = [_cp_public(ledger.checkpoints._to_cp(r)) for r in rows]
     return PageOf[CheckpointPublic].build(items, total, page)
 
 
@@ -313,8 +305,7 @@ def get_usage(
     if hi is not None:
         stmt = stmt.where(t.c.time < hi)
     with rt.tx() as s:
-        total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
-        rows = s.execute(stmt.order_by(t.c.idx).limit(page.limit).offset(page.offset)).all()
+        rows, total = page_rows(s, stmt.order_by(t.c.idx), page)
     items = [_leaf_public(r) for r in rows]
     return PageOf[LeafPublic].build(items, total, page)
 

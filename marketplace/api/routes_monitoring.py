@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from marketplace.api.deps import Auth, Rt
 from marketplace.errors import Forbidden, Unauthenticated
 from marketplace.runtime import Runtime
-from marketplace.services import monitoring, monitoring_query, monitoring_store
+from marketplace.services import monitoring, monitoring_query
 
-__all__ = ["metrics", "router", "setup"]
+__all__ = ["metrics", "mount_metrics", "router"]
 
 router = APIRouter(prefix="/v1/monitoring", tags=["monitoring"])
 
@@ -78,9 +78,7 @@ async def marketplace(p: Auth, rt: Rt, frm: From = None, to: To = None, step: St
     return await run_in_threadpool(monitoring_query.marketplace_report, rt, p, win)
 
 
-def setup(rt: Runtime, app: FastAPI) -> None:
-    """``/metrics`` and a background flusher of latency aggregates and the adoption roll-up."""
-    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)  # a route of its own: not API
-    flusher = monitoring_store.Flusher(rt, rt.settings.monitoring_flush_seconds)
-    app.state.on_start.append(flusher.start)
-    app.state.on_stop.append(flusher.stop)
+def mount_metrics(app: FastAPI) -> None:
+    """``GET /metrics`` (a route of its own: not part of the API document). The background flusher
+    of latency aggregates and the adoption roll-up is started by :func:`marketplace.api.app.create_app`."""
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

@@ -19,9 +19,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 import marketplace.web
-from marketplace.runtime import Runtime
 
-__all__ = ["SECURITY_HEADERS", "STATIC_DIR", "UI_PREFIX", "UIFiles", "router", "setup"]
+__all__ = ["SECURITY_HEADERS", "STATIC_DIR", "UI_PREFIX", "UIFiles", "mount_ui", "router"]
 
 UI_PREFIX = "/ui"
 STATIC_DIR = Path(marketplace.web.__file__).resolve().parent / "static"
@@ -77,6 +76,6 @@ def ui_no_slash() -> RedirectResponse:
     return RedirectResponse(UI_PREFIX + "/", status_code=307)
 
 
-def setup(rt: Runtime, app: FastAPI) -> None:
-    """Mount the static UI at ``/ui`` (``index.html`` for ``/ui/``)."""
+def mount_ui(app: FastAPI) -> None:
+    """Mount the static UI at ``/ui`` (``index.html`` for ``/ui/``; a mount: routers cannot hold one)."""
     app.mount(UI_PREFIX, UIFiles(directory=STATIC_DIR, html=True), name="ui")

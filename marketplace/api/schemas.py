@@ -11,11 +11,11 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from marketplace.api.jsonlimits import BoundedJson
+from marketplace.db.models import Hosting, KeyKind, OfferingStatus
 
 T = TypeVar("T")
 
 Role = Literal["provider", "consumer", "compliance", "admin"]
-Hosting = Literal["marketplace", "provider"]
 #: One tag: short text (a list of them is stored and served back with every offering).
 Tag = Annotated[str, Field(min_length=1, max_length=60)]
 
@@ -63,7 +63,7 @@ class KeyPublic(BaseModel):
     prefix: str
     roles: list[str]
     name: str
-    kind: str
+    kind: KeyKind
     offering_ids: list[str] | None = None
     created_at: datetime
     expires_at: datetime
@@ -98,7 +98,7 @@ class OfferingCreate(Strict):
     output_schema: BoundedJson = Field(default_factory=dict, description="JSON Schema; at most 32 deep, 64 KiB.")
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     licence: str = Field(default="proprietary", max_length=100)
-    hosting: Hosting = "marketplace"
+    hosting: Hosting = Hosting.MARKETPLACE
 
 
 class OfferingUpdate(Strict):
@@ -139,8 +139,8 @@ class OfferingPublic(BaseModel):
     output_schema: dict[str, Any]
     tags: list[str]
     licence: str
-    hosting: str
-    status: str
+    hosting: Hosting
+    status: OfferingStatus
     created_at: datetime
     updated_at: datetime
     latest_version: VersionPublic | None = None

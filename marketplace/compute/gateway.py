@@ -307,9 +307,8 @@ def get_pool(rt: Any) -> GatewayPool:
     """The runtime's gateway pool (``settings.workers`` processes; shut down with the runtime).
     Always local processes: a broker round trip would cost more than the model."""
     with _pool_lock:
-        pool = rt.extras.get("gateway.pool")
+        pool: GatewayPool | None = rt.gateway_pool
         if pool is None:
-            pool = GatewayPool(rt.settings.workers)
-            rt.extras["gateway.pool"] = pool
+            pool = rt.gateway_pool = GatewayPool(rt.settings.workers)
             rt.on_close(pool.shutdown)
-    return pool  # type: ignore[no-any-return]
+    return pool

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import DateTime, MetaData, TypeDecorator
+from sqlalchemy import DateTime, MetaData, String, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 
-__all__ = ["Base", "UTCDateTime", "new_id", "utcnow"]
+__all__ = ["Base", "EnumText", "UTCDateTime", "new_id", "utcnow"]
+
+E = TypeVar("E", bound=StrEnum)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -43,6 +46,24 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC)
+
+
+class EnumText(TypeDecorator[E], Generic[E]):
+    """A :class:`~enum.StrEnum` stored as its value in a ``VARCHAR`` (no database enum type, so
+    adding a member needs no migration); loads as the enum, refuses other values on write."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int = 20) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else str(self.enum(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 def utcnow() -> datetime:

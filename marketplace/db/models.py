@@ -7,14 +7,48 @@ metering, key sets, jobs, agents) and their own Alembic revision.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from marketplace.db.base import Base, UTCDateTime, new_id, utcnow
+from marketplace.db.base import Base, EnumText, UTCDateTime, new_id, utcnow
 
-__all__ = ["ApiKey", "Artifact", "AuditEvent", "Offering", "OfferingVersion", "Org"]
+__all__ = [
+    "ApiKey",
+    "Artifact",
+    "AuditEvent",
+    "Hosting",
+    "KeyKind",
+    "Offering",
+    "OfferingStatus",
+    "OfferingVersion",
+    "Org",
+]
+
+
+class Hosting(StrEnum):
+    """Where an offering's weights are and its computations run."""
+
+    MARKETPLACE = "marketplace"  #: uploaded (envelope-encrypted); computed by the marketplace
+    PROVIDER = "provider"  #: never uploaded; computed by the provider's agent
+
+
+class OfferingStatus(StrEnum):
+    """An offering's catalog state: ``draft -> published <-> withdrawn``
+    (:func:`marketplace.services.catalog.set_status`)."""
+
+    DRAFT = "draft"
+    PUBLISHED = "published"
+    WITHDRAWN = "withdrawn"
+
+
+class KeyKind(StrEnum):
+    """An API key's kind: a person's or service's key, or a provider agent's (``/v1/agent/*`` only)."""
+
+    USER = "user"
+    AGENT = "agent"
 
 
 class Org(Base):
@@ -34,7 +68,7 @@ class ApiKey(Base):
     hash: Mapped[str] = mapped_column(String(200))
     roles: Mapped[list[str]] = mapped_column(JSON)
     name: Mapped[str] = mapped_column(String(200), default="")
-    kind: Mapped[str] = mapped_column(String(20), default="user")  # user | agent
+    kind: Mapped[KeyKind] = mapped_column(EnumText(KeyKind), default=KeyKind.USER)
     offering_ids: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -61,8 +95,8 @@ class Offering(Base):
     output_schema: Mapped[dict[str, Any]] = mapped_column(JSON)
     tags: Mapped[list[str]] = mapped_column(JSON)
     licence: Mapped[str] = mapped_column(String(100), default="proprietary")
-    hosting: Mapped[str] = mapped_column(String(20))  # marketplace | provider
-    status: Mapped[str] = mapped_column(String(20), default="draft")  # draft|published|withdrawn
+    hosting: Mapped[Hosting] = mapped_column(EnumText(Hosting))
+    status: Mapped[OfferingStatus] = mapped_column(EnumText(OfferingStatus), default=OfferingStatus.DRAFT)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

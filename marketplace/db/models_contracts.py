@@ -12,14 +12,36 @@ SQLite), so every use of one contract is serialized and a quota is never overspe
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from marketplace.db.base import Base, UTCDateTime, new_id, utcnow
+from contracts.offer import Status
+from marketplace.db.base import Base, EnumText, UTCDateTime, new_id, utcnow
 
-__all__ = ["ContractEventRow", "ContractRow", "IdempotencyKey", "OfferRow", "UsageRow"]
+__all__ = ["ContractEventRow", "ContractRow", "IdempotencyKey", "OfferRow", "OfferState", "UsageRow", "UsageState"]
+
+
+class OfferState(StrEnum):
+    """An offer's state: ``open -> withdrawn`` (withdrawing closes it to new acceptances)."""
+
+    OPEN = "open"
+    WITHDRAWN = "withdrawn"
+
+
+class UsageState(StrEnum):
+    """A metered use (and its idempotency key)::
+
+        reserved --commit-----------------> charged
+        reserved --release / lease expired-> released
+
+    (:mod:`marketplace.services.metering.usage` makes both transitions, in ``finish``)."""
+
+    RESERVED = "reserved"
+    CHARGED = "charged"
+    RELEASED = "released"
 
 
 class OfferRow(Base):
@@ -33,7 +55,7 @@ class OfferRow(Base):
     provider_key: Mapped[str] = mapped_column(String(80))
     digest: Mapped[str] = mapped_column(String(80), unique=True)
     record: Mapped[dict[str, Any]] = mapped_column(JSON)  # Offer.to_dict()
-    status: Mapped[str] = mapped_column(String(20), default="open")  # open | withdrawn
+    status: Mapped[OfferState] = mapped_column(EnumText(OfferState), default=OfferState.OPEN)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -51,7 +73,7 @@ class ContractRow(Base):
     record: Mapped[dict[str, Any]] = mapped_column(JSON)  # Contract.to_dict()
     digest: Mapped[str] = mapped_column(String(80))
     terms: Mapped[dict[str, Any]] = mapped_column(JSON)  # terms in effect (after amendments)
-    status: Mapped[str] = mapped_column(String(20), default="active")  # active|suspended|terminated
+    status: Mapped[Status] = mapped_column(EnumText(Status), default=Status.ACTIVE)
     seq: Mapped[int] = mapped_column(Integer, default=0)  # last event seq
     head: Mapped[str] = mapped_column(String(80))  # digest of the last event (or the contract)
     head_time: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -100,7 +122,7 @@ class UsageRow(Base):
     job_kind: Mapped[str | None] = mapped_column(String(20), nullable=True)
     keyset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     units: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(20), default="reserved")  # reserved|charged|released
+    state: Mapped[UsageState] = mapped_column(EnumText(UsageState), default=UsageState.RESERVED)
     idempotency_key_digest: Mapped[str] = mapped_column(String(80))
     request_digest: Mapped[str] = mapped_column(String(80))
     reserved_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -131,5 +153,5 @@ class IdempotencyKey(Base):
     request_digest: Mapped[str] = mapped_column(String(80))
     usage_id: Mapped[str] = mapped_column(String(40))
     contract_id: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(20))  # reserved | charged | released
+    state: Mapped[UsageState] = mapped_column(EnumText(UsageState))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

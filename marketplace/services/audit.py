@@ -2,18 +2,18 @@
 
 Every access and permission change goes through :func:`emit`: keys created or revoked, roles
 granted, offerings published or withdrawn, artifacts decrypted for a computation, failed
-authorization. Events are append-only rows, and each also becomes a ledger leaf (see
-:mod:`marketplace.services.ledger`) in the same transaction.
+authorization. Events are append-only rows, and each also becomes a ledger leaf (a
+``som.audit/v1`` record appended with :func:`marketplace.services.ledger.append`) in the same
+transaction, whoever emits it (API, CLI on the server host, workers).
 
 Denials are recorded with :func:`emit_detached`, in a transaction of their own, because the
 request's own transaction is rolled back. Failed authentications (no principal at all) are not
-recorded one by one: :func:`note_auth_failure` counts them and emits one ``auth.failures`` summary
+recorded one by one: :func:`marketplace.services.auth_failures.note` counts them and emits one ``auth.failures`` summary
 per client and window (:mod:`marketplace.services.auth_failures`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,29 +21,12 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from contracts.records import audit_record
 from marketplace.db.base import utcnow
 from marketplace.db.models import AuditEvent
+from marketplace.services.ledger.tree import append as ledger_append
 
-__all__ = ["Actor", "LeafSink", "emit", "emit_detached", "note_auth_failure", "query", "set_leaf_sink"]
-
-# Called with (session, event) inside the emitting transaction. By default every audit event
-# becomes a ledger leaf, whoever emits it (API, CLI on the server host, workers).
-LeafSink = Callable[[Session, AuditEvent], None]
-
-
-def _ledger_sink(session: Session, event: AuditEvent) -> None:
-    from marketplace.services.ledger import audit_leaf_sink
-
-    audit_leaf_sink(session, event)
-
-
-_leaf_sink: LeafSink | None = _ledger_sink
-
-
-def set_leaf_sink(sink: LeafSink | None) -> None:
-    global _leaf_sink
-    _leaf_sink = sink
-
+__all__ = ["Actor", "emit", "emit_detached", "query"]
 
 @dataclass(frozen=True)
 class Actor:
@@ -91,8 +74,11 @@ def emit(
     )
     session.add(event)
     session.flush()
-    if _leaf_sink is not None:
-        _leaf_sink(session, event)
+    ledger_append(session, audit_record(  # a som.audit/v1 leaf, in the emitting transaction
+        event_id=event.id, actor=event.actor, org=event.org_id, action=event.action,
+        target=event.target or None, outcome=event.outcome, request_id=event.request_id or None,
+        time=event.time,
+    ))
     return event
 
 
@@ -100,18 +86,6 @@ def emit_detached(factory: sessionmaker[Session], who: Actor, action: str, **kw:
     """Emit in a fresh transaction (for denials whose request transaction is rolled back)."""
     with factory() as session, session.begin():
         emit(session, who, action, **kw)
-
-
-def note_auth_failure(
-    rt: Any, *, source: str, prefix: str, path: str, method: str, reason: str, request_id: str = ""
-) -> None:
-    """Count a request that presented no valid key (``rt``: the Runtime). One ``auth.failures``
-    event per client address and window summarises them (see
-    :mod:`marketplace.services.auth_failures`); authenticated denials use :func:`emit_detached`."""
-    from marketplace.services import auth_failures
-
-    auth_failures.note(rt, source=source, prefix=prefix, path=path, method=method, reason=reason,
-                       request_id=request_id)
 
 
 def _aware(t: datetime | None) -> datetime | None:

@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from marketplace.services import audit
+from marketplace.services.audit import _fit
+
 if TYPE_CHECKING:
     from marketplace.runtime import Runtime
 
-__all__ = ["MAX_SOURCES", "SAMPLE", "flush", "note"]
+__all__ = ["MAX_SOURCES", "SAMPLE", "FailureSummaries", "flush", "note"]
 
 log = logging.getLogger("som.audit")
 
@@ -41,7 +44,6 @@ MAX_SOURCES = 256
 """Clients tracked separately per window; beyond that they are counted under source ``*``."""
 SAMPLE = 8
 """Distinct key prefixes, paths, methods and reasons kept per summary (the most frequent)."""
-_EXTRA = "audit.auth_failures"
 
 
 @dataclass
@@ -69,7 +71,10 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
 
-class _Aggregator:
+class FailureSummaries:
+    """The runtime's summaries of failed authentications (:attr:`Runtime.auth_failures`): a
+    thread, started on the first failure, emits each ended window's summaries."""
+
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.window = float(rt.settings.auth_failure_window_seconds)
@@ -82,6 +87,8 @@ class _Aggregator:
         now = time.time()
         start = math.floor(now / self.window) * self.window
         with self.lock:
+            if not self.thread.is_alive() and not self.stop.is_set():
+                self.thread.start()
             key = (start, source)
             if key not in self.buckets and sum(1 for s, _ in self.buckets if s == start) >= MAX_SOURCES:
                 key = (start, "*")
@@ -89,8 +96,6 @@ class _Aggregator:
 
     def flush(self, *, everything: bool = False) -> int:
         """Emit the summaries of ended windows (all of them with ``everything``); how many."""
-        from marketplace.services import audit
-
         now = time.time()
         with self.lock:
             due = [k for k in self.buckets if everything or k[0] + self.window <= now]
@@ -122,33 +127,19 @@ class _Aggregator:
             self.flush()
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+        with self.lock:
+            self.stop.set()
+            started = self.thread.ident is not None
+        if started:
+            self.thread.join(timeout=5)
         self.flush(everything=True)
-
-
-def _aggregator(rt: Runtime) -> _Aggregator:
-    agg = rt.extras.get(_EXTRA)
-    if isinstance(agg, _Aggregator):
-        return agg
-    lock = rt.extras.setdefault(_EXTRA + ".lock", threading.Lock())
-    with lock:
-        agg = rt.extras.get(_EXTRA)
-        if not isinstance(agg, _Aggregator):
-            agg = _Aggregator(rt)
-            rt.extras[_EXTRA] = agg
-            agg.thread.start()
-            rt.on_close(agg.close)
-    return agg
 
 
 def note(
     rt: Runtime, *, source: str, prefix: str, path: str, method: str, reason: str, request_id: str = ""
 ) -> None:
     """Count one failed authentication from ``source`` (the client's address)."""
-    from marketplace.services.audit import _fit
-
-    _aggregator(rt).note(
+    rt.auth_failures.note(
         _fit(source or "unknown", 200), _fit(prefix, 40), _fit(path, 200), _fit(method, 16), _fit(reason, 200),
         request_id,
     )
@@ -156,5 +147,4 @@ def note(
 
 def flush(rt: Runtime, *, everything: bool = False) -> int:
     """Emit pending summaries now (ended windows; every window with ``everything``)."""
-    agg = rt.extras.get(_EXTRA)
-    return agg.flush(everything=everything) if isinstance(agg, _Aggregator) else 0
+    return rt.auth_failures.flush(everything=everything)

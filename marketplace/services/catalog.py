@@ -19,9 +19,14 @@ from typing import Any
 from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.orm import Session
 
+from crypto.envelope import WrappedKey, encrypt_artifact
+from crypto.envelope import decrypt_artifact as _dec
+from crypto.errors import HEError
 from marketplace.db.base import new_id, utcnow
-from marketplace.db.models import Artifact, Offering, OfferingVersion
+from marketplace.db.models import Artifact, Hosting, Offering, OfferingStatus, OfferingVersion
+from marketplace.db.paging import Window, page_scalars
 from marketplace.errors import Conflict, Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType
+from marketplace.runtime import Runtime
 from marketplace.services import audit, storage
 from marketplace.services.identity import Principal
 
@@ -52,7 +57,7 @@ def get_visible(s: Session, p: Principal, offering_id: str) -> Offering:
     off = s.get(Offering, offering_id)
     if off is None:
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)  # audited as a hidden one is
-    if off.status != "published" and off.org_id != p.org_id and not p.has("admin"):
+    if off.status != OfferingStatus.PUBLISHED and off.org_id != p.org_id and not p.has("admin"):
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     return off
 
@@ -77,14 +82,13 @@ def search(
     hosting: str | None,
     org_id: str | None,
     status: str | None,
-    limit: int,
-    offset: int,
+    page: Window,
 ) -> tuple[list[Offering], int]:
     stmt = select(Offering)
     if p.has("admin"):
         pass
     else:
-        stmt = stmt.where(or_(Offering.status == "published", Offering.org_id == p.org_id))
+        stmt = stmt.where(or_(Offering.status == OfferingStatus.PUBLISHED, Offering.org_id == p.org_id))
     if q:
         like = f"%{q.lower()}%"
         stmt = stmt.where(
@@ -103,20 +107,26 @@ def search(
         # escaped element can only match a whole element.
         needle = json.dumps(tag).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         stmt = stmt.where(cast(Offering.tags, String).like(f"%{needle}%", escape="\\"))
-    total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
-    rows = list(s.scalars(stmt.order_by(Offering.created_at, Offering.id).limit(limit).offset(offset)))
-    return rows, total
+    return page_scalars(s, stmt.order_by(Offering.created_at, Offering.id), page)
 
 
-def set_status(s: Session, off: Offering, status: str, who: audit.Actor) -> Offering:
-    transitions = {"published": {"draft", "withdrawn"}, "withdrawn": {"published", "draft"}}
-    if off.status not in transitions[status]:
+#: to -> the states an offering may come from
+_TRANSITIONS: dict[OfferingStatus, frozenset[OfferingStatus]] = {
+    OfferingStatus.PUBLISHED: frozenset({OfferingStatus.DRAFT, OfferingStatus.WITHDRAWN}),
+    OfferingStatus.WITHDRAWN: frozenset({OfferingStatus.PUBLISHED, OfferingStatus.DRAFT}),
+}
+
+
+def set_status(s: Session, off: Offering, status: OfferingStatus, who: audit.Actor) -> Offering:
+    """Publish or withdraw ``off`` (the one function every catalog transition goes through);
+    Conflict when :data:`_TRANSITIONS` does not allow it."""
+    if off.status not in _TRANSITIONS[status]:
         raise Conflict(f"offering {off.id} is {off.status}; cannot become {status}")
-    if status == "published" and off.hosting == "marketplace" and latest_version(s, off.id) is None:
+    if status is OfferingStatus.PUBLISHED and off.hosting == Hosting.MARKETPLACE and latest_version(s, off.id) is None:
         raise Conflict("upload a model version before publishing a marketplace-hosted offering")
     off.status = status
     off.updated_at = utcnow()
-    audit.emit(s, who, f"offering.{'publish' if status == 'published' else 'withdraw'}", target=off.id)
+    audit.emit(s, who, f"offering.{'publish' if status is OfferingStatus.PUBLISHED else 'withdraw'}", target=off.id)
     return off
 
 
@@ -142,7 +152,7 @@ def _validate(
         )
     if fmt not in ("onnx", "npz"):
         raise UnsupportedMediaType(f"format must be 'onnx' or 'npz', got {fmt!r}")
-    from crypto.errors import HEError
+    # start-up cost: crypto.he loads TenSEAL (about a second); only uploads need it
     from crypto.he import validate_artifact
 
     try:
@@ -162,11 +172,9 @@ def _validate(
 
 
 def store_artifact(
-    rt: Any, s: Session, version: OfferingVersion, purpose: str, plaintext: bytes
+    rt: Runtime, s: Session, version: OfferingVersion, purpose: str, plaintext: bytes
 ) -> Artifact:
     """Encrypt ``plaintext`` under a fresh data key and store it; returns the Artifact row."""
-    from crypto.envelope import encrypt_artifact
-
     aad = f"som:{version.id}:{purpose}"
     ciphertext, wrapped = encrypt_artifact(plaintext, provider=rt.key_provider, aad=aad.encode())
     addr = rt.blobs.put(ciphertext)
@@ -183,18 +191,15 @@ def store_artifact(
     return art
 
 
-def decrypt_artifact(rt: Any, art: Artifact) -> bytes:
+def decrypt_artifact(rt: Runtime, art: Artifact) -> bytes:
     """Decrypt an artifact in memory (callers emit ``artifact.decrypt`` audit events)."""
-    from crypto.envelope import WrappedKey
-    from crypto.envelope import decrypt_artifact as _dec
-
     wrapped = WrappedKey.from_json(art.wrapped_key.decode())
     return _dec(rt.blobs.get(art.blob), wrapped, provider=rt.key_provider, aad=art.aad.encode())
 
 
 def check_uploadable(off: Offering) -> None:
     """Raise Conflict unless model versions may be uploaded to ``off`` (marketplace-hosted)."""
-    if off.hosting != "marketplace":
+    if off.hosting != Hosting.MARKETPLACE:
         raise Conflict(
             "this offering is provider-hosted: its weights stay with the provider agent and are never uploaded"
         )
@@ -215,13 +220,11 @@ class PreparedVersion:
     aad: str
 
 
-def prepare_version(rt: Any, data: bytes, *, fmt: str, input_shape: list[int]) -> PreparedVersion:
+def prepare_version(rt: Runtime, data: bytes, *, fmt: str, input_shape: list[int]) -> PreparedVersion:
     """Validate ``data`` and encrypt it under a fresh data key: the CPU work of an upload.
 
     Takes no DB session: call it outside any transaction and off the event loop. Raises
     PayloadTooLarge, UnsupportedMediaType or Invalid (every parser error is one of these)."""
-    from crypto.envelope import encrypt_artifact
-
     info = _validate(data, fmt, input_shape, rt.settings.max_upload_bytes,
                      max_decompressed=rt.settings.max_decompressed_bytes)
     version_id = new_id("ver")
@@ -259,7 +262,7 @@ def commit_version(s: Session, off: Offering, prep: PreparedVersion, *, who: aud
 
 
 def add_version(
-    rt: Any,
+    rt: Runtime,
     s: Session,
     off: Offering,
     data: bytes,

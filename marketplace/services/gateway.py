@@ -242,16 +242,20 @@ class _Clock:
         return {"queue": self.queue * 1e3, "model": self.model * 1e3, "metering": self.metering * 1e3, "total": total * 1e3}
 
 
+_state_lock = threading.Lock()
+
+
 def _state(rt: Runtime) -> tuple[TargetCache, Batcher | None]:
-    st = rt.extras.get("gateway.state")
-    if st is None:
-        s = rt.settings
-        window = s.gateway_batch_window_ms / 1e3
-        st = rt.extras.setdefault("gateway.state", (
-            TargetCache(s.gateway_cache_seconds),
-            Batcher(window, s.gateway_batch_max_rows) if window > 0 else None,
-        ))
-    return st  # type: ignore[no-any-return]
+    with _state_lock:
+        st: tuple[TargetCache, Batcher | None] | None = rt.gateway_state
+        if st is None:
+            s = rt.settings
+            window = s.gateway_batch_window_ms / 1e3
+            st = rt.gateway_state = (
+                TargetCache(s.gateway_cache_seconds),
+                Batcher(window, s.gateway_batch_max_rows) if window > 0 else None,
+            )
+    return st
 
 
 def _target(rt: Runtime, p: Principal, offering_id: str) -> Target:
@@ -357,9 +361,10 @@ def predict(
                 else:
                     out = _run_agent(rt, t, rows, clock)
                 answer = render(out, accept, version=t.version, units=n)
-                use.set_result(seal_answer(answer, idempotency_key=key, org_id=p.org_id, request_digest=digest), accept)
-            c0 = time.perf_counter()
-        clock.metering += time.perf_counter() - c0
+                sealed = seal_answer(answer, idempotency_key=key, org_id=p.org_id, request_digest=digest)
+                c0 = time.perf_counter()
+                use.commit(sealed, media_type=accept)
+                clock.metering += time.perf_counter() - c0
     except MarketplaceError as e:
         timing = clock.ms()
         e.headers = {**e.headers, "Server-Timing": server_timing(timing)}

@@ -163,7 +163,7 @@ _lock = threading.Lock()
 def hub_of(rt: Any) -> Hub:
     """The runtime's hub (one per API process)."""
     with _lock:
-        hub = rt.extras.get("gateway.hub")
+        hub: Hub | None = rt.gateway_hub
         if hub is None:
-            hub = rt.extras["gateway.hub"] = Hub()
-    return hub  # type: ignore[no-any-return]
+            hub = rt.gateway_hub = Hub()
+    return hub

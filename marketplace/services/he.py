@@ -22,6 +22,7 @@ from typing import Any
 from crypto.he import PublicPlan, wire
 from marketplace.compute.he import ComputeError, HETask
 from marketplace.db.base import utcnow
+from marketplace.db.models import Hosting
 from marketplace.errors import Conflict, Forbidden, Invalid, Unavailable
 from marketplace.runtime import Runtime
 from marketplace.services import audit, catalog, dispatch, metering, monitoring
@@ -56,7 +57,7 @@ def receipt_header(receipt: dict[str, Any] | None) -> str:
 @dataclass(frozen=True)
 class _Prepared:
     offering_id: str
-    hosting: str
+    hosting: Hosting
     keyset: dict[str, Any]
     plan: PublicPlan
     plan_json: str
@@ -88,7 +89,7 @@ def _prepare(
                 f"{ref.digest}: generate keys for the new plan and register them"
             )
         compiled = None
-        if off.hosting == "marketplace":
+        if off.hosting == Hosting.MARKETPLACE:
             art = latest_artifact(s, ref.version.id, "compiled") if ref.version is not None else None
             if art is None:
                 raise Conflict(f"offering {off.id} has no compiled model; its provider must compile it")
@@ -102,7 +103,7 @@ def _prepare(
 
 def _compute(rt: Runtime, prep: _Prepared, body: bytes) -> bytes:
     """Raises Invalid (the request does not fit), Unavailable (no worker/agent)."""
-    if prep.hosting == "provider":
+    if prep.hosting == Hosting.PROVIDER:
         meta = {"keyset_id": prep.keyset["id"], "plan_digest": prep.keyset["plan_digest"], "version": prep.version_number}
         try:
             out: bytes = dispatch.run_on_agent(
@@ -157,33 +158,25 @@ def infer(
     except (ValueError, TypeError) as e:
         raise Invalid(f"malformed HE request frame: {e}") from e
     request_digest = metering.request_digest("he_infer", prep.offering_id, prep.keyset["id"], body)
-    res = metering.begin(
+    with metering.reserved(
         rt, p, offering_id=prep.offering_id, mode="he_inference", units=units, idempotency_key=idempotency_key,
         request_digest=request_digest, contract_id=prep.keyset["contract_id"], keyset_id=prep.keyset["id"],
-    )
-    replay = getattr(res, "replay", None)
-    if replay is not None:
-        return InferResult(replay.body, replay.media_type, replay.usage_id, replay.receipt, True, units)
-    tm = time.perf_counter()
-    try:
-        out = _compute(rt, prep, body)
-    except BaseException as e:
-        _observe(prep, t0, tm, time.perf_counter(), ok=False, error_class=type(e).__name__)
-        reason = e.message if isinstance(e, Invalid | Unavailable) else type(e).__name__
+    ) as use:
+        if use.replay is not None:
+            r = use.replay
+            return InferResult(r.body, r.media_type, r.usage_id, r.receipt, True, units)
+        tm = time.perf_counter()
         try:
-            metering.release(rt, res, reason=str(reason)[:200])
-        finally:
-            if prep.compiled is not None:
-                _audit_decrypt(rt, who, prep, units, outcome="failure")
-        raise
-    tc = time.perf_counter()
-    if prep.compiled is not None:
+            out = _compute(rt, prep, body)
+        except BaseException as e:
+            _observe(prep, t0, tm, time.perf_counter(), ok=False, error_class=type(e).__name__)
+            _audit_decrypt(rt, who, prep, units, outcome="failure")
+            raise
+        tc = time.perf_counter()
         _audit_decrypt(rt, who, prep, units, outcome="success")
-    charged = metering.commit(rt, res, result=out, media_type=MEDIA_TYPE)
+        charged = use.commit(out, media_type=MEDIA_TYPE)
     _observe(prep, t0, tm, tc, ok=True)
-    return InferResult(
-        out, MEDIA_TYPE, getattr(charged, "usage_id", None), getattr(charged, "receipt", None), False, units
-    )
+    return InferResult(out, MEDIA_TYPE, charged.usage_id, charged.receipt, False, units)
 
 
 def _observe(prep: _Prepared, t0: float, tm: float, tc: float, *, ok: bool, error_class: str | None = None) -> None:

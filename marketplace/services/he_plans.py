@@ -22,7 +22,7 @@ from crypto.errors import HEError
 from crypto.he import PublicPlan, compile_model, compile_report
 from crypto.safe_arrays import inspect_npy, read_npy
 from marketplace.db.base import utcnow
-from marketplace.db.models import Artifact, Offering, OfferingVersion
+from marketplace.db.models import Artifact, Hosting, Offering, OfferingVersion
 from marketplace.db.models_he import HEAgentPlan
 from marketplace.errors import Conflict, Invalid, NotFound
 from marketplace.runtime import Runtime
@@ -77,7 +77,7 @@ class PlanRef:
 def current_plan(s: Session, off: Offering) -> PlanRef:
     """The plan ``off`` serves now. Raises Conflict when it has none."""
     P = PublicPlan
-    if off.hosting == "provider":
+    if off.hosting == Hosting.PROVIDER:
         row = s.get(HEAgentPlan, off.id)
         if row is None:
             raise Conflict(f"offering {off.id} has no HE plan yet: its provider has not published one")
@@ -144,7 +144,7 @@ def compile_version(
     p.require("provider")
     with rt.tx() as s:
         off = catalog.get_owned(s, p, offering_id)
-        if off.hosting != "marketplace":
+        if off.hosting != Hosting.MARKETPLACE:
             raise Conflict(
                 "provider-hosted offerings are compiled by their agent, next to the weights; "
                 "publish the plan with PUT /v1/offerings/{id}/he/plan"
@@ -205,7 +205,7 @@ def set_agent_plan(
         raise Invalid(f"not a public HE plan: {e}") from e
     with rt.tx() as s:
         off = catalog.get_owned(s, p, offering_id)
-        if off.hosting != "provider":
+        if off.hosting != Hosting.PROVIDER:
             raise Conflict("marketplace-hosted offerings are compiled by the marketplace (POST .../compile)")
         row = s.get(HEAgentPlan, off.id)
         if row is None:

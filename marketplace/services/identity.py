@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from marketplace.db.base import utcnow
-from marketplace.db.models import ApiKey, Org
+from marketplace.db.models import ApiKey, KeyKind, Org
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound, Unauthenticated
 
 __all__ = [
@@ -85,7 +85,7 @@ class Principal:
     key_id: str
     org_id: str
     roles: frozenset[str]
-    kind: str = "user"
+    kind: KeyKind = KeyKind.USER
     offering_ids: frozenset[str] | None = None
 
     def has(self, role: str) -> bool:
@@ -122,7 +122,7 @@ def create_key(
     roles: list[str],
     name: str = "",
     ttl_days: int = 365,
-    kind: str = "user",
+    kind: KeyKind | str = KeyKind.USER,
     offering_ids: list[str] | None = None,
     created_by: str | None = None,
     user_id: str | None = None,
@@ -146,7 +146,7 @@ def create_key(
         parent = session.get(ApiKey, created_by)
         if parent is None or parent.revoked_at is not None or parent.expires_at <= now:
             raise Forbidden("the creating key is not live")
-        if parent.kind == "agent":
+        if parent.kind == KeyKind.AGENT:
             raise Forbidden("an agent key cannot create keys")
         if "admin" not in parent.roles:
             if org_id != parent.org_id:
@@ -163,7 +163,7 @@ def create_key(
         hash=_HASHER.hash(plaintext),
         roles=_check_roles(roles),
         name=name,
-        kind=kind,
+        kind=KeyKind(kind),
         offering_ids=offering_ids,
         expires_at=expires_at,
         created_by=created_by,

@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import select
 
+from crypto.envelope import WrappedKey, rewrap
 from marketplace.db.models import Artifact
+from marketplace.errors import Conflict
+from marketplace.runtime import Runtime
 from marketplace.services import audit
 
 __all__ = ["rotate_kek"]
 
 
-def rotate_kek(rt: Any) -> tuple[int, str]:
+def rotate_kek(rt: Runtime) -> tuple[int, str]:
     """Make a new active KEK and re-wrap every artifact's data key with it.
 
     Returns (number of data keys re-wrapped, new KEK id). The old KEK stays in the keyring
     until every data key has moved, so an interrupted rotation can simply be run again.
     """
-    from crypto.envelope import WrappedKey, rewrap
-
     provider = rt.key_provider
-    if not hasattr(provider, "rotate"):
-        from marketplace.errors import Conflict
-
+    rotate = getattr(provider, "rotate", None)  # only the local key file rotates here
+    if rotate is None:
         raise Conflict("this key provider rotates outside som (set a new SOM_KEK and keep the old one for unwrapping)")
-    new_id: str = provider.rotate()
+    new_id: str = rotate()
     n = 0
     with rt.tx() as s:
         for art in s.scalars(select(Artifact)):

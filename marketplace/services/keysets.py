@@ -21,9 +21,10 @@ from contracts._validate import parse_time
 from crypto.errors import HEError
 from crypto.he import PublicContext
 from marketplace.db.base import utcnow
-from marketplace.db.models import Offering
+from marketplace.db.models import KeyKind, Offering
 from marketplace.db.models_contracts import ContractRow
 from marketplace.db.models_he import Keyset
+from marketplace.db.paging import Window, page_scalars
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound
 from marketplace.runtime import Runtime
 from marketplace.services import audit
@@ -169,13 +170,15 @@ def refresh_revocation(s: Session, k: Keyset, *, now: datetime) -> None:
         k.revoked_reason = "contract_ended"
 
 
-def list_keysets(rt: Runtime, p: Principal, *, limit: int, offset: int, now: datetime | None = None) -> tuple[list[dict[str, Any]], int]:
+def list_keysets(rt: Runtime, p: Principal, page: Window, *, now: datetime | None = None) -> tuple[list[dict[str, Any]], int]:
+    """One page of the caller's organisation's key sets (revocations refreshed), and the total."""
     now = now or utcnow()
     with rt.tx() as s:
-        rows = list(s.scalars(select(Keyset).where(Keyset.org_id == p.org_id).order_by(Keyset.created_at, Keyset.id)))
+        stmt = select(Keyset).where(Keyset.org_id == p.org_id).order_by(Keyset.created_at, Keyset.id)
+        rows, total = page_scalars(s, stmt, page)
         for k in rows:
             refresh_revocation(s, k, now=now)
-        return [keyset_public(k) for k in rows[offset : offset + limit]], len(rows)
+        return [keyset_public(k) for k in rows], total
 
 
 def get_keyset(rt: Runtime, p: Principal, keyset_id: str) -> dict[str, Any]:
@@ -211,7 +214,7 @@ def keyset_content(rt: Runtime, p: Principal, keyset_id: str) -> bytes:
         k = s.get(Keyset, keyset_id)
         allowed = k is not None and (
             k.org_id == p.org_id
-            or (p.kind == "agent" and p.offering_ids is not None and k.offering_id in p.offering_ids)
+            or (p.kind == KeyKind.AGENT and p.offering_ids is not None and k.offering_id in p.offering_ids)
         )
         if k is None:
             raise NotFound(f"key set {keyset_id} not found", denied=keyset_id)

@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from marketplace.db.base import utcnow
-from marketplace.db.models import ApiKey, Org
+from marketplace.db.models import ApiKey, KeyKind, Org
 from marketplace.db.models_sso import OidcLogin, User, UserTeam, WebSession
 from marketplace.errors import Forbidden, Invalid, Unauthenticated
 from marketplace.services import audit
@@ -240,7 +240,7 @@ def resolve_session(session: Session, token: str, *, now: datetime | None = None
     user = session.get(User, ws.user_id)
     if user is None or user.disabled_at is not None or user.org_id != ws.org_id:
         raise Unauthenticated("no valid session: sign in again")
-    p = Principal(key_id=user.id, org_id=ws.org_id, roles=frozenset(ws.roles), kind="user")
+    p = Principal(key_id=user.id, org_id=ws.org_id, roles=frozenset(ws.roles), kind=KeyKind.USER)
     return SessionInfo(principal=p, session_id=ws.id, user_id=user.id, expires_at=ws.expires_at)
 
 

@@ -102,14 +102,14 @@ usage_leaves = st.fixed_dictionaries(
 @given(rec=usage_leaves)
 def test_append_canonicalizes_usage_leaves_exactly_as_crypto_canonical(rec):
     records.validate_record(rec)
-    leaf_hash, row = ledger._prepare(rec)
+    leaf_hash, row = ledger.tree._prepare(rec)
     assert row[2] == canonicalize(rec)
     assert leaf_hash == row[0] and row[1] == int.from_bytes(leaf_hash[:8], "big", signed=True)
 
 
 def test_append_canonicalizes_every_schema_as_crypto_canonical():
     for rec in (GOOD, contract_leaf(CONTRACT), {**GOOD, "usage_id": "\u00e9t\u00e9 \u2603 \"q\" \\"}):
-        assert ledger._prepare(rec)[1][2] == canonicalize(rec)
+        assert ledger.tree._prepare(rec)[1][2] == canonicalize(rec)
 
 
 def write_lines(tmp_path: Path, lines: list[bytes]) -> Path:

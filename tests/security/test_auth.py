@@ -97,7 +97,7 @@ def test_every_non_agent_route_refuses_agent_keys_where_the_principal_is_resolve
     ``get_principal`` (which refuses agent keys); only ``/v1/agent/*`` and whoami take any key."""
     from fastapi.routing import APIRoute
 
-    from marketplace.api.app import route_modules
+    from marketplace.api.app import ROUTERS
     from marketplace.api.deps import get_any_principal, get_principal
 
     def calls(dep: Any) -> set[Any]:
@@ -107,8 +107,8 @@ def test_every_non_agent_route_refuses_agent_keys_where_the_principal_is_resolve
         return out
 
     checked = 0
-    for mod in route_modules():
-        for route in mod.router.routes:
+    for router in ROUTERS:
+        for route in router.routes:
             if not isinstance(route, APIRoute):
                 continue
             direct = {d.call for d in route.dependant.dependencies}

@@ -1,21 +1,23 @@
 """Exactly-once metering: reserve, compute, commit (or release), keyed by an idempotency key.
 
-For: every metered use (HE inference, remote jobs). The route or worker calls::
+For: every metered use (HE inference, remote jobs). A use that computes in one call reads::
 
-    r = metering.begin(rt, p, offering_id=..., mode="he_inference", units=n,
-                       idempotency_key=key, request_digest=metering.request_digest(body, ...),
-                       keyset_id=...)
-    if r.replay is not None:          # same key, same request, already charged
-        return r.replay.body, r.replay.receipt
-    try:
+    with metering.reserved(rt, p, offering_id=..., mode="he_inference", units=n,
+                           idempotency_key=key, request_digest=metering.request_digest(body, ...),
+                           keyset_id=...) as use:
+        if use.replay is not None:     # same key, same request, already charged
+            return use.replay.body, use.replay.receipt
         out = compute(...)             # no DB transaction held here
-    except BaseException:
-        metering.release(rt, r, reason="computation failed")
-        raise
-    charged = metering.commit(rt, r, result=out, media_type="application/octet-stream")
+        charged = use.commit(out, media_type="application/octet-stream")
+
+(an exception in the block releases the units); a use that computes elsewhere (a job) calls
+:func:`begin`, then :func:`commit` or :func:`release` itself.
 
 Not for: policy logic (:mod:`contracts.policy`, pure), prices and statements
-(:mod:`contracts.metering`), or the ledger itself (:mod:`marketplace.services.ledger`).
+(:mod:`contracts.metering`), idempotency keys and receipts
+(:mod:`~marketplace.services.metering.idempotency`), counters and usage rows
+(:mod:`~marketplace.services.metering.usage`), or the ledger itself
+(:mod:`marketplace.services.ledger`).
 
 Guarantees (DESIGN §5):
 
@@ -31,82 +33,49 @@ Guarantees (DESIGN §5):
 * A reservation holds a *lease* (:data:`LEASE_SECONDS` by default). If the process dies between
   compute and commit, nothing is charged; once the lease expires the next :func:`begin` on that
   contract releases it, and a retry with the same key proceeds.
-* Idempotency keys are scoped to the calling organisation and stored only as a SHA-256 digest,
-  together with the request digest: same key + same request replays, same key + another request
-  is 422, same key still in flight (lease not expired) is 409.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from contracts import policy, records
-from contracts.offer import Status
+from contracts import policy
 from contracts.terms import JOB_KINDS, MODES
-from crypto.canonical import canonicalize
 from marketplace.db.base import new_id, utcnow
-from marketplace.db.models_contracts import ContractRow, IdempotencyKey, UsageRow
-from marketplace.errors import Conflict, Invalid, NotFound, PolicyDenied
+from marketplace.db.models_contracts import IdempotencyKey, UsageRow, UsageState
+from marketplace.errors import Conflict, Invalid, MarketplaceError, NotFound, PolicyDenied
 from marketplace.runtime import Runtime
 from marketplace.services import audit
 from marketplace.services.audit import Actor
-from marketplace.services.contracts import (
-    contract_of,
-    ledger_append,
-    ledger_receipt,
-    lock_contract,
-    terms_of,
-)
+from marketplace.services.contracts import ledger_receipt, lock_contract, terms_of
 from marketplace.services.identity import Principal
 from marketplace.services.keysets import keyset_bound
+from marketplace.services.metering.idempotency import (
+    StoredResult,
+    check_idempotency_key,
+    check_request_digest,
+    key_digest,
+)
+from marketplace.services.metering.usage import (
+    apply_state,
+    finish,
+    resolve_contract,
+    sweep,
+    usage_state,
+)
 
-__all__ = [
-    "LEASE_SECONDS",
-    "Charged",
-    "Reservation",
-    "Use",
-    "StoredResult",
-    "begin",
-    "check_idempotency_key",
-    "commit",
-    "key_digest",
-    "receipt_for",
-    "receipt_header",
-    "release",
-    "request_digest",
-    "reserved",
-    "sweep_expired",
-]
+__all__ = ["INLINE_RESULT_BYTES", "LEASE_SECONDS", "Charged", "Reservation", "Use", "begin", "commit", "release", "reserved"]
 
 #: Results up to this size are kept in the usage row; larger ones in the blob store.
 INLINE_RESULT_BYTES = 64 * 1024
 #: Default lease of a reservation: after this long without commit/release it may be reclaimed.
 LEASE_SECONDS = 600.0
-_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-# -- values -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoredResult:
-    """The first answer to an idempotent request, replayed: result bytes and the receipt."""
-
-    body: bytes
-    media_type: str
-    receipt: dict[str, Any]
-    usage_id: str
 
 
 @dataclass(frozen=True)
@@ -136,146 +105,6 @@ class Charged:
     receipt: dict[str, Any]
 
 
-# -- helpers for routes -------------------------------------------------------------------------
-
-
-def check_idempotency_key(value: str | None) -> str:
-    """The ``Idempotency-Key`` header value, or :class:`Invalid` (422) if missing or malformed."""
-    if value is None or value == "":
-        raise Invalid("the Idempotency-Key header is required for metered requests (e.g. a UUID)")
-    if not _KEY_RE.fullmatch(value):
-        raise Invalid("Idempotency-Key must be 1..255 printable ASCII characters without spaces")
-    return value
-
-
-def key_digest(key: str) -> str:
-    """``sha256:<hex>`` of an idempotency key (what is stored and ledgered, never the key)."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-def request_digest(*parts: bytes | str) -> str:
-    """``sha256:<hex>`` over length-prefixed ``parts`` (route, parameters, body bytes...)."""
-    h = hashlib.sha256(b"som.request/v1")
-    for part in parts:
-        b = part.encode() if isinstance(part, str) else bytes(part)
-        h.update(len(b).to_bytes(8, "big"))
-        h.update(b)
-    return "sha256:" + h.hexdigest()
-
-
-def receipt_header(receipt: dict[str, Any]) -> str:
-    """The ``X-Som-Receipt`` header value: base64url of the receipt's RFC 8785 canonical JSON."""
-    return base64.urlsafe_b64encode(canonicalize(receipt)).decode()
-
-
-# -- internals --------------------------------------------------------------------------------
-
-
-def _usage_state(row: ContractRow, bound: frozenset[str]) -> policy.UsageState:
-    return policy.UsageState(
-        used_units=row.used_units,
-        reserved_units=row.reserved_units,
-        window_units=row.window_units,
-        window_start=row.window_start,
-        status=Status(row.status),
-        bound_keysets=bound,
-    )
-
-
-def _apply(row: ContractRow, st: policy.UsageState, now: datetime) -> None:
-    row.used_units = st.used_units
-    row.reserved_units = st.reserved_units
-    row.window_units = st.window_units
-    row.window_start = st.window_start
-    row.updated_at = now
-
-
-def _policy_res(u: UsageRow) -> policy.Reservation:
-    return policy.Reservation(units=u.units, time=u.reserved_at, window_start=u.window_start)
-
-
-def _finish(
-    s: Session, c: ContractRow, u: UsageRow, outcome: str, now: datetime, *, reason: str | None = None
-) -> None:
-    """Charge or release ``u`` (state ``reserved``) on locked contract ``c``: counters, leaf, row."""
-    st = _usage_state(c, frozenset())
-    # A released use gives its units back to the quota but not to the rate window: every attempt
-    # that reserved (a failed, rejected, cancelled or expired job too) counts against the rate.
-    st = policy.commit(st, _policy_res(u)) if outcome == "charged" else policy.release(st, _policy_res(u), keep_rate=True)
-    _apply(c, st, now)
-    rec = records.usage_record(
-        contract_of(c),
-        usage_id=u.id,
-        mode=u.mode,
-        units=u.units,
-        outcome=outcome,
-        request_digest=u.request_digest,
-        idempotency_key_digest=u.idempotency_key_digest,
-        time=u.reserved_at,
-        terms=terms_of(c),
-    )
-    u.ledger_index = ledger_append(s, rec)
-    u.record = rec
-    u.state = outcome
-    u.finished_at = now
-    if reason is not None:
-        u.release_reason = reason[:200]
-    s.execute(
-        update(IdempotencyKey)
-        .where(
-            IdempotencyKey.org_id == u.consumer_org_id,
-            IdempotencyKey.key_digest == u.idempotency_key_digest,
-            IdempotencyKey.usage_id == u.id,
-        )
-        .values(state=outcome)
-    )
-
-
-def _sweep(s: Session, c: ContractRow, now: datetime) -> int:
-    if c.reserved_units <= 0:
-        return 0
-    expired = list(
-        s.scalars(
-            select(UsageRow)
-            .where(
-                UsageRow.contract_id == c.id,
-                UsageRow.state == "reserved",
-                UsageRow.lease_expires_at <= now,
-            )
-            .order_by(UsageRow.reserved_at, UsageRow.id)
-        )
-    )
-    for u in expired:
-        _finish(s, c, u, "released", now, reason="lease expired")
-    return len(expired)
-
-
-def _resolve(s: Session, p: Principal, offering_id: str) -> ContractRow:
-    """The caller's single live contract for ``offering_id``, locked (one query)."""
-    stmt = select(ContractRow).where(
-        ContractRow.consumer_org_id == p.org_id,
-        ContractRow.offering_id == offering_id,
-        ContractRow.status != Status.TERMINATED.value,
-    )
-    if s.get_bind().dialect.name != "sqlite":
-        stmt = stmt.with_for_update()
-    rows = list(s.scalars(stmt))
-    if not rows:
-        raise NotFound(
-            f"no contract of your organisation for offering {offering_id}; accept an offer first "
-            f"(`som contract accept`)"
-        )
-    if len(rows) > 1:
-        active = [r for r in rows if r.status == Status.ACTIVE.value]
-        if len(active) != 1:
-            raise Conflict(
-                f"your organisation has {len(rows)} contracts for offering {offering_id}; "
-                f"choose one with the X-Som-Contract header"
-            )
-        rows = active
-    return rows[0]
-
-
 def _validate(
     mode: str, units: int, idempotency_key: str, req_digest: str, job_kind: str | None,
     batch_size: int | None,
@@ -289,8 +118,7 @@ def _validate(
     if job_kind is not None and job_kind not in JOB_KINDS:
         raise Invalid(f"job_kind: expected one of {list(JOB_KINDS)}, got {job_kind!r}")
     check_idempotency_key(idempotency_key)
-    if not isinstance(req_digest, str) or not _DIGEST_RE.fullmatch(req_digest):
-        raise Invalid(f"request_digest: expected 'sha256:<64 hex>', got {req_digest!r}")
+    check_request_digest(req_digest)
 
 
 def _audit_denial(
@@ -359,7 +187,7 @@ def begin(
     res: Reservation | None = None
     try:
         with rt.tx() as s:
-            c = lock_contract(s, contract_id) if contract_id else _resolve(s, p, offering_id)
+            c = lock_contract(s, contract_id) if contract_id else resolve_contract(s, p, offering_id)
             cid = contract_id or (c.id if c else "")
             if c is None or c.consumer_org_id != p.org_id:
                 raise NotFound(f"contract {cid} not found", denied=cid or None)
@@ -373,10 +201,10 @@ def begin(
                         "use a new key for a new request"
                     )
                 prev = s.get(UsageRow, idem.usage_id)
-                if idem.state == "charged" and prev is not None:
+                if idem.state == UsageState.CHARGED and prev is not None:
                     replay_of = (prev.id, prev.result_blob or "", prev.result_inline,
                                  prev.result_media_type or "", prev.ledger_index)
-                elif idem.state == "reserved" and prev is not None:
+                elif idem.state == UsageState.RESERVED and prev is not None:
                     if prev.lease_expires_at > t:
                         wait = int((prev.lease_expires_at - t).total_seconds()) + 1
                         raise Conflict(
@@ -385,15 +213,15 @@ def begin(
                         )
                     if prev.contract_id != c.id:
                         raise Conflict("this Idempotency-Key is in use on another contract")
-                    _finish(s, c, prev, "released", t, reason="lease expired")
+                    finish(s, c, prev, UsageState.RELEASED, t, reason="lease expired")
             if replay_of is None:
-                _sweep(s, c, t)
+                sweep(s, c, t)
                 bound: frozenset[str] = frozenset()
                 if keyset_id is not None and (
                     keyset_bound(s, c.id, keyset_id)
                 ):
                     bound = frozenset({keyset_id})
-                st = _usage_state(c, bound)
+                st = usage_state(c, bound)
                 terms = terms_of(c)
                 req = policy.UseRequest(
                     mode=mode, units=units, batch_size=batch_size or units,
@@ -405,12 +233,12 @@ def begin(
                     denied_contract = c.id
                 else:
                     st, pres = policy.reserve(st, units, t, terms=terms)
-                    _apply(c, st, t)
+                    apply_state(c, st, t)
                     u = UsageRow(
                         id=new_id("use"), contract_id=c.id, offering_id=offering_id,
                         consumer_org_id=c.consumer_org_id, provider_org_id=c.provider_org_id,
                         mode=mode, job_kind=job_kind, keyset_id=keyset_id, units=units,
-                        state="reserved", idempotency_key_digest=kd,
+                        state=UsageState.RESERVED, idempotency_key_digest=kd,
                         request_digest=request_digest, reserved_at=t,
                         window_start=pres.window_start, lease_expires_at=t + lease,
                     )
@@ -418,12 +246,12 @@ def begin(
                     if idem is None:
                         s.add(IdempotencyKey(
                             org_id=p.org_id, key_digest=kd, request_digest=request_digest,
-                            usage_id=u.id, contract_id=c.id, state="reserved", created_at=t,
+                            usage_id=u.id, contract_id=c.id, state=UsageState.RESERVED, created_at=t,
                         ))
                     else:
                         idem.usage_id = u.id
                         idem.contract_id = c.id
-                        idem.state = "reserved"
+                        idem.state = UsageState.RESERVED
                     res = Reservation(
                         usage_id=u.id, contract_id=c.id, offering_id=offering_id, mode=mode,
                         units=units, time=t, lease_expires_at=t + lease, org_id=p.org_id,
@@ -471,7 +299,7 @@ def commit(
         u = s.get(UsageRow, reservation.usage_id)
         if c is None or u is None:
             raise NotFound(f"usage {reservation.usage_id} not found")
-        if u.state != "reserved":
+        if u.state != UsageState.RESERVED:
             raise Conflict(
                 f"usage {u.id} is already {u.state} (its lease expired?); nothing more was charged; "
                 f"retry with the same Idempotency-Key"
@@ -479,7 +307,7 @@ def commit(
         u.result_blob = addr
         u.result_inline = None if addr else data
         u.result_media_type = media_type
-        _finish(s, c, u, "charged", t)
+        finish(s, c, u, UsageState.CHARGED, t)
         index = u.ledger_index
     return Charged(usage_id=reservation.usage_id, ledger_index=index, receipt=ledger_receipt(rt, index))
 
@@ -495,90 +323,40 @@ def release(rt: Runtime, reservation: Reservation, *, reason: str, now: datetime
     with rt.tx() as s:
         c = lock_contract(s, reservation.contract_id or "")
         u = s.get(UsageRow, reservation.usage_id)
-        if c is None or u is None or u.state != "reserved":
+        if c is None or u is None or u.state != UsageState.RESERVED:
             return
-        _finish(s, c, u, "released", t, reason=reason or "released")
+        finish(s, c, u, UsageState.RELEASED, t, reason=reason or "released")
 
 
-def sweep_expired(rt: Runtime, *, now: datetime | None = None) -> int:
-    """Release every reservation whose lease has expired (all contracts); how many were released.
-    :func:`begin` does this lazily per contract; a background reaper may call this."""
-    t = now or utcnow()
-    with rt.tx() as s:
-        ids = sorted(set(s.scalars(
-            select(UsageRow.contract_id).where(UsageRow.state == "reserved", UsageRow.lease_expires_at <= t)
-        )))
-    n = 0
-    for cid in ids:
-        with rt.tx() as s:
-            c = lock_contract(s, cid)
-            if c is not None:
-                n += _sweep(s, c, t)
-    return n
-
-
-def receipt_for(rt: Runtime, p: Principal, usage_id: str) -> dict[str, Any]:
-    """The receipt of a finished use, for its consumer, its provider or a compliance officer."""
-    with rt.tx() as s:
-        u = s.get(UsageRow, usage_id)
-        if u is None or not (
-            p.org_id in (u.consumer_org_id, u.provider_org_id) or p.has("compliance")
-        ):
-            raise NotFound(f"usage {usage_id} not found", denied=usage_id)
-        if u.state == "reserved":
-            raise Conflict(f"usage {usage_id} is still in progress; no receipt yet")
-        index = u.ledger_index
-        out = {"usage_id": u.id, "contract_id": u.contract_id, "outcome": u.state}
-    return {**out, "receipt": ledger_receipt(rt, index)}
-
-
-@dataclass
 class Use:
-    """What :func:`reserved` yields: the reservation, or the replay of the first answer.
+    """One reserved use inside :func:`reserved`: ``replay`` (the first answer, when the key was
+    already charged: return it, do not compute) or :meth:`commit` once the result is there."""
 
-    Call :meth:`set_result` with the answer's bytes before leaving the block; ``charged`` is set
-    once the block exited and the use was committed."""
-
-    reservation: Reservation
-    result: bytes | None = None
-    media_type: str = "application/octet-stream"
-    charged: Charged | None = None
+    def __init__(self, rt: Runtime, reservation: Reservation) -> None:
+        self.rt = rt
+        self.reservation = reservation
+        self.charged: Charged | None = None
 
     @property
     def replay(self) -> StoredResult | None:
         return self.reservation.replay
 
-    def set_result(self, result: bytes, media_type: str) -> None:
-        self.result = bytes(result)
-        self.media_type = media_type
+    def commit(self, result: bytes, *, media_type: str, now: datetime | None = None) -> Charged:
+        """Charge the use (:func:`commit`); after this an exception no longer releases it."""
+        self.charged = commit(self.rt, self.reservation, result=result, media_type=media_type, now=now)
+        return self.charged
 
 
 @contextmanager
-def reserved(rt: Runtime, p: Principal, **begin_kwargs: Any) -> Iterator[Use]:
-    """Reserve -> compute -> commit (success) or release (exception), as one block::
-
-        with metering.reserved(rt, p, offering_id=..., mode="gateway", units=n,
-                               idempotency_key=key, request_digest=digest) as use:
-            if use.replay is None:
-                use.set_result(compute(), "application/json")
-        answer = use.replay.body if use.replay else use.result   # use.charged: the receipt
-
-    ``begin_kwargs`` are :func:`begin`'s. A replayed key yields ``use.replay`` and charges
-    nothing. An exception inside the block releases the units (reason: the exception's message
-    for a :class:`marketplace.errors.MarketplaceError`, else its type) and propagates; leaving the
-    block without a result releases too (reason ``"no result"``)."""
-    res = begin(rt, p, **begin_kwargs)
-    use = Use(reservation=res)
-    if res.replay is not None:
-        yield use
-        return
+def reserved(rt: Runtime, p: Principal, **begin_args: Any) -> Iterator[Use]:
+    """Reserve (:func:`begin` with ``begin_args``), run the block, and release the units if it
+    raises before :meth:`Use.commit` (the reason: the error's message, or its type's name). A
+    block that neither commits nor raises leaves the reservation to its lease."""
+    use = Use(rt, begin(rt, p, **begin_args))
     try:
         yield use
     except BaseException as e:
-        reason = getattr(e, "message", None) or type(e).__name__
-        release(rt, res, reason=str(reason)[:200])
+        if use.charged is None:
+            reason = e.message if isinstance(e, MarketplaceError) else type(e).__name__
+            release(rt, use.reservation, reason=str(reason)[:200])
         raise
-    if use.result is None:
-        release(rt, res, reason="no result")
-        return
-    use.charged = commit(rt, res, result=use.result, media_type=use.media_type)

@@ -28,6 +28,7 @@ from marketplace.errors import Invalid, NotFound
 from marketplace.runtime import Runtime
 from marketplace.services import audit, ledger
 from marketplace.services.identity import Principal
+from marketplace.settings import SettingsError
 
 router = APIRouter(prefix="/v1/ledger", tags=["ledger"])
 
@@ -38,7 +39,12 @@ _FULL = ("compliance", "admin")
 
 
 def setup(rt: Runtime, app: FastAPI) -> None:
-    """Every audit event becomes a leaf; a background thread signs checkpoints."""
+    """Every audit event becomes a leaf; a background thread signs checkpoints. Refuses to start
+    (SettingsError) over a database that lost history this log already signed."""
+    try:
+        ledger.check_on_start(rt)
+    except ledger.LedgerIntegrityError as e:
+        raise SettingsError(e.message) from e
     audit.set_leaf_sink(ledger.audit_leaf_sink)
     cp = ledger.install(rt)
     app.state.on_start.append(cp.start)

@@ -49,9 +49,9 @@ from sqlalchemy.orm import Session
 from contracts.errors import ContractError
 from contracts.records import USAGE_SCHEMA, audit_record, validate_record
 from crypto.canonical import canonicalize
-from crypto.checkpoint import Checkpoint
+from crypto.checkpoint import Checkpoint, open_checkpoint
 from crypto.checkpoint import sign_checkpoint as _sign_note
-from crypto.errors import InvalidProof
+from crypto.errors import CryptoError, InvalidProof
 from crypto.merkle import (
     HASH_SIZE,
     CompactRange,
@@ -75,6 +75,7 @@ from marketplace.db.models_ledger import (
     leaf_hash_prefix,
 )
 from marketplace.errors import MarketplaceError, NotFound
+from marketplace.services import logguard
 
 if TYPE_CHECKING:
     from marketplace.runtime import Runtime
@@ -567,6 +568,7 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
             )
         last = latest_checkpoint(s)
         size = int(st.size)
+        kept = check_kept(rt, s, size, signer)  # before anything: never serve a rolled-back log
         if last is not None and last.size == size:
             return last
         if last is not None and last.size > size:
@@ -578,7 +580,15 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
         except LedgerIntegrityError as e:
             log.error("refusing to sign a checkpoint of size %d: %s", size, e.message)
             raise
-        note = _sign_note(Checkpoint(rt.settings.log_origin, size, root), signer)
+        if kept is not None and 0 < kept.size < size:
+            try:
+                verify_consistency(kept.size, size, consistency_proof(s, kept.size, size), kept.root_hash, root)
+            except InvalidProof as e:
+                raise LedgerIntegrityError(logguard.refusal(kept, size, behind=False)) from e
+        cp = Checkpoint(rt.settings.log_origin, size, root)
+        note = _sign_note(cp, signer)
+        # kept before the note is stored or served (the state row lock orders the signers)
+        logguard.write_kept(Path(rt.key_dir), rt.settings.log_origin, note, cp)
         created = now or utcnow()
         s.execute(
             insert(_CPS).values(size=size, root_hash=root, note=note.decode(), created_at=created)
@@ -586,6 +596,44 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
         s.execute(update(_STATE).where(_STATE.c.id == 1).values(signed_size=size))
     log.info("signed checkpoint size=%d", size)
     return StoredCheckpoint(size, root, note, created)
+
+
+def check_kept(rt: Runtime, s: Session, size: int, signer: NoteSigner) -> logguard.KeptCheckpoint | None:
+    """The kept last-signed checkpoint (:mod:`marketplace.services.logguard`) after checking that
+    the tree in the database (``size`` leaves) contains it; LedgerIntegrityError otherwise."""
+    origin = rt.settings.log_origin
+    try:
+        kept = logguard.read_kept(Path(rt.key_dir), origin, signer.verifier)
+    except ValueError as e:
+        raise LedgerIntegrityError(str(e)) from e
+    if kept is None:
+        return None
+    if kept.size > size:
+        raise LedgerIntegrityError(logguard.refusal(kept, size, behind=True))
+    if kept.size and root_at(s, kept.size) != kept.root_hash:
+        raise LedgerIntegrityError(logguard.refusal(kept, size, behind=False))
+    return kept
+
+
+def check_on_start(rt: Runtime) -> None:
+    """At start: refuse (LedgerIntegrityError) a database that lost signed history; keep the
+    database's latest checkpoint when nothing is kept yet (a key directory from before). Without
+    a log key yet, this key directory never signed: nothing to check."""
+    from marketplace.custody import LOG_KEY_FILE  # as in log_signer (custody imports settings only)
+
+    if not (Path(rt.key_dir) / LOG_KEY_FILE).exists():
+        return
+    signer = log_signer(rt)
+    with rt.tx() as s:
+        size = tree_size(s)
+        kept = check_kept(rt, s, size, signer)
+        last = latest_checkpoint(s)
+    if kept is None and last is not None:
+        try:
+            cp = open_checkpoint(last.note, signer.verifier, origin=rt.settings.log_origin)
+        except CryptoError:
+            return  # signed under another origin or key: nothing of this log to keep
+        logguard.write_kept(Path(rt.key_dir), cp.origin, last.note, cp)
 
 
 def latest_or_sign(rt: Runtime) -> StoredCheckpoint:

@@ -96,6 +96,24 @@ class Settings(BaseSettings):
         "(logs a warning on every job). Off: such jobs are refused with 503.",
     )
 
+    admission_control: bool = Field(
+        default=True,
+        description="Shed compute requests (HE infer, gateway predict, job submission) beyond the limits "
+        "below with 503 + Retry-After, so admitted ones and reads stay fast (docs/deployment.md).",
+    )
+    admission_compute_concurrency: int = Field(
+        default=4, description="Compute requests in flight at once per server process (admission control)."
+    )
+    admission_queue: int = Field(
+        default=8, description="Compute requests that may wait for a slot per process; more are shed at once."
+    )
+    admission_queue_timeout_seconds: float = Field(
+        default=2.0, description="Longest wait for a compute slot before a request is shed (503)."
+    )
+    admission_retry_after_seconds: int = Field(
+        default=1, description="The Retry-After of a shed request, in seconds."
+    )
+
     def jail_config(self) -> JailConfig:
         """The jail settings as a :class:`marketplace.services.jail.JailConfig`."""
         from marketplace.services.jail import JailConfig

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 import marketplace
 import marketplace.api as _api
+from marketplace.api.admission import AdmissionLimits, AdmissionMiddleware
 from marketplace.api.errors import install_error_handlers
 from marketplace.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from marketplace.runtime import Runtime
@@ -98,6 +99,12 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             return max(s.max_upload_bytes, s.max_sealed_bytes) + 1024
         return s.max_request_bytes
 
+    if s.admission_control:  # innermost: a shed request was still given a request id
+        limits = AdmissionLimits(
+            concurrency=s.admission_compute_concurrency, queue=s.admission_queue,
+            queue_timeout=s.admission_queue_timeout_seconds, retry_after=s.admission_retry_after_seconds,
+        )
+        app.add_middleware(AdmissionMiddleware, limits=limits)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(RequestIdMiddleware)
     return app

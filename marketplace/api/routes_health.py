@@ -21,7 +21,10 @@ router = APIRouter(prefix="/v1", tags=["health"])
 
 @router.get(
     "/health", summary="Liveness: the API answers, the DB is reachable, the data keys unwrap",
-    responses={503: {"description": "The data keys in the database do not unwrap here (`kek`: `cannot_unwrap`)."}},
+    responses={503: {
+        "description": "The data keys in the database do not unwrap here (`kek`: `cannot_unwrap`).",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }},
 )
 def health(rt: Rt) -> Any:
     with rt.engine.connect() as c:

@@ -73,7 +73,7 @@ def test_openapi_documents_the_error_responses(world) -> None:
                 assert r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
         return {c for c in responses if not c.startswith("2")}
 
-    assert statuses("/v1/health", "get") == set()
+    assert statuses("/v1/health", "get") == {"503"}  # the data keys do not unwrap (kek: cannot_unwrap)
     assert statuses("/v1/whoami", "get") == {"401", "403"}
     assert statuses("/v1/orgs/{org_id}", "get") == {"401", "403", "404", "409", "422"}
     assert statuses("/v1/offerings", "post") == {"401", "403", "404", "409", "413", "422"}

@@ -31,7 +31,7 @@ def health(rt: Rt) -> Any:
         c.execute(text("SELECT 1"))
     from marketplace.services.jail import status
 
-    kek, failed = kek_status(rt)
+    kek, _failed = kek_status(rt)  # which KEK failed is logged, not told to an unauthenticated caller
     body: dict[str, Any] = {
         "status": "ok", "version": marketplace.__version__, "jail": status(rt.settings.jail_config()), "kek": kek,
     }
@@ -40,7 +40,7 @@ def health(rt: Rt) -> Any:
     body["status"] = "degraded"
     body.update(error_body(
         "kek_unavailable",
-        f"data keys wrapped under KEK {failed} do not unwrap with this server's key provider "
+        "some data keys do not unwrap with this server's key provider "
         "(a rotation that lost a key, or the wrong key directory / SOM_KEK): restore the keyring "
         "from the key directory's backup (docs/deployment.md, 'Key rotation')",
     ))

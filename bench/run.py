@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["bench_ledger.py", "bench_metering.py", "bench_he.py", "bench_he_service.py", "bench_jobs.py", "bench_jail.py",
-         "bench_gateway.py", "bench_federated.py"]
+ORDER = [
+    "bench_ledger.py", "bench_metering.py", "bench_he.py", "bench_he_service.py", "bench_jobs.py", "bench_jail.py",
+    "bench_gateway.py", "bench_federated.py", "bench_overload.py",
+]
 
 
 def main() -> int:

@@ -140,8 +140,20 @@ def encrypt_artifact(
     if len(dek) != _DEK_LEN or len(nonce) != _NONCE_LEN:
         raise ValueError("rng returned the wrong number of bytes")
     body = AESGCM(dek).encrypt(nonce, bytes(plaintext), _MAGIC + aad)
-    wrapped = provider.wrap(dek, aad=_dek_aad(BLOB_ALG, aad))
-    return _MAGIC + nonce + body, WrappedKey(kek_id=provider.kek_id, alg=BLOB_ALG, wrapped=wrapped)
+    kek_id, wrapped = _wrap(provider, dek, _dek_aad(BLOB_ALG, aad))
+    return _MAGIC + nonce + body, WrappedKey(kek_id=kek_id, alg=BLOB_ALG, wrapped=wrapped)
+
+
+def _wrap(provider: KeyProvider, dek: bytes, aad: bytes) -> tuple[str, bytes]:
+    """``(kek id, wrapped DEK)`` from one look at the provider: a provider whose active KEK can
+    change under a running process (a keyring reloaded after a rotation) has ``wrap_with_id``, so
+    the recorded id is the id of the KEK that wrapped."""
+    both = getattr(provider, "wrap_with_id", None)
+    if both is not None:
+        kek_id, wrapped = both(dek, aad=aad)
+        return str(kek_id), bytes(wrapped)
+    wrapped = provider.wrap(dek, aad=aad)
+    return provider.kek_id, wrapped
 
 
 def decrypt_artifact(
@@ -184,4 +196,5 @@ def rewrap(wrapped: WrappedKey, *, old: KeyProvider, new: KeyProvider, aad: byte
     aad = _check_inputs(aad)
     dek_aad = _dek_aad(wrapped.alg, aad)
     dek = old.unwrap(wrapped.wrapped, kek_id=wrapped.kek_id, aad=dek_aad)
-    return WrappedKey(kek_id=new.kek_id, alg=wrapped.alg, wrapped=new.wrap(dek, aad=dek_aad))
+    kek_id, again = _wrap(new, dek, dek_aad)
+    return WrappedKey(kek_id=kek_id, alg=wrapped.alg, wrapped=again)

@@ -36,13 +36,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -207,9 +210,15 @@ class LocalFileKeyProvider:
 
     Raises KeyMaterialError if the file is missing, malformed, a symlink, or readable or
     writable by group or others (fix with ``chmod 600 <file>``).
+
+    Several processes share one keyring (API replicas, compute workers, ``som admin rotate-kek``):
+    :meth:`rotate` and :meth:`retire` hold an exclusive lock (``flock`` on the file's directory) and
+    re-read the file inside it, so two rotations never drop each other's key; a running process
+    re-reads the file when it changed (on each wrap: one ``stat``) or when asked to unwrap under
+    a KEK id it does not know yet, so it picks up a rotation without a restart.
     """
 
-    __slots__ = ("_path", "_keys", "_active", "_rng")
+    __slots__ = ("_path", "_keys", "_active", "_rng", "_stamp", "_mu")
 
     def __init__(
         self,
@@ -222,6 +231,8 @@ class LocalFileKeyProvider:
         self._rng = rng
         self._keys: dict[str, bytes] = {}
         self._active = ""
+        self._stamp: tuple[int, ...] = ()
+        self._mu = threading.Lock()
         if create_if_missing and not os.path.lexists(self._path):
             try:
                 self._create_file(self._path, rng)
@@ -267,33 +278,70 @@ class LocalFileKeyProvider:
         return tuple(self._keys)
 
     def wrap(self, dek: bytes, *, aad: bytes) -> bytes:
-        return _gcm_wrap(self._keys[self._active], self._active, dek, aad, self._rng)
+        return self.wrap_with_id(dek, aad=aad)[1]
+
+    def wrap_with_id(self, dek: bytes, *, aad: bytes) -> tuple[str, bytes]:
+        """Wrap under the active KEK of the file as it is now; ``(its id, wrapped DEK)``."""
+        self.refresh()
+        with self._mu:
+            active, key = self._active, self._keys[self._active]
+        return active, _gcm_wrap(key, active, dek, aad, self._rng)
 
     def unwrap(self, wrapped: bytes, *, kek_id: str, aad: bytes) -> bytes:
         key = self._keys.get(kek_id)
+        if key is None:
+            self.refresh()  # rotated by another process since we read the file?
+            key = self._keys.get(kek_id)
         if key is None:
             raise KeyMaterialError(
                 f"KEK {kek_id!r} is not in key file {self._path} (retired or another keyring?)"
             )
         return _gcm_unwrap(key, kek_id, wrapped, aad)
 
+    def refresh(self) -> bool:
+        """Re-read the file if it changed since it was read (inode, mtime, size); whether it did."""
+        try:
+            st = os.stat(self._path, follow_symlinks=False)
+        except FileNotFoundError as e:
+            raise KeyMaterialError(f"key file {self._path} is gone") from e
+        if _stamp(st) == self._stamp:
+            return False
+        self._load()
+        return True
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the keyring across processes: ``flock`` on its directory (the file
+        itself is replaced on every write, so a lock on it would not exclude the next writer)."""
+        fd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def rotate(self) -> str:
-        """Add a fresh KEK, make it active, write the file atomically; return its id."""
-        key = _check_rng_output(self._rng(_KEK_LEN))
-        kid = "local:" + _fingerprint(key)
-        keys = dict(self._keys)
-        keys[kid] = key
-        self._write(kid, keys)
+        """Add a fresh KEK, make it active, write the file atomically; return its id. Under the
+        keyring lock, from the file as it is now (another process may have rotated meanwhile)."""
+        with self._locked():
+            self._load()
+            key = _check_rng_output(self._rng(_KEK_LEN))
+            kid = "local:" + _fingerprint(key)
+            keys = dict(self._keys)
+            keys[kid] = key
+            self._write(kid, keys)
         return kid
 
     def retire(self, kek_id: str) -> None:
         """Remove a non-active KEK. Whatever it wrapped can no longer be unwrapped."""
-        if kek_id not in self._keys:
-            raise ValueError(f"no KEK {kek_id!r} in {self._path}; have {list(self._keys)}")
-        if kek_id == self._active:
-            raise ValueError(f"KEK {kek_id!r} is active; rotate before retiring it")
-        keys = {k: v for k, v in self._keys.items() if k != kek_id}
-        self._write(self._active, keys)
+        with self._locked():
+            self._load()
+            if kek_id not in self._keys:
+                raise ValueError(f"no KEK {kek_id!r} in {self._path}; have {list(self._keys)}")
+            if kek_id == self._active:
+                raise ValueError(f"KEK {kek_id!r} is active; rotate before retiring it")
+            keys = {k: v for k, v in self._keys.items() if k != kek_id}
+            self._write(self._active, keys)
 
     def _write(self, active: str, keys: dict[str, bytes]) -> None:
         data = _dump(active, keys)
@@ -308,7 +356,9 @@ class LocalFileKeyProvider:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        self._keys, self._active = keys, active
+        with self._mu:
+            self._keys, self._active = keys, active
+            self._stamp = _stamp(os.stat(self._path, follow_symlinks=False))
 
     def _load(self) -> None:
         p = self._path
@@ -335,13 +385,20 @@ class LocalFileKeyProvider:
                 raw += chunk
         finally:
             os.close(fd)
-        self._active, self._keys = _parse(raw, p)
+        active, keys = _parse(raw, p)
+        with self._mu:
+            self._active, self._keys, self._stamp = active, keys, _stamp(st)
 
     def __repr__(self) -> str:
         return (
             f"LocalFileKeyProvider(path={str(self._path)!r}, active={self._active!r}, "
             f"keys={len(self._keys)})"
         )
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when the keyring file is replaced or rewritten."""
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _dump(active: str, keys: dict[str, bytes]) -> bytes:

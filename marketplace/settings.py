@@ -150,6 +150,23 @@ class Settings(BaseSettings):
     oidc_jwks_refetch_seconds: float = Field(
         default=30.0, description="At most one JWKS refetch per this many seconds on an unknown key id."
     )
+    admission_control: bool = Field(
+        default=True,
+        description="Shed compute requests (HE infer, gateway predict, job submission) beyond the limits "
+        "below with 503 + Retry-After, so admitted ones and reads stay fast (docs/deployment.md).",
+    )
+    admission_compute_concurrency: int = Field(
+        default=4, description="Compute requests in flight at once per server process (admission control)."
+    )
+    admission_queue: int = Field(
+        default=8, description="Compute requests that may wait for a slot per process; more are shed at once."
+    )
+    admission_queue_timeout_seconds: float = Field(
+        default=2.0, description="Longest wait for a compute slot before a request is shed (503)."
+    )
+    admission_retry_after_seconds: int = Field(
+        default=1, description="The Retry-After of a shed request, in seconds."
+    )
 
     def jail_config(self) -> JailConfig:
         """The jail settings as a :class:`marketplace.compute.jail.JailConfig`."""

@@ -32,14 +32,15 @@ from marketplace.api import (
     routes_monitoring,
     routes_web,
 )
+from marketplace.api.admission import AdmissionLimits, AdmissionMiddleware
 from marketplace.api.errors import install_error_handlers
 from marketplace.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, route_limits
 from marketplace.api.middleware_metrics import HttpMetricsMiddleware
 from marketplace.api.routes_gateway import ServerTimingFallback
 from marketplace.custody import announce
 from marketplace.runtime import Runtime
-from marketplace.services import jobs, monitoring_store
-from marketplace.settings import Settings
+from marketplace.services import jobs, ledger, monitoring_store
+from marketplace.settings import Settings, SettingsError
 
 __all__ = ["ROUTERS", "create_app"]
 
@@ -88,6 +89,10 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     rt = runtime or Runtime(settings or Settings())
     _configure_logging(rt)
     custody_notice = announce(rt.settings, rt.key_dir)  # where the keys are; a warning when unsafe
+    try:  # a database restored behind what this log already signed must not start (docs/deployment.md)
+        ledger.check_on_start(rt)
+    except ledger.LedgerIntegrityError as e:
+        raise SettingsError(e.message) from e
     on_start, on_stop = _lifecycle(rt, owned=runtime is None)
 
     @asynccontextmanager
@@ -124,6 +129,13 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     routes_web.mount_ui(app)
     app.add_middleware(ServerTimingFallback)  # gateway answers always carry Server-Timing
     app.add_middleware(BodyLimitMiddleware, limit_for=route_limits(ROUTERS, rt.settings))
+    s = rt.settings
+    if s.admission_control:  # inside the body limit: a shed request was still given a request id
+        limits = AdmissionLimits(
+            concurrency=s.admission_compute_concurrency, queue=s.admission_queue,
+            queue_timeout=s.admission_queue_timeout_seconds, retry_after=s.admission_retry_after_seconds,
+        )
+        app.add_middleware(AdmissionMiddleware, limits=limits)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetricsMiddleware)  # outermost: times and counts every answer, 413s too
     return app

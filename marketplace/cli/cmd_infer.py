@@ -118,6 +118,11 @@ def register(app: typer.Typer) -> None:
         layout: str = typer.Option(
             "auto", "--layout", help="auto (single for a few samples, else batch), batch (slot per sample) or single."
         ),
+        idempotency_key: str | None = typer.Option(
+            None, "--idempotency-key",
+            help="Name this inference (request i is sent as KEY/i): running it again with the same key and "
+            "input fetches the stored answers of requests already charged instead of paying twice.",
+        ),
     ) -> None:
         """Run inference on an offering. With --encrypted, inputs never leave this machine in the clear."""
         if not encrypted:
@@ -131,7 +136,8 @@ def register(app: typer.Typer) -> None:
         c = client(ctx)
         with handle_errors(), _progress(len(x)) as tick:
             out = c.infer_encrypted(
-                offering_id, x, contract_id=contract, key_dir=key_dir, layout=layout, progress=tick
+                offering_id, x, contract_id=contract, key_dir=key_dir, layout=layout, progress=tick,
+                idempotency_key=idempotency_key,
             )
             post = c.he_plan(offering_id)["plan"].get("postprocess")
         remember_receipt(c.last_receipt)

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 
 from marketplace.sdk.errors import SomAPIError
+from marketplace.sdk.retry import DEFAULT_RETRY, RetryPolicy, send_with_retries
 
 __all__ = ["BaseClient", "SomAPIError"]
 
@@ -20,12 +21,14 @@ class BaseClient:
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         headers = {"User-Agent": "som-sdk/0.1"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        self.retry = retry  # for charged requests sent with an Idempotency-Key (marketplace.sdk.retry)
         self._http = http or httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
         if http is not None and api_key:
             self._http.headers.update(headers)
@@ -53,6 +56,15 @@ class BaseClient:
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         r = self._http.request(method, path, **kw)
+        self._raise(r)
+        return r
+
+    def request_idempotent(self, method: str, path: str, idempotency_key: str, **kw: Any) -> httpx.Response:
+        """Send a request carrying ``idempotency_key``, retrying lost answers, timeouts, 503 and
+        409-in-progress with the same key (``self.retry``): the server answers a retry of a
+        charged request with its first answer."""
+        headers = {**kw.pop("headers", {}), "Idempotency-Key": idempotency_key}
+        r = send_with_retries(lambda: self._http.request(method, path, headers=headers, **kw), self.retry)
         self._raise(r)
         return r
 

@@ -3,7 +3,8 @@
 ``infer_encrypted(offering_id, X)`` fetches the offering's public plan, generates (once) and
 caches the consumer's CKKS keys locally (``SecretContext.to_bytes`` in a 0600 file under
 ``key_dir``, default ``~/.cache/som/he``), registers the *public* key set once per contract and
-plan, encrypts ``X`` in the plan's layout, sends it with a fresh ``Idempotency-Key``, decrypts
+plan, encrypts ``X`` in the plan's layout, sends it with one ``Idempotency-Key`` per request (kept
+across retries: :mod:`marketplace.sdk.retry`), decrypts
 the result and applies the plan's post-processing. ``last_receipt`` holds the usage receipt.
 
 Not for: anything the server should see in the clear. The secret key never leaves this
@@ -111,15 +112,18 @@ class HEAPI(BaseClient):
         self, offering_id: str, request: bytes, *, keyset_id: str, idempotency_key: str | None = None,
         contract_id: str | None = None,
     ) -> bytes:
-        """Send one request frame; return the response frame (sets ``last_receipt``)."""
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Idempotency-Key": idempotency_key or str(uuid.uuid4()),
-            "X-Som-Keyset": keyset_id,
-        }
+        """Send one request frame; return the response frame (sets ``last_receipt``).
+
+        One ``Idempotency-Key`` (``idempotency_key``, else a fresh one made once) for every retry
+        of this request (``self.retry``): a retry after a lost answer returns the first answer,
+        and sending the same key and frame again later fetches the stored result, uncharged."""
+        headers = {"Content-Type": "application/octet-stream", "X-Som-Keyset": keyset_id}
         if contract_id:
             headers["X-Som-Contract"] = contract_id
-        r = self.request("POST", f"/v1/offerings/{offering_id}/infer", content=bytes(request), headers=headers)
+        r = self.request_idempotent(
+            "POST", f"/v1/offerings/{offering_id}/infer", idempotency_key or str(uuid.uuid4()),
+            content=bytes(request), headers=headers,
+        )
         self.last_receipt = decode_receipt(r.headers.get("x-som-receipt"))
         self.last_usage_id = r.headers.get("x-som-usage-id")
         return r.content
@@ -152,6 +156,12 @@ class HEAPI(BaseClient):
         server = hashlib.sha256(self.base_url.encode()).hexdigest()[:16]
         return root / f"{server}-{plan_digest.removeprefix('sha256:')[:32]}-{layout}.sk"
 
+    def _pending_path(self, idempotency_key: str, key_dir: str | os.PathLike[str] | None) -> Path:
+        """Where the frame sent under ``idempotency_key`` waits for its answer."""
+        root = Path(key_dir) if key_dir is not None else default_key_dir()
+        name = hashlib.sha256(f"{self.base_url}\n{idempotency_key}".encode()).hexdigest()[:40]
+        return root / "pending" / f"{name}.req"
+
     def _keyset_for(
         self, offering_id: str, sk: Any, *, contract_id: str | None, key_dir: str | os.PathLike[str] | None,
         refresh: bool = False,
@@ -177,6 +187,7 @@ class HEAPI(BaseClient):
         batch_size: int | None = None,
         postprocess: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        idempotency_key: str | None = None,
     ) -> np.ndarray:
         """Encrypt ``X`` (n, input_dim), infer, decrypt: outputs (n, output_dim).
 
@@ -186,6 +197,14 @@ class HEAPI(BaseClient):
         samples (default: the plan's slot count, capped at the contract's ``max_batch``), so a
         large input is split into as many requests as the contract allows; ``progress(done, total)``
         is called after each.
+
+        Every request has one ``Idempotency-Key``, made once and kept across its retries
+        (transport errors, timeouts, 503: ``self.retry``), so a retried request is charged once.
+        With ``idempotency_key`` the keys are ``f"{idempotency_key}/{i}"`` for request ``i``: calling
+        again with the same key, input, layout and ``batch_size`` returns the stored answers
+        without a new charge: until a request's answer is received its encrypted frame is kept
+        (0600, ciphertext only) under ``key_dir/pending/`` and sent again as it was (encryption is
+        randomised, and the server replays only the very same request).
         """
         import numpy as np  # start-up cost, as above
 
@@ -205,9 +224,16 @@ class HEAPI(BaseClient):
         step = batch_size or min(sk.plan.slots, self._max_batch(offering_id, contract_id) or sk.plan.slots)
         keyset_id = self._keyset_for(offering_id, sk, contract_id=contract_id, key_dir=key_dir)
         outs: list[np.ndarray] = []
-        for start in range(0, x.shape[0], step):
-            req = sk.encrypt(x[start : start + step])
-            key = str(uuid.uuid4())
+        base = idempotency_key or str(uuid.uuid4())
+        for i, start in enumerate(range(0, x.shape[0], step)):
+            key = f"{base}/{i}"
+            pending = self._pending_path(key, key_dir) if idempotency_key else None
+            if pending is not None and pending.exists():
+                req = pending.read_bytes()
+            else:
+                req = sk.encrypt(x[start : start + step])
+                if pending is not None:
+                    _write_private(pending, req)
             try:
                 resp = self.infer_raw(offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id)
             except SomAPIError as e:
@@ -219,6 +245,8 @@ class HEAPI(BaseClient):
                 keyset_id = self._keyset_for(offering_id, sk, contract_id=contract_id, key_dir=key_dir, refresh=True)
                 resp = self.infer_raw(offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id)
             outs.append(sk.decrypt(resp, postprocess=postprocess))
+            if pending is not None:
+                pending.unlink(missing_ok=True)
             if progress is not None:
                 progress(min(start + step, x.shape[0]), x.shape[0])
         return np.concatenate(outs, axis=0)

@@ -26,6 +26,7 @@ from crypto.sealing import SealKeyPair
 from marketplace.agent.sealkey import verify_seal_key
 from marketplace.compute.payload import JobInput, JobResult, code_digest, open_result, seal_input
 from marketplace.sdk.base import BaseClient, SomAPIError
+from marketplace.sdk.retry import send_with_retries
 
 __all__ = ["JobsAPI", "SealKeyRefused", "SubmittedJob", "count_rows"]
 
@@ -81,14 +82,16 @@ class JobsAPI(BaseClient):
         for k, v in (("code", code), ("limits", limits), ("timeout_seconds", timeout_seconds), ("contract_id", contract_id)):
             if v is not None:
                 body[k] = v
-        key = idempotency_key or str(uuid.uuid4())
-        out: dict[str, Any] = self.post_json("/v1/jobs", body, headers={"Idempotency-Key": key})
+        key = idempotency_key or str(uuid.uuid4())  # made once: every retry below carries it
+        out: dict[str, Any] = self.request_idempotent("POST", "/v1/jobs", key, json=body).json()
         return out
 
     def upload_job_payload(self, job_id: str, sealed: bytes) -> dict[str, Any]:
-        r = self.request(
+        # idempotent by its bytes (the same sealed payload again returns the job): safe to retry
+        r = send_with_retries(lambda: self._http.request(
             "POST", f"/v1/jobs/{job_id}/payload", content=sealed, headers={"Content-Type": "application/octet-stream"}
-        )
+        ), self.retry)
+        self._raise(r)
         out: dict[str, Any] = r.json()
         return out
 

@@ -67,7 +67,13 @@ def lines(d: Path) -> list[str]:
 
 def rewrite_history(rt, mutate) -> None:  # type: ignore[no-untyped-def]
     """What a malicious operator with DB access and the log key could do: rebuild the tree from
-    edited records and have the real key sign the new history."""
+    edited records and have the real key sign the new history. The service itself refuses to sign
+    over a history that does not contain its kept last checkpoint (marketplace.services.logguard),
+    so the operator also deletes that file from the key directory: what is left to catch it is
+    offline verification and witnesses, as tested here."""
+    from marketplace.services.logguard import kept_path
+
+    kept_path(rt.key_dir, rt.settings.log_origin).unlink(missing_ok=True)
     recs = [json.loads(d) for _, d in ledger.iter_leaves(rt, 0, _size(rt))]
     with rt.tx() as s:
         for t in (LedgerCheckpoint, LedgerNode, LedgerLeaf):

@@ -21,6 +21,8 @@ from __future__ import annotations
 from marketplace.services.ledger.checkpoints import (
     Checkpointer,
     StoredCheckpoint,
+    check_kept,
+    check_on_start,
     checkpoint_at,
     latest_checkpoint,
     latest_or_sign,
@@ -58,6 +60,8 @@ __all__ = [
     "latest_checkpoint",
     "latest_or_sign",
     "leaf_row",
+    "check_kept",
+    "check_on_start",
     "load_log_signer",
     "receipt",
     "root_at",

@@ -28,15 +28,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from crypto.checkpoint import Checkpoint
+from crypto.checkpoint import Checkpoint, open_checkpoint
 from crypto.checkpoint import sign_checkpoint as _sign_note
-from crypto.errors import InvalidProof
+from crypto.errors import CryptoError, InvalidProof
 from crypto.merkle import CompactRange, root_plan, verify_consistency
 from crypto.note import ALG_ED25519, NoteSigner
 from crypto.signing import SigningKey
+from marketplace.custody import LOG_KEY_FILE
 from marketplace.db.base import utcnow
 from marketplace.db.models_ledger import NODE_LEVEL_SHIFT
 from marketplace.errors import NotFound
+from marketplace.services import logguard
 from marketplace.services.ledger.tree import (
     _CPS,
     _LEAVES,
@@ -52,6 +54,7 @@ from marketplace.services.ledger.tree import (
     consistency_proof,
     inclusion_proof,
     leaf_row,
+    root_at,
     tree_size,
 )
 
@@ -64,6 +67,8 @@ __all__ = [
     "checkpoint_at",
     "latest_checkpoint",
     "latest_or_sign",
+    "check_kept",
+    "check_on_start",
     "load_log_signer",
     "receipt",
     "sign_checkpoint",
@@ -210,6 +215,7 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
             )
         last = latest_checkpoint(s)
         size = int(st.size)
+        kept = check_kept(rt, s, size, signer)  # before anything: never serve a rolled-back log
         if last is not None and last.size == size:
             return last
         if last is not None and last.size > size:
@@ -221,7 +227,15 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
         except LedgerIntegrityError as e:
             log.error("refusing to sign a checkpoint of size %d: %s", size, e.message)
             raise
-        note = _sign_note(Checkpoint(rt.settings.log_origin, size, root), signer)
+        if kept is not None and 0 < kept.size < size:
+            try:
+                verify_consistency(kept.size, size, consistency_proof(s, kept.size, size), kept.root_hash, root)
+            except InvalidProof as e:
+                raise LedgerIntegrityError(logguard.refusal(kept, size, behind=False)) from e
+        cp = Checkpoint(rt.settings.log_origin, size, root)
+        note = _sign_note(cp, signer)
+        # kept before the note is stored or served (the state row lock orders the signers)
+        logguard.write_kept(Path(rt.key_dir), rt.settings.log_origin, note, cp)
         created = now or utcnow()
         s.execute(
             insert(_CPS).values(size=size, root_hash=root, note=note.decode(), created_at=created)
@@ -229,6 +243,42 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
         s.execute(update(_STATE).where(_STATE.c.id == 1).values(signed_size=size))
     log.info("signed checkpoint size=%d", size)
     return StoredCheckpoint(size, root, note, created)
+
+
+def check_kept(rt: Runtime, s: Session, size: int, signer: NoteSigner) -> logguard.KeptCheckpoint | None:
+    """The kept last-signed checkpoint (:mod:`marketplace.services.logguard`) after checking that
+    the tree in the database (``size`` leaves) contains it; LedgerIntegrityError otherwise."""
+    origin = rt.settings.log_origin
+    try:
+        kept = logguard.read_kept(Path(rt.key_dir), origin, signer.verifier)
+    except ValueError as e:
+        raise LedgerIntegrityError(str(e)) from e
+    if kept is None:
+        return None
+    if kept.size > size:
+        raise LedgerIntegrityError(logguard.refusal(kept, size, behind=True))
+    if kept.size and root_at(s, kept.size) != kept.root_hash:
+        raise LedgerIntegrityError(logguard.refusal(kept, size, behind=False))
+    return kept
+
+
+def check_on_start(rt: Runtime) -> None:
+    """At start: refuse (LedgerIntegrityError) a database that lost signed history; keep the
+    database's latest checkpoint when nothing is kept yet (a key directory from before). Without
+    a log key yet, this key directory never signed: nothing to check."""
+    if not (Path(rt.key_dir) / LOG_KEY_FILE).exists():
+        return
+    signer = rt.log_signer
+    with rt.tx() as s:
+        size = tree_size(s)
+        kept = check_kept(rt, s, size, signer)
+        last = latest_checkpoint(s)
+    if kept is None and last is not None:
+        try:
+            cp = open_checkpoint(last.note, signer.verifier, origin=rt.settings.log_origin)
+        except CryptoError:
+            return  # signed under another origin or key: nothing of this log to keep
+        logguard.write_kept(Path(rt.key_dir), cp.origin, last.note, cp)
 
 
 def latest_or_sign(rt: Runtime) -> StoredCheckpoint:

@@ -61,6 +61,8 @@ class Offering(Base):
     licence: Mapped[str] = mapped_column(String(100), default="proprietary")
     hosting: Mapped[str] = mapped_column(String(20))  # marketplace | provider
     status: Mapped[str] = mapped_column(String(20), default="draft")  # draft|published|withdrawn
+    # public | organisation | shared (docs/sharing.md; marketplace.services.sharing decides)
+    visibility: Mapped[str] = mapped_column(String(20), default="public", server_default="public")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -80,6 +82,9 @@ class OfferingVersion(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSON)  # operators, layer shapes, dims
     he_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     he_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # declared metrics, notes, parent (marketplace.services.validation) and the validation report
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -48,7 +48,7 @@ from marketplace.db.base import utcnow
 from marketplace.db.models import Offering
 from marketplace.db.models_contracts import ContractEventRow, ContractRow, OfferRow, UsageRow
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound
-from marketplace.services import audit
+from marketplace.services import audit, sharing, validation
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -166,13 +166,16 @@ def publish_offer(
     who: audit.Actor,
     *,
     now: datetime | None = None,
+    addressed_to: list[str] | None = None,
 ) -> OfferRow:
-    """Store a provider-signed offer (``Offer.to_dict()``) for an offering the caller owns."""
+    """Store a provider-signed offer (``Offer.to_dict()``) for an offering the caller owns;
+    ``addressed_to`` (organisation ids) makes it a private offer only they see and accept."""
     p.require("provider")
     t = now or utcnow()
-    off = s.get(Offering, offering_id)
-    if off is None or off.org_id != p.org_id:
+    off = sharing.check(s, p, offering_id, sharing.Permission.ADMIN)
+    if off.org_id != p.org_id:
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)
+    addressed_to = sharing.check_addressees(s, addressed_to)
     try:
         offer = Offer.from_dict(signed)
     except (SchemaError, ValueError, TypeError) as e:
@@ -199,6 +202,7 @@ def publish_offer(
         provider_key=offer.provider_key,
         digest=offer.digest(),
         record=offer.to_dict(),
+        addressed_to=addressed_to,
         status="open",
         created_at=t,
     )
@@ -219,7 +223,9 @@ def get_offer(s: Session, p: Principal, offer_id: str) -> OfferRow:
     if row.provider_org_id == p.org_id or p.has("admin"):
         return row
     off = s.get(Offering, row.offering_id)
-    if row.status != "open" or off is None or off.status != "published":
+    if row.status != "open" or off is None or off.status != "published" or not sharing.may(s, p, off):
+        raise NotFound(f"offer {offer_id} not found", denied=offer_id)
+    if row.addressed_to is not None and p.org_id not in row.addressed_to:  # a private offer to others
         raise NotFound(f"offer {offer_id} not found", denied=offer_id)
     return row
 
@@ -231,9 +237,11 @@ def list_offers(s: Session, p: Principal, offering_id: str) -> list[OfferRow]:
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     stmt = select(OfferRow).where(OfferRow.offering_id == offering_id)
     if off.org_id != p.org_id and not p.has("admin"):
-        if off.status != "published":
+        if off.status != "published" or not sharing.may(s, p, off):
             raise NotFound(f"offering {offering_id} not found", denied=offering_id)
         stmt = stmt.where(OfferRow.status == "open")
+        rows = list(s.scalars(stmt.order_by(OfferRow.created_at, OfferRow.id)))
+        return [r for r in rows if r.addressed_to is None or p.org_id in r.addressed_to]
     return list(s.scalars(stmt.order_by(OfferRow.created_at, OfferRow.id)))
 
 
@@ -311,6 +319,7 @@ def accept_offer(
         window_units=0,
         created_at=t,
         updated_at=t,
+        version_number=validation.version_to_pin(s, orow.offering_id),  # what it computes with, for good
     )
     s.add(row)
     try:

@@ -26,7 +26,7 @@ from marketplace.db.models import Artifact, Offering, OfferingVersion
 from marketplace.db.models_he import HEAgentPlan
 from marketplace.errors import Conflict, Invalid, NotFound
 from marketplace.runtime import Runtime
-from marketplace.services import audit, catalog
+from marketplace.services import audit, catalog, validation
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -74,8 +74,8 @@ class PlanRef:
     report: dict[str, Any] | None
 
 
-def current_plan(s: Session, off: Offering) -> PlanRef:
-    """The plan ``off`` serves now. Raises Conflict when it has none."""
+def current_plan(s: Session, off: Offering, contract_id: str | None = None) -> PlanRef:
+    """The plan ``off`` serves now (under ``contract_id``: the version it pinned). Raises Conflict when it has none."""
     P = PublicPlan
     if off.hosting == "provider":
         row = s.get(HEAgentPlan, off.id)
@@ -83,7 +83,7 @@ def current_plan(s: Session, off: Offering) -> PlanRef:
             raise Conflict(f"offering {off.id} has no HE plan yet: its provider has not published one")
         plan = P.from_dict(row.plan)
         return PlanRef(plan, plan.digest(), None, row.report)
-    v = catalog.latest_version(s, off.id)
+    v = validation.version_for(s, off.id, contract_id)
     if v is None or v.he_plan is None:
         raise Conflict(
             f"offering {off.id} is not compiled for encrypted inference: its provider must "

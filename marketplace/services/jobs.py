@@ -45,7 +45,7 @@ from marketplace.db.models import Artifact, Offering
 from marketplace.db.models_jobs import Agent, Job
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge, Unavailable
 from marketplace.runtime import Runtime
-from marketplace.services import agents, audit, catalog, metering, storage
+from marketplace.services import agents, audit, catalog, metering, storage, validation
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -827,7 +827,7 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
         job = s.get(Job, job_id)
         if job is None or job.status != "running" or job.lease_owner != owner:
             return
-        version = catalog.latest_version(s, job.offering_id)
+        version = validation.version_for(s, job.offering_id, job.contract_id)  # the contract's pinned version
         art = s.scalar(select(Artifact).where(Artifact.version_id == version.id, Artifact.purpose == "model")) if version else None
         off = s.get(Offering, job.offering_id)
         if art is None or version is None or off is None:

@@ -20,6 +20,7 @@ from marketplace.cli import (
     cmd_infer,
     cmd_job,
     cmd_ledger,
+    cmd_share,
     cmd_worker,
 )
 from marketplace.cli.common import State, handle_errors
@@ -27,7 +28,7 @@ from marketplace.cli.common import State, handle_errors
 __all__ = ["app", "main"]
 
 #: The table of contents: every command group, in the order ``som --help`` lists them.
-COMMANDS = (cmd_agent, cmd_contract, cmd_convert, cmd_core, cmd_infer, cmd_job, cmd_ledger, cmd_worker)
+COMMANDS = (cmd_agent, cmd_contract, cmd_convert, cmd_core, cmd_infer, cmd_job, cmd_ledger, cmd_share, cmd_worker)
 
 
 class _RootGroup(TyperGroup):

@@ -8,9 +8,10 @@ from marketplace.sdk.contracts_api import ContractsAPI
 from marketplace.sdk.he_api import HEAPI
 from marketplace.sdk.jobs_api import JobsAPI
 from marketplace.sdk.ledger_api import LedgerAPI
+from marketplace.sdk.sharing_api import SharingAPI
 
 __all__ = ["SomAPIError", "SomClient"]
 
 
-class SomClient(CatalogAPI, LedgerAPI, HEAPI, ContractsAPI, JobsAPI):
+class SomClient(CatalogAPI, LedgerAPI, HEAPI, ContractsAPI, JobsAPI, SharingAPI):
     """Talks to a Share-of-Model server. ``transport=`` accepts an ``httpx`` test transport."""

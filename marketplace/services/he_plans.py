@@ -93,10 +93,11 @@ def current_plan(s: Session, off: Offering, contract_id: str | None = None) -> P
     return PlanRef(plan, plan.digest(), v, v.he_report)
 
 
-def get_plan(s: Session, p: Principal, offering_id: str) -> dict[str, Any]:
-    """The public plan of a visible offering: ``{"plan", "plan_digest", "report", "version"}``."""
+def get_plan(s: Session, p: Principal, offering_id: str, contract_id: str | None = None) -> dict[str, Any]:
+    """The public plan of a visible offering: ``{"plan", "plan_digest", "report", "version"}``
+    (with ``contract_id``, one of the caller's: the plan of the version that contract pinned)."""
     off = catalog.get_visible(s, p, offering_id)
-    ref = current_plan(s, off)
+    ref = current_plan(s, off, validation.party_contract(s, p, off.id, contract_id))
     return {
         "offering_id": off.id,
         "hosting": off.hosting,

@@ -36,6 +36,7 @@ __all__ = [
     "get_version",
     "model_artifact",
     "parse_meta",
+    "party_contract",
     "upload_report",
     "version_for",
     "version_to_pin",
@@ -261,6 +262,16 @@ def version_for(s: Session, offering_id: str, contract_id: str | None) -> Offeri
             raise NotFound(f"contract {c.id} pins version {c.version_number}, which no longer exists")
         return v
     return latest(s, offering_id)
+
+
+def party_contract(s: Session, p: Any, offering_id: str, contract_id: str | None) -> str | None:
+    """``contract_id`` if the caller's organisation is a party to it, on ``offering_id`` (else 404)."""
+    if not contract_id:
+        return None
+    c = s.get(ContractRow, contract_id)
+    if c is None or c.offering_id != offering_id or p.org_id not in (c.consumer_org_id, c.provider_org_id):
+        raise NotFound(f"contract {contract_id} not found", denied=contract_id)
+    return c.id
 
 
 def model_artifact(s: Session, v: OfferingVersion) -> Artifact | None:

@@ -181,7 +181,9 @@ def add_event(contract_id: str, body: SignedRecord, p: Auth, rt: Rt, request: Re
 
 
 def _aware(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+    if t is None:
+        return None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)  # statements are in UTC
 
 
 @router.get(

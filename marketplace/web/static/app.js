@@ -5,6 +5,7 @@
 // (h() below, textContent); nothing is ever assigned to innerHTML. API errors are shown as the
 // message of their JSON body, {"error": {"code", "message"}}.
 
+import { accessPanel, teamsView, validationPanel } from "./access.js";
 import { renderMarkdown } from "./md.js";
 import { b64decode, parseCheckpoint, parseVkey, sameVkey, verifyInclusion, verifyNoteSignature, vkeyFingerprint } from "./merkle.js";
 
@@ -53,7 +54,7 @@ function flash(text, kind = "error") {
   banner.hidden = false;
 }
 
-async function api(path, { method = "GET", params, accept = "application/json", raw = false } = {}) {
+async function api(path, { method = "GET", params, accept = "application/json", raw = false, body } = {}) {
   const url = new URL(path, location.origin);
   for (const [k, v] of Object.entries(params ?? {})) {
     if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, String(v));
@@ -61,9 +62,10 @@ async function api(path, { method = "GET", params, accept = "application/json", 
   const headers = { Accept: accept };
   const key = sessionStorage.getItem(KEY);
   if (key) headers.Authorization = `Bearer ${key}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
   let r;
   try {
-    r = await fetch(url, { method, headers, cache: "no-store", credentials: "omit" });
+    r = await fetch(url, { method, headers, cache: "no-store", credentials: "omit", body: body === undefined ? undefined : JSON.stringify(body) });
   } catch (e) {
     throw new ApiError(0, "network", `Cannot reach the marketplace: ${e.message}`);
   }
@@ -238,6 +240,7 @@ function renderChrome() {
   const links = [["catalog", "Catalog"]];
   if (hasRole("consumer", "provider", "admin")) links.push(["contracts", "Contracts"]);
   if (hasRole("compliance", "admin")) links.push(["audit", "Audit trail"], ["ledger", "Ledger"]);
+  links.push(["teams", "Teams"]);
   links.push(["me", "Account"]);
   const current = (location.hash.slice(2).split(/[/?]/)[0] || defaultView());
   nav.replaceChildren(
@@ -360,6 +363,8 @@ async function offeringView(params, [id]) {
   else card.append(h("p", { class: "empty" }, "No model card."));
   const sorted = [...versions].sort((a, b) => b.number - a.number);
   const withHE = sorted.find((v) => v.he_report);
+  const owner = me && me.org_id === o.org_id && hasRole("provider");
+  const [validation, access] = await Promise.all([validationPanel(UI, o, sorted[0]), owner ? accessPanel(UI, o) : null]);
   return [
     h("p", {}, h("a", { href: "#/catalog" }, "← Catalog")),
     h("h2", {}, o.name, " ", agentBadge(o)),
@@ -403,6 +408,8 @@ async function offeringView(params, [id]) {
           )
         : h("p", { class: "empty" }, "No versions uploaded."),
     ),
+    validation,
+    access,
     h(
       "section",
       { class: "panel" },
@@ -784,7 +791,11 @@ async function meView() {
 
 // -- router ----------------------------------------------------------------------------------
 
+// What access.js builds with (it has no helpers of its own).
+const UI = { h, api, flash, badge, table, fmtTime, rerender: () => render() };
+
 const VIEWS = {
+  teams: () => teamsView(UI),
   catalog: catalogView,
   offering: offeringView,
   contracts: contractsView,

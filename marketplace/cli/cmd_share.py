@@ -139,13 +139,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Declare a version's metrics and evaluation set; prints the validation report."""
         fields: dict[str, Any] = {"metrics": _metrics(metric or []), "measured_on": measured_on, "notes": notes}
-        for k, v in (("parent", parent), ("tolerance", tolerance), ("he_min_agreement", he_min_agreement)):
-            if v is not None:
-                fields[k] = v
+        for k, val in (("parent", parent), ("tolerance", tolerance), ("he_min_agreement", he_min_agreement)):
+            if val is not None:
+                fields[k] = val
         if eval_csv is not None:
             fields["evaluation"] = _eval_csv(eval_csv)
-        v = client(ctx).set_version_metadata(offering_id, version, **fields)
-        _report(ctx, v.get("validation") or {})
+        out = client(ctx).set_version_metadata(offering_id, version, **fields)
+        _report(ctx, out.get("validation") or {})
 
     @off.command("validation")
     def validation(ctx: typer.Context, offering_id: str, version: int) -> None:

@@ -181,6 +181,7 @@ def compile_version(
         catalog.store_artifact(rt, s, v, "compiled", compiled)
         v.he_plan = plan.to_dict()
         v.he_report = report
+        v.validation = validation.final_report(v, rt.settings)  # adds the HE agreement check
         off2 = s.get(Offering, offering_id)
         if off2 is not None:
             off2.updated_at = utcnow()

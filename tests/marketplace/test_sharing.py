@@ -158,7 +158,7 @@ def _eval_at(accuracy_target: float) -> tuple[list[list[float]], list[float]]:
     return x.tolist(), y.tolist()
 
 
-def test_failed_validation_blocks_publish_and_says_why(world: Any) -> None:
+def test_failed_validation_blocks_publish_and_says_why(world: Any, tmp_path: Path) -> None:
     with served(world) as sv:
         prov = sv.key("provider")
         off = lr_offering(prov, publish=False)
@@ -178,6 +178,13 @@ def test_failed_validation_blocks_publish_and_says_why(world: Any) -> None:
         # the CLI shows the report and its reason
         r = sv.som(world.keys["provider"], "offering", "validation", off, "1")
         assert "failed" in r.stdout + r.stderr and "measured 0.9" in r.stdout + r.stderr
+        # the same declaration from the CLI, with the evaluation set as a CSV (features, then the label)
+        csv_path = tmp_path / "eval.csv"
+        csv_path.write_text("\n".join(",".join(map(str, [*row, label])) for row, label in zip(x, y, strict=True)) + "\n")
+        r = sv.som(world.keys["provider"], "--json", "offering", "validate", off, "1", "--metric", "accuracy=0.99",
+                   "--eval", str(csv_path), "--tolerance", "0.01")
+        assert "measured 0.9 on 100 evaluation rows" in r.stdout + r.stderr
+        assert prov.validation_report(off, 1)["status"] == "failed"
         # declared metrics without an evaluation set cannot be checked: failed
         v = prov.set_version_metadata(off, 1, metrics={"accuracy": 0.9})
         assert v["validation"]["status"] == "failed" and "evaluation set" in v["validation"]["reason"]
@@ -204,6 +211,7 @@ def test_he_agreement_below_threshold_blocks_publish(world: Any) -> None:
         prov.upload_version(off, npz, format="npz", input_shape=[4])
         prov.compile_version(off, 1, cal)
         rep = prov.validation_report(off, 1)
+        assert prov.get_offering(off)["latest_version"]["validation"]["status"] == "failed"  # stored at compile
         he = next(c for c in rep["checks"] if c["name"] == "he_agreement")
         assert rep["status"] == "failed" and not he["ok"] and "threshold 0.99" in he["detail"]
         e = err_of(prov.publish, off)

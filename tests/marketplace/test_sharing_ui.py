@@ -130,3 +130,28 @@ def test_root_key_manages_teams_from_the_browser(page: Any, server: Any) -> None
     assert w.provider.get_team("credit-ml")["members"] == []
     # the consumer organisation does not see the provider's teams
     assert w.consumer.list_teams() == []
+
+
+@pytest.mark.browser
+def test_provider_uploads_a_version_with_metrics_from_the_browser(page: Any, server: Any, tmp_path: Any) -> None:
+    from tests.marketplace.sharing_support import lr_npz
+
+    w, base = server
+    off = lr_offering(w.provider, publish=False)
+    model = tmp_path / "v2.npz"
+    model.write_bytes(lr_npz())
+    x, y = _eval_at(0.9)
+    ev = tmp_path / "eval.csv"
+    ev.write_text("\n".join(",".join(map(str, [*r, lab])) for r, lab in zip(x, y, strict=True)) + "\n")
+    sign_in(page, base, w.keys["provider"])
+    page.wait_for_selector("#offerings")
+    page.goto(f"{base}/ui/#/offering/{off}")
+    page.set_input_files("#version-file", str(model))
+    page.fill("#metric-value", "0.99")
+    page.set_input_files("#eval-file", str(ev))
+    page.click("#upload-version")
+    expect(page.locator("#message")).to_contain_text("version uploaded and validated")
+    expect(page.locator("#validation h3")).to_contain_text("Validation of version 2")
+    expect(page.locator("#validation-reason")).to_contain_text("declared 0.99, measured 0.9")
+    rep = w.provider.validation_report(off, 2)
+    assert rep["status"] == "failed" and rep["metrics"]["accuracy"]["measured"] == 0.9

@@ -101,6 +101,51 @@ export async function accessPanel(ui, o) {
   );
 }
 
+// An evaluation CSV (features, then the label; a header row is skipped) as {x, y}.
+function parseCsv(text) {
+  const x = [];
+  const y = [];
+  for (const line of text.split(/\r?\n/)) {
+    if (!line.trim()) continue;
+    const vals = line.split(",").map(Number);
+    if (vals.some(Number.isNaN)) {
+      if (!x.length) continue;
+      throw new Error(`evaluation CSV: not a number in "${line.slice(0, 40)}"`);
+    }
+    x.push(vals.slice(0, -1));
+    y.push(vals[vals.length - 1]);
+  }
+  return { x, y };
+}
+
+// Upload a version, then declare its metrics with an evaluation set (write on the offering).
+export function uploadPanel(ui, o) {
+  const { h, api } = ui;
+  const base = `/v1/offerings/${encodeURIComponent(o.id)}`;
+  const file = h("input", { type: "file", id: "version-file", "aria-label": "Model file (.npz or .onnx)" });
+  const metric = h("input", { id: "metric-name", value: "accuracy", size: 10, "aria-label": "Metric" });
+  const value = h("input", { id: "metric-value", size: 8, placeholder: "0.97", "aria-label": "Declared value" });
+  const evalFile = h("input", { type: "file", id: "eval-file", "aria-label": "Evaluation CSV" });
+  const upload = () =>
+    act(ui, async () => {
+      const f = file.files[0];
+      if (!f) throw new Error("choose a model file");
+      const fmt = f.name.endsWith(".onnx") ? "onnx" : "npz";
+      const v = await api(`${base}/versions`, { method: "POST", params: { format: fmt }, body: f });
+      if (value.value.trim()) {
+        const body = { metrics: { [metric.value.trim()]: Number(value.value) } };
+        if (evalFile.files[0]) body.evaluation = parseCsv(await evalFile.files[0].text());
+        await api(`${base}/versions/${v.number}/metadata`, { method: "PUT", body });
+      }
+    }, "version uploaded and validated");
+  return h(
+    "section",
+    { class: "panel", id: "upload" },
+    h("h3", {}, "Upload a version"),
+    h("p", {}, file, " metric ", metric, " = ", value, " measured on ", evalFile, " ", h("button", { type: "button", id: "upload-version", onclick: upload }, "Upload")),
+  );
+}
+
 // Teams of the caller's organisation (root keys manage them).
 export async function teamsView(ui) {
   const { h, api, table } = ui;

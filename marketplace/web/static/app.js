@@ -5,7 +5,7 @@
 // (h() below, textContent); nothing is ever assigned to innerHTML. API errors are shown as the
 // message of their JSON body, {"error": {"code", "message"}}.
 
-import { accessPanel, teamsView, validationPanel } from "./access.js";
+import { accessPanel, teamsView, uploadPanel, validationPanel } from "./access.js";
 import { renderMarkdown } from "./md.js";
 import { b64decode, parseCheckpoint, parseVkey, sameVkey, verifyInclusion, verifyNoteSignature, vkeyFingerprint } from "./merkle.js";
 
@@ -62,10 +62,10 @@ async function api(path, { method = "GET", params, accept = "application/json", 
   const headers = { Accept: accept };
   const key = sessionStorage.getItem(KEY);
   if (key) headers.Authorization = `Bearer ${key}`;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (body !== undefined) headers["Content-Type"] = body instanceof Blob ? "application/octet-stream" : "application/json";
   let r;
   try {
-    r = await fetch(url, { method, headers, cache: "no-store", credentials: "omit", body: body === undefined ? undefined : JSON.stringify(body) });
+    r = await fetch(url, { method, headers, cache: "no-store", credentials: "omit", body: body === undefined || body instanceof Blob ? body : JSON.stringify(body) });
   } catch (e) {
     throw new ApiError(0, "network", `Cannot reach the marketplace: ${e.message}`);
   }
@@ -410,6 +410,7 @@ async function offeringView(params, [id]) {
     ),
     validation,
     access,
+    owner && o.hosting === "marketplace" ? uploadPanel(UI, o) : null,
     h(
       "section",
       { class: "panel" },

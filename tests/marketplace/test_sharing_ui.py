@@ -145,7 +145,16 @@ def test_provider_uploads_a_version_with_metrics_from_the_browser(page: Any, ser
     ev.write_text("\n".join(",".join(map(str, [*r, lab])) for r, lab in zip(x, y, strict=True)) + "\n")
     sign_in(page, base, w.keys["provider"])
     page.wait_for_selector("#offerings")
+    # a new draft offering from the catalog page, shared
+    page.fill("#new-name", "browser-made")
+    page.select_option("#new-visibility", "shared")
+    page.click("#create-offering")
+    expect(page.locator("h2")).to_contain_text("browser-made")
+    made = page.url.rsplit("/", 1)[-1]
+    assert w.provider.get_offering(made)["visibility"] == "shared"
+    assert status_of(w.consumer.get_offering, made) == 404
     page.goto(f"{base}/ui/#/offering/{off}")
+    expect(page.locator("h2")).to_contain_text("cancer-lr")
     page.set_input_files("#version-file", str(model))
     page.fill("#metric-value", "0.99")
     page.set_input_files("#eval-file", str(ev))

@@ -146,6 +146,35 @@ export function uploadPanel(ui, o) {
   );
 }
 
+// Create a draft offering (provider), then open it.
+export function newOfferingPanel(ui) {
+  const { h, api } = ui;
+  const name = h("input", { id: "new-name", placeholder: "name", "aria-label": "Name" });
+  const task = h("input", { id: "new-task", value: "binary-classification", "aria-label": "Task" });
+  const vis = h(
+    "select",
+    { id: "new-visibility", "aria-label": "Visibility" },
+    ["public", "organisation", "shared"].map((v) => h("option", { value: v }, v)),
+  );
+  const create = async () => {
+    try {
+      const o = await api("/v1/offerings", {
+        method: "POST",
+        body: { name: name.value.trim(), task: task.value.trim(), hosting: "marketplace", visibility: vis.value },
+      });
+      location.hash = `#/offering/${encodeURIComponent(o.id)}`;
+    } catch (e) {
+      ui.flash(e.message);
+    }
+  };
+  return h(
+    "section",
+    { class: "panel", id: "new-offering" },
+    h("h3", {}, "New offering"),
+    h("p", {}, name, " task ", task, " visibility ", vis, " ", h("button", { type: "button", id: "create-offering", onclick: create }, "Create draft")),
+  );
+}
+
 // Teams of the caller's organisation (root keys manage them).
 export async function teamsView(ui) {
   const { h, api, table } = ui;

@@ -5,7 +5,7 @@
 // (h() below, textContent); nothing is ever assigned to innerHTML. API errors are shown as the
 // message of their JSON body, {"error": {"code", "message"}}.
 
-import { accessPanel, teamsView, uploadPanel, validationPanel } from "./access.js";
+import { accessPanel, newOfferingPanel, teamsView, uploadPanel, validationPanel } from "./access.js";
 import { renderMarkdown } from "./md.js";
 import { b64decode, parseCheckpoint, parseVkey, sameVkey, verifyInclusion, verifyNoteSignature, vkeyFingerprint } from "./merkle.js";
 
@@ -301,6 +301,7 @@ async function catalogView(params) {
     form,
     items.length ? h("ul", { class: "offerings", id: "offerings" }, items) : h("p", { class: "empty" }, "No offerings match."),
     pager(page, (off) => go("catalog", { ...q, offset: off })),
+    hasRole("provider") ? newOfferingPanel(UI) : null,
   ];
 }
 

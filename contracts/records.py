@@ -12,7 +12,8 @@ Schemas (every field required; times are RFC 3339 UTC with microseconds and ``Z`
     som.usage/v1           usage_id, contract_id, offering_id, consumer_org, provider_org, mode,
                            units, unit_price_minor, currency, amount_minor,
                            outcome ("charged" | "released"), request_digest,
-                           idempotency_key_digest, time
+                           idempotency_key_digest, time; optionally version (the model
+                           version a pinned contract computed with)
     som.contract/v1        contract_id, contract (Contract.to_dict(): signed offer + acceptance), time
     som.contract-event/v1  contract_id, event (ContractEvent.to_dict(): signed), time
     som.audit/v1           event_id, actor, org|null, action, target|null,
@@ -105,6 +106,8 @@ _USAGE_KEYS = frozenset(
         "time",
     ]
 )
+#: A usage leaf may also name the model version it computed with (a contract's pinned version).
+_USAGE_KEYS_VERSIONED = _USAGE_KEYS | {"version"}
 _MAX = 2**53 - 1
 _MODES = frozenset(MODES)
 _OUTCOMES = frozenset(USAGE_OUTCOMES)
@@ -124,8 +127,10 @@ def usage_record(
     idempotency_key_digest: str,
     time: datetime,
     terms: Terms | None = None,
+    version: int | None = None,
 ) -> dict[str, Any]:
-    """A ``som.usage/v1`` leaf for one use of ``contract``.
+    """A ``som.usage/v1`` leaf for one use of ``contract`` (``version``: the model version it
+    computed with, when the contract pinned one; the leaf then carries ``"version"``).
 
     ``terms`` are the terms in effect (after amendments; default: the signed ones). The amount is
     ``units * unit_price_minor`` when charged and 0 when released. ``time`` is the reservation time.
@@ -150,6 +155,8 @@ def usage_record(
         "idempotency_key_digest": idempotency_key_digest,
         "time": format_time(time),
     }
+    if version is not None:
+        rec["version"] = version
     return validate_record(rec)
 
 
@@ -267,7 +274,8 @@ _digest_ok, _time_ok, _currency_ok = DIGEST_RE.fullmatch, TIME_RE.fullmatch, CUR
 
 def _usage_ok(d: Mapping[str, Any]) -> bool:
     """The whole som.usage/v1 check in one expression (the compliance walk's hot path)."""
-    if d.keys() != _USAGE_KEYS:
+    if d.keys() != _USAGE_KEYS and (d.keys() != _USAGE_KEYS_VERSIONED or type(d["version"]) is not int
+                                    or not 0 < d["version"] <= _MAX):
         return False
     uid, cid, off, cons, prov, mode, units, price, amount, cur, outcome, rd, kd, t = (
         _usage_fields(d)
@@ -301,7 +309,9 @@ def _validate_usage(d: Mapping[str, Any]) -> None:
     if _usage_ok(d):
         return
     w = USAGE_SCHEMA
-    expect_keys(d, w, _USAGE_KEYS)
+    expect_keys(d, w, _USAGE_KEYS, optional=("version",))
+    if "version" in d:
+        get_int(d, "version", w, minimum=1)
     for k in ("usage_id", "contract_id", "offering_id", "consumer_org", "provider_org"):
         get_str(d, k, w)
     get_str(d, "mode", w, choices=MODES)

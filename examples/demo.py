@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from contracts.terms import JobLimits, Terms  # noqa: E402
 from crypto.logverify import vkey_fingerprint  # noqa: E402
 from crypto.signing import SigningKey  # noqa: E402
-from marketplace.sdk import SomClient  # noqa: E402
+from marketplace.sdk import SomAPIError, SomClient  # noqa: E402
 from marketplace.sdk.ledger_api import verify_receipt  # noqa: E402
 
 console = Console()
@@ -150,6 +150,31 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     found = consumer.search_offerings(q="cancer", tag="medical")
     assert [o["id"] for o in found] == [off["id"]], found
     ok(f"search 'cancer' + tag 'medical' -> {found[0]['name']} ({found[0]['id']})")
+
+    step("3b. A private listing, shared with one organisation, validated before it is published")
+    private = provider.create_offering(name="triage-private", task="binary-classification", hosting="marketplace",
+                                       visibility="shared", description="Shared with Beta Clinic only.")
+    provider.upload_version(private["id"], npz, format="npz", input_shape=[30])
+    declared = float(np.mean((plain_logits > 0) == (yte > 0.5)))
+    rep = provider.set_version_metadata(
+        private["id"], 1, metrics={"accuracy": round(declared, 4)}, measured_on="breast-cancer test split",
+        evaluation={"x": Xte.tolist(), "y": yte.astype(float).tolist()},
+    )["validation"]
+    ok(f"validation {rep['status']}: " + "; ".join(c["detail"] for c in rep["checks"] if c["name"].startswith("metric")))
+    provider.grant(private["id"], org_id=orgs["consumer"], permission="read")
+    provider.publish(private["id"])
+    gamma = admin.create_org("Gamma Labs")
+    outsider = SomClient(url, admin.create_key(gamma["id"], ["consumer"], name="outsider")["key"])
+    assert consumer.get_offering(private["id"])["visibility"] == "shared"
+    assert private["id"] not in {o["id"] for o in outsider.search_offerings()}
+    try:
+        outsider.get_offering(private["id"])
+        raise SystemExit("an organisation without a grant saw the private listing")
+    except SomAPIError as e:
+        assert e.status == 404
+    ok(f"{private['id']}: Beta Clinic sees it; Gamma Labs gets 404 and does not find it in search")
+    ok("grant changes are in the owner's audit trail: "
+       + ", ".join(sorted({e["action"] for e in provider.offering_audit(private["id"])})))
 
     step("4. Provider compiles the HE plan and offers a signed contract")
     report = provider.compile_version(off["id"], v["number"], Xtr)

@@ -112,6 +112,21 @@ class Settings(BaseSettings):
     auth_fail_window_seconds: float = Field(
         default=300.0, gt=0, description="Window of the failed-authentication throttle (per process)."
     )
+    validation_tolerance_default: float = Field(
+        default=0.01, ge=0, le=1, description="Tolerance of a re-computed declared metric when the provider states none."
+    )
+    validation_tolerance_max: float = Field(
+        default=0.05, ge=0, le=1, description="Largest tolerance a provider may state for its declared metrics."
+    )
+    validation_he_agreement_default: float = Field(
+        default=0.99, ge=0, le=1, description="HE-vs-plaintext label agreement a compiled version must reach by default."
+    )
+    validation_he_agreement_floor: float = Field(
+        default=0.95, ge=0, le=1, description="Lowest HE agreement threshold a provider may set."
+    )
+    validation_eval_max_rows: int = Field(
+        default=10000, ge=1, description="Most rows of a provider-supplied evaluation set."
+    )
     org_storage_quota_mb: int = Field(
         default=1024,
         ge=0,

@@ -30,6 +30,7 @@ from marketplace.api import (
     routes_jobs,
     routes_ledger,
     routes_monitoring,
+    routes_sharing,
     routes_web,
 )
 from marketplace.api.admission import AdmissionLimits, AdmissionMiddleware
@@ -49,6 +50,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     routes_health.router,
     routes_identity.router,
     routes_catalog.router,
+    routes_sharing.router,
     routes_contracts.router,
     routes_he.router,
     routes_gateway.router,

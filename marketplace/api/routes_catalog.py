@@ -105,7 +105,7 @@ def update_offering(offering_id: str, body: OfferingUpdate, p: Auth, rt: Rt, req
 def publish(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     p.require("provider")
     with rt.tx() as s:
-        off = catalog.get_owned(s, p, offering_id)
+        off = catalog.get_owned(s, p, offering_id, "admin")
         return to_public(rt, s, catalog.set_status(s, off, OfferingStatus.PUBLISHED, actor_of(p, request)))
 
 
@@ -113,7 +113,7 @@ def publish(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPubl
 def withdraw(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     p.require("provider")
     with rt.tx() as s:
-        off = catalog.get_owned(s, p, offering_id)
+        off = catalog.get_owned(s, p, offering_id, "admin")
         return to_public(rt, s, catalog.set_status(s, off, OfferingStatus.WITHDRAWN, actor_of(p, request)))
 
 

@@ -36,6 +36,7 @@ class OfferPublic(BaseModel):
     status: str
     created_at: datetime
     offer: dict[str, Any]
+    addressed_to: list[str] | None = None  # a private offer: only these organisations see it
 
 
 class UsagePublic(BaseModel):
@@ -60,6 +61,7 @@ class ContractPublic(BaseModel):
     head: str
     accepted_at: datetime
     ledger_index: int | None
+    version_number: int | None = None  # the model version pinned at acceptance
     usage: UsagePublic
     contract: dict[str, Any]
     events: list[dict[str, Any]] = []
@@ -69,7 +71,7 @@ def _offer_public(row: OfferRow) -> OfferPublic:
     return OfferPublic(
         id=row.id, offering_id=row.offering_id, provider_org_id=row.provider_org_id,
         provider_key=row.provider_key, digest=row.digest, status=row.status,
-        created_at=row.created_at, offer=row.record,
+        created_at=row.created_at, offer=row.record, addressed_to=row.addressed_to,
     )
 
 
@@ -86,7 +88,7 @@ def _contract_public(s: Any, row: ContractRow, *, events: bool) -> ContractPubli
         id=row.id, offer_id=row.offer_id, offering_id=row.offering_id,
         provider_org_id=row.provider_org_id, consumer_org_id=row.consumer_org_id,
         status=row.status, effective_status=eff, terms=row.terms, seq=row.seq, head=row.head,
-        accepted_at=row.accepted_at, ledger_index=row.ledger_index,
+        accepted_at=row.accepted_at, ledger_index=row.ledger_index, version_number=row.version_number,
         usage=UsagePublic(
             quota_units=terms.quota_units, used_units=row.used_units,
             reserved_units=row.reserved_units,
@@ -105,9 +107,12 @@ def _contract_public(s: Any, row: ContractRow, *, events: bool) -> ContractPubli
     "/v1/offerings/{offering_id}/offers", response_model=OfferPublic, status_code=201,
     summary="Publish a signed offer for your offering (provider)",
 )
-def publish_offer(offering_id: str, body: SignedRecord, p: Auth, rt: Rt, request: Request) -> OfferPublic:
+def publish_offer(
+    offering_id: str, body: SignedRecord, p: Auth, rt: Rt, request: Request,
+    to: Annotated[list[str] | None, Query(description="Private offer: the organisation ids it is addressed to")] = None,
+) -> OfferPublic:
     with rt.tx() as s:
-        return _offer_public(svc.publish_offer(s, p, offering_id, body, actor_of(p, request)))
+        return _offer_public(svc.publish_offer(s, p, offering_id, body, actor_of(p, request), addressed_to=to))
 
 
 @router.get(

@@ -99,9 +99,9 @@ async def compile_version(
 
 
 @router.get("/offerings/{offering_id}/he", response_model=HEPlanPublic, summary="The public HE plan and model card")
-def get_he_plan(offering_id: str, p: Auth, rt: Rt, request: Request) -> HEPlanPublic:
+def get_he_plan(offering_id: str, p: Auth, rt: Rt, request: Request, contract_id: str | None = None) -> HEPlanPublic:
     with rt.tx() as s:
-        return HEPlanPublic(**he_plans.get_plan(s, p, offering_id))
+        return HEPlanPublic(**he_plans.get_plan(s, p, offering_id, contract_id))
 
 
 @router.put(

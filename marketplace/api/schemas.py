@@ -99,6 +99,7 @@ class OfferingCreate(Strict):
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     licence: str = Field(default="proprietary", max_length=100)
     hosting: Hosting = Hosting.MARKETPLACE
+    visibility: Literal["public", "organisation", "shared"] = "public"
 
 
 class OfferingUpdate(Strict):
@@ -124,6 +125,8 @@ class VersionPublic(BaseModel):
     info: dict[str, Any]
     he_plan: dict[str, Any] | None = None
     he_report: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None  # declared metrics, notes, parent (docs/sharing.md)
+    validation: dict[str, Any] | None = None  # the validation report
     created_at: datetime
 
 
@@ -141,6 +144,7 @@ class OfferingPublic(BaseModel):
     licence: str
     hosting: Hosting
     status: OfferingStatus
+    visibility: str = "public"
     created_at: datetime
     updated_at: datetime
     latest_version: VersionPublic | None = None

@@ -22,6 +22,8 @@ from marketplace.cli import (
     cmd_infer,
     cmd_job,
     cmd_ledger,
+    cmd_predict,
+    cmd_share,
     cmd_worker,
 )
 from marketplace.cli.common import State, handle_errors
@@ -31,7 +33,7 @@ __all__ = ["app", "main"]
 #: The table of contents: every command group, in the order ``som --help`` lists them.
 COMMANDS = (
     cmd_agent, cmd_auth, cmd_contract, cmd_convert, cmd_core, cmd_federation, cmd_infer, cmd_job, cmd_ledger,
-    cmd_worker,
+    cmd_predict, cmd_share, cmd_worker,
 )
 
 

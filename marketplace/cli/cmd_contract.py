@@ -78,6 +78,7 @@ def register(app: typer.Typer) -> None:
         days: int = typer.Option(365, help="Validity in days from now."),
         max_batch: int = typer.Option(64, help="Largest batch per request."),
         key_file: Path | None = KeyFile,
+        to: list[str] = typer.Option(None, "--to", help="Private offer: only this organisation id sees it (repeatable)."),
     ) -> None:
         """Sign and publish an offer for one of your offerings (provider)."""
         from contracts.terms import JobLimits, Terms
@@ -93,6 +94,10 @@ def register(app: typer.Typer) -> None:
             )
         except (ValueError, TypeError) as e:
             die(f"invalid terms: {e}")
+        if to:  # a private offer (docs/sharing.md)
+            emit(ctx, client(ctx).publish_private_offer(offering_id, terms, to=list(to), signing_key=_key(ctx, key_file)),
+                 columns=OFFER_COLS)
+            return
         emit(ctx, client(ctx).publish_offer(offering_id, terms, signing_key=_key(ctx, key_file)), columns=OFFER_COLS)
 
     @grp.command("offers")

@@ -97,6 +97,8 @@ class Offering(Base):
     licence: Mapped[str] = mapped_column(String(100), default="proprietary")
     hosting: Mapped[Hosting] = mapped_column(EnumText(Hosting))
     status: Mapped[OfferingStatus] = mapped_column(EnumText(OfferingStatus), default=OfferingStatus.DRAFT)
+    # public | organisation | shared (docs/sharing.md; marketplace.services.sharing decides)
+    visibility: Mapped[str] = mapped_column(String(20), default="public", server_default="public")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -116,6 +118,9 @@ class OfferingVersion(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSON)  # operators, layer shapes, dims
     he_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     he_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # declared metrics, notes, parent (marketplace.services.validation) and the validation report
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

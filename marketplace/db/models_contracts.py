@@ -56,6 +56,7 @@ class OfferRow(Base):
     digest: Mapped[str] = mapped_column(String(80), unique=True)
     record: Mapped[dict[str, Any]] = mapped_column(JSON)  # Offer.to_dict()
     status: Mapped[OfferState] = mapped_column(EnumText(OfferState), default=OfferState.OPEN)
+    addressed_to: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # private offer: org ids
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -79,6 +80,7 @@ class ContractRow(Base):
     head_time: Mapped[datetime] = mapped_column(UTCDateTime())
     accepted_at: Mapped[datetime] = mapped_column(UTCDateTime())
     ledger_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    version_number: Mapped[int | None] = mapped_column(Integer, nullable=True)  # pinned at acceptance
     used_units: Mapped[int] = mapped_column(Integer, default=0)
     reserved_units: Mapped[int] = mapped_column(Integer, default=0)
     window_units: Mapped[int] = mapped_column(Integer, default=0)

@@ -10,9 +10,10 @@ from marketplace.sdk.gateway_api import GatewayAPI
 from marketplace.sdk.he_api import HEAPI
 from marketplace.sdk.jobs_api import JobsAPI
 from marketplace.sdk.ledger_api import LedgerAPI
+from marketplace.sdk.sharing_api import SharingAPI
 
 __all__ = ["SomAPIError", "SomClient"]
 
 
-class SomClient(CatalogAPI, LedgerAPI, HEAPI, ContractsAPI, JobsAPI, FederationsAPI, GatewayAPI):
+class SomClient(CatalogAPI, LedgerAPI, HEAPI, ContractsAPI, JobsAPI, FederationsAPI, GatewayAPI, SharingAPI):
     """Talks to a Share-of-Model server. ``transport=`` accepts an ``httpx`` test transport."""

@@ -90,9 +90,10 @@ class HEAPI(BaseClient):
 
     # -- consumer ---------------------------------------------------------------------------
 
-    def he_plan(self, offering_id: str) -> dict[str, Any]:
-        """``{"plan", "plan_digest", "report", "version", "hosting"}`` of an offering."""
-        return dict(self.get_json(f"/v1/offerings/{offering_id}/he"))
+    def he_plan(self, offering_id: str, contract_id: str | None = None) -> dict[str, Any]:
+        """``{"plan", "plan_digest", "report", "version", "hosting"}`` of an offering (under
+        ``contract_id``: of the version that contract pinned)."""
+        return dict(self.get_json(f"/v1/offerings/{offering_id}/he", contract_id=contract_id))
 
     def upload_keyset(self, data: bytes, *, contract_id: str | None = None, offering_id: str | None = None) -> dict[str, Any]:
         params = {k: v for k, v in {"contract_id": contract_id, "offering_id": offering_id}.items() if v}
@@ -215,7 +216,7 @@ class HEAPI(BaseClient):
         x = np.asarray(X, dtype=np.float64)
         if x.ndim == 1:
             x = x.reshape(1, -1)
-        info = self.he_plan(offering_id)
+        info = self.he_plan(offering_id, contract_id)
         if layout == "auto":
             layout = choose_layout(PublicPlan.from_dict(info["plan"]), max(1, x.shape[0]))
         sk = self.he_keys(offering_id, key_dir=key_dir, layout=layout, plan_info=info)

@@ -27,7 +27,7 @@ from marketplace.db.models import Artifact, Hosting, Offering, OfferingStatus, O
 from marketplace.db.paging import Window, page_scalars
 from marketplace.errors import Conflict, Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType
 from marketplace.runtime import Runtime
-from marketplace.services import audit, storage
+from marketplace.services import audit, sharing, storage, validation
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -50,23 +50,15 @@ PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 def get_visible(s: Session, p: Principal, offering_id: str) -> Offering:
-    """An offering the caller may read: published ones, or any of its own organisation's.
-
-    Someone else's unpublished offering is a 404 that is audited as a denied access.
-    """
-    off = s.get(Offering, offering_id)
-    if off is None:
-        raise NotFound(f"offering {offering_id} not found", denied=offering_id)  # audited as a hidden one is
-    if off.status != OfferingStatus.PUBLISHED and off.org_id != p.org_id and not p.has("admin"):
-        raise NotFound(f"offering {offering_id} not found", denied=offering_id)
-    return off
+    """An offering the caller may read (:func:`marketplace.services.sharing.may`); others are a
+    404 audited as a denied access."""
+    return sharing.check(s, p, offering_id, sharing.Permission.READ)
 
 
-def get_owned(s: Session, p: Principal, offering_id: str) -> Offering:
-    """An offering the caller's organisation owns (provider role checked by the caller)."""
-    off = s.get(Offering, offering_id)
-    if off is None:
-        raise NotFound(f"offering {offering_id} not found", denied=offering_id)
+def get_owned(s: Session, p: Principal, offering_id: str, permission: str = "write") -> Offering:
+    """An offering of the caller's organisation its teams may ``permission`` on (provider role
+    checked by the caller; :func:`marketplace.services.sharing.check`)."""
+    off = sharing.check(s, p, offering_id, permission)
     if off.org_id != p.org_id:
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     return off
@@ -84,11 +76,7 @@ def search(
     status: str | None,
     page: Window,
 ) -> tuple[list[Offering], int]:
-    stmt = select(Offering)
-    if p.has("admin"):
-        pass
-    else:
-        stmt = stmt.where(or_(Offering.status == OfferingStatus.PUBLISHED, Offering.org_id == p.org_id))
+    stmt = select(Offering).where(sharing.readable_clause(s, p))
     if q:
         like = f"%{q.lower()}%"
         stmt = stmt.where(
@@ -124,6 +112,8 @@ def set_status(s: Session, off: Offering, status: OfferingStatus, who: audit.Act
         raise Conflict(f"offering {off.id} is {off.status}; cannot become {status}")
     if status is OfferingStatus.PUBLISHED and off.hosting == Hosting.MARKETPLACE and latest_version(s, off.id) is None:
         raise Conflict("upload a model version before publishing a marketplace-hosted offering")
+    if status is OfferingStatus.PUBLISHED:
+        validation.check_publishable(s, off)  # a failed validation report refuses with its reason
     off.status = status
     off.updated_at = utcnow()
     audit.emit(s, who, f"offering.{'publish' if status is OfferingStatus.PUBLISHED else 'withdraw'}", target=off.id)
@@ -218,6 +208,7 @@ class PreparedVersion:
     wrapped_key: bytes
     kek_id: str
     aad: str
+    report: dict[str, Any] | None = None  # the upload's validation report (services.validation)
 
 
 def prepare_version(rt: Runtime, data: bytes, *, fmt: str, input_shape: list[int]) -> PreparedVersion:
@@ -234,6 +225,7 @@ def prepare_version(rt: Runtime, data: bytes, *, fmt: str, input_shape: list[int
     return PreparedVersion(
         version_id=version_id, fmt=fmt, digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data),
         info=info, blob=addr, wrapped_key=wrapped.to_json().encode(), kek_id=wrapped.kek_id, aad=aad,
+        report=validation.upload_report(data, fmt, info),
     )
 
 
@@ -250,6 +242,7 @@ def commit_version(s: Session, off: Offering, prep: PreparedVersion, *, who: aud
         size=prep.size,
         input_shape=[int(prep.info.get("input_dim", 0))],
         info=prep.info,
+        validation=prep.report,
     )
     s.add(version)
     s.flush()

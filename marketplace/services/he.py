@@ -82,7 +82,7 @@ def _prepare(
         refresh_revocation(s, k, now=now)
         if k.revoked_at is not None:
             raise Forbidden(f"keyset revoked ({k.revoked_reason}); register a new key set", reason="keyset_revoked")
-        ref = current_plan(s, off)
+        ref = current_plan(s, off, k.contract_id)
         if k.plan_digest != ref.digest:
             raise Conflict(
                 f"key set {k.id} was made for plan {k.plan_digest}, but the offering now serves "

@@ -26,7 +26,7 @@ from marketplace.db.models import Artifact, Hosting, Offering, OfferingVersion
 from marketplace.db.models_he import HEAgentPlan
 from marketplace.errors import Conflict, Invalid, NotFound
 from marketplace.runtime import Runtime
-from marketplace.services import audit, catalog
+from marketplace.services import audit, catalog, validation
 from marketplace.services.identity import Principal
 
 __all__ = [
@@ -74,8 +74,8 @@ class PlanRef:
     report: dict[str, Any] | None
 
 
-def current_plan(s: Session, off: Offering) -> PlanRef:
-    """The plan ``off`` serves now. Raises Conflict when it has none."""
+def current_plan(s: Session, off: Offering, contract_id: str | None = None) -> PlanRef:
+    """The plan ``off`` serves now (under ``contract_id``: the version it pinned). Raises Conflict when it has none."""
     P = PublicPlan
     if off.hosting == Hosting.PROVIDER:
         row = s.get(HEAgentPlan, off.id)
@@ -83,7 +83,7 @@ def current_plan(s: Session, off: Offering) -> PlanRef:
             raise Conflict(f"offering {off.id} has no HE plan yet: its provider has not published one")
         plan = P.from_dict(row.plan)
         return PlanRef(plan, plan.digest(), None, row.report)
-    v = catalog.latest_version(s, off.id)
+    v = validation.version_for(s, off.id, contract_id)
     if v is None or v.he_plan is None:
         raise Conflict(
             f"offering {off.id} is not compiled for encrypted inference: its provider must "
@@ -93,10 +93,11 @@ def current_plan(s: Session, off: Offering) -> PlanRef:
     return PlanRef(plan, plan.digest(), v, v.he_report)
 
 
-def get_plan(s: Session, p: Principal, offering_id: str) -> dict[str, Any]:
-    """The public plan of a visible offering: ``{"plan", "plan_digest", "report", "version"}``."""
+def get_plan(s: Session, p: Principal, offering_id: str, contract_id: str | None = None) -> dict[str, Any]:
+    """The public plan of a visible offering: ``{"plan", "plan_digest", "report", "version"}``
+    (with ``contract_id``, one of the caller's: the plan of the version that contract pinned)."""
     off = catalog.get_visible(s, p, offering_id)
-    ref = current_plan(s, off)
+    ref = current_plan(s, off, validation.party_contract(s, p, off.id, contract_id))
     return {
         "offering_id": off.id,
         "hosting": off.hosting,
@@ -180,6 +181,7 @@ def compile_version(
         catalog.store_artifact(rt, s, v, "compiled", compiled)
         v.he_plan = plan.to_dict()
         v.he_report = report
+        v.validation = validation.final_report(v, rt.settings)  # adds the HE agreement check
         off2 = s.get(Offering, offering_id)
         if off2 is not None:
             off2.updated_at = utcnow()

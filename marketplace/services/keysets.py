@@ -139,7 +139,7 @@ def create_keyset(
         off = s.get(Offering, c.offering_id)
         if off is None:  # pragma: no cover - FK
             raise NotFound(f"offering {c.offering_id} not found")
-        ref = current_plan(s, off)
+        ref = current_plan(s, off, c.id)
     try:
         ctx = PublicContext.from_bytes(data, plan=ref.plan)
     except HEError as e:

@@ -46,7 +46,7 @@ from marketplace.db.models_contracts import (
     UsageState,
 )
 from marketplace.errors import Conflict, Forbidden, Invalid, NotFound
-from marketplace.services import audit
+from marketplace.services import audit, validation
 from marketplace.services.contracts.offers import get_offer
 from marketplace.services.contracts.store import (
     check_time,
@@ -120,6 +120,7 @@ def accept_offer(
         head=contract.digest(),
         head_time=acc.accepted_at,
         accepted_at=acc.accepted_at,
+        version_number=validation.version_to_pin(s, orow.offering_id),  # what it computes with, for good
         used_units=0,
         reserved_units=0,
         window_units=0,

@@ -23,7 +23,7 @@ from marketplace.db.base import utcnow
 from marketplace.db.models import Offering, OfferingStatus
 from marketplace.db.models_contracts import OfferRow, OfferState
 from marketplace.errors import Conflict, Invalid, NotFound
-from marketplace.services import audit
+from marketplace.services import audit, sharing
 from marketplace.services.contracts.store import OFFER_ID_RE, check_time
 from marketplace.services.identity import Principal
 
@@ -38,13 +38,16 @@ def publish_offer(
     who: audit.Actor,
     *,
     now: datetime | None = None,
+    addressed_to: list[str] | None = None,
 ) -> OfferRow:
-    """Store a provider-signed offer (``Offer.to_dict()``) for an offering the caller owns."""
+    """Store a provider-signed offer (``Offer.to_dict()``) for an offering the caller owns;
+    ``addressed_to`` (organisation ids) makes it a private offer only they see and accept."""
     p.require("provider")
     t = now or utcnow()
-    off = s.get(Offering, offering_id)
-    if off is None or off.org_id != p.org_id:
+    off = sharing.check(s, p, offering_id, sharing.Permission.ADMIN)
+    if off.org_id != p.org_id:
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)
+    addressed_to = sharing.check_addressees(s, addressed_to)
     try:
         offer = Offer.from_dict(signed)
     except (SchemaError, ValueError, TypeError) as e:
@@ -71,6 +74,7 @@ def publish_offer(
         provider_key=offer.provider_key,
         digest=offer.digest(),
         record=offer.to_dict(),
+        addressed_to=addressed_to,
         status=OfferState.OPEN,
         created_at=t,
     )
@@ -91,7 +95,9 @@ def get_offer(s: Session, p: Principal, offer_id: str) -> OfferRow:
     if row.provider_org_id == p.org_id or p.has("admin"):
         return row
     off = s.get(Offering, row.offering_id)
-    if row.status != OfferState.OPEN or off is None or off.status != OfferingStatus.PUBLISHED:
+    if row.status != OfferState.OPEN or off is None or off.status != OfferingStatus.PUBLISHED or not sharing.may(s, p, off):
+        raise NotFound(f"offer {offer_id} not found", denied=offer_id)
+    if row.addressed_to is not None and p.org_id not in row.addressed_to:  # a private offer to others
         raise NotFound(f"offer {offer_id} not found", denied=offer_id)
     return row
 
@@ -103,9 +109,11 @@ def list_offers(s: Session, p: Principal, offering_id: str) -> list[OfferRow]:
         raise NotFound(f"offering {offering_id} not found", denied=offering_id)
     stmt = select(OfferRow).where(OfferRow.offering_id == offering_id)
     if off.org_id != p.org_id and not p.has("admin"):
-        if off.status != OfferingStatus.PUBLISHED:
+        if off.status != OfferingStatus.PUBLISHED or not sharing.may(s, p, off):
             raise NotFound(f"offering {offering_id} not found", denied=offering_id)
         stmt = stmt.where(OfferRow.status == OfferState.OPEN)
+        rows = list(s.scalars(stmt.order_by(OfferRow.created_at, OfferRow.id)))
+        return [r for r in rows if r.addressed_to is None or p.org_id in r.addressed_to]
     return list(s.scalars(stmt.order_by(OfferRow.created_at, OfferRow.id)))
 
 

@@ -22,7 +22,7 @@ from marketplace.db.models import Artifact, Offering
 from marketplace.db.models_jobs import Job
 from marketplace.errors import Unavailable
 from marketplace.runtime import Runtime
-from marketplace.services import audit, catalog
+from marketplace.services import audit, validation
 from marketplace.services.jobs.leasing import keep
 from marketplace.services.jobs.results import complete, fail
 from marketplace.services.jobs.states import JobStatus
@@ -44,7 +44,7 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
         job = s.get(Job, job_id)
         if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
             return
-        version = catalog.latest_version(s, job.offering_id)
+        version = validation.version_for(s, job.offering_id, job.contract_id)  # the contract's pinned version
         art = s.scalar(select(Artifact).where(Artifact.version_id == version.id, Artifact.purpose == "model")) if version else None
         off = s.get(Offering, job.offering_id)
         if art is None or version is None or off is None:

@@ -73,6 +73,7 @@ def finish(
         idempotency_key_digest=u.idempotency_key_digest,
         time=u.reserved_at,
         terms=terms_of(c),
+        version=c.version_number,  # the pinned model version the use computed with
     )
     u.ledger_index = ledger_append(s, rec)
     u.record = rec

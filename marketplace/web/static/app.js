@@ -7,6 +7,7 @@
 // (h() below, textContent); nothing is ever assigned to innerHTML. API errors are shown as the
 // message of their JSON body, {"error": {"code", "message"}}.
 
+import { accessPanel, newOfferingPanel, teamsView, uploadPanel, validationPanel } from "./access.js";
 import { renderMarkdown } from "./md.js";
 import { b64decode, parseCheckpoint, parseVkey, sameVkey, verifyInclusion, verifyNoteSignature, vkeyFingerprint } from "./merkle.js";
 import { monitoringView } from "./monitor.js";
@@ -67,12 +68,12 @@ async function api(path, { method = "GET", params, accept = "application/json", 
   const key = sessionStorage.getItem(KEY);
   if (key) headers.Authorization = `Bearer ${key}`;
   else if (sso && method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = sso.csrf;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (body !== undefined) headers["Content-Type"] = body instanceof Blob ? "application/octet-stream" : "application/json";
   let r;
   try {
     r = await fetch(url, {
       method, headers, cache: "no-store", credentials: key || !sso ? "omit" : "same-origin",
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined || body instanceof Blob ? body : JSON.stringify(body),
     });
   } catch (e) {
     throw new ApiError(0, "network", `Cannot reach the marketplace: ${e.message}`);
@@ -260,6 +261,7 @@ function renderChrome() {
   if (hasRole("consumer", "provider", "admin")) links.push(["contracts", "Contracts"], ["federations", "Federations"]);
   if (hasRole("compliance", "admin")) links.push(["audit", "Audit trail"], ["ledger", "Ledger"]);
   if (hasRole("consumer", "provider", "compliance", "admin")) links.push(["monitoring", "Monitoring"]);
+  links.push(["teams", "Teams"]);
   links.push(["me", "Account"]);
   const current = (location.hash.slice(2).split(/[/?]/)[0] || defaultView());
   nav.replaceChildren(
@@ -320,6 +322,7 @@ async function catalogView(params) {
     form,
     items.length ? h("ul", { class: "offerings", id: "offerings" }, items) : h("p", { class: "empty" }, "No offerings match."),
     pager(page, (off) => go("catalog", { ...q, offset: off })),
+    hasRole("provider") ? newOfferingPanel(UI) : null,
   ];
 }
 
@@ -401,6 +404,8 @@ async function offeringView(params, [id]) {
   else card.append(h("p", { class: "empty" }, "No model card."));
   const sorted = [...versions].sort((a, b) => b.number - a.number);
   const withHE = sorted.find((v) => v.he_report);
+  const owner = me && me.org_id === o.org_id && hasRole("provider");
+  const [validation, access] = await Promise.all([validationPanel(UI, o, sorted[0]), owner ? accessPanel(UI, o) : null]);
   return [
     h("p", {}, h("a", { href: "#/catalog" }, "← Catalog")),
     h("h2", {}, o.name, " ", agentBadge(o)),
@@ -444,6 +449,9 @@ async function offeringView(params, [id]) {
           )
         : h("p", { class: "empty" }, "No versions uploaded."),
     ),
+    validation,
+    access,
+    owner && o.hosting === "marketplace" ? uploadPanel(UI, o) : null,
     h(
       "section",
       { class: "panel" },
@@ -943,7 +951,11 @@ async function federationView(params, [id]) {
 
 // -- router ----------------------------------------------------------------------------------
 
+// What access.js builds with (it has no helpers of its own).
+const UI = { h, api, flash, badge, table, fmtTime, rerender: () => render() };
+
 const VIEWS = {
+  teams: () => teamsView(UI),
   catalog: catalogView,
   offering: offeringView,
   contracts: contractsView,

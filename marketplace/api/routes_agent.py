@@ -63,6 +63,7 @@ class AgentPublic(BaseModel):
     offering_ids: list[str]
     capabilities: list[str]
     seal_public: str
+    vouched: list[str] = Field(default_factory=list, description="Offerings whose provider vouched for seal_public")
     online: bool
     last_seen_at: datetime
     created_at: datetime
@@ -101,6 +102,7 @@ def _public(rt: Runtime, a: Agent) -> dict[str, Any]:
     return {
         "id": a.id, "org_id": a.org_id, "key_id": a.key_id, "name": a.name, "offering_ids": a.offering_ids,
         "capabilities": a.capabilities, "seal_public": a.seal_public, "online": online,
+        "vouched": sorted((a.seal_statements or {}).keys()),
         "last_seen_at": a.last_seen_at, "created_at": a.created_at,
     }
 

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from marketplace.api.deps import Auth, Rt, actor_of
+from marketplace.api.deps import AnyAuth, Auth, Rt, actor_of
 from marketplace.api.routes_agent import AgentId
 from marketplace.api.schemas import Strict
 from marketplace.errors import MarketplaceError
@@ -137,7 +137,7 @@ def _agent_offerings(rt: Runtime, p: Principal, agent_id: str) -> frozenset[str]
 
 
 @router.post("/agent/gateway/exchange", summary="Answer gateway requests taken; long-poll for the next ones (agent key)")
-def exchange(body: ExchangeIn, p: Auth, rt: Rt, agent_id: AgentId) -> dict[str, Any]:
+def exchange(body: ExchangeIn, p: AnyAuth, rt: Rt, agent_id: AgentId) -> dict[str, Any]:
     offerings = _agent_offerings(rt, p, agent_id)
     hub = hub_of(rt)
     if body.input_dims:

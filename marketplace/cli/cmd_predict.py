@@ -12,12 +12,9 @@ import json
 import uuid
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from marketplace.cli.common import client, die, handle_errors, state
-from marketplace.sdk.gateway_api import parse_server_timing
-from marketplace.sdk.he_api import decode_receipt
 
 __all__ = ["register"]
 
@@ -26,6 +23,8 @@ def _body(path: Path) -> tuple[bytes, str]:
     """The request body and its media type for an input file."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
+        import numpy as np  # start-up cost: only a .npy input needs numpy
+
         arr = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
         return json.dumps({"rows": arr.reshape(arr.shape[0], -1).tolist()}).encode(), "application/json"
     data = path.read_bytes()
@@ -59,6 +58,10 @@ def register(app: typer.Typer) -> None:
             headers["X-Som-Contract"] = contract
         with handle_errors():
             r = c.request("POST", f"/v1/offerings/{offering_id}/predict", content=body, headers=headers)
+        # start-up cost: the SDK (httpx) loads only when a command calls the server
+        from marketplace.sdk.gateway_api import parse_server_timing
+        from marketplace.sdk.he_api import decode_receipt
+
         receipt = decode_receipt(r.headers.get("x-som-receipt")) or {}
         usage = r.headers.get("x-som-usage-id")
         if state(ctx).json:

@@ -101,9 +101,12 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         )
         agents.append(p)
         deadline = time.monotonic() + 30
-        while not cons.get_offering(off["id"])["agent_online"]:
+        # online at hello; jobs can be sealed to it once the provider's statement is registered
+        while not cons.get_offering(off["id"])["agent_online"] or not any(
+            off["id"] in a.get("vouched", []) and a["online"] for a in prov.get_json("/v1/agents")
+        ):
             if time.monotonic() > deadline or p.poll() is not None:
-                raise AssertionError("agent did not come online")
+                raise AssertionError("agent did not come online with a vouched sealing key")
             time.sleep(0.1)
         return p
 

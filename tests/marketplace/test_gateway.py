@@ -211,7 +211,7 @@ def test_micro_batching_gives_the_same_predictions_metered_per_call(tmp_path: Pa
             states = usage_states(w.rt, g.contract_id or "")
             assert len(states) == n + 1 and all(s == "charged" for s, _ in states)
             assert sorted(u for _, u in states) == sorted([1] + [x.shape[0] for x in xs])
-            batcher = w.rt.extras["gateway.state"][1]
+            batcher = w.rt.gateway_state[1]
             if window:
                 assert isinstance(batcher, Batcher) and batcher.runs < n  # calls were stacked
             else:

@@ -200,6 +200,8 @@ def served(tmp_path: Path, db_url: str, **settings: Any) -> Iterator[tuple[Any, 
     settings.setdefault("workers", 1)
     settings.setdefault("agent_offline_seconds", 5.0)
     settings.setdefault("gateway_agent_timeout_seconds", 3.0)
+    # these tests burst concurrent calls to check metering and batching, not overload shedding
+    settings.setdefault("admission_control", False)
     app = create_app(make_settings(tmp_path, db_url, **settings))
     try:
         w = build_world(app)

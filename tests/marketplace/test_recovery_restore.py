@@ -144,10 +144,9 @@ def test_restored_backup_refuses_to_start_and_never_signs_a_second_history(tmp_p
 
 def _rt_with_leaves(tmp_path: Path, db_url: str, n: int):  # type: ignore[no-untyped-def]
     from marketplace.runtime import Runtime
-    from marketplace.services import audit, ledger
+    from marketplace.services import audit, ledger  # noqa: F401 - ledger: the leaf sink is audit.emit itself
 
     rt = Runtime(make_settings(tmp_path, db_url))
-    audit.set_leaf_sink(ledger.audit_leaf_sink)
     for i in range(n):
         with rt.tx() as s:
             audit.emit(s, audit.Actor.system(), "test.event", target=f"t{i}")
@@ -156,7 +155,7 @@ def _rt_with_leaves(tmp_path: Path, db_url: str, n: int):  # type: ignore[no-unt
 
 def test_rolled_back_or_forked_database_is_refused_at_signing_and_at_start(tmp_path: Path, db_url: str) -> None:
     from marketplace.db.models_ledger import LedgerCheckpoint, LedgerLeaf, LedgerNode, LedgerState
-    from marketplace.services import audit, ledger
+    from marketplace.services import audit, ledger  # noqa: F401 - ledger: the leaf sink is audit.emit itself
     from marketplace.settings import SettingsError
 
     rt = _rt_with_leaves(tmp_path, db_url, 20)
@@ -181,10 +180,10 @@ def test_rolled_back_or_forked_database_is_refused_at_signing_and_at_start(tmp_p
                 size=saved[0], frontier=saved[1], signed_size=saved[2]))
         with pytest.raises(ledger.LedgerIntegrityError, match=f"fewer than the {late.size}"):
             ledger.sign_checkpoint(rt)
-        from marketplace.api.routes_ledger import setup
+        from marketplace.api.app import create_app
 
         with pytest.raises(SettingsError, match="Restore a later backup"):
-            setup(rt, _App())
+            create_app(runtime=rt)
         # A different history grown past the kept size is refused too (a fork, not a lag).
         for i in range(30):
             with rt.tx() as s:
@@ -203,7 +202,7 @@ def test_rolled_back_or_forked_database_is_refused_at_signing_and_at_start(tmp_p
 
 def _nodes_within(size: int) -> list[int]:
     """Ids of the stored nodes (level >= 4) whose leaves all lie below ``size``."""
-    from marketplace.services.ledger import NODE_LEVEL_SHIFT, NODE_MIN_LEVEL
+    from marketplace.db.models_ledger import NODE_LEVEL_SHIFT, NODE_MIN_LEVEL
 
     out = []
     level = NODE_MIN_LEVEL
@@ -212,9 +211,3 @@ def _nodes_within(size: int) -> list[int]:
             out.append((level << NODE_LEVEL_SHIFT) | index)
         level += 1
     return out
-
-
-class _App:
-    class state:  # noqa: N801 - the FastAPI app's state attribute
-        on_start: list[object] = []
-        on_stop: list[object] = []

@@ -27,6 +27,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 from marketplace.settings import Settings, SettingsError
 
 __all__ = [
@@ -196,7 +198,6 @@ def tighten_db_files(database_url: str) -> None:
     -shm files take the DB file's mode) and narrow existing DB/WAL/SHM files to 0600."""
     if not database_url.startswith("sqlite"):
         return
-    from sqlalchemy.engine import make_url
 
     db = make_url(database_url).database
     if not db or db == ":memory:" or db.startswith("file:"):

@@ -185,6 +185,7 @@ class Settings(BaseSettings):
 
     def jail_config(self) -> JailConfig:
         """The jail settings as a :class:`marketplace.compute.jail.JailConfig`."""
+        # lazy import: settings are read everywhere, the jail module only where jobs run
         from marketplace.compute.jail import JailConfig
 
         return JailConfig(

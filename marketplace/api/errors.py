@@ -9,9 +9,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from marketplace.errors import MarketplaceError
+from marketplace.services import audit
 
 __all__ = ["ERROR_SCHEMA", "document_errors", "error_body", "install_error_handlers"]
 
@@ -136,10 +138,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(request: Request, exc: MarketplaceError) -> JSONResponse:
         principal = getattr(request.state, "principal", None)
         if exc.denied is not None and principal is not None:
-            from starlette.concurrency import run_in_threadpool
-
-            from marketplace.services import audit
-
             who = audit.Actor(actor=principal.key_id, org_id=principal.org_id,
                               request_id=str(getattr(request.state, "request_id", "")))
             await run_in_threadpool(

@@ -76,7 +76,7 @@ def _part(pt: FederationParticipant) -> dict[str, Any]:
 
 
 def _coordinator() -> Any:
-    # Imported on first use: Flower takes seconds to load, and a server that runs no federation
+    # Imported on first use (start-up cost): Flower takes seconds to load, and a server that runs no federation
     # should not pay for it at start.
     from marketplace.federated import coordinator
 

@@ -16,6 +16,8 @@ approvals and rejections made there to the marketplace, bound to the code's dige
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import logging
 import re
 from pathlib import Path

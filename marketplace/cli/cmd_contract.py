@@ -8,6 +8,8 @@ server only ever receives public keys and signatures.
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import re
 import sys
 from datetime import UTC, datetime, timedelta

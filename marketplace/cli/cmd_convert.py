@@ -6,6 +6,8 @@ torch file locally, which is safe there and only there; the server refuses pickl
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 from pathlib import Path
 
 import typer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import json
 import os
 from pathlib import Path

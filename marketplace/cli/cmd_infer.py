@@ -8,6 +8,8 @@ compile``) compiles a marketplace-hosted version for HE. ``som he keysets`` list
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import contextlib
 import csv
 import io

@@ -11,6 +11,8 @@ must also carry your own acceptance signature.
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import os
 import re
 import sys

@@ -8,16 +8,17 @@ never the ``log.vkey`` shipped inside an export.
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import base64
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from marketplace.cli.common import client, die, emit, err_console, machine, state
+from marketplace.cli.common import client, die, emit, err_console, machine, state, write_private
 
 LEDGER_HELP = "The tamper-evident usage ledger: export, verify offline, witness, checkpoints."
 
@@ -27,18 +28,6 @@ _STATE_HELP = (
     "Trust state (JSON; the file `som ledger witness --state` keeps). Without --vkey, the log "
     "key pinned there is trusted; if none is, the first verified key is pinned (TOFU)."
 )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomically write ``data`` to ``path`` with mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def verify_dir(
@@ -254,7 +243,7 @@ def register(app: typer.Typer) -> None:
             sk = SigningKey.from_private_bytes(base64.b64decode(key_path.read_text().strip()))
         else:
             sk = SigningKey.generate()
-            _write_private(key_path, base64.b64encode(sk.unsafe_private_bytes()) + b"\n")
+            write_private(key_path, base64.b64encode(sk.unsafe_private_bytes()) + b"\n")
         saved: dict[str, Any] = json.loads(state_file.read_text()) if state_file.exists() else {}
         server_vkey = c.ledger_key()
         log_vkey = saved.get("log_vkey", server_vkey)
@@ -291,7 +280,7 @@ def register(app: typer.Typer) -> None:
             die(f"refusing to cosign: {e}", 6)
         cosigned = add_signature_lines(note, line)
         saved = {**saved, "log_vkey": log_vkey, "witness_vkey": w.vkey, "state": new_state.to_json(), "cosigned": cosigned.decode()}
-        _write_private(state_file, json.dumps(saved, indent=2).encode() + b"\n")
+        write_private(state_file, json.dumps(saved, indent=2).encode() + b"\n")
         emit(ctx, {"cosigned_size": new_state.size, "previous_size": old, "witness_vkey": w.vkey})
 
     @rec.command("show")
@@ -320,7 +309,7 @@ def register(app: typer.Typer) -> None:
         if "receipt" in receipt and "index" not in receipt:
             receipt = receipt["receipt"]
         if out is not None:
-            _write_private(out, json.dumps(receipt, indent=2).encode() + b"\n")
+            write_private(out, json.dumps(receipt, indent=2).encode() + b"\n")
         record = json.loads(base64.b64decode(receipt["leaf"]))
         checkpoint = receipt["checkpoint"].splitlines()
         emit(ctx, receipt if machine(ctx) else {

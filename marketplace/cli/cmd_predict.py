@@ -8,6 +8,8 @@ worker, or the provider's agent) sees the rows: use ``som infer --encrypted`` wh
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import json
 import uuid
 from pathlib import Path

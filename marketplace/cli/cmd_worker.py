@@ -10,6 +10,8 @@ See docs/deployment.md.
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import os
 import socket
 from pathlib import Path

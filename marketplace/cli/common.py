@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from marketplace.sdk import SomClient
 
 __all__ = [
-    "State", "client", "die", "emit", "handle_errors", "last_receipt_path", "machine", "remember_receipt", "state",
+    "State", "client", "die", "emit", "handle_errors", "last_receipt_path", "machine", "remember_receipt", "state", "write_private",
 ]
 
 console = Console()
@@ -149,6 +149,18 @@ def last_receipt_path() -> Path:
     """Where the CLI keeps the receipt of its last metered call (``som receipt show --last``)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "som" / "last-receipt.json"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0600 (trust state, witness keys, receipts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def remember_receipt(receipt: dict[str, Any] | None) -> None:

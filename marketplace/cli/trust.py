@@ -13,6 +13,8 @@ anything from the server.
 
 from __future__ import annotations
 
+# lazy imports: start-up cost. Every command imports what it needs inside its function, so that
+# `som --help` and simple commands never load the service stack, numpy or the crypto libraries.
 import json
 import os
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from typing import Any
 
 from crypto.logverify import vkey_fingerprint
 from crypto.note import NoteVerifier
+from marketplace.cli.common import write_private
 
 __all__ = [
     "EXIT_UNTRUSTED",
@@ -112,11 +115,9 @@ def pinned(state: Path) -> TrustedLog | None:
 
 def pin(state: Path, vkey: str, origin: str) -> TrustedLog:
     """Pin ``vkey`` and ``origin`` in ``state`` (mode 0600, atomic; other keys kept)."""
-    from marketplace.cli.cmd_ledger import _write_private
-
     saved = _load(state)
     saved.update({"log_vkey": vkey.strip(), "log_origin": origin})
-    _write_private(state, json.dumps(saved, indent=2).encode() + b"\n")
+    write_private(state, json.dumps(saved, indent=2).encode() + b"\n")
     return TrustedLog(vkey.strip(), origin, f"pinned in {state}")
 
 

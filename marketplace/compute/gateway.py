@@ -209,6 +209,7 @@ def _session(task: GatewayTask) -> tuple[LoadedModel, bool]:
         if hit is not None:
             _sessions.move_to_end(task.version_id)
             return hit, False
+    # lazy imports: loaded in the gateway worker process only, not in the API process
     from crypto.envelope import WrappedKey, decrypt_artifact
 
     blobs, provider = open_store(task.store)
@@ -228,6 +229,7 @@ def _session(task: GatewayTask) -> tuple[LoadedModel, bool]:
 
 def run_gateway_task(task: GatewayTask) -> GatewayAnswer:
     """Evaluate ``task`` (in a worker process; also callable in-process). Raises ComputeError."""
+    # lazy import: the worker process only
     from crypto.errors import CryptoError
 
     try:
@@ -246,6 +248,7 @@ def run_gateway_task(task: GatewayTask) -> GatewayAnswer:
 
 
 def _warm() -> int:
+    # lazy import: heavy (the HE stack); warm it once per worker process only
     import crypto.he.compiler  # noqa: F401  (import the parser and ORT once per worker)
 
     return 0

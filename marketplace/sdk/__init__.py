@@ -19,7 +19,7 @@ __all__ = ["SomAPIError", "SomClient"]
 
 def __getattr__(name: str) -> Any:
     # PEP 562: the client (httpx, the crypto stack) loads on first use, not on ``import
-    # marketplace.sdk.errors``, so that ``som --help`` starts fast.
+    # marketplace.sdk.errors``, so that ``som --help`` starts fast (start-up cost).
     if name == "SomClient":
         from marketplace.sdk.client import SomClient
 

@@ -68,7 +68,7 @@ class CatalogAPI(BaseClient):
 
     def upload_torch(self, offering_id: str, module: Any, *, format: str = "npz") -> dict[str, Any]:
         """Convert a ``torch.nn.Sequential`` locally and upload it (needs the ``torch`` extra)."""
-        from marketplace.sdk import convert
+        from marketplace.sdk import convert  # lazy: numpy-heavy, only for providers who call it
 
         art = convert.from_torch(module, format=format)  # type: ignore[arg-type]
         return self.upload_version(offering_id, art.data, format=art.format, input_shape=art.input_shape)

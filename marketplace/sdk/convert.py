@@ -217,6 +217,7 @@ def to_npz(layers: Sequence[Layer]) -> bytes:
 
 def to_onnx(layers: Sequence[Layer]) -> bytes:
     """Gemm (``transB=1``) + activation per layer, opset 17, one float input ``x``."""
+    # lazy imports: optional for callers that only read parameters (start-up cost of onnx)
     import onnx  # the provider's machine has it: a core dependency
     from onnx import TensorProto, helper, numpy_helper
 
@@ -256,6 +257,7 @@ def _layers_of(artifact: Artifact) -> list[Layer]:
         with np.load(io.BytesIO(artifact.data), allow_pickle=False) as z:
             n = len([k for k in z.files if k.endswith(".weight")])
             return [Layer(z[f"layer{i}.weight"], z[f"layer{i}.bias"], str(z[f"layer{i}.activation"])) for i in range(n)]
+    # lazy import: heavy (the HE stack), only to read back an ONNX artifact
     from crypto.he.onnx_import import parse_onnx
 
     raw = parse_onnx(artifact.data)
@@ -327,12 +329,14 @@ def load_local_model(path: Path) -> Any:
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
         try:
+            # optional dependency (the torch extra)
             import torch
         except ImportError as e:
             raise UnsupportedModel("reading a .pt file needs PyTorch: pip install 'share-of-model[torch]'") from e
         return torch.load(path, weights_only=False)  # noqa: S614 - the provider's own file
     if suffix in (".joblib", ".pkl", ".pickle"):
         try:
+            # optional dependency (scikit-learn, on the provider's machine only)
             import joblib  # scikit-learn's own dependency
         except ImportError as e:
             raise UnsupportedModel("reading a .joblib file needs scikit-learn: pip install 'share-of-model[sklearn]'") from e

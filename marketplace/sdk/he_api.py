@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -69,8 +70,6 @@ class HEAPI(BaseClient):
     def compile_version(self, offering_id: str, version: int, calibration: np.ndarray | bytes) -> dict[str, Any]:
         """Compile a version for HE with calibration samples (array (n, d) or .npy bytes)."""
         if not isinstance(calibration, bytes | bytearray | memoryview):
-            import io
-
             import numpy as np  # start-up cost: the CLI imports this module for every command
 
             buf = io.BytesIO()
@@ -135,6 +134,7 @@ class HEAPI(BaseClient):
     ) -> Any:
         """The cached (or freshly generated) ``SecretContext`` for an offering's current plan
         (kept in memory too: loading a context with its keys takes milliseconds)."""
+        # lazy import: heavy (TenSEAL), only for HE calls
         from crypto.he import PublicPlan, SecretContext
 
         info = plan_info or self.he_plan(offering_id)
@@ -209,6 +209,7 @@ class HEAPI(BaseClient):
         """
         import numpy as np  # start-up cost, as above
 
+        # lazy import: heavy (TenSEAL), only for HE calls
         from crypto.he import PublicPlan, choose_layout
 
         if layout not in ("auto", "batch", "single"):

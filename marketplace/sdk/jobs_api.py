@@ -50,6 +50,7 @@ class SubmittedJob:
 
 def count_rows(data: bytes, fmt: str) -> int:
     """Rows in a CSV (without a header line) or the first axis of an .npy / npz ``x``."""
+    # lazy import: start-up cost of numpy, only when rows are counted
     import numpy as np
 
     if fmt == "csv":
@@ -179,6 +180,7 @@ class JobsAPI(BaseClient):
     def _contract_provider_key(self, offering_id: str, contract_id: str | None, *, consumer_key: str | None) -> str:
         """The provider key of the caller's contract for ``offering_id``, after verifying the
         contract's signatures locally (not trusting the server's word for the key)."""
+        # lazy import: start-up cost, only when a provider key is checked
         from contracts.offer import Contract, verify_contract
 
         if contract_id:

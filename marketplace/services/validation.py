@@ -238,6 +238,7 @@ def check_publishable(s: Session, off: Offering, settings: Any = None) -> None:
 
 
 def _defaults() -> Any:
+    # lazy import: only the bounds, when no runtime is at hand
     from marketplace.settings import Settings  # noqa: PLC0415 - the bounds only, when no runtime is at hand
 
     return Settings()

@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+# Three workers on this 2-core machine: most tests wait on servers, agents and browsers; files stay
+# whole on one worker (--dist loadfile), so module-scoped servers are never shared across workers.
+PYTEST_ARGS ?= -n 3 --dist loadfile
 
 .PHONY: install demo browser jail oidc test test-fast test-slow bench bench-peers lint docs clean
 
@@ -48,6 +50,7 @@ bench-peers:
 	bash bench/peers/run.sh
 
 lint: install
+	$(VENV)/bin/ruff format --check crypto contracts marketplace tests bench examples
 	$(VENV)/bin/ruff check crypto contracts marketplace
 	$(VENV)/bin/mypy crypto contracts marketplace
 

@@ -37,14 +37,22 @@ def _cert(d: Path) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cf, kf = d / "cert.pem", d / "key.pem"
     cf.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    kf.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    kf.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cf), str(kf)
 
 
@@ -54,8 +62,11 @@ def _serve(app: Any, cert: str, key: str) -> tuple[str, Any]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
-                                           ssl_certfile=cert, ssl_keyfile=key))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ssl_certfile=cert, ssl_keyfile=key
+        )
+    )
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -68,14 +79,23 @@ def _run_federation(world: Any, url: str, cafile: str, n: int, secagg: bool, rou
     from tests.marketplace.federated_support import breast_cancer_split, open_federation, wait_finished, wait_joined
 
     split = breast_cancer_split(n)
-    fed = open_federation(world, {"rounds": rounds, "local_epochs": 1, "min_participants": 2,
-                                  "secure_aggregation": secagg}, n=n, split=split)
+    fed = open_federation(
+        world,
+        {"rounds": rounds, "local_epochs": 1, "min_participants": 2, "secure_aggregation": secagg},
+        n=n,
+        split=split,
+    )
     threads = []
     for i, (_, k) in enumerate(fed.orgs):
-        c = SomClient(url, k, http=httpx.Client(base_url=url, verify=cafile, timeout=120,
-                                                headers={"Authorization": f"Bearer {k}"}))
+        c = SomClient(
+            url,
+            k,
+            http=httpx.Client(base_url=url, verify=cafile, timeout=120, headers={"Authorization": f"Bearer {k}"}),
+        )
         x, y = split.parts[i]
-        t = threading.Thread(target=participant.run, args=(c, fed.id, x, y), kwargs={"wait": 5.0, "seed": i}, daemon=True)
+        t = threading.Thread(
+            target=participant.run, args=(c, fed.id, x, y), kwargs={"wait": 5.0, "seed": i}, daemon=True
+        )
         t.start()
         threads.append(t)
     wait_joined(world, fed, n, timeout=120)
@@ -87,8 +107,9 @@ def _run_federation(world: Any, url: str, cafile: str, n: int, secagg: bool, rou
     return [float(r["metrics"]["seconds"]) for r in world.provider.federation_rounds(fed.id)]
 
 
-def _simulated(n: int, rounds: int, secagg: bool, *, noise: float = 0.0, clipping: float = 1.0,
-               epochs: int = 1) -> tuple[float, float, float]:
+def _simulated(
+    n: int, rounds: int, secagg: bool, *, noise: float = 0.0, clipping: float = 1.0, epochs: int = 1
+) -> tuple[float, float, float]:
     from flwr.app import Context, RecordDict
     from flwr.common.serde import message_from_proto, message_to_proto
     from flwr.proto.message_pb2 import Message as PM
@@ -99,9 +120,19 @@ def _simulated(n: int, rounds: int, secagg: bool, *, noise: float = 0.0, clippin
     from tests.marketplace.federated_support import breast_cancer_split
 
     split = breast_cancer_split(n)
-    r = Recipe.from_dict({"dim": 30, "rounds": rounds, "local_epochs": epochs, "min_participants": max(2, n // 2),
-                          "secure_aggregation": secagg, "mean": split.mean.tolist(), "scale": split.scale.tolist(),
-                          "noise_multiplier": noise, "clipping": clipping})
+    r = Recipe.from_dict(
+        {
+            "dim": 30,
+            "rounds": rounds,
+            "local_epochs": epochs,
+            "min_participants": max(2, n // 2),
+            "secure_aggregation": secagg,
+            "mean": split.mean.tolist(),
+            "scale": split.scale.tolist(),
+            "noise_multiplier": noise,
+            "clipping": clipping,
+        }
+    )
     box = Mailbox()
     nodes = list(range(10, 10 + n))
     ready: dict[int, Any] = {}
@@ -169,30 +200,38 @@ def main() -> None:
     dp = _dp_cost(2 if args.quick else 5)
 
     print("## Federated training (bench_federated.py)\n")
-    print(f"Seconds per round (median of {rounds} rounds), 30-parameter logistic regression, participants "
-          "on loopback over HTTPS (self-signed certificate), each round = Flower's stages over the "
-          "marketplace's long-poll channel (FedAvg fit + federated evaluation). Targets for three: "
-          "<= 1 s plain, <= 2 s SecAgg+, SecAgg+/plain <= 1.5x.\n")
+    print(
+        f"Seconds per round (median of {rounds} rounds), 30-parameter logistic regression, participants "
+        "on loopback over HTTPS (self-signed certificate), each round = Flower's stages over the "
+        "marketplace's long-poll channel (FedAvg fit + federated evaluation). Targets for three: "
+        "<= 1 s plain, <= 2 s SecAgg+, SecAgg+/plain <= 1.5x.\n"
+    )
     print("| participants | plain s/round | SecAgg+ s/round | SecAgg+/plain |")
     print("|---:|---:|---:|---:|")
     for n, plain, sa in rows:
         print(f"| {n} | {plain:.3f} | {sa:.3f} | {sa / plain:.2f}x |")
-    print("\nWithout a network: 100 simulated participants x "
-          f"{3 if args.quick else 10} rounds (the same Flower apps over the in-memory mailbox, one process, "
-          "threads; at least 50 updates per round; SecAgg+ over a sparse graph of ~10 neighbours per "
-          "node, 6 shares to reconstruct):\n")
+    print(
+        "\nWithout a network: 100 simulated participants x "
+        f"{3 if args.quick else 10} rounds (the same Flower apps over the in-memory mailbox, one process, "
+        "threads; at least 50 updates per round; SecAgg+ over a sparse graph of ~10 neighbours per "
+        "node, 6 shares to reconstruct):\n"
+    )
     print("| mode | median s/round | total s |")
     print("|---|---:|---:|")
     for secagg, med, total, _acc in sims:
         print(f"| {'SecAgg+' if secagg else 'plain'} | {med:.3f} | {total:.2f} |")
-    print("\nThe accuracy cost of client-side DP (three hospitals, non-IID breast-cancer, 10 rounds x 5 local "
-          f"epochs, SecAgg+, delta 1e-5; test accuracy over {len(dp[0][2])} runs, fresh noise each):\n")
+    print(
+        "\nThe accuracy cost of client-side DP (three hospitals, non-IID breast-cancer, 10 rounds x 5 local "
+        f"epochs, SecAgg+, delta 1e-5; test accuracy over {len(dp[0][2])} runs, fresh noise each):\n"
+    )
     print("| DP | mean accuracy | min | max |")
     print("|---|---:|---:|---:|")
     for label, _z, accs in dp:
         print(f"| {label} | {statistics.mean(accs):.4f} | {min(accs):.4f} | {max(accs):.4f} |")
-    print("\nFlower's stock SuperLink/SuperNode deployment measured ~24 s/round here (nodes poll every "
-          "3 s, a process per message), ~80 s with SecAgg+: see docs/federated.md.")
+    print(
+        "\nFlower's stock SuperLink/SuperNode deployment measured ~24 s/round here (nodes poll every "
+        "3 s, a process per message), ~80 s with SecAgg+: see docs/federated.md."
+    )
     _ = np
 
 

@@ -123,9 +123,17 @@ def _seed(data_dir: Path, tmp: Path) -> dict[str, Any]:
                 keys[name] = admin.create_key(org["id"], [name])["key"]
             prov, cons = SomClient(url, keys["provider"]), SomClient(url, keys["consumer"])
             now = datetime.now(UTC)
-            terms = Terms(modes=frozenset({"gateway"}), quota_units=10**12, rate_units=10**12, rate_window_seconds=60,
-                          valid_from=now - timedelta(minutes=5), valid_until=now + timedelta(days=1),
-                          unit_price_minor=1, currency="EUR", max_batch=4096)
+            terms = Terms(
+                modes=frozenset({"gateway"}),
+                quota_units=10**12,
+                rate_units=10**12,
+                rate_window_seconds=60,
+                valid_from=now - timedelta(minutes=5),
+                valid_until=now + timedelta(days=1),
+                unit_price_minor=1,
+                currency="EUR",
+                max_batch=4096,
+            )
             p_key = load_signing_key(tmp / "provider.key", create=True)
             for hosting in ("marketplace", "provider"):
                 off = prov.create_offering(name=f"bench-{hosting}", task="binary-classification", hosting=hosting)
@@ -144,8 +152,9 @@ def _seed(data_dir: Path, tmp: Path) -> dict[str, Any]:
 
 
 def _client(url: str, key: str) -> httpx.Client:
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-                        timeout=60)
+    return httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}, timeout=60
+    )
 
 
 def _predict(c: httpx.Client, off: str, body: bytes) -> tuple[float, dict[str, float]]:
@@ -239,7 +248,9 @@ def main() -> None:
         for window, metered in ((0.0, True), (window_ms, True), (0.0, False)):
             url = f"http://127.0.0.1:{gw_port}"
             e = {**env, "SOM_GATEWAY_BATCH_WINDOW_MS": str(window), "SOM_METERING": "true" if metered else "false"}
-            with _proc([sys.executable, "-m", "marketplace.cli", "serve", "--port", str(gw_port)], e, f"{url}/v1/health"):
+            with _proc(
+                [sys.executable, "-m", "marketplace.cli", "serve", "--port", str(gw_port)], e, f"{url}/v1/health"
+            ):
                 c = _client(url, seed["consumer_key"])
                 if not metered:  # the gateway's own path: no reservation, usage record, leaf or receipt
                     paired(lambda: _predict(c, seed["marketplace"], body)[0], "gw_nometer")  # noqa: B023
@@ -252,10 +263,27 @@ def main() -> None:
                         return dt
 
                     paired(one, "gw")
-                    res["gw_timing"] = {k: statistics.median(t[k] for t in timings[-n:]) for k in ("queue", "model", "metering", "total")}
+                    res["gw_timing"] = {
+                        k: statistics.median(t[k] for t in timings[-n:])
+                        for k in ("queue", "model", "metering", "total")
+                    }
                     aenv = {**env, "SOM_URL": url, "SOM_API_KEY": seed["agent_key"]}
-                    with _proc([sys.executable, "-m", "marketplace.cli", "agent", "--model", str(tmp / "model.npz"),
-                                "--lease-wait", "20", "--workdir", str(tmp / "agent-work")], aenv, None):
+                    with _proc(
+                        [
+                            sys.executable,
+                            "-m",
+                            "marketplace.cli",
+                            "agent",
+                            "--model",
+                            str(tmp / "model.npz"),
+                            "--lease-wait",
+                            "20",
+                            "--workdir",
+                            str(tmp / "agent-work"),
+                        ],
+                        aenv,
+                        None,
+                    ):
                         _wait_agent(c, seed["provider"], body)
                         ptim: list[dict[str, float]] = []
 
@@ -265,7 +293,10 @@ def main() -> None:
                             return dt
 
                         paired(pone, "prov")
-                        res["prov_timing"] = {k: statistics.median(t[k] for t in ptim[-n:]) for k in ("queue", "model", "metering", "total")}
+                        res["prov_timing"] = {
+                            k: statistics.median(t[k] for t in ptim[-n:])
+                            for k in ("queue", "model", "metering", "total")
+                        }
                         res["prov_tp"] = _throughput(url, seed["consumer_key"], seed["provider"], body, 16, per)
                     res["tp_off"] = _throughput(url, seed["consumer_key"], seed["marketplace"], body, 16, per)
                 else:
@@ -325,25 +356,37 @@ def _print(res: dict[str, Any], ort_s: list[float], np_s: list[float], n: int, p
     ort_m = statistics.median(ort_s)
     gt, pt = res["gw_timing"], res["prov_timing"]
     print("## Inference gateway\n")
-    print(f"Single-row logistic regression ({D_IN} features, sigmoid) through `POST /v1/offerings/{{id}}/predict` "
-          f"(JSON), {n} sequential calls on one keep-alive `httpx` client per series; `som serve` and the bare "
-          "FastAPI app are separate uvicorn processes (same defaults); SQLite; metering on (reservation, usage "
-          "record, ledger leaf and receipt per call); one gateway worker process; a real `som agent` process "
-          "for the provider-hosted offering. All in one run.\n")
+    print(
+        f"Single-row logistic regression ({D_IN} features, sigmoid) through `POST /v1/offerings/{{id}}/predict` "
+        f"(JSON), {n} sequential calls on one keep-alive `httpx` client per series; `som serve` and the bare "
+        "FastAPI app are separate uvicorn processes (same defaults); SQLite; metering on (reservation, usage "
+        "record, ledger leaf and receipt per call); one gateway worker process; a real `som agent` process "
+        "for the provider-hosted offering. All in one run.\n"
+    )
     print("| measure | median | p99 |")
     print("| --- | --- | --- |")
     print(f"| raw ONNX Runtime `session.run`, 1 row, in process | {ms(ort_s)} | {p99(ort_s)} |")
     print(f"| numpy forward pass, 1 row, in process | {ms(np_s)} | {p99(np_s)} |")
-    print(f"| bare FastAPI no-op `POST` route (HTTP only; interleaved with the line below) | {ms(res['noop_gw'])} | {p99(res['noop_gw'])} |")
-    print(f"| gateway, marketplace-hosted (HTTP + auth + metering + receipt + worker IPC + ORT) | {ms(res['gw'])} | {p99(res['gw'])} |")
-    print(f"| gateway, provider-hosted (same + the agent's long-poll round trip) | {ms(res['prov'])} | {p99(res['prov'])} |")
-    print(f"| gateway, marketplace-hosted, metering off (no reservation, leaf or receipt) | {ms(res['gw_nometer'])} | {p99(res['gw_nometer'])} |")
+    print(
+        f"| bare FastAPI no-op `POST` route (HTTP only; interleaved with the line below) | {ms(res['noop_gw'])} | {p99(res['noop_gw'])} |"
+    )
+    print(
+        f"| gateway, marketplace-hosted (HTTP + auth + metering + receipt + worker IPC + ORT) | {ms(res['gw'])} | {p99(res['gw'])} |"
+    )
+    print(
+        f"| gateway, provider-hosted (same + the agent's long-poll round trip) | {ms(res['prov'])} | {p99(res['prov'])} |"
+    )
+    print(
+        f"| gateway, marketplace-hosted, metering off (no reservation, leaf or receipt) | {ms(res['gw_nometer'])} | {p99(res['gw_nometer'])} |"
+    )
     print()
-    print(f"**Overhead ratio** (gateway median / no-op median, interleaved): **{gw / noop:.2f}x** (target <= 5x); "
-          f"without the model call: {(gw - ort_m) / noop:.2f}x; p99 ratio {_pct(res['gw'], 0.99) / _pct(res['noop_gw'], 0.99):.2f}x. "
-          f"Metering off (the gateway's own path: auth, parsing, worker hop, ORT): "
-          f"{med(res['gw_nometer']) / med(res['noop_gw_nometer']):.2f}x its interleaved no-op. Provider-hosted: "
-          f"{prov / med(res['noop_prov']):.2f}x its interleaved no-op, {prov / gw:.2f}x marketplace-hosted.\n")
+    print(
+        f"**Overhead ratio** (gateway median / no-op median, interleaved): **{gw / noop:.2f}x** (target <= 5x); "
+        f"without the model call: {(gw - ort_m) / noop:.2f}x; p99 ratio {_pct(res['gw'], 0.99) / _pct(res['noop_gw'], 0.99):.2f}x. "
+        f"Metering off (the gateway's own path: auth, parsing, worker hop, ORT): "
+        f"{med(res['gw_nometer']) / med(res['noop_gw_nometer']):.2f}x its interleaved no-op. Provider-hosted: "
+        f"{prov / med(res['noop_prov']):.2f}x its interleaved no-op, {prov / gw:.2f}x marketplace-hosted.\n"
+    )
     print("Server-Timing medians (ms), as the server measured them:\n")
     print("| offering | queue | model | metering | total (server) |")
     print("| --- | --- | --- | --- | --- |")
@@ -358,12 +401,14 @@ def _print(res: dict[str, Any], ort_s: list[float], np_s: list[float], n: int, p
     print(f"| gateway, marketplace-hosted, micro-batching on ({window_ms:g} ms window) | {res['tp_on']:.0f} |")
     print(f"| gateway, provider-hosted (the agent stacks what each long-poll brings) | {res['prov_tp']:.0f} |")
     print()
-    print("Where the time goes: `metering` is the reservation transaction, the commit transaction (usage "
-          "record, ledger leaf) and the receipt, which signs a fresh checkpoint for the new leaf (Ed25519 plus "
-          "a consistency check of the tree) and reads its inclusion proof: that is most of a call. `queue` is "
-          "the hop to the worker process (or the agent) and back; the model itself is microseconds. Every "
-          "call is still metered on its own, so micro-batching saves model runs and worker hops, not metering "
-          "transactions, which serialize on SQLite's single writer.")
+    print(
+        "Where the time goes: `metering` is the reservation transaction, the commit transaction (usage "
+        "record, ledger leaf) and the receipt, which signs a fresh checkpoint for the new leaf (Ed25519 plus "
+        "a consistency check of the tree) and reads its inclusion proof: that is most of a call. `queue` is "
+        "the hop to the worker process (or the agent) and back; the model itself is microseconds. Every "
+        "call is still metered on its own, so micro-batching saves model runs and worker hops, not metering "
+        "transactions, which serialize on SQLite's single writer."
+    )
 
 
 if __name__ == "__main__":

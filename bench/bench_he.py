@@ -124,10 +124,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     print("## HE inference (CKKS, TenSEAL)\n")
-    print(f"{N_SAMPLES} samples, slot-per-sample layout, median of {args.repeats} runs; "
-          "ours includes masking, re-randomisation, flooding and framing.\n")
-    print("| model | params | engine | encrypt/s | compute/s | decrypt/s | end-to-end/s | time ratio ours/raw "
-          "| max logit error |")
+    print(
+        f"{N_SAMPLES} samples, slot-per-sample layout, median of {args.repeats} runs; "
+        "ours includes masking, re-randomisation, flooding and framing.\n"
+    )
+    print(
+        "| model | params | engine | encrypt/s | compute/s | decrypt/s | end-to-end/s | time ratio ours/raw "
+        "| max logit error |"
+    )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     extra = []
     for name, data, xs in models():
@@ -141,28 +145,45 @@ def main() -> None:
         r = [raw_tenseal(model, x) for _ in range(args.repeats)]
         om = [statistics.median(t[0][i] for t in o) for i in range(3)]
         rm = [statistics.median(t[0][i] for t in r) for i in range(3)]
-        rows = [(f"ours (promise 2^-{p.precision_bits}, incl. flooding)", params, om, o[0][4]),
-                ("raw TenSEAL", params, rm, r[0][1])]
+        rows = [
+            (f"ours (promise 2^-{p.precision_bits}, incl. flooding)", params, om, o[0][4]),
+            ("raw TenSEAL", params, rm, r[0][1]),
+        ]
         if p.depth == 3:  # the reference parameters, raw (no drift correction)
             ref = (8192, (50, 30, 30, 30, 50), 30)
             rr = [raw_tenseal(model, x, ref) for _ in range(args.repeats)]
-            rows.append(("raw TenSEAL, issue's params", "N=8192 [50, 30, 30, 30, 50] 2^30",
-                         [statistics.median(t[0][i] for t in rr) for i in range(3)], rr[0][1]))
+            rows.append(
+                (
+                    "raw TenSEAL, issue's params",
+                    "N=8192 [50, 30, 30, 30, 50] 2^30",
+                    [statistics.median(t[0][i] for t in rr) for i in range(3)],
+                    rr[0][1],
+                )
+            )
         for label, prm, m, err in rows:
             ratio = f"{sum(rm) and sum(om) / sum(rm):.2f}x" if label.startswith("ours") else ""
-            print(f"| {name} | {prm} | {label} | " + " | ".join(f"{N_SAMPLES / t:,.0f}" for t in m)
-                  + f" | {N_SAMPLES / sum(m):,.0f} | {ratio} | {err:.1e} |")
+            print(
+                f"| {name} | {prm} | {label} | "
+                + " | ".join(f"{N_SAMPLES / t:,.0f}" for t in m)
+                + f" | {N_SAMPLES / sum(m):,.0f} | {ratio} | {err:.1e} |"
+            )
         s = model.search.chosen
-        extra_search = f"compile {compile_s:.1f} s, measured CKKS error {s.max_abs_error:.1e} on {model.search.samples} samples"
+        extra_search = (
+            f"compile {compile_s:.1f} s, measured CKKS error {s.max_abs_error:.1e} on {model.search.samples} samples"
+        )
         t0 = time.perf_counter()
         for _ in range(10):
             model.predict_plain(x)
         plain = 10 * N_SAMPLES / (time.perf_counter() - t0)
         lat, ks_single = single_latency(model, xs)
         _, ks, req, resp, _ = o[0]
-        extra.append(f"| {name} | {plain:,.0f} | {lat * 1000:,.0f} ms | {ks / 1e6:.1f} MB | {ks_single / 1e6:.1f} MB "
-                     f"| {req / N_SAMPLES:,.0f} | {resp / N_SAMPLES:,.0f} | {extra_search} |")
-    print("\n| model | plaintext numpy samples/s | single-sample latency (single layout) | key set (batch) | key set (single) | request bytes/sample | response bytes/sample | parameter search |")
+        extra.append(
+            f"| {name} | {plain:,.0f} | {lat * 1000:,.0f} ms | {ks / 1e6:.1f} MB | {ks_single / 1e6:.1f} MB "
+            f"| {req / N_SAMPLES:,.0f} | {resp / N_SAMPLES:,.0f} | {extra_search} |"
+        )
+    print(
+        "\n| model | plaintext numpy samples/s | single-sample latency (single layout) | key set (batch) | key set (single) | request bytes/sample | response bytes/sample | parameter search |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     print("\n".join(extra))
     print("\n(ratio column: our end-to-end time / raw TenSEAL end-to-end time; target <= 1.15x.)")

@@ -123,12 +123,24 @@ def contract(rt: Any, orgs: dict[str, str], offering_id: str) -> str:
 
     now = utcnow()
     terms = Terms(
-        modes=frozenset({"he_inference"}), quota_units=10**9, rate_units=10**9, rate_window_seconds=60,
-        valid_from=now - timedelta(hours=1), valid_until=now + timedelta(days=1),
-        unit_price_minor=1, currency="EUR", max_batch=BATCH,
+        modes=frozenset({"he_inference"}),
+        quota_units=10**9,
+        rate_units=10**9,
+        rate_window_seconds=60,
+        valid_from=now - timedelta(hours=1),
+        valid_until=now + timedelta(days=1),
+        unit_price_minor=1,
+        currency="EUR",
+        max_batch=BATCH,
     )
-    offer = make_offer(offer_id="ofr_" + secrets.token_hex(8), offering_id=offering_id, provider_org=orgs["provider"],
-                       terms=terms, signing_key=SigningKey.generate(), now=now)
+    offer = make_offer(
+        offer_id="ofr_" + secrets.token_hex(8),
+        offering_id=offering_id,
+        provider_org=orgs["provider"],
+        terms=terms,
+        signing_key=SigningKey.generate(),
+        now=now,
+    )
     prov = Principal(key_id="key_bench_p", org_id=orgs["provider"], roles=frozenset({"provider"}))
     cons = Principal(key_id="key_bench_c", org_id=orgs["consumer"], roles=frozenset({"consumer"}))
     with rt.tx() as s:
@@ -222,7 +234,7 @@ def run(repeat: int, workers: int) -> str:
         "",
         f"uvicorn on loopback, SQLite, metering + ledger on, {workers} compute worker(s); medians of {repeat} runs; "
         f"throughput: {BATCH}-sample requests, slot per sample; latency: one sample, one ciphertext (single "
-        "layout, which `layout=\"auto\"` picks for one sample); prebuilt request frames, client encryption and "
+        'layout, which `layout="auto"` picks for one sample); prebuilt request frames, client encryption and '
         "decryption excluded; engine = `crypto.he.evaluate` in the bench process on the same frames.",
         "",
         "| model | params | HTTP samples/s | engine samples/s | ratio | target | 1-sample HTTP ms | engine ms "

@@ -58,8 +58,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="som-bench-jail-"))
 
     def run(code: str, jail: JailConfig | None) -> None:
-        r = run_isolated(code, inputs={"data.csv": b"1,2\n"}, workdir=work, cpu_seconds=30, memory_mb=1024,
-                         wall_seconds=60, jail=jail)
+        r = run_isolated(
+            code,
+            inputs={"data.csv": b"1,2\n"},
+            workdir=work,
+            cpu_seconds=30,
+            memory_mb=1024,
+            wall_seconds=60,
+            jail=jail,
+        )
         if not r.ok:
             raise SystemExit(f"bench job failed: {r.message}: {r.stderr[-500:]}")
 
@@ -70,29 +77,39 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
-    np.savez(buf, **{"layer0.weight": rng.normal(size=(1, D_IN)), "layer0.bias": rng.normal(size=(1,)),
-                     "layer0.activation": np.array("sigmoid")})
+    np.savez(
+        buf,
+        **{
+            "layer0.weight": rng.normal(size=(1, D_IN)),
+            "layer0.bias": rng.normal(size=(1,)),
+            "layer0.activation": np.array("sigmoid"),
+        },
+    )
     model = load_model(buf.getvalue(), "npz")
     data = ("\n".join(",".join(repr(float(v)) for v in r) for r in rng.normal(size=(ROWS, D_IN))) + "\n").encode()
     reply = SealKeyPair.generate()
     job = JobInput("job_bench", "predict", reply.public_text(), data)
     local = _median_ms(lambda: run_job(model, job, expected_kind="predict", workdir=work), n * 4)
 
-    print(f"Medians of {n} runs of `run_isolated` (limits: 30 s CPU, 1 GiB). Jailed = bubblewrap (all namespaces, "
-          "nobody uid, read-only root, tmpfs outputs) + per-job cgroup v1 memory/pids/freezer/cpuacct, created, "
-          "killed and removed per job. Unjailed = the plain child process (`jail=None`).\n")
+    print(
+        f"Medians of {n} runs of `run_isolated` (limits: 30 s CPU, 1 GiB). Jailed = bubblewrap (all namespaces, "
+        "nobody uid, read-only root, tmpfs outputs) + per-job cgroup v1 memory/pids/freezer/cpuacct, created, "
+        "killed and removed per job. Unjailed = the plain child process (`jail=None`).\n"
+    )
     print("| measure | jailed | unjailed | jail overhead |")
     print("| --- | --- | --- | --- |")
     print(f"| empty `main.py` | {empty_j:.1f} ms | {empty_u:.1f} ms | {empty_j - empty_u:+.1f} ms |")
     print(f"| `import numpy` | {np_j:.1f} ms | {np_u:.1f} ms | {np_j - np_u:+.1f} ms |")
     print()
-    print(f"In-process `predict` of {ROWS} rows x {D_IN} features (parse CSV, predict, format), what the predict "
-          f"and evaluate runners do today: {local:.2f} ms. Running it in the jail would cost at least the "
-          f"`import numpy` start-up above ({np_j:.0f} ms), x{np_j / max(local, 1e-3):.0f} the computation itself, "
-          "and several times the whole round trip of a predict job through the agent (\"Remote jobs\" above), "
-          "so predict/evaluate stay in-process (docs/jobs.md, \"The jail\"). Most of the jailed time is the "
-          "interpreter's own start-up: the unjailed child pays it too, and the difference between the two "
-          f"columns is within this run's noise (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores).\n")
+    print(
+        f"In-process `predict` of {ROWS} rows x {D_IN} features (parse CSV, predict, format), what the predict "
+        f"and evaluate runners do today: {local:.2f} ms. Running it in the jail would cost at least the "
+        f"`import numpy` start-up above ({np_j:.0f} ms), x{np_j / max(local, 1e-3):.0f} the computation itself, "
+        'and several times the whole round trip of a predict job through the agent ("Remote jobs" above), '
+        'so predict/evaluate stay in-process (docs/jobs.md, "The jail"). Most of the jailed time is the '
+        "interpreter's own start-up: the unjailed child pays it too, and the difference between the two "
+        f"columns is within this run's noise (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores).\n"
+    )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="som-bench-jobs-"))
     port = _port()
-    app = create_app(Settings(data_dir=tmp / "data", key_dir=tmp / "keys", metering=False, agent_lease_seconds=30, workers=1))
+    app = create_app(
+        Settings(data_dir=tmp / "data", key_dir=tmp / "keys", metering=False, agent_lease_seconds=30, workers=1)
+    )
     rt = app.state.runtime
     with rt.tx() as s:
         _, admin_key = identity.bootstrap(s)
@@ -89,12 +91,22 @@ def main() -> None:
     key_path = tmp / "provider.key"
     p_key = load_signing_key(key_path, create=True)
     now = datetime.now(UTC)
-    prov.publish_offer(off["id"], Terms(
-        modes=frozenset({"remote_job"}), quota_units=10**9, rate_units=10**9, rate_window_seconds=60,
-        valid_from=now - timedelta(minutes=1), valid_until=now + timedelta(days=1), unit_price_minor=1,
-        currency="EUR", max_batch=10**6,
-        job_limits=JobLimits(allowed_kinds=frozenset({"predict"}), cpu_seconds=60, memory_mb=512, wall_seconds=60),
-    ), signing_key=p_key)
+    prov.publish_offer(
+        off["id"],
+        Terms(
+            modes=frozenset({"remote_job"}),
+            quota_units=10**9,
+            rate_units=10**9,
+            rate_window_seconds=60,
+            valid_from=now - timedelta(minutes=1),
+            valid_until=now + timedelta(days=1),
+            unit_price_minor=1,
+            currency="EUR",
+            max_batch=10**6,
+            job_limits=JobLimits(allowed_kinds=frozenset({"predict"}), cpu_seconds=60, memory_mb=512, wall_seconds=60),
+        ),
+        signing_key=p_key,
+    )
     provider_key = p_key.verify_key.to_text()
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(1, D_IN)), rng.normal(size=(1,))
@@ -110,14 +122,25 @@ def main() -> None:
     local = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        run_job(model, JobInput("job_local", "predict", reply.public_text(), data), expected_kind="predict", workdir=tmp)
+        run_job(
+            model, JobInput("job_local", "predict", reply.public_text(), data), expected_kind="predict", workdir=tmp
+        )
         local.append(time.perf_counter() - t0)
 
     agents: list[tuple[threading.Event, threading.Thread]] = []
 
     def add_agent() -> None:
-        ag = ProviderAgent(AgentConfig(url=url, api_key=akey, model_path=model_path, seal_key_path=tmp / "seal.key",
-                                       signing_key_path=key_path, lease_wait=5.0, workdir=tmp / "work"))
+        ag = ProviderAgent(
+            AgentConfig(
+                url=url,
+                api_key=akey,
+                model_path=model_path,
+                seal_key_path=tmp / "seal.key",
+                signing_key_path=key_path,
+                lease_wait=5.0,
+                workdir=tmp / "work",
+            )
+        )
         stop = threading.Event()
         t = threading.Thread(target=ag.run, args=(stop,), daemon=True)
         t.start()
@@ -163,8 +186,10 @@ def main() -> None:
 
     ml, mr = statistics.median(local), statistics.median(rtt)
     print("## Remote jobs (provider agent)\n")
-    print(f"`predict` over {ROWS} rows x {D_IN} features (CSV), logistic model; medians of {args.repeats} runs; "
-          "uvicorn on loopback, SQLite, metering off; agents are threads of the benchmark process.\n")
+    print(
+        f"`predict` over {ROWS} rows x {D_IN} features (CSV), logistic model; medians of {args.repeats} runs; "
+        "uvicorn on loopback, SQLite, metering off; agents are threads of the benchmark process.\n"
+    )
     print("| measure | value |")
     print("| --- | --- |")
     print(f"| local prediction (parse, predict, format) | {ml * 1e3:.2f} ms |")
@@ -173,10 +198,12 @@ def main() -> None:
     print(f"| throughput, 1 agent ({args.jobs} jobs, 8 concurrent consumers) | {tp1:.1f} jobs/s |")
     print(f"| throughput, 2 agents | {tp2:.1f} jobs/s |")
     print()
-    print("The overhead is HTTP round trips (create, upload, lease, payload, result, polls, fetch), "
-          "SQLite write transactions and two HPKE seal/open pairs; the computation itself is tiny. "
-          f"A second agent changed throughput by {(tp2 / tp1 - 1) * 100:+.0f}%: the bottleneck is the server "
-          "(one SQLite writer) and the shared cores, not the agent, for jobs this small.")
+    print(
+        "The overhead is HTTP round trips (create, upload, lease, payload, result, polls, fetch), "
+        "SQLite write transactions and two HPKE seal/open pairs; the computation itself is tiny. "
+        f"A second agent changed throughput by {(tp2 / tp1 - 1) * 100:+.0f}%: the bottleneck is the server "
+        "(one SQLite writer) and the shared cores, not the agent, for jobs this small."
+    )
     rt.close()
 
 

@@ -63,10 +63,16 @@ def make_contract(n: int) -> Contract:
         job_limits=JobLimits(frozenset({"predict"}), 600, 2048, 900),
     )
     offer = make_offer(
-        offer_id="offer-bench", offering_id="off_bench", provider_org="org_provider", terms=terms,
-        signing_key=SigningKey.generate(), now=T0 - timedelta(days=1),
+        offer_id="offer-bench",
+        offering_id="off_bench",
+        provider_org="org_provider",
+        terms=terms,
+        signing_key=SigningKey.generate(),
+        now=T0 - timedelta(days=1),
     )
-    return accept_offer(offer, consumer_org="org_consumer", signing_key=SigningKey.generate(), now=T0 - timedelta(hours=1))
+    return accept_offer(
+        offer, consumer_org="org_consumer", signing_key=SigningKey.generate(), now=T0 - timedelta(hours=1)
+    )
 
 
 def records(c: Contract, start: int, n: int) -> list[dict[str, Any]]:
@@ -75,8 +81,14 @@ def records(c: Contract, start: int, n: int) -> list[dict[str, Any]]:
         d = "sha256:" + hashlib.sha256(b"%d" % i).hexdigest()
         out.append(
             usage_record(
-                c, usage_id=f"use_{i}", mode="he_inference", units=1 + i % 3, outcome="charged",
-                request_digest=d, idempotency_key_digest=d, time=T0 + timedelta(milliseconds=10 * i),
+                c,
+                usage_id=f"use_{i}",
+                mode="he_inference",
+                units=1 + i % 3,
+                outcome="charged",
+                request_digest=d,
+                idempotency_key_digest=d,
+                time=T0 + timedelta(milliseconds=10 * i),
             )
         )
     return out
@@ -123,7 +135,9 @@ def bare_rows(d: Path, recs: list[dict[str, Any]], batch: int) -> float:
         for k, r in enumerate(recs[b : b + batch], b):
             data = canonicalize(r)
             h = sha(b"\x00" + data).digest()
-            rows.append((k, h, leaf_hash_prefix(h), data, r["schema"], *(cols(r) if r["schema"] == USAGE_SCHEMA else none)))
+            rows.append(
+                (k, h, leaf_hash_prefix(h), data, r["schema"], *(cols(r) if r["schema"] == USAGE_SCHEMA else none))
+            )
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(sql, rows)
         conn.execute("COMMIT")

@@ -45,17 +45,34 @@ def setup(rt: Runtime) -> tuple[identity.Principal, str]:
     with rt.tx() as s:
         prov = identity.create_org(s, "bench-provider")
         cons = identity.create_org(s, "bench-consumer")
-        off = Offering(org_id=prov.id, name="bench", task="t", input_schema={}, output_schema={}, tags=[],
-                       hosting="provider", status="published")
+        off = Offering(
+            org_id=prov.id,
+            name="bench",
+            task="t",
+            input_schema={},
+            output_schema={},
+            tags=[],
+            hosting="provider",
+            status="published",
+        )
         s.add(off)
         s.flush()
         pid, cid, oid = prov.id, cons.id, off.id
     now = utcnow()
-    terms = Terms(modes=frozenset({"remote_job"}), quota_units=10**9, rate_units=10**9, rate_window_seconds=60,
-                  valid_from=now - timedelta(days=1), valid_until=now + timedelta(days=1), unit_price_minor=1,
-                  currency="EUR", max_batch=64)
-    offer = make_offer(offer_id="ofr_bench0001", offering_id=oid, provider_org=pid, terms=terms,
-                       signing_key=SigningKey.generate())
+    terms = Terms(
+        modes=frozenset({"remote_job"}),
+        quota_units=10**9,
+        rate_units=10**9,
+        rate_window_seconds=60,
+        valid_from=now - timedelta(days=1),
+        valid_until=now + timedelta(days=1),
+        unit_price_minor=1,
+        currency="EUR",
+        max_batch=64,
+    )
+    offer = make_offer(
+        offer_id="ofr_bench0001", offering_id=oid, provider_org=pid, terms=terms, signing_key=SigningKey.generate()
+    )
     pp = identity.Principal("key_p", pid, frozenset({"provider"}))
     cp = identity.Principal("key_c", cid, frozenset({"consumer"}))
     with rt.tx() as s:
@@ -68,8 +85,16 @@ def setup(rt: Runtime) -> tuple[identity.Principal, str]:
 
 def one(rt: Runtime, p: identity.Principal, oid: str, i: int, *, receipt: bool) -> float:
     t0 = time.perf_counter()
-    r = metering.begin(rt, p, offering_id=oid, mode="remote_job", job_kind="predict", units=1,
-                       idempotency_key=f"bench-{i}", request_digest=metering.request_digest(PAYLOAD, str(i)))
+    r = metering.begin(
+        rt,
+        p,
+        offering_id=oid,
+        mode="remote_job",
+        job_kind="predict",
+        units=1,
+        idempotency_key=f"bench-{i}",
+        request_digest=metering.request_digest(PAYLOAD, str(i)),
+    )
     out = work(PAYLOAD)
     if receipt:
         metering.commit(rt, r, result=out, media_type="application/octet-stream")
@@ -115,8 +140,10 @@ def main() -> None:
             rt.close()
     off50, off99 = pct(arms["off"], 0.5), pct(arms["off"], 0.99)
     print("## Metering overhead (SQLite, WAL)\n")
-    print(f"{n} sequential requests per arm, interleaved; work = 16 KiB body hashed; one thread. "
-          "Overhead = metered minus unmetered at the same percentile.\n")
+    print(
+        f"{n} sequential requests per arm, interleaved; work = 16 KiB body hashed; one thread. "
+        "Overhead = metered minus unmetered at the same percentile.\n"
+    )
     print("| arm | p50 ms | p99 ms | overhead p50 ms | overhead p99 ms |")
     print("| --- | ---: | ---: | ---: | ---: |")
     labels = {

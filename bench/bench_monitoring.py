@@ -96,7 +96,9 @@ def record_cost(n: int) -> tuple[float, float]:
     t_bare = (time.perf_counter() - t0) / n
     t0 = time.perf_counter()
     for i in range(n):
-        monitoring.record_inference("off_bench", 1, "he_inference", queue_s=0.0, model_s=i * 1e-6, overhead_s=1e-4, ok=True)
+        monitoring.record_inference(
+            "off_bench", 1, "he_inference", queue_s=0.0, model_s=i * 1e-6, overhead_s=1e-4, ok=True
+        )
     return (time.perf_counter() - t0) / n, t_bare
 
 
@@ -109,7 +111,9 @@ def flush_cost(rt: object, rows: int, repeats: int = 5) -> tuple[float, float]:
     for _ in range(repeats):
         with monitoring._lock:
             for i in range(rows):
-                a = monitoring._aggs.setdefault(("off_bench", 1, "he_inference", int(now - 60 * i)), monitoring.MinuteAgg())
+                a = monitoring._aggs.setdefault(
+                    ("off_bench", 1, "he_inference", int(now - 60 * i)), monitoring.MinuteAgg()
+                )
                 a.calls, a.seq = a.calls + 1, a.seq + 1
         t0 = time.perf_counter()
         monitoring_store.flush(rt)  # type: ignore[arg-type]
@@ -132,8 +136,18 @@ def main() -> int:
     with rt.tx() as s:
         s.add(Org(id="org_bench", name="bench"))
         s.flush()
-        s.add(Offering(id="off_bench", org_id="org_bench", name="bench", task="t", input_schema={}, output_schema={},
-                       tags=[], hosting="provider"))
+        s.add(
+            Offering(
+                id="off_bench",
+                org_id="org_bench",
+                name="bench",
+                task="t",
+                input_schema={},
+                output_schema={},
+                tags=[],
+                hosting="provider",
+            )
+        )
     url, server, th = _serve(app)
     try:
         builds, refreshes = chart_times(url, runs)
@@ -146,16 +160,22 @@ def main() -> int:
     rt.close()
     med = statistics.median(builds)
     print("## Monitoring (dashboards and recording)\n")
-    print(f"Chromium {CHROMIUM}, uPlot 1.6.32 through the dashboard's own `monitor.js`; {POINTS:,} one-minute "
-          f"points (30 days) x 3 series; {runs} runs after a warm-up; time from the call to the end of the first draw.\n")
+    print(
+        f"Chromium {CHROMIUM}, uPlot 1.6.32 through the dashboard's own `monitor.js`; {POINTS:,} one-minute "
+        f"points (30 days) x 3 series; {runs} runs after a warm-up; time from the call to the end of the first draw.\n"
+    )
     print("| measure | median | max |")
     print("| --- | --- | --- |")
     print(f"| build a 30-day one-minute chart | {med:.1f} ms | {max(builds):.1f} ms |")
     print(f"| refresh it (`setData`, same size) | {statistics.median(refreshes):.1f} ms | {max(refreshes):.1f} ms |")
     print(f"| `record_inference` (3 phase histograms + minute aggregate) | {rec * 1e6:.1f} us | |")
     print(f"| bare `Histogram.observe` (same buckets), same run | {bare * 1e6:.2f} us | |")
-    print(f"| flush 1,000 changed minute rows (one upsert statement, executemany, SQLite) | {fl * 1e3:.1f} ms | first: {fl_first * 1e3:.1f} ms |")
-    print(f"| flush 1 changed minute row (the usual case: one per offering, version, mode) | {fl1 * 1e3:.2f} ms | first: {fl1_first * 1e3:.1f} ms |")
+    print(
+        f"| flush 1,000 changed minute rows (one upsert statement, executemany, SQLite) | {fl * 1e3:.1f} ms | first: {fl_first * 1e3:.1f} ms |"
+    )
+    print(
+        f"| flush 1 changed minute row (the usual case: one per offering, version, mode) | {fl1 * 1e3:.2f} ms | first: {fl1_first * 1e3:.1f} ms |"
+    )
     print()
     verdict = "PASS" if med < LIMIT_MS else "FAIL"
     print(f"Verdict: {verdict}: median build {med:.1f} ms against the {LIMIT_MS:.0f} ms budget.")

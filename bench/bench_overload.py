@@ -86,8 +86,10 @@ def serve(env: dict[str, str], overrides: dict[str, str]) -> tuple[subprocess.Po
     port = _port()
     e = {**env, **overrides}
     proc = subprocess.Popen(  # noqa: S603 - our own CLI
-        [sys.executable, "-m", "marketplace.cli", "serve", "--port", str(port)], env=e,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "marketplace.cli", "serve", "--port", str(port)],
+        env=e,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -115,10 +117,16 @@ async def storm(url: str, key: str, off: str, ks: str, frame: bytes, clients: in
             while time.monotonic() < end:
                 t0 = time.monotonic()
                 try:
-                    r = await h.post(f"/v1/offerings/{off}/infer", content=frame, headers={
-                        **auth, "Content-Type": "application/octet-stream", "X-Som-Keyset": ks,
-                        "Idempotency-Key": str(uuid.uuid4()),
-                    })
+                    r = await h.post(
+                        f"/v1/offerings/{off}/infer",
+                        content=frame,
+                        headers={
+                            **auth,
+                            "Content-Type": "application/octet-stream",
+                            "X-Som-Keyset": ks,
+                            "Idempotency-Key": str(uuid.uuid4()),
+                        },
+                    )
                 except httpx.TransportError:
                     counts["other"] += 1
                     continue
@@ -163,10 +171,17 @@ def run(seconds: float, levels: list[int]) -> str:
         for label, overrides in CONFIGS:
             proc, url = serve(env, overrides)
             try:
-                httpx.post(f"{url}/v1/offerings/{off}/infer", content=frame, timeout=60, headers={  # warm the pool
-                    "Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream",
-                    "X-Som-Keyset": ks, "Idempotency-Key": str(uuid.uuid4()),
-                })
+                httpx.post(
+                    f"{url}/v1/offerings/{off}/infer",
+                    content=frame,
+                    timeout=60,
+                    headers={  # warm the pool
+                        "Authorization": f"Bearer {key}",
+                        "Content-Type": "application/octet-stream",
+                        "X-Som-Keyset": ks,
+                        "Idempotency-Key": str(uuid.uuid4()),
+                    },
+                )
                 res = asyncio.run(storm(url, key, off, ks, frame, clients, seconds))
             finally:
                 proc.terminate()

@@ -17,8 +17,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = [
-    "bench_ledger.py", "bench_metering.py", "bench_he.py", "bench_he_service.py", "bench_jobs.py", "bench_jail.py",
-    "bench_gateway.py", "bench_federated.py", "bench_overload.py",
+    "bench_ledger.py",
+    "bench_metering.py",
+    "bench_he.py",
+    "bench_he_service.py",
+    "bench_jobs.py",
+    "bench_jail.py",
+    "bench_gateway.py",
+    "bench_federated.py",
+    "bench_overload.py",
 ]
 
 
@@ -56,8 +63,10 @@ def main() -> int:
             sections.append(r.stdout.strip() + f"\n\n_{script.name} took {took:.0f} s._\n")
         print(f"  {script.name}: {'ok' if r.returncode == 0 else 'FAILED'} in {took:.0f} s", flush=True)
     out = ROOT / args.out
-    foot = ("## Peers\n\nConcrete-ML's FHE logistic regression on the same data runs in its own venv "
-            "(`make bench-peers`, several GB): see [peers.md](peers.md).\n")
+    foot = (
+        "## Peers\n\nConcrete-ML's FHE logistic regression on the same data runs in its own venv "
+        "(`make bench-peers`, several GB): see [peers.md](peers.md).\n"
+    )
     out.write_text("\n".join(head) + "\n" + "\n".join(sections) + "\n" + foot)
     print(f"wrote {out}")
     return 1 if failed else 0

@@ -48,9 +48,7 @@ def describe(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-def expect_keys(
-    d: Any, where: str, required: Iterable[str], optional: Iterable[str] = ()
-) -> Mapping[str, Any]:
+def expect_keys(d: Any, where: str, required: Iterable[str], optional: Iterable[str] = ()) -> Mapping[str, Any]:
     if not isinstance(d, Mapping):
         raise SchemaError(f"{where}: expected a JSON object, got {describe(d)}")
     req = set(required)
@@ -67,9 +65,7 @@ def expect_keys(
 def get_int(d: Mapping[str, Any], key: str, where: str, *, minimum: int = 0) -> int:
     v = d[key]
     if type(v) is not int or not minimum <= v <= MAX_JSON_INT:
-        raise SchemaError(
-            f"{where}.{key}: expected an integer in [{minimum}, 2**53-1], got {describe(v)}"
-        )
+        raise SchemaError(f"{where}.{key}: expected an integer in [{minimum}, 2**53-1], got {describe(v)}")
     return v
 
 
@@ -113,8 +109,7 @@ def get_digest(d: Mapping[str, Any], key: str, where: str) -> str:
 def parse_time(text: Any, where: str) -> datetime:
     if type(text) is not str or not TIME_RE.fullmatch(text):
         raise SchemaError(
-            f"{where}: expected RFC 3339 UTC time like '2026-01-02T03:04:05.000000Z', "
-            f"got {describe(text)}"
+            f"{where}: expected RFC 3339 UTC time like '2026-01-02T03:04:05.000000Z', got {describe(text)}"
         )
     try:
         return datetime.fromisoformat(text)
@@ -141,8 +136,7 @@ def require_utc(value: Any, name: str) -> datetime:
 def format_time(value: datetime) -> str:
     dt = require_utc(value, "time")
     return (
-        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:"
-        f"{dt.second:02d}.{dt.microsecond:06d}Z"
+        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}.{dt.microsecond:06d}Z"
     )
 
 

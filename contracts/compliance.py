@@ -206,9 +206,7 @@ class ComplianceWalk:
         elif schema == CONTRACT_EVENT_SCHEMA:
             _check_event(index, leaf, books)
         elif schema == JOB_APPROVAL_SCHEMA and leaf["contract_id"] not in books:
-            raise ComplianceViolation(
-                index, f"job approval for unknown contract {leaf['contract_id']}"
-            )
+            raise ComplianceViolation(index, f"job approval for unknown contract {leaf['contract_id']}")
 
     def summary(self) -> ComplianceSummary:
         totals = {
@@ -276,9 +274,7 @@ def _check_event(index: int, leaf: Mapping[str, Any], books: dict[str, _Book]) -
     if book is None:
         raise ComplianceViolation(index, f"event for unknown contract {cid}")
     if event.contract_id != cid:
-        raise ComplianceViolation(
-            index, f"event contract_id: expected {cid} (the leaf's), got {event.contract_id}"
-        )
+        raise ComplianceViolation(index, f"event contract_id: expected {cid} (the leaf's), got {event.contract_id}")
     try:
         book.chain = advance(book.contract, book.chain, event)
     except InvalidSignature as e:
@@ -318,44 +314,31 @@ def _check_usage(
         )
     phase = book.phase_at(t)
     if phase is None:
-        raise ComplianceViolation(
-            index, f"usage at {leaf['time']} before the contract was accepted"
-        )
+        raise ComplianceViolation(index, f"usage at {leaf['time']} before the contract was accepted")
     if phase.status is not Status.ACTIVE:
-        raise ComplianceViolation(
-            index, f"usage at {leaf['time']} while the contract is {phase.status.value}"
-        )
+        raise ComplianceViolation(index, f"usage at {leaf['time']} while the contract is {phase.status.value}")
     if not phase.vf <= t < phase.vu:
-        raise ComplianceViolation(
-            index, f"usage at {leaf['time']} outside validity [{phase.vf}, {phase.vu})"
-        )
+        raise ComplianceViolation(index, f"usage at {leaf['time']} outside validity [{phase.vf}, {phase.vu})")
     mode = leaf["mode"]
     if mode not in phase.modes:
-        raise ComplianceViolation(
-            index, f"mode {mode!r} not allowed; allowed {sorted(phase.modes)}"
-        )
+        raise ComplianceViolation(index, f"mode {mode!r} not allowed; allowed {sorted(phase.modes)}")
     terms = phase.terms
     price = leaf["unit_price_minor"]
     if price != terms.unit_price_minor or leaf["currency"] != terms.currency:
         raise ComplianceViolation(
             index,
-            f"price: expected {terms.unit_price_minor} {terms.currency}, got {price} "
-            f"{leaf['currency']}",
+            f"price: expected {terms.unit_price_minor} {terms.currency}, got {price} {leaf['currency']}",
         )
     units = leaf["units"]
     amount = leaf["amount_minor"]
     book.records += 1
     if leaf["outcome"] != "charged":
         if amount != 0:
-            raise ComplianceViolation(
-                index, f"released usage: expected amount_minor 0, got {amount}"
-            )
+            raise ComplianceViolation(index, f"released usage: expected amount_minor 0, got {amount}")
         book.released += 1
         return
     if amount != units * price:
-        raise ComplianceViolation(
-            index, f"amount_minor: expected {units} * {price} = {units * price}, got {amount}"
-        )
+        raise ComplianceViolation(index, f"amount_minor: expected {units} * {price} = {units * price}, got {amount}")
     charged = book.charged + units
     if charged > terms.quota_units:
         raise ComplianceViolation(

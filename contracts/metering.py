@@ -171,9 +171,7 @@ def statement(
         want = charge_minor(units, price) if rec["outcome"] == "charged" else 0
         if amount != want:
             raise ValueError(f"usage {uid}: expected amount_minor {want}, got {amount}")
-        lines.append(
-            StatementLine(uid, rec["time"], rec["mode"], rec["outcome"], units, price, amount)
-        )
+        lines.append(StatementLine(uid, rec["time"], rec["mode"], rec["outcome"], units, price, amount))
     lines.sort(key=lambda ln: (ln.time, ln.usage_id))
     units_by_mode = dict.fromkeys(MODES, 0)
     amount_by_mode = dict.fromkeys(MODES, 0)
@@ -217,8 +215,6 @@ def reconcile(provider: Statement, consumer: Statement) -> None:
     only_b = sorted(b.keys() - a.keys())
     differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
     if only_a or only_b or differ:
-        raise StatementMismatch(
-            f"only provider: {only_a[:10]}, only consumer: {only_b[:10]}, differ: {differ[:10]}"
-        )
+        raise StatementMismatch(f"only provider: {only_a[:10]}, only consumer: {only_b[:10]}, differ: {differ[:10]}")
     if provider.total_amount_minor != consumer.total_amount_minor:  # pragma: no cover
         raise StatementMismatch("totals differ although lines agree")

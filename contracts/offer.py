@@ -313,18 +313,14 @@ class Contract:
         )
 
 
-def accept_offer(
-    offer: Offer, *, consumer_org: str, signing_key: SigningKey, now: datetime | None = None
-) -> Contract:
+def accept_offer(offer: Offer, *, consumer_org: str, signing_key: SigningKey, now: datetime | None = None) -> Contract:
     """Sign ``offer`` as ``consumer_org``; returns the contract. Verifies the offer first."""
     if not isinstance(offer, Offer):
         raise TypeError(f"offer: expected Offer, got {describe(offer)}")
     at = require_utc(now_utc() if now is None else now, "now")
     get_str({"consumer_org": consumer_org}, "consumer_org", "acceptance")
     if at < offer.created:
-        raise ValueError(
-            f"now: expected at or after the offer's creation {offer.created}, got {at}"
-        )
+        raise ValueError(f"now: expected at or after the offer's creation {offer.created}, got {at}")
     _verify(offer.provider_key, offer.signature, offer.body())
     unsigned = Acceptance(
         offer_digest=offer.digest(),
@@ -448,8 +444,7 @@ class ContractEvent:
         reason = d["reason"]
         if type(reason) is not str or len(reason) > MAX_REASON:
             raise SchemaError(
-                f"{where}.reason: expected a string of at most {MAX_REASON} characters, "
-                f"got {describe(reason)}"
+                f"{where}.reason: expected a string of at most {MAX_REASON} characters, got {describe(reason)}"
             )
         terms = None if d["terms"] is None else Terms.from_dict(d["terms"], where=f"{where}.terms")
         if (kind is EventKind.AMENDMENT) != (terms is not None):
@@ -494,9 +489,7 @@ class ChainState:
 
 def initial_state(contract: Contract) -> ChainState:
     """The chain state right after acceptance: active, signed terms, no events."""
-    return ChainState(
-        Status.ACTIVE, contract.terms, 0, contract.digest(), contract.acceptance.accepted_at
-    )
+    return ChainState(Status.ACTIVE, contract.terms, 0, contract.digest(), contract.acceptance.accepted_at)
 
 
 def draft_event(
@@ -538,15 +531,11 @@ def verify_event(contract: Contract, event: ContractEvent, *, previous: ChainSta
     (see :func:`advance`) nor the contract's own signatures (see :func:`verify_contract`).
     """
     if event.contract_id != contract.contract_id:
-        raise ChainError(
-            f"event contract_id: expected {contract.contract_id}, got {event.contract_id}"
-        )
+        raise ChainError(f"event contract_id: expected {contract.contract_id}, got {event.contract_id}")
     if event.seq != previous.seq + 1:
         raise ChainError(f"event seq: expected {previous.seq + 1}, got {event.seq}")
     if event.prev_digest != previous.head:
-        raise ChainError(
-            f"event {event.seq} prev_digest: expected {previous.head}, got {event.prev_digest}"
-        )
+        raise ChainError(f"event {event.seq} prev_digest: expected {previous.head}, got {event.prev_digest}")
     if event.time < previous.time:
         raise ChainError(f"event {event.seq} time: expected >= {previous.time}, got {event.time}")
     need = {p.value for p in _signers(event.kind, event.by)}
@@ -576,15 +565,11 @@ def advance(contract: Contract, state: ChainState, event: ContractEvent) -> Chai
         raise ChainError(f"event {event.seq}: the contract is terminated; nothing may follow")
     if kind is EventKind.SUSPENSION:
         if status is not Status.ACTIVE:
-            raise ChainError(
-                f"event {event.seq}: suspension expected an active contract, got {status.value}"
-            )
+            raise ChainError(f"event {event.seq}: suspension expected an active contract, got {status.value}")
         status = Status.SUSPENDED
     elif kind is EventKind.RESUMPTION:
         if status is not Status.SUSPENDED:
-            raise ChainError(
-                f"event {event.seq}: resumption expected a suspended contract, got {status.value}"
-            )
+            raise ChainError(f"event {event.seq}: resumption expected a suspended contract, got {status.value}")
         status = Status.ACTIVE
     elif kind is EventKind.TERMINATION:
         status = Status.TERMINATED
@@ -593,8 +578,7 @@ def advance(contract: Contract, state: ChainState, event: ContractEvent) -> Chai
             raise ChainError(f"event {event.seq}: amendment without terms")
         if event.terms.currency != terms.currency:
             raise ChainError(
-                f"event {event.seq}: amendment currency: expected {terms.currency},"
-                f" got {event.terms.currency}"
+                f"event {event.seq}: amendment currency: expected {terms.currency}, got {event.terms.currency}"
             )
         terms = event.terms
     return ChainState(status, terms, event.seq, event.digest(), event.time)
@@ -617,9 +601,7 @@ class ContractState:
     terms: Terms
 
 
-def contract_status(
-    contract: Contract, events: Iterable[ContractEvent], now: datetime | None = None
-) -> ContractState:
+def contract_status(contract: Contract, events: Iterable[ContractEvent], now: datetime | None = None) -> ContractState:
     """Verify ``contract`` and ``events`` (in chain order) and return the status at ``now``.
 
     Events with ``time > now`` are verified but not yet in effect. Status precedence:

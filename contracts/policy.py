@@ -106,9 +106,7 @@ class UseRequest:
         _nonneg("units", self.units, 1)
         _nonneg("batch_size", self.batch_size, 1)
         if self.job_kind is not None and self.job_kind not in JOB_KINDS:
-            raise ValueError(
-                f"job_kind: expected one of {list(JOB_KINDS)} or None, got {describe(self.job_kind)}"
-            )
+            raise ValueError(f"job_kind: expected one of {list(JOB_KINDS)} or None, got {describe(self.job_kind)}")
 
 
 @dataclass(frozen=True)
@@ -167,8 +165,7 @@ def decide(terms: Terms, usage: UsageState, request: UseRequest, now: datetime) 
     if request.mode == "remote_job" and request.job_kind not in terms.job_limits.allowed_kinds:
         return Deny(
             DenyReason.JOB_KIND_NOT_ALLOWED,
-            f"job kind {request.job_kind!r} is not allowed; allowed: "
-            f"{sorted(terms.job_limits.allowed_kinds)}",
+            f"job kind {request.job_kind!r} is not allowed; allowed: {sorted(terms.job_limits.allowed_kinds)}",
         )
     if request.mode == "he_inference" and request.keyset_id not in usage.bound_keysets:
         return Deny(
@@ -185,8 +182,7 @@ def decide(terms: Terms, usage: UsageState, request: UseRequest, now: datetime) 
         left = max(terms.quota_units - committed, 0)
         return Deny(
             DenyReason.QUOTA_EXHAUSTED,
-            f"{request.units} units requested, {left} of {terms.quota_units} left "
-            f"({usage.reserved_units} in flight)",
+            f"{request.units} units requested, {left} of {terms.quota_units} left ({usage.reserved_units} in flight)",
         )
     start = _window_start(terms, t)
     in_window = _window_units(terms, usage, start)
@@ -218,9 +214,7 @@ class Reservation:
     window_start: datetime
 
 
-def reserve(
-    usage: UsageState, units: int, now: datetime, *, terms: Terms
-) -> tuple[UsageState, Reservation]:
+def reserve(usage: UsageState, units: int, now: datetime, *, terms: Terms) -> tuple[UsageState, Reservation]:
     """Reserve ``units`` (after an :class:`Allow`); returns the new state and the reservation.
 
     Does not re-decide: call :func:`decide` first. Raises ``ValueError`` for ``units < 1``.
@@ -242,8 +236,7 @@ def _check_reservation(usage: UsageState, reservation: Reservation) -> None:
         raise TypeError(f"reservation: expected Reservation, got {describe(reservation)}")
     if reservation.units > usage.reserved_units:
         raise UsageError(
-            f"reservation of {reservation.units} units: expected at most the "
-            f"{usage.reserved_units} units reserved"
+            f"reservation of {reservation.units} units: expected at most the {usage.reserved_units} units reserved"
         )
 
 
@@ -265,6 +258,4 @@ def release(usage: UsageState, reservation: Reservation, *, keep_rate: bool = Fa
     window = usage.window_units
     if usage.window_start == reservation.window_start and not keep_rate:
         window = max(window - reservation.units, 0)
-    return replace(
-        usage, reserved_units=usage.reserved_units - reservation.units, window_units=window
-    )
+    return replace(usage, reserved_units=usage.reserved_units - reservation.units, window_units=window)

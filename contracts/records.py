@@ -229,8 +229,15 @@ def job_approval_record(
 
 
 def fl_contribution_record(
-    *, federation_id: str, round: int, org: str, samples: int, update_digest: str,
-    epsilon: str, delta: str, time: datetime,
+    *,
+    federation_id: str,
+    round: int,
+    org: str,
+    samples: int,
+    update_digest: str,
+    epsilon: str,
+    delta: str,
+    time: datetime,
 ) -> dict[str, Any]:
     """A ``som.fl-contribution/v1`` leaf: ``org`` contributed an update to a federation's round
     (``samples`` as declared; ``update_digest`` of the masked shares the coordinator received;
@@ -274,12 +281,11 @@ _digest_ok, _time_ok, _currency_ok = DIGEST_RE.fullmatch, TIME_RE.fullmatch, CUR
 
 def _usage_ok(d: Mapping[str, Any]) -> bool:
     """The whole som.usage/v1 check in one expression (the compliance walk's hot path)."""
-    if d.keys() != _USAGE_KEYS and (d.keys() != _USAGE_KEYS_VERSIONED or type(d["version"]) is not int
-                                    or not 0 < d["version"] <= _MAX):
+    if d.keys() != _USAGE_KEYS and (
+        d.keys() != _USAGE_KEYS_VERSIONED or type(d["version"]) is not int or not 0 < d["version"] <= _MAX
+    ):
         return False
-    uid, cid, off, cons, prov, mode, units, price, amount, cur, outcome, rd, kd, t = (
-        _usage_fields(d)
-    )
+    uid, cid, off, cons, prov, mode, units, price, amount, cur, outcome, rd, kd, t = _usage_fields(d)
     return bool(
         type(uid) is type(cid) is type(off) is type(cons) is type(prov) is str
         and 0 < len(uid) <= MAX_ID_LEN
@@ -359,9 +365,7 @@ def _validate_audit(d: Mapping[str, Any]) -> None:
 
 def _validate_job_approval(d: Mapping[str, Any]) -> None:
     w = JOB_APPROVAL_SCHEMA
-    expect_keys(
-        d, w, ("schema", "job_id", "contract_id", "code_digest", "decision", "actor", "time")
-    )
+    expect_keys(d, w, ("schema", "job_id", "contract_id", "code_digest", "decision", "actor", "time"))
     for k in ("job_id", "contract_id", "actor"):
         get_str(d, k, w)
     get_digest(d, "code_digest", w)

@@ -88,9 +88,7 @@ _EXPONENTS = {
 def currency_exponent(currency: str) -> int:
     """Digits after the decimal point of ``currency``'s minor unit (ISO 4217; 2 by default)."""
     if not isinstance(currency, str) or not CURRENCY_RE.fullmatch(currency):
-        raise ValueError(
-            f"currency: expected an ISO 4217 code like 'EUR', got {describe(currency)}"
-        )
+        raise ValueError(f"currency: expected an ISO 4217 code like 'EUR', got {describe(currency)}")
     return _EXPONENTS.get(currency, 2)
 
 
@@ -104,9 +102,7 @@ def format_minor(amount_minor: int, currency: str) -> str:
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if type(value) is not int or not minimum <= value <= MAX_JSON_INT:
-        raise ValueError(
-            f"{name}: expected an integer in [{minimum}, 2**53-1], got {describe(value)}"
-        )
+        raise ValueError(f"{name}: expected an integer in [{minimum}, 2**53-1], got {describe(value)}")
 
 
 def _sorted_subset(name: str, values: Iterable[str], allowed: tuple[str, ...]) -> frozenset[str]:
@@ -119,18 +115,11 @@ def _sorted_subset(name: str, values: Iterable[str], allowed: tuple[str, ...]) -
     return got
 
 
-def _list_field(
-    d: Mapping[str, Any], key: str, where: str, allowed: tuple[str, ...]
-) -> frozenset[str]:
+def _list_field(d: Mapping[str, Any], key: str, where: str, allowed: tuple[str, ...]) -> frozenset[str]:
     v = d[key]
-    if (
-        not isinstance(v, list)
-        or not all(type(x) is str and x in allowed for x in v)
-        or v != sorted(set(v))
-    ):
+    if not isinstance(v, list) or not all(type(x) is str and x in allowed for x in v) or v != sorted(set(v)):
         raise SchemaError(
-            f"{where}.{key}: expected a sorted list of distinct values from {list(allowed)}, "
-            f"got {describe(v)}"
+            f"{where}.{key}: expected a sorted list of distinct values from {list(allowed)}, got {describe(v)}"
         )
     return frozenset(v)
 
@@ -145,9 +134,7 @@ class JobLimits:
     wall_seconds: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "allowed_kinds", _sorted_subset("allowed_kinds", self.allowed_kinds, JOB_KINDS)
-        )
+        object.__setattr__(self, "allowed_kinds", _sorted_subset("allowed_kinds", self.allowed_kinds, JOB_KINDS))
         _check_int("cpu_seconds", self.cpu_seconds, 1)
         _check_int("memory_mb", self.memory_mb, 1)
         _check_int("wall_seconds", self.wall_seconds, 1)
@@ -190,9 +177,7 @@ class Terms:
     unit_price_minor: int
     currency: str
     max_batch: int
-    job_limits: JobLimits = field(
-        default_factory=lambda: JobLimits(frozenset({"predict", "evaluate"}), 600, 2048, 900)
-    )
+    job_limits: JobLimits = field(default_factory=lambda: JobLimits(frozenset({"predict", "evaluate"}), 600, 2048, 900))
 
     def __post_init__(self) -> None:
         modes = _sorted_subset("modes", self.modes, MODES)
@@ -281,8 +266,7 @@ class Terms:
         vu = get_time(d, "valid_until", where)
         if not vf < vu:
             raise SchemaError(
-                f"{where}: expected valid_from < valid_until, got {d['valid_from']} >= "
-                f"{d['valid_until']}"
+                f"{where}: expected valid_from < valid_until, got {d['valid_from']} >= {d['valid_until']}"
             )
         return cls(
             modes=modes,

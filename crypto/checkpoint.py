@@ -94,9 +94,7 @@ def sign_checkpoint(cp: Checkpoint, signer: NoteSigner) -> bytes:
     return sign_note(cp.body().decode(), [signer])
 
 
-def open_checkpoint(
-    note: bytes, log_verifier: NoteVerifier, *, origin: str | None = None
-) -> Checkpoint:
+def open_checkpoint(note: bytes, log_verifier: NoteVerifier, *, origin: str | None = None) -> Checkpoint:
     """Verify the log's signature on a checkpoint note and parse it.
 
     Raises :class:`crypto.errors.InvalidSignature` (or its subclass ``MalformedNote``) if the

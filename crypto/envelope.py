@@ -156,9 +156,7 @@ def _wrap(provider: KeyProvider, dek: bytes, aad: bytes) -> tuple[str, bytes]:
     return provider.kek_id, wrapped
 
 
-def decrypt_artifact(
-    ciphertext: bytes, wrapped: WrappedKey, *, provider: KeyProvider, aad: bytes
-) -> bytes:
+def decrypt_artifact(ciphertext: bytes, wrapped: WrappedKey, *, provider: KeyProvider, aad: bytes) -> bytes:
     """Unwrap the DEK and decrypt the blob.
 
     Raises DecryptionError (opaque) if the blob, the wrapped key or ``aad`` was altered or the

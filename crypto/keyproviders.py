@@ -171,9 +171,7 @@ class EnvKeyProvider:
         except (binascii.Error, ValueError) as e:
             raise KeyMaterialError(f"environment variable {var} is not valid base64") from e
         if len(key) != _KEK_LEN:
-            raise KeyMaterialError(
-                f"environment variable {var} must decode to {_KEK_LEN} bytes, got {len(key)}"
-            )
+            raise KeyMaterialError(f"environment variable {var} must decode to {_KEK_LEN} bytes, got {len(key)}")
         self._key = key
         self._var = var
         self._kek_id = kek_id if kek_id is not None else "env:" + _fingerprint(key)
@@ -189,8 +187,7 @@ class EnvKeyProvider:
     def unwrap(self, wrapped: bytes, *, kek_id: str, aad: bytes) -> bytes:
         if kek_id != self._kek_id:
             raise KeyMaterialError(
-                f"KEK {kek_id!r} is not available (environment variable {self._var} "
-                f"holds {self._kek_id!r})"
+                f"KEK {kek_id!r} is not available (environment variable {self._var} holds {self._kek_id!r})"
             )
         return _gcm_unwrap(self._key, kek_id, wrapped, aad)
 
@@ -242,9 +239,7 @@ class LocalFileKeyProvider:
         self._load()
 
     @classmethod
-    def create(
-        cls, path: str | os.PathLike[str], *, rng: Callable[[int], bytes] = os.urandom
-    ) -> LocalFileKeyProvider:
+    def create(cls, path: str | os.PathLike[str], *, rng: Callable[[int], bytes] = os.urandom) -> LocalFileKeyProvider:
         """Create a keyring file with one fresh KEK. Refuses to overwrite an existing file."""
         p = Path(path)
         cls._create_file(p, rng)
@@ -293,9 +288,7 @@ class LocalFileKeyProvider:
             self.refresh()  # rotated by another process since we read the file?
             key = self._keys.get(kek_id)
         if key is None:
-            raise KeyMaterialError(
-                f"KEK {kek_id!r} is not in key file {self._path} (retired or another keyring?)"
-            )
+            raise KeyMaterialError(f"KEK {kek_id!r} is not in key file {self._path} (retired or another keyring?)")
         return _gcm_unwrap(key, kek_id, wrapped, aad)
 
     def refresh(self) -> bool:
@@ -365,9 +358,7 @@ class LocalFileKeyProvider:
         try:
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError as e:
-            raise KeyMaterialError(
-                f"key file {p} does not exist; create it with LocalFileKeyProvider.create()"
-            ) from e
+            raise KeyMaterialError(f"key file {p} does not exist; create it with LocalFileKeyProvider.create()") from e
         except OSError as e:  # ELOOP: a symlink
             raise KeyMaterialError(f"key file {p} cannot be opened safely: {e.strerror}") from e
         try:
@@ -390,10 +381,7 @@ class LocalFileKeyProvider:
             self._active, self._keys, self._stamp = active, keys, _stamp(st)
 
     def __repr__(self) -> str:
-        return (
-            f"LocalFileKeyProvider(path={str(self._path)!r}, active={self._active!r}, "
-            f"keys={len(self._keys)})"
-        )
+        return f"LocalFileKeyProvider(path={str(self._path)!r}, active={self._active!r}, keys={len(self._keys)})"
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:

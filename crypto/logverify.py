@@ -99,8 +99,7 @@ def verify_trusted_vkey(exported_vkey: str, trusted_vkey: str) -> None:
         raise LogVerificationError(f"log.vkey in the export is not valid: {e}") from e
     if (got.name, got.key.raw) != (trusted.name, trusted.key.raw):
         raise UntrustedLogKey(
-            f"the export's log key is not the trusted one: expected {_describe(trusted)}, "
-            f"got {_describe(got)}"
+            f"the export's log key is not the trusted one: expected {_describe(trusted)}, got {_describe(got)}"
         )
 
 
@@ -169,17 +168,14 @@ def verify_log(
     for name, cp in parsed:
         if cp.origin != want_origin:
             raise UntrustedLogKey(
-                f"{name}: origin {cp.origin!r} is not the trusted log's: expected "
-                f"{want_origin!r}, got {cp.origin!r}"
+                f"{name}: origin {cp.origin!r} is not the trusted log's: expected {want_origin!r}, got {cp.origin!r}"
             )
     origin = want_origin
     trusted: Checkpoint | None = None
     if trusted_checkpoint is not None:
         trusted = _open("trusted checkpoint", trusted_checkpoint, verifier)
         if trusted.origin != origin:
-            raise LogVerificationError(
-                f"trusted checkpoint is for {trusted.origin!r}, the export for {origin!r}"
-            )
+            raise LogVerificationError(f"trusted checkpoint is for {trusted.origin!r}, the export for {origin!r}")
 
     # 2. Checkpoints of one size agree (else the log signed a fork).
     by_size: dict[int, tuple[str, bytes]] = {}
@@ -187,8 +183,7 @@ def verify_log(
         seen = by_size.get(cp.size)
         if seen is not None and seen[1] != cp.root_hash:
             raise LogVerificationError(
-                f"{name} and {seen[0]} are signed by the log with different roots for size "
-                f"{cp.size}: the log forked"
+                f"{name} and {seen[0]} are signed by the log with different roots for size {cp.size}: the log forked"
             )
         by_size.setdefault(cp.size, (name, cp.root_hash))
 
@@ -247,8 +242,7 @@ def verify_log(
     for size, (name, _) in sorted(by_size.items()):
         if size > n:
             raise LogVerificationError(
-                f"{name} has size {size} but the export has only {n} leaves: leaves "
-                f"[{n}, {size}) are missing"
+                f"{name} has size {size} but the export has only {n} leaves: leaves [{n}, {size}) are missing"
             )
 
     # 5. The checkpoint kept from before describes this same history.
@@ -354,11 +348,7 @@ def verify_export_dir(
     for p in (leaves_path, cp_dir, vkey_path):
         if not p.exists():
             raise LogVerificationError(f"{p} is missing: not a ledger export directory")
-    notes = {
-        f"checkpoints/{p.name}": p.read_bytes()
-        for p in sorted(cp_dir.glob("*.note"))
-        if p.is_file()
-    }
+    notes = {f"checkpoints/{p.name}": p.read_bytes() for p in sorted(cp_dir.glob("*.note")) if p.is_file()}
     verify_trusted_vkey(vkey_path.read_text(), trusted_vkey)
     return verify_log(
         read_export_leaves(leaves_path),

@@ -63,9 +63,7 @@ def leaf_hash(data: bytes) -> bytes:
 def node_hash(left: bytes, right: bytes) -> bytes:
     """RFC 9162 §2.1.1: ``SHA-256(0x01 || left || right)``."""
     if not isinstance(left, bytes) or not isinstance(right, bytes):
-        raise TypeError(
-            f"node children must be bytes, got {type(left).__name__}, {type(right).__name__}"
-        )
+        raise TypeError(f"node children must be bytes, got {type(left).__name__}, {type(right).__name__}")
     return _sha256(b"\x01" + left + right).digest()
 
 
@@ -80,9 +78,7 @@ class NodeId:
         if type(self.level) is not int or type(self.index) is not int:
             raise TypeError("NodeId level and index must be int")
         if self.level < 0 or self.index < 0:
-            raise ValueError(
-                f"NodeId needs level >= 0 and index >= 0, got {self.level}, {self.index}"
-            )
+            raise ValueError(f"NodeId needs level >= 0 and index >= 0, got {self.level}, {self.index}")
 
     @property
     def begin(self) -> int:
@@ -284,9 +280,7 @@ def root_from_inclusion_proof(leaf: bytes, index: int, size: int, proof: Sequenc
     return r
 
 
-def verify_inclusion(
-    leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes
-) -> None:
+def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes) -> None:
     """RFC 9162 §2.1.3.2: ``None`` if ``proof`` shows leaf hash ``leaf`` at ``index`` in the
     tree of ``size`` with ``root``; :class:`InvalidProof` otherwise."""
     root = _bytes("root", root)
@@ -295,9 +289,7 @@ def verify_inclusion(
         raise InvalidProof("inclusion proof did not verify")
 
 
-def verify_consistency(
-    size1: int, size2: int, proof: Sequence[bytes], root1: bytes, root2: bytes
-) -> None:
+def verify_consistency(size1: int, size2: int, proof: Sequence[bytes], root1: bytes, root2: bytes) -> None:
     """RFC 9162 §2.1.4.2: ``None`` if ``proof`` shows the tree (size1, root1) is a prefix of
     (size2, root2); :class:`InvalidProof` otherwise.
 
@@ -363,9 +355,7 @@ class CompactRange:
         _check_size("size", size)
         hs = _hash_list("hashes", hashes)
         if len(hs) != size.bit_count():
-            raise ValueError(
-                f"a range of size {size} needs {size.bit_count()} hashes, got {len(hs)}"
-            )
+            raise ValueError(f"a range of size {size} needs {size.bit_count()} hashes, got {len(hs)}")
         if any(len(h) != HASH_SIZE for h in hs):
             raise ValueError(f"each hash must be {HASH_SIZE} bytes")
         self._size = size
@@ -383,9 +373,7 @@ class CompactRange:
         """The perfect subtrees whose hashes are :attr:`hashes`, same order."""
         return range_nodes(0, self._size)
 
-    def append(
-        self, leaf_hash: bytes, on_node: Callable[[NodeId, bytes], None] | None = None
-    ) -> None:
+    def append(self, leaf_hash: bytes, on_node: Callable[[NodeId, bytes], None] | None = None) -> None:
         """Append one leaf *hash*; ``on_node`` hears of every completed perfect subtree,
         the leaf itself (level 0) first, then each merge upwards."""
         if not isinstance(leaf_hash, bytes) or len(leaf_hash) != HASH_SIZE:

@@ -391,9 +391,7 @@ class CosignatureSigner:
         return f"CosignatureSigner({self.name!r}, key_id={self.key_id.hex()})"
 
 
-def cosign(
-    checkpoint_body: bytes, signer: CosignatureSigner, *, now: int | datetime | None = None
-) -> str:
+def cosign(checkpoint_body: bytes, signer: CosignatureSigner, *, now: int | datetime | None = None) -> str:
     """Return the cosignature line ``"— <name> base64(key id || timestamp || sig)\\n"``.
 
     ``checkpoint_body`` is the checkpoint note text (ending in a newline, no signatures).

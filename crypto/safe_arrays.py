@@ -57,8 +57,18 @@ _RATIO_SLACK = 64 * 1024  # tiny archives may compress better than max_ratio
 _EOCD = b"PK\x05\x06"
 # What zipfile and zlib raise on damaged input (NotImplementedError: a "zip version" it does not
 # know; RuntimeError: an encrypted member; struct.error: truncated records).
-_ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError, struct.error,
-               UnicodeDecodeError, OverflowError, zlib.error)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    ValueError,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+    UnicodeDecodeError,
+    OverflowError,
+    zlib.error,
+)
 _ZIP64_LOCATOR = b"PK\x06\x07"
 
 
@@ -74,8 +84,7 @@ class ArrayHeader:
     nbytes: int
 
 
-def _header(fp: IO[bytes], name: str,
-            kinds: Collection[str]) -> ArrayHeader:
+def _header(fp: IO[bytes], name: str, kinds: Collection[str]) -> ArrayHeader:
     try:
         version = npformat.read_magic(fp)
         if version == (1, 0):
@@ -99,7 +108,9 @@ def _header(fp: IO[bytes], name: str,
     return ArrayHeader(name, tuple(int(d) for d in shape), dtype, bool(fortran), int(offset), int(nbytes))
 
 
-def inspect_npy(data: bytes, *, kinds: Collection[str] = NUMERIC_KINDS, max_bytes: int = DEFAULT_MAX_BYTES) -> ArrayHeader:
+def inspect_npy(
+    data: bytes, *, kinds: Collection[str] = NUMERIC_KINDS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> ArrayHeader:
     """Check a ``.npy`` from its header without reading the data.
 
     Raises ValueError: not an ``.npy`` (an ``.npz`` is refused too), refused dtype, data size over
@@ -221,7 +232,9 @@ def inspect_npz(
         with fp:
             h = _header(fp, base, k)  # raises its own precise ValueError
         if h.offset + h.nbytes != info.file_size:
-            raise ValueError(f"{base}: declared size {info.file_size} does not match its header ({h.offset + h.nbytes})")
+            raise ValueError(
+                f"{base}: declared size {info.file_size} does not match its header ({h.offset + h.nbytes})"
+            )
         headers[base] = h
     return NpzArchive(zf, headers, seen)
 

@@ -116,9 +116,7 @@ class SealKeyPair:
 
     def public_key(self) -> SealPublicKey:
         return SealPublicKey(
-            self._key.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
+            self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         )
 
     def public_text(self) -> str:
@@ -153,9 +151,7 @@ def _check(info: object, aad: object) -> None:
         raise TypeError(f"aad must be bytes, got {type(aad).__name__}")
 
 
-def seal(
-    recipient_public: SealPublicKey | str, plaintext: bytes, *, info: bytes, aad: bytes = b""
-) -> bytes:
+def seal(recipient_public: SealPublicKey | str, plaintext: bytes, *, info: bytes, aad: bytes = b"") -> bytes:
     """Encrypt ``plaintext`` so that only the holder of ``recipient_public``'s key can open it.
 
     ``info`` and ``aad`` must be given again, identical, to :func:`open_sealed`.
@@ -198,7 +194,7 @@ def open_sealed(
     if len(blob) < min_len:
         raise ValueError(f"sealed payload too short: need at least {min_len} bytes, got {len(blob)}")
     if not blob.startswith(_MAGIC):
-        raise ValueError(f"not a sealed payload: expected prefix {_MAGIC!r}, got {blob[:len(_MAGIC)]!r}")
+        raise ValueError(f"not a sealed payload: expected prefix {_MAGIC!r}, got {blob[: len(_MAGIC)]!r}")
     version, suite = blob[len(_MAGIC)], blob[len(_MAGIC) + 1]
     if version != _VERSION or suite != _SUITE_X25519_SHA256_CHACHA:
         raise ValueError(

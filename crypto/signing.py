@@ -86,9 +86,7 @@ class SigningKey:
     @property
     def verify_key(self) -> VerifyKey:
         return VerifyKey(
-            self._key.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
+            self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         )
 
     def sign(self, message: bytes) -> bytes:

@@ -205,9 +205,7 @@ class Witness:
         if state is not None and state.origin != cp.origin:
             raise UnknownLog(f"this witness follows {state.origin!r}, not {cp.origin!r}")
         if old_size > cp.size:
-            raise RollbackRefused(
-                f"checkpoint size {cp.size} is smaller than old size {old_size}: a log never shrinks"
-            )
+            raise RollbackRefused(f"checkpoint size {cp.size} is smaller than old size {old_size}: a log never shrinks")
         known_size = state.size if state is not None else 0
         if old_size != known_size:
             raise WitnessConflict(old_size, known_size)
@@ -226,8 +224,6 @@ class Witness:
                 try:
                     verify_consistency(old_size, cp.size, proof, state.root_hash, cp.root_hash)
                 except InvalidProof as e:
-                    raise InvalidProof(
-                        f"consistency proof from size {old_size} to {cp.size} did not verify"
-                    ) from e
+                    raise InvalidProof(f"consistency proof from size {old_size} to {cp.size} did not verify") from e
         line = cosign(cp.body(), self._signer, now=now)
         return WitnessState(cp.origin, cp.size, cp.root_hash, bytes(checkpoint_note)), line

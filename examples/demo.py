@@ -73,8 +73,14 @@ def train_model() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bytes
     Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
     clf = LogisticRegression(max_iter=2000, C=0.5).fit(Xtr, ytr)
     buf = io.BytesIO()
-    np.savez(buf, **{"layer0.weight": clf.coef_.astype(np.float64), "layer0.bias": clf.intercept_.astype(np.float64),
-                     "layer0.activation": np.array("sigmoid")})
+    np.savez(
+        buf,
+        **{
+            "layer0.weight": clf.coef_.astype(np.float64),
+            "layer0.bias": clf.intercept_.astype(np.float64),
+            "layer0.activation": np.array("sigmoid"),
+        },
+    )
     return Xtr, Xte, yte, clf.decision_function(Xte), buf.getvalue()
 
 
@@ -90,8 +96,9 @@ def main() -> int:
     step("1. Operator starts the marketplace")
     boot = json.loads(som("--json", "admin", "bootstrap", env=env))
     ok(f"data dir {data_dir}, keys in {key_dir}; first admin key {boot['api_key'][:16]}… (shown once)")
-    server = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -134,7 +141,9 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     step("2. Provider lists a model")
     Xtr, Xte, yte, plain_logits, npz = train_model()
     off = provider.create_offering(
-        name="breast-cancer-risk", task="binary-classification", tags=["medical", "tabular"],
+        name="breast-cancer-risk",
+        task="binary-classification",
+        tags=["medical", "tabular"],
         description="Logistic regression on 30 standardized features.",
         model_card="# Breast cancer risk\nTrained on scikit-learn's breast-cancer data.",
         input_schema={"type": "array", "items": {"type": "number"}, "minItems": 30, "maxItems": 30},
@@ -152,15 +161,26 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     ok(f"search 'cancer' + tag 'medical' -> {found[0]['name']} ({found[0]['id']})")
 
     step("3b. A private listing, shared with one organisation, validated before it is published")
-    private = provider.create_offering(name="triage-private", task="binary-classification", hosting="marketplace",
-                                       visibility="shared", description="Shared with Beta Clinic only.")
+    private = provider.create_offering(
+        name="triage-private",
+        task="binary-classification",
+        hosting="marketplace",
+        visibility="shared",
+        description="Shared with Beta Clinic only.",
+    )
     provider.upload_version(private["id"], npz, format="npz", input_shape=[30])
     declared = float(np.mean((plain_logits > 0) == (yte > 0.5)))
     rep = provider.set_version_metadata(
-        private["id"], 1, metrics={"accuracy": round(declared, 4)}, measured_on="breast-cancer test split",
+        private["id"],
+        1,
+        metrics={"accuracy": round(declared, 4)},
+        measured_on="breast-cancer test split",
         evaluation={"x": Xte.tolist(), "y": yte.astype(float).tolist()},
     )["validation"]
-    ok(f"validation {rep['status']}: " + "; ".join(c["detail"] for c in rep["checks"] if c["name"].startswith("metric")))
+    ok(
+        f"validation {rep['status']}: "
+        + "; ".join(c["detail"] for c in rep["checks"] if c["name"].startswith("metric"))
+    )
     provider.grant(private["id"], org_id=orgs["consumer"], permission="read")
     provider.publish(private["id"])
     gamma = admin.create_org("Gamma Labs")
@@ -173,8 +193,10 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     except SomAPIError as e:
         assert e.status == 404
     ok(f"{private['id']}: Beta Clinic sees it; Gamma Labs gets 404 and does not find it in search")
-    ok("grant changes are in the owner's audit trail: "
-       + ", ".join(sorted({e["action"] for e in provider.offering_audit(private["id"])})))
+    ok(
+        "grant changes are in the owner's audit trail: "
+        + ", ".join(sorted({e["action"] for e in provider.offering_audit(private["id"])}))
+    )
 
     step("4. Provider compiles the HE plan and offers a signed contract")
     report = provider.compile_version(off["id"], v["number"], Xtr)
@@ -183,10 +205,18 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     p_key, c_key = SigningKey.generate(), SigningKey.generate()
     now = datetime.now(UTC)
     terms = Terms(
-        modes=frozenset({"he_inference", "remote_job"}), quota_units=5_000, rate_units=10_000,
-        rate_window_seconds=60, valid_from=now - timedelta(minutes=1), valid_until=now + timedelta(days=30),
-        unit_price_minor=2, currency="EUR", max_batch=4096,
-        job_limits=JobLimits(allowed_kinds=frozenset({"predict", "evaluate"}), cpu_seconds=30, memory_mb=512, wall_seconds=60),
+        modes=frozenset({"he_inference", "remote_job"}),
+        quota_units=5_000,
+        rate_units=10_000,
+        rate_window_seconds=60,
+        valid_from=now - timedelta(minutes=1),
+        valid_until=now + timedelta(days=30),
+        unit_price_minor=2,
+        currency="EUR",
+        max_batch=4096,
+        job_limits=JobLimits(
+            allowed_kinds=frozenset({"predict", "evaluate"}), cpu_seconds=30, memory_mb=512, wall_seconds=60
+        ),
     )
     offer = provider.publish_offer(off["id"], terms, signing_key=p_key)
     offer_id = offer.get("offer_id") or offer["offer"]["offer_id"]
@@ -197,52 +227,81 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     cid = contract.get("contract_id") or contract["id"]
     ok(f"contract {cid} accepted (signed by the consumer over the offer's hash)")
     t0 = time.perf_counter()
-    probs = np.asarray(consumer.infer_encrypted(off["id"], Xte, contract_id=cid, key_dir=work / "consumer-keys")).reshape(-1)
+    probs = np.asarray(
+        consumer.infer_encrypted(off["id"], Xte, contract_id=cid, key_dir=work / "consumer-keys")
+    ).reshape(-1)
     took = time.perf_counter() - t0
     plain = 1 / (1 + np.exp(-plain_logits))
     agree = float(np.mean((probs > 0.5) == (plain > 0.5)))
-    ok(f"{len(Xte)} samples encrypted, computed on ciphertexts, decrypted in {took:.2f} s; "
-       f"agreement with plaintext {agree:.1%}, max |Δp| {np.max(np.abs(probs - plain)):.2e}")
+    ok(
+        f"{len(Xte)} samples encrypted, computed on ciphertexts, decrypted in {took:.2f} s; "
+        f"agreement with plaintext {agree:.1%}, max |Δp| {np.max(np.abs(probs - plain)):.2e}"
+    )
     assert agree >= 0.99
     receipt = consumer.last_receipt
     verify_receipt(receipt, log_vkey)
-    ok(f"usage receipt verified offline against the pinned log key: leaf #{receipt['index']} included in the signed checkpoint")
+    ok(
+        f"usage receipt verified offline against the pinned log key: leaf #{receipt['index']} included in the signed checkpoint"
+    )
 
     step("5b. A downstream application calls the inference gateway over plain HTTP")
     gw_terms = Terms(
-        modes=frozenset({"gateway"}), quota_units=5_000, rate_units=10_000, rate_window_seconds=60,
-        valid_from=now - timedelta(minutes=1), valid_until=now + timedelta(days=30), unit_price_minor=1,
-        currency="EUR", max_batch=256,
+        modes=frozenset({"gateway"}),
+        quota_units=5_000,
+        rate_units=10_000,
+        rate_window_seconds=60,
+        valid_from=now - timedelta(minutes=1),
+        valid_until=now + timedelta(days=30),
+        unit_price_minor=1,
+        currency="EUR",
+        max_batch=256,
     )
     gw_offer = provider.publish_offer(off["id"], gw_terms, signing_key=p_key)
     gw_contract = consumer.accept_offer(gw_offer.get("offer_id") or gw_offer["offer"]["offer_id"], signing_key=c_key)
     gw_cid = gw_contract.get("contract_id") or gw_contract["id"]
-    ok(f"gateway contract {gw_cid}: plaintext rows, the marketplace's worker sees the inputs (the weights stay encrypted at rest)")
+    ok(
+        f"gateway contract {gw_cid}: plaintext rows, the marketplace's worker sees the inputs (the weights stay encrypted at rest)"
+    )
     headers = {"Authorization": f"Bearer {keys['consumer']}", "X-Som-Contract": gw_cid}
     with httpx.Client(base_url=url, headers=headers) as app_http:  # what any language's HTTP client does (curl -d ...)
         for i in range(3):
-            r = app_http.post(f"/v1/offerings/{off['id']}/predict", json={"rows": Xte[i : i + 1].tolist()},
-                              headers={"Idempotency-Key": f"demo-gateway-{i}"})
+            r = app_http.post(
+                f"/v1/offerings/{off['id']}/predict",
+                json={"rows": Xte[i : i + 1].tolist()},
+                headers={"Idempotency-Key": f"demo-gateway-{i}"},
+            )
             r.raise_for_status()
-            ok(f"POST /v1/offerings/{off['id']}/predict -> {r.json()['outputs'][0][0]:.4f} "
-               f"(plaintext {plain[i]:.4f}); Server-Timing: {r.headers['server-timing']}")
+            ok(
+                f"POST /v1/offerings/{off['id']}/predict -> {r.json()['outputs'][0][0]:.4f} "
+                f"(plaintext {plain[i]:.4f}); Server-Timing: {r.headers['server-timing']}"
+            )
         csv_rows = "\n".join(",".join(repr(float(x)) for x in row) for row in Xte[:20]) + "\n"
-        r = app_http.post(f"/v1/offerings/{off['id']}/predict", content=csv_rows.encode(),
-                          headers={"Content-Type": "text/csv", "Idempotency-Key": "demo-gateway-csv"})
+        r = app_http.post(
+            f"/v1/offerings/{off['id']}/predict",
+            content=csv_rows.encode(),
+            headers={"Content-Type": "text/csv", "Idempotency-Key": "demo-gateway-csv"},
+        )
         r.raise_for_status()
         got = np.loadtxt(io.StringIO(r.text), delimiter=",", skiprows=1).reshape(-1)
         assert np.allclose(got, plain[:20], atol=1e-9), "gateway predictions differ from the model"
-        gw_receipt = json.loads(base64.urlsafe_b64decode(r.headers["x-som-receipt"] + "=" * (-len(r.headers["x-som-receipt"]) % 4)))
+        gw_receipt = json.loads(
+            base64.urlsafe_b64decode(r.headers["x-som-receipt"] + "=" * (-len(r.headers["x-som-receipt"]) % 4))
+        )
         verify_receipt(gw_receipt, consumer.ledger_key())
-        ok(f"20 CSV rows -> 20 predictions equal to the model's; {r.headers['x-som-units']} units charged once, "
-           f"receipt verified offline (leaf #{gw_receipt['index']})")
+        ok(
+            f"20 CSV rows -> 20 predictions equal to the model's; {r.headers['x-som-units']} units charged once, "
+            f"receipt verified offline (leaf #{gw_receipt['index']})"
+        )
 
     step("6. A provider-hosted model and a remote job: the weights never move")
     model_path = work / "provider-host" / "model.npz"
     model_path.parent.mkdir()
     model_path.write_bytes(npz)
     off2 = provider.create_offering(
-        name="breast-cancer-risk-onprem", task="binary-classification", tags=["medical"], hosting="provider",
+        name="breast-cancer-risk-onprem",
+        task="binary-classification",
+        tags=["medical"],
+        hosting="provider",
         description="Same model, kept on the provider's own machine behind `som agent`.",
     )
     agent_key = provider.create_agent_key([off2["id"]], name="demo agent")["key"]
@@ -252,9 +311,23 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
     fd = os.open(signing_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("ed25519-seed:" + base64.b64encode(p_key.unsafe_private_bytes()).decode() + "\n")
-    agent = subprocess.Popen([*SOM, "agent", "--offering", off2["id"], "--model", str(model_path), "--lease-wait", "2",
-                              "--signing-key", str(signing_file)],
-                             env={**env, "SOM_API_KEY": agent_key}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(
+        [
+            *SOM,
+            "agent",
+            "--offering",
+            off2["id"],
+            "--model",
+            str(model_path),
+            "--lease-wait",
+            "2",
+            "--signing-key",
+            str(signing_file),
+        ],
+        env={**env, "SOM_API_KEY": agent_key},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not provider.get_offering(off2["id"]).get("agent_online"):
@@ -268,12 +341,18 @@ def story(url: str, admin_key: str, env: dict[str, str], work: Path) -> None:
         cid2 = contract2.get("contract_id") or contract2["id"]
         rows = "\n".join(",".join(f"{x:.6f}" for x in row) for row in Xte[:50]) + "\n"
         sub = consumer.submit_job(off2["id"], "predict", rows.encode(), format="csv", contract_id=cid2)
-        ok(f"job {sub.id}: 50 rows sealed (HPKE) to the agent's key, vouched for by the contract's provider key; "
-           "the marketplace relays opaque bytes")
+        ok(
+            f"job {sub.id}: 50 rows sealed (HPKE) to the agent's key, vouched for by the contract's provider key; "
+            "the marketplace relays opaque bytes"
+        )
         consumer.wait_job(sub.id, timeout=120)
         res = consumer.job_result(sub.id, sub.reply_key)
         preds = np.loadtxt(io.StringIO(res.body.decode()), delimiter=",").reshape(-1)
-        match = float(np.mean((preds > 0.5) == (plain[:50] > 0.5))) if preds.max() <= 1 else float(np.mean(preds == (plain[:50] > 0.5)))
+        match = (
+            float(np.mean((preds > 0.5) == (plain[:50] > 0.5)))
+            if preds.max() <= 1
+            else float(np.mean(preds == (plain[:50] > 0.5)))
+        )
         ok(f"result opened with the consumer's reply key: {len(preds)} predictions, {match:.0%} match the model")
     finally:
         agent.terminate()

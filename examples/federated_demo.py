@@ -57,11 +57,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="som-fl-demo-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
-    env.update({"SOM_DATA_DIR": str(work / "data"), "SOM_KEY_DIR": str(work / "keys"), "SOM_URL": f"http://127.0.0.1:{port}"})
+    env.update(
+        {"SOM_DATA_DIR": str(work / "data"), "SOM_KEY_DIR": str(work / "keys"), "SOM_URL": f"http://127.0.0.1:{port}"}
+    )
     url = env["SOM_URL"]
     step("1. The marketplace starts")
     boot = json.loads(som("--json", "admin", "bootstrap", env=env))
-    server = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     agents: list[subprocess.Popen[str]] = []
     try:
         deadline = time.monotonic() + 60
@@ -84,14 +88,26 @@ def main() -> int:
         parts, x_test, y_test = split_data()
         mean, scale = x_test.mean(0), x_test.std(0) + 1e-12  # the provider's published scaler
         off = provider.create_offering(name="tumour-lr", task="binary-classification", hosting="marketplace")
-        provider.upload_version(off["id"], learning.to_npz(learning.init_params(30), np.zeros(30), np.ones(30)),
-                                format="npz", input_shape=[30])
+        provider.upload_version(
+            off["id"],
+            learning.to_npz(learning.init_params(30), np.zeros(30), np.ones(30)),
+            format="npz",
+            input_shape=[30],
+        )
         provider.publish(off["id"])
         now = utcnow()
-        terms = Terms(modes=frozenset({"federated", "he_inference"}), quota_units=1000, rate_units=100,
-                      rate_window_seconds=60, valid_from=now - timedelta(minutes=1), valid_until=now + timedelta(days=30),
-                      unit_price_minor=0, currency="EUR", max_batch=64,
-                      job_limits=JobLimits(frozenset({"predict"}), 60, 512, 60))
+        terms = Terms(
+            modes=frozenset({"federated", "he_inference"}),
+            quota_units=1000,
+            rate_units=100,
+            rate_window_seconds=60,
+            valid_from=now - timedelta(minutes=1),
+            valid_until=now + timedelta(days=30),
+            unit_price_minor=0,
+            currency="EUR",
+            max_batch=64,
+            job_limits=JobLimits(frozenset({"predict"}), 60, 512, 60),
+        )
         offer = provider.publish_offer(off["id"], terms, signing_key=SigningKey.generate())
         ok(f"offering {off['id']} v1 (an untrained logistic regression); offer {offer['id']} allows mode 'federated'")
 
@@ -103,22 +119,53 @@ def main() -> int:
             SomClient(url, key).accept_offer(offer["id"], signing_key=SigningKey.generate())
             csv = work / f"hospital{i}.csv"
             x, y = parts[i]
-            csv.write_text(",".join(f"f{j}" for j in range(30)) + ",label\n"
-                           + "".join(",".join(repr(float(v)) for v in r) + f",{int(t)}\n" for r, t in zip(x, y)))
+            csv.write_text(
+                ",".join(f"f{j}" for j in range(30))
+                + ",label\n"
+                + "".join(",".join(repr(float(v)) for v in r) + f",{int(t)}\n" for r, t in zip(x, y))
+            )
             hospitals.append((name, key, csv))
             local = learning.train(learning.init_params(30), (x - mean) / scale, y, epochs=50, lr=0.1)
-            ok(f"{name}: {len(y)} rows ({int(y.mean() * 100)}% benign) in {csv.name}; a model on its own data alone: "
-               f"{learning.accuracy(local, (x_test - mean) / scale, y_test):.3f} accuracy")
+            ok(
+                f"{name}: {len(y)} rows ({int(y.mean() * 100)}% benign) in {csv.name}; a model on its own data alone: "
+                f"{learning.accuracy(local, (x_test - mean) / scale, y_test):.3f} accuracy"
+            )
 
         step("4. The provider opens a federation: 10 rounds, FedAvg, SecAgg+")
-        recipe = {"dim": 30, "rounds": 10, "local_epochs": 5, "lr": 0.1, "min_participants": 2,
-                  "mean": mean.tolist(), "scale": scale.tolist()}
-        fed = json.loads(som("--json", "federation", "create", "--offering", off["id"], "--recipe", json.dumps(recipe),
-                             "--terms", json.dumps({"counting": "samples"}), env={**env, "SOM_API_KEY": provider_key}))
+        recipe = {
+            "dim": 30,
+            "rounds": 10,
+            "local_epochs": 5,
+            "lr": 0.1,
+            "min_participants": 2,
+            "mean": mean.tolist(),
+            "scale": scale.tolist(),
+        }
+        fed = json.loads(
+            som(
+                "--json",
+                "federation",
+                "create",
+                "--offering",
+                off["id"],
+                "--recipe",
+                json.dumps(recipe),
+                "--terms",
+                json.dumps({"counting": "samples"}),
+                env={**env, "SOM_API_KEY": provider_key},
+            )
+        )
         ok(f"federation {fed['id']} on v1")
         for name, key, csv in hospitals:
-            agents.append(subprocess.Popen([*SOM, "--json", "agent", "--federation", fed["id"], "--data", str(csv), "--lease-wait", "2"],
-                                           env={**env, "SOM_API_KEY": key}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            agents.append(
+                subprocess.Popen(
+                    [*SOM, "--json", "agent", "--federation", fed["id"], "--data", str(csv), "--lease-wait", "2"],
+                    env={**env, "SOM_API_KEY": key},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
             ok(f"{name} runs `som agent --federation {fed['id']} --data {csv.name}` (the file never leaves)")
         deadline = time.monotonic() + 120
         while len(provider.federation(fed["id"])["participants"]) < 3:
@@ -134,14 +181,18 @@ def main() -> int:
         if st["status"] != "completed":
             raise SystemExit(f"federation {st['status']}: {st['error']}")
         for r in provider.federation_rounds(fed["id"]):
-            ok(f"round {r['number']}: {len(r['participants'])} masked updates summed; accuracy on the hospitals' data "
-               f"{r['metrics']['accuracy']:.3f}; ledger leaves {r['ledger_indexes']}")
+            ok(
+                f"round {r['number']}: {len(r['participants'])} masked updates summed; accuracy on the hospitals' data "
+                f"{r['metrics']['accuracy']:.3f}; ledger leaves {r['ledger_indexes']}"
+            )
 
         step("5. The new version, validated like any upload, is the offering's latest")
         versions = provider.list_versions(off["id"])
         v2 = versions[-1]
         assert v2["number"] == 2 and v2["id"] == st["result_version_id"]
-        ok(f"v{v2['number']} {v2['digest'][:23]}… (validated, stored envelope-encrypted); lineage: parent v1, 10 rounds, 3 hospitals")
+        ok(
+            f"v{v2['number']} {v2['digest'][:23]}… (validated, stored envelope-encrypted); lineage: parent v1, 10 rounds, 3 hospitals"
+        )
         for name, key, _ in hospitals:
             rs = SomClient(url, key).federation_receipts(fed["id"])
             ok(f"{name} holds {len(rs)} ledger receipts of its contributions")

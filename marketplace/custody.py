@@ -86,9 +86,7 @@ def _mkdir_private(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        raise SettingsError(
-            f"key directory {path} has mode {mode:04o}: open to group/others; run: chmod 700 {path}"
-        )
+        raise SettingsError(f"key directory {path} has mode {mode:04o}: open to group/others; run: chmod 700 {path}")
 
 
 def resolve_key_dir(settings: Settings, *, create: bool) -> Path:

@@ -25,8 +25,8 @@ __all__ = ["enter_empty_cwd"]
 
 def _absolute_sqlite(url: str) -> str:
     prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/") and url[len(prefix):] not in ("", ":memory:"):
-        return prefix + str(Path(url[len(prefix):]).resolve())
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url[len(prefix) :] not in ("", ":memory:"):
+        return prefix + str(Path(url[len(prefix) :]).resolve())
     return url
 
 

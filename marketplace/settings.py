@@ -59,24 +59,24 @@ class Settings(BaseSettings):
         default="local",
         description="Key-encryption-key provider: 'local' (0600 keyring in the key dir) or 'env' (SOM_KEK).",
     )
-    kek: SecretStr | None = Field(
-        default=None, description="Base64 32-byte key-encryption key when key_provider=env."
-    )
+    kek: SecretStr | None = Field(default=None, description="Base64 32-byte key-encryption key when key_provider=env.")
     max_request_bytes: int = Field(default=1 << 20, description="Largest JSON request body.")
     max_upload_bytes: int = Field(default=64 << 20, description="Largest model artifact upload.")
     max_ciphertext_bytes: int = Field(default=256 << 20, description="Largest HE request or key set.")
     max_sealed_bytes: int = Field(default=64 << 20, description="Largest sealed job payload.")
     max_decompressed_bytes: int = Field(
-        default=256 << 20, ge=1,
-        description="Largest total an .npz upload or job input may declare uncompressed (checked before decompressing).",
+        default=256 << 20,
+        ge=1,
+        description="Largest total an .npz upload or job input may declare uncompressed "
+        "(checked before decompressing).",
     )
     max_compression_ratio: float = Field(
-        default=100.0, ge=1.0, description="Largest uncompressed/compressed size ratio of an .npz (zip bombs).",
+        default=100.0,
+        ge=1.0,
+        description="Largest uncompressed/compressed size ratio of an .npz (zip bombs).",
     )
     page_size_max: int = Field(default=200, description="Largest page a list endpoint returns.")
-    log_origin: str = Field(
-        default="som.example/ledger", description="Origin line of the ledger's signed checkpoints."
-    )
+    log_origin: str = Field(default="som.example/ledger", description="Origin line of the ledger's signed checkpoints.")
     checkpoint_every: int = Field(default=256, description="Sign a checkpoint after this many leaves.")
     checkpoint_interval_seconds: float = Field(
         default=10.0, description="Sign a checkpoint at least this often when there are new leaves."
@@ -113,13 +113,19 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="Window of the failed-authentication throttle (per process)."
     )
     validation_tolerance_default: float = Field(
-        default=0.01, ge=0, le=1, description="Tolerance of a re-computed declared metric when the provider states none."
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Tolerance of a re-computed declared metric when the provider states none.",
     )
     validation_tolerance_max: float = Field(
         default=0.05, ge=0, le=1, description="Largest tolerance a provider may state for its declared metrics."
     )
     validation_he_agreement_default: float = Field(
-        default=0.99, ge=0, le=1, description="HE-vs-plaintext label agreement a compiled version must reach by default."
+        default=0.99,
+        ge=0,
+        le=1,
+        description="HE-vs-plaintext label agreement a compiled version must reach by default.",
     )
     validation_he_agreement_floor: float = Field(
         default=0.95, ge=0, le=1, description="Lowest HE agreement threshold a provider may set."
@@ -179,9 +185,7 @@ class Settings(BaseSettings):
     admission_queue_timeout_seconds: float = Field(
         default=2.0, description="Longest wait for a compute slot before a request is shed (503)."
     )
-    admission_retry_after_seconds: int = Field(
-        default=1, description="The Retry-After of a shed request, in seconds."
-    )
+    admission_retry_after_seconds: int = Field(default=1, description="The Retry-After of a shed request, in seconds.")
 
     def jail_config(self) -> JailConfig:
         """The jail settings as a :class:`marketplace.compute.jail.JailConfig`."""
@@ -191,6 +195,7 @@ class Settings(BaseSettings):
         return JailConfig(
             bwrap=self.jail_bwrap, max_pids=self.jail_max_pids, unsafe_unjailed=self.unsafe_unjailed_custom_jobs
         )
+
     metrics_token: SecretStr | None = Field(
         default=None,
         description="Bearer token for GET /metrics; unset: /metrics answers loopback clients only.",
@@ -199,21 +204,32 @@ class Settings(BaseSettings):
         default=5.0, description="How often a process writes its per-minute latency aggregates to the DB."
     )
     gateway_batch_window_ms: float = Field(
-        default=0.0, ge=0, le=1000,
-        description="Gateway micro-batching: stack concurrent calls on one version arriving within this many ms into one model run (0 = off).",
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="Gateway micro-batching: stack concurrent calls on one version arriving within this many ms "
+        "into one model run (0 = off).",
     )
-    gateway_batch_max_rows: int = Field(default=4096, ge=1, description="Rows at which a gateway micro-batch closes early.")
+    gateway_batch_max_rows: int = Field(
+        default=4096, ge=1, description="Rows at which a gateway micro-batch closes early."
+    )
     gateway_max_rows: int = Field(
         default=10_000, ge=1, description="Most rows one gateway call may carry (the contract's max_batch applies too)."
     )
     gateway_cache_seconds: float = Field(
-        default=2.0, ge=0, description="How long a gateway API process caches an offering's version and artifact pointers."
+        default=2.0,
+        ge=0,
+        description="How long a gateway API process caches an offering's version and artifact pointers.",
     )
-    gateway_model_cache: int = Field(default=8, ge=1, description="Warm ONNX Runtime sessions kept per gateway worker (LRU).")
+    gateway_model_cache: int = Field(
+        default=8, ge=1, description="Warm ONNX Runtime sessions kept per gateway worker (LRU)."
+    )
     gateway_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime intra-op threads per gateway worker (0 = cores / workers)."
     )
-    gateway_compute_timeout_seconds: float = Field(default=30.0, gt=0, description="Longest a gateway model run may take.")
+    gateway_compute_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Longest a gateway model run may take."
+    )
     gateway_agent_timeout_seconds: float = Field(
         default=10.0, gt=0, description="Longest a gateway call waits for a provider's agent before 503 + Retry-After."
     )
@@ -228,7 +244,9 @@ class Settings(BaseSettings):
         if self.oidc_issuer:
             secret = self.oidc_client_secret.get_secret_value() if self.oidc_client_secret else ""
             if not self.oidc_client_id or secret.strip().lower() in PLACEHOLDER_SECRETS:
-                raise SettingsError("SOM_OIDC_ISSUER is set: SOM_OIDC_CLIENT_ID and a real SOM_OIDC_CLIENT_SECRET are needed")
+                raise SettingsError(
+                    "SOM_OIDC_ISSUER is set: SOM_OIDC_CLIENT_ID and a real SOM_OIDC_CLIENT_SECRET are needed"
+                )
             if self.oidc_group_map is None:
                 raise SettingsError("SOM_OIDC_ISSUER is set: SOM_OIDC_GROUP_MAP (the group mapping file) is needed")
         if self.key_provider == "env":
@@ -243,5 +261,6 @@ class Settings(BaseSettings):
             if token.strip().lower() in PLACEHOLDER_SECRETS or len(token) < 16:
                 raise SettingsError(
                     "SOM_METRICS_TOKEN is a placeholder or shorter than 16 characters; unset it "
-                    "(loopback-only scrapes) or set a random one (python -c 'import secrets;print(secrets.token_urlsafe(32))')"
+                    "(loopback-only scrapes) or set a random one "
+                    "(python -c 'import secrets;print(secrets.token_urlsafe(32))')"
                 )

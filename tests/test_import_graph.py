@@ -71,7 +71,9 @@ def _imports(path: Path, name: str) -> Iterator[tuple[str, int, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
@@ -170,9 +172,5 @@ def test_in_function_imports_say_why() -> None:
 
 
 def test_modules_stay_small() -> None:
-    big = {
-        str(p.relative_to(ROOT)): n
-        for p in _modules().values()
-        if (n := len(p.read_text().splitlines())) > 420
-    }
+    big = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > 420}
     assert big == {}, f"modules over ~400 lines: {big}"

@@ -8,7 +8,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = ["marketplace", "fastapi", "sqlalchemy", "typer", "httpx", "celery", "redis", "uvicorn", "starlette", "psycopg"]
+FORBIDDEN = [
+    "marketplace",
+    "fastapi",
+    "sqlalchemy",
+    "typer",
+    "httpx",
+    "celery",
+    "redis",
+    "uvicorn",
+    "starlette",
+    "psycopg",
+]
 
 
 def _modules(pkg: str) -> list[str]:

@@ -57,7 +57,9 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
             env[k] = os.environ[k]
     r = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     log = (work / "server.log").read_text() if (work / "server.log").exists() else ""
-    assert r.returncode == 0, f"quickstart failed:\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}\n--- server.log\n{log[-2000:]}"
+    assert r.returncode == 0, (
+        f"quickstart failed:\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}\n--- server.log\n{log[-2000:]}"
+    )
 
     # what the page promises actually happened
     preds = list(csv.reader((work / "predictions.csv").open()))

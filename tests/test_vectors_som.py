@@ -157,8 +157,11 @@ def test_ledger_fixture_is_one_consistent_tree() -> None:
         sig = b64d(sigline.split(" ")[-1].strip())
         ed25519_raw(KEYS["log"]["public"]).verify(sig[4:], (text + "\n").encode())
     verify_consistency(
-        3, 7, [b64d(p) for p in led["consistency_3_7_b64"]],
-        b64d(led["roots_b64"]["3"]), b64d(led["roots_b64"]["7"]),
+        3,
+        7,
+        [b64d(p) for p in led["consistency_3_7_b64"]],
+        b64d(led["roots_b64"]["3"]),
+        b64d(led["roots_b64"]["7"]),
     )
 
 
@@ -182,9 +185,7 @@ def run_parse_leaf(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> Non
 
 def run_verify_contract(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> None:
     contract = Contract.from_dict(c["contract"])
-    verify_contract(
-        contract, provider_key=c.get("pin_provider_key"), consumer_key=c.get("pin_consumer_key")
-    )
+    verify_contract(contract, provider_key=c.get("pin_provider_key"), consumer_key=c.get("pin_consumer_key"))
     if c["want_error"] is not None:
         return
     offer, acc = c["contract"]["offer"], c["contract"]["acceptance"]
@@ -214,8 +215,10 @@ def run_verify_chain(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> N
         assert e["prev_digest"] == prev
         prev = "sha256:" + hashlib.sha256(rfc8785.dumps(e)).hexdigest()
         assert prev == d
-    keys = {"provider": section["contract"]["offer"]["provider_key"],
-            "consumer": section["contract"]["acceptance"]["consumer_key"]}
+    keys = {
+        "provider": section["contract"]["offer"]["provider_key"],
+        "consumer": section["contract"]["acceptance"]["consumer_key"],
+    }
     for e, text in zip(c["events"], c.get("signed_texts", []), strict=False):
         body = {k: v for k, v in e.items() if k != "signatures"}
         assert rfc8785.dumps(body) == text.encode()
@@ -255,8 +258,11 @@ def run_witness_update(c: dict[str, Any], section: dict[str, Any], tmp: Path) ->
     w = Witness(c["witness_name"], SigningKey.from_private_bytes(bytes.fromhex(c["witness_seed_hex"])), c["log_vkey"])
     state = None if c["state"] is None else WitnessState.from_json(c["state"])
     new, line = w.update(
-        state, c["checkpoint"].encode(), c["old_size"],
-        [b64d(p) for p in c["consistency_proof_b64"]], now=c["now"],
+        state,
+        c["checkpoint"].encode(),
+        c["old_size"],
+        [b64d(p) for p in c["consistency_proof_b64"]],
+        now=c["now"],
     )
     if c["want_error"] is None:
         assert line == c["want_line"]
@@ -289,8 +295,11 @@ def run_verify_export(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> 
 def run_open_sealed(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> None:
     kp = SealKeyPair.from_private_bytes(bytes.fromhex(KEYS["x25519_" + c["recipient"]]["private_hex"]))
     got = open_sealed(
-        kp, bytes.fromhex(c["blob_hex"]), info=bytes.fromhex(c["info_hex"]),
-        aad=bytes.fromhex(c["aad_hex"]), max_size=c.get("max_size", DEFAULT_MAX_SIZE),
+        kp,
+        bytes.fromhex(c["blob_hex"]),
+        info=bytes.fromhex(c["info_hex"]),
+        aad=bytes.fromhex(c["aad_hex"]),
+        max_size=c.get("max_size", DEFAULT_MAX_SIZE),
     )
     if c["want_error"] is None:
         assert got.hex() == c["want_plaintext_hex"]
@@ -308,7 +317,11 @@ def run_open_input(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> Non
         return
     h = c["want_header"]
     assert (job.job_id, job.kind, job.reply_public, job.format, job.params) == (
-        h["job_id"], h["kind"], h["reply_public"], h["format"], h["params"]
+        h["job_id"],
+        h["kind"],
+        h["reply_public"],
+        h["format"],
+        h["params"],
     )
     assert job.reply_public == KEYS["x25519_reply"]["public"]
     if "want_body_hex" in c:
@@ -325,7 +338,12 @@ def run_open_result(c: dict[str, Any], section: dict[str, Any], tmp: Path) -> No
     if c["want_error"] is None:
         h = c["want_header"]
         assert (res.job_id, res.kind, res.format, res.metrics, res.stdout, list(res.outputs)) == (
-            h["job_id"], h["kind"], h["format"], h["metrics"], h["stdout"], h["outputs"]
+            h["job_id"],
+            h["kind"],
+            h["format"],
+            h["metrics"],
+            h["stdout"],
+            h["outputs"],
         )
 
 
@@ -367,8 +385,14 @@ def test_the_ledger_service_returns_the_vector_receipts(tmp_path: Path) -> None:
     key_file = key_dir / "log.key"
     key_file.write_text(f"PRIVATE+KEY+{signer.name}+{signer.key_id.hex()}+{seed}\n")
     key_file.chmod(0o600)
-    rt = Runtime(Settings(data_dir=data_dir, key_dir=key_dir, database_url=f"sqlite:///{tmp_path / 'som.db'}",
-                          log_origin=led["origin"]))
+    rt = Runtime(
+        Settings(
+            data_dir=data_dir,
+            key_dir=key_dir,
+            database_url=f"sqlite:///{tmp_path / 'som.db'}",
+            log_origin=led["origin"],
+        )
+    )
     try:
         records = [json.loads(b64d(x)) for x in led["leaves_b64"]]
         with rt.tx() as s:

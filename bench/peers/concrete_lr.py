@@ -57,8 +57,13 @@ def main() -> None:
     circuit = model.compile(x_tr)
     compile_s = time.perf_counter() - t0
     np.savez(
-        args.data, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
-        coef=float_lr.coef_, intercept=float_lr.intercept_,
+        args.data,
+        x_train=x_tr,
+        y_train=y_tr,
+        x_test=x_te,
+        y_test=y_te,
+        coef=float_lr.coef_,
+        intercept=float_lr.intercept_,
     )
 
     with tempfile.TemporaryDirectory() as tmp:

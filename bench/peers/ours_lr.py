@@ -186,8 +186,9 @@ def main() -> None:
         "agree_float": float(np.mean(he_labels == float_labels)),
         "acc_clear_labels": float(np.mean(float_labels == y_te)),
         "acc_float_labels": float(np.mean(float_labels == y_te)),
-        "max_logit_error": float(max(np.abs(batch_logits - float_logits).max(),
-                                     np.abs(single_logits - float_logits).max())),
+        "max_logit_error": float(
+            max(np.abs(batch_logits - float_logits).max(), np.abs(single_logits - float_logits).max())
+        ),
     }
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

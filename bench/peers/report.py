@@ -62,32 +62,58 @@ def table(c: dict[str, Any], o: dict[str, Any]) -> list[str]:
     rows = [
         ("scheme", c["scheme"], o["scheme"], ""),
         ("compile (provider)", ms(c["compile_s"]), ms(o["compile_s"]), ""),
-        ("key generation (client)", ms(c["keygen_s"]),
-         f"{ms(o['keygen_s'])} (single layout); {ms(o['keygen_batch_s'])} (batch)",
-         ratio_time(o["keygen_s"], c["keygen_s"])),
-        ("key set sent to the server", size(c["keyset_bytes"]),
-         f"{size(o['keyset_bytes'])} (single); {size(o['keyset_batch_bytes'])} (batch)", ""),
-        ("**per-sample latency**, median (encrypt + compute + decrypt)", ms(c["latency_median_s"]),
-         ms(o["latency_median_s"]) + " (single layout)", ratio_time(o["latency_median_s"], c["latency_median_s"])),
-        ("  encrypt / compute / decrypt, medians",
-         " / ".join(ms(c[k]) for k in ("encrypt_median_s", "compute_median_s", "decrypt_median_s")),
-         " / ".join(ms(o[k]) for k in ("encrypt_median_s", "compute_median_s", "decrypt_median_s")), ""),
-        (f"**throughput**, the {n}-sample test split, end to end",
-         f"{c['throughput_per_s']:,.0f} samples/s (client/server loop); "
-         f"{c['predict_execute_per_s']:,.0f}/s with `predict(fhe=\"execute\")`",
-         f"{o['throughput_per_s']:,.0f} samples/s (one batch request)",
-         ratio_rate(o["throughput_per_s"], c["throughput_per_s"])),
-        ("throughput at a full batch", "same (one sample per circuit run, no cross-sample batching)",
-         f"{o['throughput_full_per_s']:,.0f} samples/s ({o['full_batch_samples']:,} samples, one ciphertext per feature)",
-         ratio_rate(o["throughput_full_per_s"], c["throughput_per_s"])),
-        ("request / response bytes per sample (one-sample request)",
-         f"{size(c['request_bytes_per_sample'])} / {size(c['response_bytes_per_sample'])}",
-         f"{size(o['request_bytes_per_sample'])} / {size(o['response_bytes_per_sample'])} (single); "
-         f"{size(o['batch_request_bytes_per_sample'])} / {size(o['batch_response_bytes_per_sample'])} "
-         f"(batch of {n})", ""),
+        (
+            "key generation (client)",
+            ms(c["keygen_s"]),
+            f"{ms(o['keygen_s'])} (single layout); {ms(o['keygen_batch_s'])} (batch)",
+            ratio_time(o["keygen_s"], c["keygen_s"]),
+        ),
+        (
+            "key set sent to the server",
+            size(c["keyset_bytes"]),
+            f"{size(o['keyset_bytes'])} (single); {size(o['keyset_batch_bytes'])} (batch)",
+            "",
+        ),
+        (
+            "**per-sample latency**, median (encrypt + compute + decrypt)",
+            ms(c["latency_median_s"]),
+            ms(o["latency_median_s"]) + " (single layout)",
+            ratio_time(o["latency_median_s"], c["latency_median_s"]),
+        ),
+        (
+            "  encrypt / compute / decrypt, medians",
+            " / ".join(ms(c[k]) for k in ("encrypt_median_s", "compute_median_s", "decrypt_median_s")),
+            " / ".join(ms(o[k]) for k in ("encrypt_median_s", "compute_median_s", "decrypt_median_s")),
+            "",
+        ),
+        (
+            f"**throughput**, the {n}-sample test split, end to end",
+            f"{c['throughput_per_s']:,.0f} samples/s (client/server loop); "
+            f'{c["predict_execute_per_s"]:,.0f}/s with `predict(fhe="execute")`',
+            f"{o['throughput_per_s']:,.0f} samples/s (one batch request)",
+            ratio_rate(o["throughput_per_s"], c["throughput_per_s"]),
+        ),
+        (
+            "throughput at a full batch",
+            "same (one sample per circuit run, no cross-sample batching)",
+            f"{o['throughput_full_per_s']:,.0f} samples/s ({o['full_batch_samples']:,} samples, one ciphertext per feature)",
+            ratio_rate(o["throughput_full_per_s"], c["throughput_per_s"]),
+        ),
+        (
+            "request / response bytes per sample (one-sample request)",
+            f"{size(c['request_bytes_per_sample'])} / {size(c['response_bytes_per_sample'])}",
+            f"{size(o['request_bytes_per_sample'])} / {size(o['response_bytes_per_sample'])} (single); "
+            f"{size(o['batch_request_bytes_per_sample'])} / {size(o['batch_response_bytes_per_sample'])} "
+            f"(batch of {n})",
+            "",
+        ),
         ("**accuracy vs the labels** (encrypted inference)", pct(c["acc_labels"]), pct(o["acc_labels"]), ""),
-        ("agreement with the clear model", f"{pct(c['agree_clear'])} ({c['clear_name']})",
-         f"{pct(o['agree_clear'])} ({o['clear_name']})", ""),
+        (
+            "agreement with the clear model",
+            f"{pct(c['agree_clear'])} ({c['clear_name']})",
+            f"{pct(o['agree_clear'])} ({o['clear_name']})",
+            "",
+        ),
         ("agreement with the float scikit-learn model", pct(c["agree_float"]), pct(o["agree_float"]), ""),
         ("float model's accuracy vs the labels", pct(c["acc_float_labels"]), pct(o["acc_float_labels"]), ""),
     ]
@@ -118,7 +144,7 @@ def verdict(c: dict[str, Any], o: dict[str, Any]) -> list[str]:
             "hand): `vec.mm(W)` for 30x1 (one rotation per input feature) ~40 ms, rotate-and-sum "
             "`vec.dot(w)` (5 rotations) ~3.4 ms; rotate-and-sum leaves partial sums in the "
             "non-output slots, so masking them costs one more plaintext multiply (a level). Until "
-            "this row flips, \"faster than Concrete-ML\" holds for throughput (batched inference), "
+            'this row flips, "faster than Concrete-ML" holds for throughput (batched inference), '
             "not for one query."
         )
     else:
@@ -192,10 +218,20 @@ def git_state(src: str) -> str:
     if git is None:
         return "unknown commit"
     try:
-        head = subprocess.run([git, "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,  # noqa: S603
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run([git, "status", "--porcelain", "--", "crypto"], cwd=root,  # noqa: S603
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            [git, "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,  # noqa: S603
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [git, "status", "--porcelain", "--", "crypto"],
+            cwd=root,  # noqa: S603
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown commit"
     return f"commit {head}" + (" with uncommitted changes under crypto/ (work in progress)" if dirty else "")
@@ -229,7 +265,7 @@ def main() -> None:
         f"split, {o['n_test']} test samples. Concrete-ML's `LogisticRegression` is trained on the "
         "training split; we compile the float weights of the very scikit-learn model it quantised "
         "(its `sklearn_model`), calibrated on the training split. Both run real encrypted inference "
-        "(Concrete-ML `fhe=\"execute\"`, not simulation) with bytes across the client/server "
+        '(Concrete-ML `fhe="execute"`, not simulation) with bytes across the client/server '
         "boundary, at 128-bit security.",
         "",
     ]

@@ -66,9 +66,7 @@ def run_batch(
     last = len(layers) - 1
     for i, layer in enumerate(layers):
         corr = ops.affine_corrections(levels, primes, scale_bits)
-        h = ops.batch_affine(
-            pw, coeffs, layer.weight, layer.bias, mask if i == last else None, corrections=corr
-        )
+        h = ops.batch_affine(pw, coeffs, layer.weight, layer.bias, mask if i == last else None, corrections=corr)
         if i == last:
             return h
         coeffs = layer.coeffs
@@ -79,9 +77,7 @@ def run_batch(
     raise ValueError("a network needs at least one layer")
 
 
-def run_single(
-    layers: Sequence[Layer], x: Any, *, slots: int, primes: Sequence[int], scale_bits: int
-) -> Any:
+def run_single(layers: Sequence[Layer], x: Any, *, slots: int, primes: Sequence[int], scale_bits: int) -> Any:
     """One ciphertext per sample (TenSEAL vector-matrix products); the last matrix is padded
     with zero columns to every slot, so non-output slots are zero."""
     pw: dict[int, Any] = {1: x}

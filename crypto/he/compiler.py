@@ -6,7 +6,8 @@ polynomial fits weighted by the pre-activations seen on calibration data, the mu
 counted, CKKS parameters are chosen at 128-bit security by *measurement* (candidates from the
 cheapest ring up are tried on a sample of the calibration data with real keys; the first whose
 measured encrypted-vs-plaintext error meets the requested precision wins, and the plan promises
-what was measured), and the Galois keys of the single-query layout are listed. Not for: running the model (``evaluate``) or making keys (``context``).
+what was measured), and the Galois keys of the single-query layout are listed. Not for: running the model
+(``evaluate``) or making keys (``context``).
 
 The ``.npz`` layer format (``som-layers-v1``), checked before decompression and read without
 pickle by :mod:`crypto.safe_arrays` (ONNX goes through :func:`crypto.he.onnx_import.load_onnx`):
@@ -117,9 +118,7 @@ def _parse_npz(data: bytes, *, max_bytes: int) -> RawModel:
         n_layers += 1
     expected = {f"layer{i}.{k}" for i in range(n_layers) for k in ("weight", "bias", "activation")}
     if n_layers == 0 or set(names) != expected:
-        raise HEError(
-            f"npz keys: expected layer{{i}}.weight/.bias/.activation for i=0..L-1, got {sorted(names)}"
-        )
+        raise HEError(f"npz keys: expected layer{{i}}.weight/.bias/.activation for i=0..L-1, got {sorted(names)}")
     layers: list[RawLayer] = []
     post: str | None = None
     for i in range(n_layers):
@@ -270,12 +269,14 @@ class ParameterSearch:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ParameterSearch:
         trials = tuple(
-            ParameterTrial(**{**t, "coeff_mod_bit_sizes": tuple(t["coeff_mod_bit_sizes"])})
-            for t in d["trials"]
+            ParameterTrial(**{**t, "coeff_mod_bit_sizes": tuple(t["coeff_mod_bit_sizes"])}) for t in d["trials"]
         )
         return cls(
-            int(d["requested_precision_bits"]), int(d["samples"]), float(d["safety_factor"]),
-            int(d["headroom_bits"]), trials,
+            int(d["requested_precision_bits"]),
+            int(d["samples"]),
+            float(d["safety_factor"]),
+            int(d["headroom_bits"]),
+            trials,
         )
 
 
@@ -337,9 +338,7 @@ def _labels(z: np.ndarray) -> np.ndarray:
     return np.asarray(z[:, 0] > 0) if z.shape[1] == 1 else np.asarray(z.argmax(axis=1))
 
 
-def _measure(
-    layers: tuple[CompiledLayer, ...], params: CkksParameters, depth: int, x: np.ndarray
-) -> np.ndarray:
+def _measure(layers: tuple[CompiledLayer, ...], params: CkksParameters, depth: int, x: np.ndarray) -> np.ndarray:
     """Encrypt ``x`` (n <= slots) under fresh keys, run the circuit, add a re-randomising
     encryption of zero at the last level (as ``evaluate`` does; no flooding), decrypt."""
     ctx = ops.new_secret_context(params)
@@ -347,9 +346,7 @@ def _measure(
     pad = np.zeros((s, x.shape[1]))
     pad[:n] = x
     xs = [ts.ckks_vector(ctx, pad[:, j].tolist()) for j in range(x.shape[1])]
-    outs = circuit.run_batch(
-        layers, xs, n_valid=n, slots=s, primes=ops.data_primes(ctx), scale_bits=params.scale_bits
-    )
+    outs = circuit.run_batch(layers, xs, n_valid=n, slots=s, primes=ops.data_primes(ctx), scale_bits=params.scale_bits)
     zero = ops.encrypt_zero_at_last_level(ctx, s, levels_down=depth)
     return np.stack([np.asarray((v + zero).decrypt())[:n] for v in outs], axis=1)
 
@@ -452,8 +449,14 @@ def compile_model(
         k = int(math.floor(-math.log2(bound)))
         ok = k >= precision_bits and agree >= _MIN_AGREEMENT and _FLOOD_OVER_ERROR * err <= sigma
         trial = ParameterTrial(
-            params.poly_modulus_degree, params.coeff_mod_bit_sizes, params.scale_bits,
-            err, agree, k, ok, time.perf_counter() - t0,
+            params.poly_modulus_degree,
+            params.coeff_mod_bit_sizes,
+            params.scale_bits,
+            err,
+            agree,
+            k,
+            ok,
+            time.perf_counter() - t0,
         )
         trials.append(trial)
         if ok:
@@ -487,4 +490,3 @@ def compile_model(
     )
     plan.check()
     return CompiledModel(tuple(layers), plan, search)
-

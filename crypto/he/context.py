@@ -153,9 +153,7 @@ class SecretContext:
                 blobs.append(ts.ckks_vector(self._ctx, row.tolist()).serialize())
         else:
             raise ValueError(f"layout must be batch|single, got {layout!r}")
-        return wire.make_frame(
-            self.plan, kind=wire.KIND_REQUEST, layout=layout, n_samples=n, blobs=blobs
-        )
+        return wire.make_frame(self.plan, kind=wire.KIND_REQUEST, layout=layout, n_samples=n, blobs=blobs)
 
     def decrypt_slots(self, response: bytes) -> tuple[wire.Frame, list[np.ndarray]]:
         """Every slot of every result ciphertext (for audits of masking). Raises DecryptionError."""

@@ -39,9 +39,7 @@ def _single_program(model: CompiledModel, ctx: PublicContext, primes: tuple[int,
         if hit is not None and hit[0]() is model:
             _programs.move_to_end(key)
             return hit[1]
-    prog = circuit.single_program(
-        model.layers, ctx.kit, slots=plan.slots, primes=primes, scale_bits=plan.scale_bits
-    )
+    prog = circuit.single_program(model.layers, ctx.kit, slots=plan.slots, primes=primes, scale_bits=plan.scale_bits)
     with _programs_lock:
         _programs[key] = (weakref.ref(model), prog)
         while len(_programs) > PROGRAM_CACHE_SIZE:
@@ -104,8 +102,12 @@ def evaluate(
         for c in range(len(xs) // d):
             n_valid = min(s, frame.n_samples - c * s)
             outs = circuit.run_batch(
-                model.layers, xs[c * d : (c + 1) * d], n_valid=n_valid, slots=s,
-                primes=primes, scale_bits=plan.scale_bits,
+                model.layers,
+                xs[c * d : (c + 1) * d],
+                n_valid=n_valid,
+                slots=s,
+                primes=primes,
+                scale_bits=plan.scale_bits,
             )
             results.extend(ops.seal_ciphertext(v) for v in outs)
     else:
@@ -113,9 +115,7 @@ def evaluate(
         prog = _single_program(model, ctx, primes)
         results = [circuit.run_single_program(prog, kit, ops.seal_ciphertext(x)) for x in xs]
     if not unsafe_no_circuit_privacy:
-        sigma = 2.0 ** -plan.noise_bits
+        sigma = 2.0**-plan.noise_bits
         results = [privacy.sanitize_seal(c, kit, sigma=sigma, rng=rng or os.urandom) for c in results]
     blobs = [ops.vector_bytes(c, size=s, scale=kit.scale) for c in results]
-    return wire.make_frame(
-        plan, kind=wire.KIND_RESPONSE, layout=frame.layout, n_samples=frame.n_samples, blobs=blobs
-    )
+    return wire.make_frame(plan, kind=wire.KIND_RESPONSE, layout=frame.layout, n_samples=frame.n_samples, blobs=blobs)

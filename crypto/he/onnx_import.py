@@ -1,7 +1,8 @@
 """Translate an ONNX graph into affine layers separated by activations.
 
 For: the small feed-forward graphs the HE compiler supports (Gemm, MatMul, Add, Sub, Mul,
-Flatten, Identity, with Relu/Sigmoid/Tanh or a square ``Mul(h, h)`` between affine blocks, and a final Sigmoid or Softmax
+Flatten, Identity, with Relu/Sigmoid/Tanh or a square ``Mul(h, h)`` between affine blocks, and a final Sigmoid
+or Softmax
 that becomes consumer-side post-processing). Consecutive affine operators are folded into one
 layer. Not for: convolutions, control flow, or graphs with more than one input or output.
 Anything else raises ``UnsupportedOperator`` naming the operator.

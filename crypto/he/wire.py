@@ -68,8 +68,13 @@ def encode(frame: Frame) -> bytes:
     if frame.layout not in _LAYOUT_CODES:
         raise ValueError(f"layout must be batch|single, got {frame.layout!r}")
     head = _HEADER.pack(
-        MAGIC, VERSION, frame.kind, _LAYOUT_CODES[frame.layout], frame.plan_digest,
-        frame.n_samples, len(frame.blobs),
+        MAGIC,
+        VERSION,
+        frame.kind,
+        _LAYOUT_CODES[frame.layout],
+        frame.plan_digest,
+        frame.n_samples,
+        len(frame.blobs),
     )
     parts = [head]
     for b in frame.blobs:

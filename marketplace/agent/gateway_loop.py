@@ -90,7 +90,9 @@ class GatewayLoop:
                 stop.wait(0.05)
                 continue
             body = {
-                "answers": answers, "wait": min(self.wait, self.agent.cfg.lease_wait), "max": self.batch,
+                "answers": answers,
+                "wait": min(self.wait, self.agent.cfg.lease_wait),
+                "max": self.batch,
                 "input_dims": {o: self.model.input_dim for o in getattr(self.agent, "offerings", [])},
             }
             self.answered += len(answers)

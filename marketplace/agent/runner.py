@@ -8,7 +8,8 @@ offers; consumers refuse to seal to an unvouched key), heartbeats, and for each 
 fetches the input, computes (jobs via :mod:`marketplace.compute.jobs`, HE requests via
 :func:`crypto.he.evaluate` on a :class:`crypto.he.PublicContext` from the consumer's key set,
 fetched once and cached), posts the result. Gateway calls (plaintext rows, answered synchronously)
-come over a second long-poll in their own thread (:mod:`marketplace.agent.gateway_loop`). With ``--calibration`` it compiles the HE plan
+come over a second long-poll in their own thread (:mod:`marketplace.agent.gateway_loop`). With
+``--calibration`` it compiles the HE plan
 locally and publishes only the PUBLIC plan and report. It reconnects with exponential backoff.
 Work whose lease it lost (a heartbeat says so, or the check before posting) is abandoned: another
 agent has it now.
@@ -149,8 +150,9 @@ class ProviderAgent:
         self.jail_problem = probe(self.jail) if "custom" in cfg.capabilities else None
         if self.jail_problem is not None:
             if self.jail.unsafe_unjailed:
-                log.warning("SOM_UNSAFE_UNJAILED_CUSTOM_JOBS=true: custom jobs will run WITHOUT a jail (%s)",
-                            self.jail_problem)
+                log.warning(
+                    "SOM_UNSAFE_UNJAILED_CUSTOM_JOBS=true: custom jobs will run WITHOUT a jail (%s)", self.jail_problem
+                )
             else:
                 log.warning("custom jobs disabled on this agent: the job jail is unavailable (%s)", self.jail_problem)
         if cfg.calibration_path is not None:
@@ -168,7 +170,8 @@ class ProviderAgent:
         if self.jail_problem is not None and not self.jail.unsafe_unjailed:
             caps.remove("custom")  # never lease code this machine cannot jail
         body: dict[str, Any] = {
-            "seal_public": self.seal.public_text(), "name": self.cfg.name or f"agent@{os.uname().nodename}",
+            "seal_public": self.seal.public_text(),
+            "name": self.cfg.name or f"agent@{os.uname().nodename}",
             "capabilities": caps,
         }
         if self.cfg.offering_ids:
@@ -193,7 +196,9 @@ class ProviderAgent:
         now = time.time() if now is None else now
         not_after = datetime.fromtimestamp(now, UTC) + DEFAULT_VALIDITY
         statements = [
-            sign_seal_key(self.signing_key, offering_id=oid, seal_public=self.seal.public_text(), not_after=not_after).to_dict()
+            sign_seal_key(
+                self.signing_key, offering_id=oid, seal_public=self.seal.public_text(), not_after=not_after
+            ).to_dict()
             for oid in self.offerings
         ]
         self.api.seal_statements(statements, agent_id=agent_id)
@@ -320,9 +325,14 @@ class ProviderAgent:
             return
         try:
             out = run_job(
-                self.model, inp, expected_kind=str(item["kind"]), max_rows=meta.get("max_rows"),
-                approved_digest=meta.get("code_digest"), limits=Limits.from_dict(meta.get("limits") or {}),
-                workdir=self.workdir, jail=self.jail,
+                self.model,
+                inp,
+                expected_kind=str(item["kind"]),
+                max_rows=meta.get("max_rows"),
+                approved_digest=meta.get("code_digest"),
+                limits=Limits.from_dict(meta.get("limits") or {}),
+                workdir=self.workdir,
+                jail=self.jail,
             )
         except JobFailed as e:
             self._fail(wid, e.reason, e.message)

@@ -88,7 +88,9 @@ class SealKeyStatement:
             )
         st, pk, sig = data["statement"], data["provider_key"], data["signature"]
         if not isinstance(st, Mapping) or not {"schema", "offering_id", "seal_public"} <= set(st) <= _STATEMENT_KEYS:
-            raise ValueError(f"seal-key statement: expected statement keys {sorted(_STATEMENT_KEYS)} (not_after optional)")
+            raise ValueError(
+                f"seal-key statement: expected statement keys {sorted(_STATEMENT_KEYS)} (not_after optional)"
+            )
         if st["schema"] != SCHEMA:
             raise ValueError(f"seal-key statement: expected schema {SCHEMA!r}, got {st['schema']!r}")
         oid, sp = st["offering_id"], st["seal_public"]
@@ -124,8 +126,11 @@ def sign_seal_key(
     if not_after is not None:
         not_after = datetime.strptime(_fmt(not_after), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     unsigned = SealKeyStatement(
-        offering_id=offering_id, seal_public=seal_public, provider_key=signing_key.verify_key.to_text(),
-        signature="", not_after=not_after,
+        offering_id=offering_id,
+        seal_public=seal_public,
+        provider_key=signing_key.verify_key.to_text(),
+        signature="",
+        not_after=not_after,
     )
     sig = base64.b64encode(signing_key.sign(canonicalize(unsigned.body()))).decode()
     return replace(unsigned, signature=sig)

@@ -171,14 +171,18 @@ class SyftReviewBridge:
         if job.get("kind") != "custom" or not isinstance(code, str) or not digest:
             return False
         if code_digest(code) != digest:
-            log.error("job %s: the marketplace sent code whose digest is not the job's %s; not mirrored", job_id, digest)
+            log.error(
+                "job %s: the marketplace sent code whose digest is not the job's %s; not mirrored", job_id, digest
+            )
             return False
         if job_id in self._refs():
             return False
         submitter = consumer_email(str(job["org_id"]))
         with _quiet():
-            ds = JobClient(SyftJobConfig(syftbox_folder=self.dir, current_user_email=submitter),
-                           target_datasite_owner_email=self.email)
+            ds = JobClient(
+                SyftJobConfig(syftbox_folder=self.dir, current_user_email=submitter),
+                target_datasite_owner_email=self.email,
+            )
             ref = ds.manager.new_submission_ref(self.email, job_id)
             job_dir = Path(ds.manager.submission_dir(ref))
             (job_dir / "code").mkdir(parents=True, exist_ok=True)
@@ -187,9 +191,15 @@ class SyftReviewBridge:
             run_sh.write_text(REFUSING_RUN_SH)
             run_sh.chmod(0o755)
             meta = JobSubmissionMetadata(
-                name=job_id, type="python", submitted_by=submitter, datasite_email=self.email,
-                submitted_at=_when(job.get("created_at")), entrypoint=ENTRYPOINT, dependencies=[],
-                files=[ENTRYPOINT], is_folder_submission=False,
+                name=job_id,
+                type="python",
+                submitted_by=submitter,
+                datasite_email=self.email,
+                submitted_at=_when(job.get("created_at")),
+                entrypoint=ENTRYPOINT,
+                dependencies=[],
+                files=[ENTRYPOINT],
+                is_folder_submission=False,
                 headers={
                     "som_job_id": job_id,
                     "som_offering_id": job.get("offering_id"),
@@ -224,8 +234,11 @@ class SyftReviewBridge:
             got = f"unreadable ({e.strerror or e})"
         if got != want:
             problems.append(f"{code_dir / ENTRYPOINT} has digest {got}, the job's code has {want}")
-        extra = sorted(p.name for p in code_dir.iterdir() if p.name not in (ENTRYPOINT, "syft.pub.yaml")) \
-            if code_dir.is_dir() else []
+        extra = (
+            sorted(p.name for p in code_dir.iterdir() if p.name not in (ENTRYPOINT, "syft.pub.yaml"))
+            if code_dir.is_dir()
+            else []
+        )
         if extra:
             problems.append(f"{code_dir} holds files that are not the job's code: {extra}")
         try:
@@ -241,7 +254,10 @@ class SyftReviewBridge:
                 log.error(
                     "refusing to approve job %s: the code in the review folder is not the code the consumer "
                     "submitted (%s). Nothing was sent; the job still awaits approval. Delete %s and its review "
-                    "folder to have it mirrored again, or reject it.", job_id, "; ".join(problems), sub_dir,
+                    "folder to have it mirrored again, or reject it.",
+                    job_id,
+                    "; ".join(problems),
+                    sub_dir,
                 )
             return
         self.api.approve_job(job_id, got)

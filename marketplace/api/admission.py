@@ -113,13 +113,15 @@ class AdmissionMiddleware:
         if rid:
             err["request_id"] = rid
         body = json.dumps({"error": err}).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(self.limits.retry_after).encode()),
-            ],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(self.limits.retry_after).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -134,8 +134,10 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     s = rt.settings
     if s.admission_control:  # inside the body limit: a shed request was still given a request id
         limits = AdmissionLimits(
-            concurrency=s.admission_compute_concurrency, queue=s.admission_queue,
-            queue_timeout=s.admission_queue_timeout_seconds, retry_after=s.admission_retry_after_seconds,
+            concurrency=s.admission_compute_concurrency,
+            queue=s.admission_queue,
+            queue_timeout=s.admission_queue_timeout_seconds,
+            retry_after=s.admission_retry_after_seconds,
         )
         app.add_middleware(AdmissionMiddleware, limits=limits)
     app.add_middleware(RequestIdMiddleware)

@@ -34,14 +34,23 @@ def session_principal(request: Request, rt: Runtime) -> Principal:
             info = resolve_session(s, token)
     except Unauthenticated:
         auth_failures.note(  # summarised per client and window, like bad keys: not one leaf each
-            rt, source=request.client.host if request.client else "", prefix="session", path=request.url.path,
-            method=request.method, reason="session", request_id=rid,
+            rt,
+            source=request.client.host if request.client else "",
+            prefix="session",
+            path=request.url.path,
+            method=request.method,
+            reason="session",
+            request_id=rid,
         )
         raise
     if request.method not in SAFE_METHODS and not csrf_ok(token, request.headers.get(CSRF_HEADER)):
         audit.emit_detached(
-            rt.sessions, audit.Actor(actor=info.user_id, org_id=info.principal.org_id, request_id=rid),
-            "auth.csrf_failed", target=request.url.path, outcome="denied", detail={"method": request.method},
+            rt.sessions,
+            audit.Actor(actor=info.user_id, org_id=info.principal.org_id, request_id=rid),
+            "auth.csrf_failed",
+            target=request.url.path,
+            outcome="denied",
+            detail={"method": request.method},
         )
         raise Forbidden(f"a request made with the session cookie must send the {CSRF_HEADER} header (GET /v1/auth/me)")
     request.state.web_session = info

@@ -67,8 +67,9 @@ def get_any_principal(
         wait = rt.auth_throttle.retry_after(client=client, prefix=prefix)
         if wait is not None:
             # Not audited (it would be one ledger leaf per refused guess); the log says it.
-            log.warning("failed-authentication throttle: 429 for client %r, prefix %r, retry after %d s",
-                        client, prefix, wait)
+            log.warning(
+                "failed-authentication throttle: 429 for client %r, prefix %r, retry after %d s", client, prefix, wait
+            )
             raise Throttled(
                 f"too many failed authentications; retry after {wait} s", headers={"Retry-After": str(wait)}
             )
@@ -82,8 +83,13 @@ def get_any_principal(
         # The one place failed authentications are recorded: counted and summarised per client
         # and window (``auth.failures``), not one ledger leaf each.
         auth_failures.note(
-            rt, source=client, prefix=prefix, path=request.url.path, method=request.method,
-            reason=e.reason if isinstance(e, KeyRefused) else "missing", request_id=request_id(request),
+            rt,
+            source=client,
+            prefix=prefix,
+            path=request.url.path,
+            method=request.method,
+            reason=e.reason if isinstance(e, KeyRefused) else "missing",
+            request_id=request_id(request),
         )
         raise
     request.state.principal = p

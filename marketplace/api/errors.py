@@ -55,7 +55,10 @@ ERROR_SCHEMA: dict[str, Any] = {
                     "description": "Every validation problem (422 from request validation).",
                     "items": {
                         "type": "object",
-                        "properties": {"loc": {"type": "array", "items": {"type": "string"}}, "msg": {"type": "string"}},
+                        "properties": {
+                            "loc": {"type": "array", "items": {"type": "string"}},
+                            "msg": {"type": "string"},
+                        },
                     },
                 },
             },
@@ -72,7 +75,10 @@ _ERROR_TEXT = {
     413: "The request body is over its limit.",
     415: "Wrong content type or artifact format.",
     422: "Well-formed request with bad values.",
-    429: "The contract's rate limit, or too many failed authentications from this client or for this key; retry after `Retry-After` seconds.",
+    429: (
+        "The contract's rate limit, or too many failed authentications from this client or for this key; "
+        "retry after `Retry-After` seconds."
+    ),
     503: "A dependency (the provider's agent, a compiled model) is not available now; try again later.",
 }
 
@@ -138,11 +144,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(request: Request, exc: MarketplaceError) -> JSONResponse:
         principal = getattr(request.state, "principal", None)
         if exc.denied is not None and principal is not None:
-            who = audit.Actor(actor=principal.key_id, org_id=principal.org_id,
-                              request_id=str(getattr(request.state, "request_id", "")))
+            who = audit.Actor(
+                actor=principal.key_id,
+                org_id=principal.org_id,
+                request_id=str(getattr(request.state, "request_id", "")),
+            )
             await run_in_threadpool(
-                audit.emit_detached, request.app.state.runtime.sessions, who, "authz.denied",
-                target=exc.denied, outcome="denied", detail={"status": exc.status, "method": request.method},
+                audit.emit_detached,
+                request.app.state.runtime.sessions,
+                who,
+                "authz.denied",
+                target=exc.denied,
+                outcome="denied",
+                detail={"status": exc.status, "method": request.method},
             )
         return JSONResponse(
             error_body(exc.code, exc.message, request, **exc.extra),
@@ -155,9 +169,7 @@ def install_error_handlers(app: FastAPI) -> None:
         details = _clean(list(exc.errors()))
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         msg = f"{'.'.join(first['loc'])}: {first['msg']}" if first["loc"] else str(first["msg"])
-        return JSONResponse(
-            error_body("invalid", msg, request, details=details), status_code=422
-        )
+        return JSONResponse(error_body("invalid", msg, request, details=details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -168,9 +180,7 @@ def install_error_handlers(app: FastAPI) -> None:
                 error_body("invalid", f"body: could not be parsed ({exc.detail}); send UTF-8 JSON", request),
                 status_code=422,
             )
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}.get(
-            exc.status_code, "http_error"
-        )
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}.get(exc.status_code, "http_error")
         return JSONResponse(
             error_body(code, str(exc.detail), request),
             status_code=exc.status_code,

@@ -3,7 +3,8 @@
 The ``http_route`` label is the matched route's template (``/v1/offerings/{offering_id}``), read
 from ``scope["route"]`` after routing, or by matching the app's routes when the request was
 answered before routing (a 413 from the body limit) by matching the app's route templates; a
-path that matches no route is ``unmatched``. So label values are bounded by the app's routes, whatever paths clients send.
+path that matches no route is ``unmatched``. So label values are bounded by the app's routes, whatever paths
+clients send.
 """
 
 from __future__ import annotations
@@ -88,4 +89,6 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, _send)
         finally:
-            monitoring.record_http(route_template(scope), str(scope.get("method", "")), status, time.perf_counter() - start)
+            monitoring.record_http(
+                route_template(scope), str(scope.get("method", "")), status, time.perf_counter() - start
+            )

@@ -33,7 +33,10 @@ router = APIRouter(prefix="/v1", tags=["agents"])
 
 AgentId = Annotated[str, Header(alias="X-Som-Agent", max_length=40, description="The id `hello` returned.")]
 _BINARY = {
-    "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
 }
 _BINARY_OUT: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
@@ -50,7 +53,8 @@ class AgentHello(Strict):
     seal_public: str = Field(max_length=80, description="x25519:<base64>; inputs are sealed to it")
     name: str = Field(default="", max_length=200)
     capabilities: list[Annotated[str, Field(max_length=40)]] = Field(
-        default_factory=lambda: list(agents.CAPABILITIES), max_length=32)
+        default_factory=lambda: list(agents.CAPABILITIES), max_length=32
+    )
     offering_ids: list[str] | None = None
     version: str = Field(default="", max_length=40)
 
@@ -76,7 +80,9 @@ class HelloOut(AgentPublic):
 
 
 class SealStatements(Strict):
-    statements: list[dict[str, Any]] = Field(min_length=1, max_length=100, description="Signed som.seal-key/v1 statements.")
+    statements: list[dict[str, Any]] = Field(
+        min_length=1, max_length=100, description="Signed som.seal-key/v1 statements."
+    )
 
 
 class Heartbeat(Strict):
@@ -100,10 +106,17 @@ class PlanIn(Strict):
 def _public(rt: Runtime, a: Agent) -> dict[str, Any]:
     online = a.stopped_at is None and a.last_seen_at >= utcnow() - timedelta(seconds=rt.settings.agent_offline_seconds)
     return {
-        "id": a.id, "org_id": a.org_id, "key_id": a.key_id, "name": a.name, "offering_ids": a.offering_ids,
-        "capabilities": a.capabilities, "seal_public": a.seal_public, "online": online,
+        "id": a.id,
+        "org_id": a.org_id,
+        "key_id": a.key_id,
+        "name": a.name,
+        "offering_ids": a.offering_ids,
+        "capabilities": a.capabilities,
+        "seal_public": a.seal_public,
+        "online": online,
         "vouched": sorted((a.seal_statements or {}).keys()),
-        "last_seen_at": a.last_seen_at, "created_at": a.created_at,
+        "last_seen_at": a.last_seen_at,
+        "created_at": a.created_at,
     }
 
 
@@ -121,9 +134,17 @@ def create_agent_key(body: AgentKeyCreate, p: Auth, rt: Rt, request: Request) ->
 
 def _key_created(row: ApiKey, plaintext: str) -> dict[str, Any]:
     return {
-        "id": row.id, "org_id": row.org_id, "prefix": row.prefix, "roles": row.roles, "name": row.name,
-        "kind": row.kind, "offering_ids": row.offering_ids, "created_at": row.created_at,
-        "expires_at": row.expires_at, "revoked_at": row.revoked_at, "key": plaintext,
+        "id": row.id,
+        "org_id": row.org_id,
+        "prefix": row.prefix,
+        "roles": row.roles,
+        "name": row.name,
+        "kind": row.kind,
+        "offering_ids": row.offering_ids,
+        "created_at": row.created_at,
+        "expires_at": row.expires_at,
+        "revoked_at": row.revoked_at,
+        "key": plaintext,
     }
 
 
@@ -142,12 +163,19 @@ def list_agents(p: Auth, rt: Rt, offering_id: str | None = None, online_only: bo
 @router.post("/agent/hello", response_model=HelloOut, summary="An agent process starts (agent key)")
 def hello(body: AgentHello, p: AnyAuth, rt: Rt, request: Request) -> HelloOut:
     a = agents.hello(
-        rt, p, name=body.name, seal_public=body.seal_public, capabilities=body.capabilities,
-        offering_ids=body.offering_ids, who=actor_of(p, request),
+        rt,
+        p,
+        name=body.name,
+        seal_public=body.seal_public,
+        capabilities=body.capabilities,
+        offering_ids=body.offering_ids,
+        who=actor_of(p, request),
     )
     lease = rt.settings.agent_lease_seconds
     return HelloOut(
-        **_public(rt, a), lease_seconds=lease, heartbeat_seconds=max(0.2, min(lease, rt.settings.agent_offline_seconds) / 3),
+        **_public(rt, a),
+        lease_seconds=lease,
+        heartbeat_seconds=max(0.2, min(lease, rt.settings.agent_offline_seconds) / 3),
         lease_wait_max=dispatch.LEASE_WAIT_MAX,
     )
 
@@ -180,13 +208,20 @@ def lease(p: AnyAuth, rt: Rt, agent_id: AgentId, body: LeaseRequest | None = Non
     return item
 
 
-@router.get("/agent/work/{work_id}/payload", summary="The work's input (sealed job input or HE request)", responses=_BINARY_OUT)
+@router.get(
+    "/agent/work/{work_id}/payload", summary="The work's input (sealed job input or HE request)", responses=_BINARY_OUT
+)
 def work_payload(work_id: str, p: AnyAuth, rt: Rt, agent_id: AgentId) -> Response:
     data = dispatch.payload(rt, p, agent_id, work_id)
     return Response(content=data, media_type="application/octet-stream")
 
 
-@router.post("/agent/work/{work_id}/result", summary="Post the result (octet-stream)", openapi_extra=_BINARY, dependencies=[body_limit(BodyLimit.BINARY)])
+@router.post(
+    "/agent/work/{work_id}/result",
+    summary="Post the result (octet-stream)",
+    openapi_extra=_BINARY,
+    dependencies=[body_limit(BodyLimit.BINARY)],
+)
 async def work_result(work_id: str, p: AnyAuth, rt: Rt, request: Request, agent_id: AgentId) -> dict[str, Any]:
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype != "application/octet-stream":

@@ -29,7 +29,9 @@ def list_audit(
     until: datetime | None = None,
 ) -> PageOf[AuditPublic]:
     p.require("compliance", "admin")
-    stmt = audit.query(org_id=org_id, actor=actor, action=action, outcome=outcome, target=target, since=since, until=until)
+    stmt = audit.query(
+        org_id=org_id, actor=actor, action=action, outcome=outcome, target=target, since=since, until=until
+    )
     with rt.tx() as s:
         rows, total = page_scalars(s, stmt, page)
         return PageOf[AuditPublic].build([AuditPublic.model_validate(r) for r in rows], total, page)

@@ -51,8 +51,13 @@ MAPPING_REFUSALS = frozenset({"unmapped_group", "several_organisations", "unknow
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 
 _ERR: dict[str, Any] = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-_AGENT: dict[int | str, dict[str, Any]] = {403: {"description": "An agent key was presented (agent protocol only)", **_ERR}}
-_NO_SSO: dict[int | str, dict[str, Any]] = {404: {"description": "SSO is not configured on this server", **_ERR}, **_AGENT}
+_AGENT: dict[int | str, dict[str, Any]] = {
+    403: {"description": "An agent key was presented (agent protocol only)", **_ERR}
+}
+_NO_SSO: dict[int | str, dict[str, Any]] = {
+    404: {"description": "SSO is not configured on this server", **_ERR},
+    **_AGENT,
+}
 _CALLBACK: dict[int | str, dict[str, Any]] = {
     303: {"description": "Signed in: the session cookie is set; on to the UI"},
     400: {"description": "Refused: state missing, not this browser's, used or expired (error.reason)", **_ERR},
@@ -123,7 +128,9 @@ def auth_config(request: Request) -> AuthConfig:
 
 
 @router.get(
-    "/login", summary="Start an SSO sign-in: redirect to the OpenID Provider", status_code=302,
+    "/login",
+    summary="Start an SSO sign-in: redirect to the OpenID Provider",
+    status_code=302,
     response_class=RedirectResponse,
     responses={
         302: {"description": "To the OP's authorization endpoint"},
@@ -141,14 +148,21 @@ def login(request: Request, rt: Rt, next: str | None = None) -> Response:
         return _refused_response(request, e)
     try:
         url = client.authorization_url(
-            redirect_uri=_redirect_uri(rt, request), state=pending.state, nonce=pending.nonce,
+            redirect_uri=_redirect_uri(rt, request),
+            state=pending.state,
+            nonce=pending.nonce,
             code_verifier=pending.code_verifier,
         )
     except LoginRefused as e:  # the OP's discovery document is unreachable or wrong
         return _refuse(rt, request, e, {}, [])
     resp = RedirectResponse(url, status_code=302)
     resp.set_cookie(
-        STATE_COOKIE, pending.state, max_age=600, path="/v1/auth", httponly=True, samesite="lax",
+        STATE_COOKIE,
+        pending.state,
+        max_age=600,
+        path="/v1/auth",
+        httponly=True,
+        samesite="lax",
         secure=_secure(request),
     )
     return resp
@@ -157,12 +171,12 @@ def login(request: Request, rt: Rt, next: str | None = None) -> Response:
 def _refused_response(request: Request, e: LoginRefused) -> Response:
     if "text/html" in request.headers.get("accept", ""):
         body = (
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign-in refused</title>"
-            "<link rel=\"stylesheet\" href=\"/ui/style.css\"></head><body><main>"
-            f"<section class=\"panel error-panel\" role=\"alert\"><h2>Sign-in refused</h2>"
-            f"<p id=\"refusal-reason\"><code>{html.escape(e.reason)}</code></p>"
-            f"<p id=\"refusal-message\">{html.escape(e.message)}</p>"
-            "<p><a href=\"/ui/\">Back to the sign-in page</a></p></section></main></body></html>"
+            '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign-in refused</title>'
+            '<link rel="stylesheet" href="/ui/style.css"></head><body><main>'
+            f'<section class="panel error-panel" role="alert"><h2>Sign-in refused</h2>'
+            f'<p id="refusal-reason"><code>{html.escape(e.reason)}</code></p>'
+            f'<p id="refusal-message">{html.escape(e.message)}</p>'
+            '<p><a href="/ui/">Back to the sign-in page</a></p></section></main></body></html>'
         )
         resp: Response = HTMLResponse(body, status_code=e.status, headers=SECURITY_HEADERS)
     else:
@@ -180,12 +194,17 @@ def _refuse(rt: Runtime, request: Request, e: LoginRefused, claims: dict[str, An
         user = disable_user(s, issuer, sub) if sub and e.reason in MAPPING_REFUSALS else None
         who = audit.Actor(
             actor=user.id if user else (f"oidc:{sub}" if sub else "anonymous"),
-            org_id=user.org_id if user else None, request_id=request_id(request),
+            org_id=user.org_id if user else None,
+            request_id=request_id(request),
         )
         if user is not None:
             audit.emit(s, who, "user.disable", target=user.id, detail={"reason": e.reason, "groups": groups[:50]})
         audit.emit(
-            s, who, "auth.login.refused", target=user.id if user else "oidc", outcome="denied",
+            s,
+            who,
+            "auth.login.refused",
+            target=user.id if user else "oidc",
+            outcome="denied",
             detail={"reason": e.reason, "message": e.message, "sub": sub, "groups": groups[:50]},
         )
     return _refused_response(request, e)
@@ -205,8 +224,11 @@ def _groups(client: OidcClient, claim: str, claims: dict[str, Any], access_token
 
 
 @router.get(
-    "/callback", summary="The OpenID Provider's redirect back (code and state)", status_code=303,
-    response_class=RedirectResponse, responses=_CALLBACK,
+    "/callback",
+    summary="The OpenID Provider's redirect back (code and state)",
+    status_code=303,
+    response_class=RedirectResponse,
+    responses=_CALLBACK,
 )
 def callback(request: Request, rt: Rt) -> Response:
     client = _oidc(request)
@@ -232,7 +254,9 @@ def callback(request: Request, rt: Rt) -> Response:
             if e.reason == "nonce_mismatch" and e.presented_nonce is not None:
                 with rt.tx() as s:
                     if nonce_was_used(s, e.presented_nonce):
-                        raise LoginRefused("nonce_replayed", "the ID token belongs to an earlier login (replayed)") from e
+                        raise LoginRefused(
+                            "nonce_replayed", "the ID token belongs to an earlier login (replayed)"
+                        ) from e
             raise
         groups = _groups(client, rt.settings.oidc_groups_claim, claims, access_token)
         assert rt.settings.oidc_group_map is not None  # checked at start (Settings.check_secrets)
@@ -244,7 +268,11 @@ def callback(request: Request, rt: Rt) -> Response:
             raise LoginRefused(mapped.refusal, f"your groups {groups[:20]} give no role here ({mapped.refusal})", 403)
         with rt.tx() as s:
             _, session_token = finish_login(
-                s, issuer=client.issuer, claims=claims, groups=groups, mapped=mapped,
+                s,
+                issuer=client.issuer,
+                claims=claims,
+                groups=groups,
+                mapped=mapped,
                 ttl_seconds=rt.settings.session_ttl_seconds,
                 who=audit.Actor(actor="oidc", org_id=None, request_id=request_id(request)),
             )
@@ -252,8 +280,13 @@ def callback(request: Request, rt: Rt) -> Response:
         return _refuse(rt, request, e, claims, groups)
     resp = RedirectResponse(next_url, status_code=303)
     resp.set_cookie(
-        SESSION_COOKIE, session_token, max_age=rt.settings.session_ttl_seconds, path="/", httponly=True,
-        samesite="lax", secure=_secure(request),
+        SESSION_COOKIE,
+        session_token,
+        max_age=rt.settings.session_ttl_seconds,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=_secure(request),
     )
     resp.delete_cookie(STATE_COOKIE, path="/v1/auth")
     return resp
@@ -267,8 +300,13 @@ def me(p: Auth, rt: Rt, request: Request) -> Me:
         user = user_of_principal(s, p)
         up = UserPublic(id=user.id, email=user.email, name=user.name, teams=teams_of(s, user.id)) if user else None
     return Me(
-        via="session" if info else "api_key", key_id=p.key_id, org_id=p.org_id, org_name=org.name if org else "",
-        roles=sorted(p.roles), user=up, session_expires_at=info.expires_at if info else None,
+        via="session" if info else "api_key",
+        key_id=p.key_id,
+        org_id=p.org_id,
+        org_name=org.name if org else "",
+        roles=sorted(p.roles),
+        user=up,
+        session_expires_at=info.expires_at if info else None,
         csrf_token=csrf_of(request.cookies.get(SESSION_COOKIE, "")) if info else None,
     )
 
@@ -293,11 +331,17 @@ def personal_key(body: PersonalKeyCreate, p: Auth, rt: Rt, request: Request) -> 
         raise Conflict("personal keys are minted from an SSO session; use POST /v1/orgs/{org}/keys with a key")
     with rt.tx() as s:
         row, plaintext = mint_personal_key(
-            s, info, roles=list(body.roles) if body.roles else None, name=body.name, ttl_days=body.ttl_days,
+            s,
+            info,
+            roles=list(body.roles) if body.roles else None,
+            name=body.name,
+            ttl_days=body.ttl_days,
             max_days=rt.settings.oidc_personal_key_max_days,
         )
         who = actor_of(p, request)
-        audit.emit(s, who, "key.create", target=row.id, detail={"org": row.org_id, "prefix": row.prefix, "personal": True})
+        audit.emit(
+            s, who, "key.create", target=row.id, detail={"org": row.org_id, "prefix": row.prefix, "personal": True}
+        )
         audit.emit(s, who, "role.grant", target=row.id, detail={"roles": row.roles})
         return KeyCreated(**KeyPublic.model_validate(row).model_dump(), key=plaintext)
 
@@ -315,6 +359,9 @@ def configure_oidc(rt: Runtime, app: FastAPI) -> None:
     except GroupMapError as e:
         raise SettingsError(str(e)) from e
     app.state.oidc = OidcClient(
-        s.oidc_issuer, s.oidc_client_id, s.oidc_client_secret.get_secret_value(), scopes=s.oidc_scopes,
+        s.oidc_issuer,
+        s.oidc_client_id,
+        s.oidc_client_secret.get_secret_value(),
+        scopes=s.oidc_scopes,
         refetch_seconds=s.oidc_jwks_refetch_seconds,
     )

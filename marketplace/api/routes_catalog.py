@@ -27,6 +27,7 @@ from marketplace.services import agents, audit, catalog, storage
 
 router = APIRouter(prefix="/v1/offerings", tags=["catalog"])
 
+
 def to_public(rt: Runtime, s: Session, off: Offering) -> OfferingPublic:
     """The public view of ``off``: its latest version and, for provider-hosted offerings, whether
     an agent serving it is online."""
@@ -49,7 +50,9 @@ def served(out: OfferingPublic) -> OfferingPublic:
     return out
 
 
-@router.post("", response_model=OfferingPublic, status_code=201, summary="Create an offering (provider; starts as draft)")
+@router.post(
+    "", response_model=OfferingPublic, status_code=201, summary="Create an offering (provider; starts as draft)"
+)
 def create_offering(body: OfferingCreate, p: Auth, rt: Rt, request: Request) -> OfferingPublic:
     p.require("provider")
     with rt.tx() as s:
@@ -74,7 +77,14 @@ def search_offerings(
 ) -> PageOf[OfferingPublic]:
     with rt.tx() as s:
         rows, total = catalog.search(
-            s, p, q=q, task=task, tag=tag, hosting=hosting, org_id=org_id, status=status,
+            s,
+            p,
+            q=q,
+            task=task,
+            tag=tag,
+            hosting=hosting,
+            org_id=org_id,
+            status=status,
             page=page,
         )
         return PageOf[OfferingPublic].build([to_public(rt, s, r) for r in rows], total, page)
@@ -123,7 +133,10 @@ def withdraw(offering_id: str, p: Auth, rt: Rt, request: Request) -> OfferingPub
     status_code=201,
     summary="Upload a model version (raw ONNX or .npz bytes as application/octet-stream)",
     openapi_extra={
-        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
     },
     dependencies=[body_limit(BodyLimit.BINARY)],
 )

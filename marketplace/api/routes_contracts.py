@@ -69,9 +69,15 @@ class ContractPublic(BaseModel):
 
 def _offer_public(row: OfferRow) -> OfferPublic:
     return OfferPublic(
-        id=row.id, offering_id=row.offering_id, provider_org_id=row.provider_org_id,
-        provider_key=row.provider_key, digest=row.digest, status=row.status,
-        created_at=row.created_at, offer=row.record, addressed_to=row.addressed_to,
+        id=row.id,
+        offering_id=row.offering_id,
+        provider_org_id=row.provider_org_id,
+        provider_key=row.provider_key,
+        digest=row.digest,
+        status=row.status,
+        created_at=row.created_at,
+        offer=row.record,
+        addressed_to=row.addressed_to,
     )
 
 
@@ -85,15 +91,26 @@ def _contract_public(s: Any, row: ContractRow, *, events: bool) -> ContractPubli
         elif now < terms.valid_from:
             eff = Status.NOT_YET_VALID
     return ContractPublic(
-        id=row.id, offer_id=row.offer_id, offering_id=row.offering_id,
-        provider_org_id=row.provider_org_id, consumer_org_id=row.consumer_org_id,
-        status=row.status, effective_status=eff, terms=row.terms, seq=row.seq, head=row.head,
-        accepted_at=row.accepted_at, ledger_index=row.ledger_index, version_number=row.version_number,
+        id=row.id,
+        offer_id=row.offer_id,
+        offering_id=row.offering_id,
+        provider_org_id=row.provider_org_id,
+        consumer_org_id=row.consumer_org_id,
+        status=row.status,
+        effective_status=eff,
+        terms=row.terms,
+        seq=row.seq,
+        head=row.head,
+        accepted_at=row.accepted_at,
+        ledger_index=row.ledger_index,
+        version_number=row.version_number,
         usage=UsagePublic(
-            quota_units=terms.quota_units, used_units=row.used_units,
+            quota_units=terms.quota_units,
+            used_units=row.used_units,
             reserved_units=row.reserved_units,
             remaining_units=max(terms.quota_units - row.used_units - row.reserved_units, 0),
-            window_start=row.window_start, window_units=row.window_units,
+            window_start=row.window_start,
+            window_units=row.window_units,
         ),
         contract=row.record,
         events=[e.record for e in svc.events_of(s, row.id)] if events else [],
@@ -104,11 +121,17 @@ def _contract_public(s: Any, row: ContractRow, *, events: bool) -> ContractPubli
 
 
 @router.post(
-    "/v1/offerings/{offering_id}/offers", response_model=OfferPublic, status_code=201,
+    "/v1/offerings/{offering_id}/offers",
+    response_model=OfferPublic,
+    status_code=201,
     summary="Publish a signed offer for your offering (provider)",
 )
 def publish_offer(
-    offering_id: str, body: SignedRecord, p: Auth, rt: Rt, request: Request,
+    offering_id: str,
+    body: SignedRecord,
+    p: Auth,
+    rt: Rt,
+    request: Request,
     to: Annotated[list[str] | None, Query(description="Private offer: the organisation ids it is addressed to")] = None,
 ) -> OfferPublic:
     with rt.tx() as s:
@@ -116,7 +139,8 @@ def publish_offer(
 
 
 @router.get(
-    "/v1/offerings/{offering_id}/offers", response_model=list[OfferPublic],
+    "/v1/offerings/{offering_id}/offers",
+    response_model=list[OfferPublic],
     summary="Offers of an offering (open ones; all of them for the provider)",
 )
 def list_offers(offering_id: str, p: Auth, rt: Rt) -> list[OfferPublic]:
@@ -137,7 +161,9 @@ def withdraw_offer(offer_id: str, p: Auth, rt: Rt, request: Request) -> OfferPub
 
 
 @router.post(
-    "/v1/offers/{offer_id}/accept", response_model=ContractPublic, status_code=201,
+    "/v1/offers/{offer_id}/accept",
+    response_model=ContractPublic,
+    status_code=201,
     summary="Accept an offer with your signed acceptance (consumer): creates the contract",
 )
 def accept_offer(offer_id: str, body: SignedRecord, p: Auth, rt: Rt, request: Request) -> ContractPublic:
@@ -172,7 +198,9 @@ def get_contract(contract_id: str, p: Auth, rt: Rt) -> ContractPublic:
 
 
 @router.post(
-    "/v1/contracts/{contract_id}/events", response_model=ContractPublic, status_code=201,
+    "/v1/contracts/{contract_id}/events",
+    response_model=ContractPublic,
+    status_code=201,
     summary="Record a signed suspension, resumption, termination or amendment",
 )
 def add_event(contract_id: str, body: SignedRecord, p: Auth, rt: Rt, request: Request) -> ContractPublic:
@@ -209,7 +237,8 @@ def get_statement(
         st = svc.statement(s, row, start, end)
     if format == "csv":
         return Response(
-            st.to_csv(), media_type="text/csv",
+            st.to_csv(),
+            media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="{contract_id}.csv"'},
         )
     return st.to_dict()

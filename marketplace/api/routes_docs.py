@@ -74,24 +74,30 @@ def _openapi(request: Request) -> tuple[str, str]:
 @router.get("/docs")
 def swagger_ui(request: Request) -> Response:
     openapi_url, title = _openapi(request)
-    return _secured(get_swagger_ui_html(
-        openapi_url=openapi_url, title=f"{title} - Swagger UI",
-        swagger_js_url=f"{ASSETS_PREFIX}/swagger-ui-bundle.js",
-        swagger_css_url=f"{ASSETS_PREFIX}/swagger-ui.css",
-        swagger_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
-        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
-    ))
+    return _secured(
+        get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{title} - Swagger UI",
+            swagger_js_url=f"{ASSETS_PREFIX}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS_PREFIX}/swagger-ui.css",
+            swagger_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
+        )
+    )
 
 
 @router.get("/redoc")
 def redoc(request: Request) -> Response:
     openapi_url, title = _openapi(request)
-    return _secured(get_redoc_html(
-        openapi_url=openapi_url, title=f"{title} - ReDoc",
-        redoc_js_url=f"{ASSETS_PREFIX}/redoc.standalone.js",
-        redoc_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
-        with_google_fonts=False,
-    ))
+    return _secured(
+        get_redoc_html(
+            openapi_url=openapi_url,
+            title=f"{title} - ReDoc",
+            redoc_js_url=f"{ASSETS_PREFIX}/redoc.standalone.js",
+            redoc_favicon_url=f"{ASSETS_PREFIX}/favicon.png",
+            with_google_fonts=False,
+        )
+    )
 
 
 def mount_assets(app: FastAPI) -> None:

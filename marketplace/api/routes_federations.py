@@ -25,7 +25,12 @@ from marketplace.services import federations, ledger
 router = APIRouter(prefix="/v1/federations", tags=["federations"])
 
 WAIT_MAX = 20.0
-_BINARY = {"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+_BINARY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 class FederationCreate(Strict):
@@ -71,8 +76,15 @@ class RoundOut(BaseModel):
 
 
 def _part(pt: FederationParticipant) -> dict[str, Any]:
-    return {"org_id": pt.org_id, "node_id": pt.node_id, "samples": pt.samples, "rounds": pt.rounds, "units": pt.units,
-            "credit_minor": pt.credit_minor, "epsilon_spent": pt.epsilon_spent}
+    return {
+        "org_id": pt.org_id,
+        "node_id": pt.node_id,
+        "samples": pt.samples,
+        "rounds": pt.rounds,
+        "units": pt.units,
+        "credit_minor": pt.credit_minor,
+        "epsilon_spent": pt.epsilon_spent,
+    }
 
 
 def _coordinator() -> Any:
@@ -85,17 +97,36 @@ def _coordinator() -> Any:
 
 def _out(f: Federation, parts: list[FederationParticipant]) -> FederationOut:
     return FederationOut(
-        id=f.id, offering_id=f.offering_id, org_id=f.org_id, name=f.name, parent_version_id=f.parent_version_id,
-        recipe=f.recipe, terms=f.terms, status=f.status, rounds_done=f.rounds_done, epsilon_spent=f.epsilon_spent,
-        result_version_id=f.result_version_id, error=f.error, participants=[_part(p) for p in parts], created_at=f.created_at,
+        id=f.id,
+        offering_id=f.offering_id,
+        org_id=f.org_id,
+        name=f.name,
+        parent_version_id=f.parent_version_id,
+        recipe=f.recipe,
+        terms=f.terms,
+        status=f.status,
+        rounds_done=f.rounds_done,
+        epsilon_spent=f.epsilon_spent,
+        result_version_id=f.result_version_id,
+        error=f.error,
+        participants=[_part(p) for p in parts],
+        created_at=f.created_at,
     )
 
 
 @router.post("", response_model=FederationOut, status_code=201, summary="Open a federation on an offering (provider)")
 def create(body: FederationCreate, p: Auth, rt: Rt, request: Request) -> FederationOut:
     with rt.tx() as s:
-        f = federations.create(s, p, offering_id=body.offering_id, recipe=body.recipe, terms=body.terms, name=body.name,
-                               parent_version_id=body.parent_version_id, who=actor_of(p, request))
+        f = federations.create(
+            s,
+            p,
+            offering_id=body.offering_id,
+            recipe=body.recipe,
+            terms=body.terms,
+            name=body.name,
+            parent_version_id=body.parent_version_id,
+            who=actor_of(p, request),
+        )
         return _out(f, [])
 
 
@@ -141,8 +172,17 @@ def start(fed_id: str, p: Auth, rt: Rt) -> dict[str, Any]:
 def rounds(fed_id: str, p: Auth, rt: Rt) -> list[RoundOut]:
     with rt.tx() as s:
         federations.get_for(s, p, fed_id)
-        return [RoundOut(number=r.number, participants=r.participants, metrics=r.metrics, epsilon=r.epsilon,
-                         ledger_indexes=r.ledger_indexes, completed_at=r.completed_at) for r in federations.rounds_of(s, fed_id)]
+        return [
+            RoundOut(
+                number=r.number,
+                participants=r.participants,
+                metrics=r.metrics,
+                epsilon=r.epsilon,
+                ledger_indexes=r.ledger_indexes,
+                completed_at=r.completed_at,
+            )
+            for r in federations.rounds_of(s, fed_id)
+        ]
 
 
 @router.get("/{fed_id}/receipts", summary="Ledger receipts of your organisation's contributions")
@@ -155,8 +195,11 @@ def receipts(fed_id: str, p: Auth, rt: Rt) -> list[dict[str, Any]]:
     return [r for r in out if json.loads(base64.b64decode(r["leaf"])).get("org") == pt.org_id]
 
 
-@router.post("/{fed_id}/messages/next", summary="Long-poll the coordinator's next Flower message (participant)",
-             responses={204: {"description": "nothing within the wait"}})
+@router.post(
+    "/{fed_id}/messages/next",
+    summary="Long-poll the coordinator's next Flower message (participant)",
+    responses={204: {"description": "nothing within the wait"}},
+)
 def next_message(fed_id: str, p: Auth, rt: Rt, body: PollIn | None = None) -> Response:
     with rt.tx() as s:
         f, _ = federations.get_for(s, p, fed_id)
@@ -171,7 +214,9 @@ def next_message(fed_id: str, p: Auth, rt: Rt, body: PollIn | None = None) -> Re
     return Response(content=data, media_type="application/octet-stream", headers=headers)
 
 
-@router.post("/{fed_id}/replies", status_code=202, summary="Post the ClientApp's reply (participant)", openapi_extra=_BINARY)
+@router.post(
+    "/{fed_id}/replies", status_code=202, summary="Post the ClientApp's reply (participant)", openapi_extra=_BINARY
+)
 async def reply(fed_id: str, p: Auth, rt: Rt, request: Request) -> dict[str, Any]:
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype != "application/octet-stream":

@@ -34,17 +34,23 @@ _BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {
-                "type": "object", "required": ["rows"], "additionalProperties": False,
-                "properties": {"rows": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}},
-            }},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["rows"],
+                    "additionalProperties": False,
+                    "properties": {"rows": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}},
+                }
+            },
             "text/csv": {"schema": {"type": "string"}},
         },
     }
 }
 _OUT: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}},
-          "description": "Predictions; the usage receipt is in X-Som-Receipt"},
+    200: {
+        "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}},
+        "description": "Predictions; the usage receipt is in X-Som-Receipt",
+    },
 }
 
 
@@ -77,12 +83,23 @@ async def predict(
         accept = _accept(request.headers.get("accept"), media)
         body = await request.body()
         ans = await run_in_threadpool(
-            gateway.predict, rt, p, offering_id, body, media_type=media, accept=accept,
-            idempotency_key=idempotency_key, contract_id=contract_id, who=actor_of(p, request),
+            gateway.predict,
+            rt,
+            p,
+            offering_id,
+            body,
+            media_type=media,
+            accept=accept,
+            idempotency_key=idempotency_key,
+            contract_id=contract_id,
+            who=actor_of(p, request),
         )
     except MarketplaceError as e:
         if "Server-Timing" not in e.headers:
-            e.headers = {**e.headers, "Server-Timing": gateway.server_timing({"total": (time.perf_counter() - t0) * 1e3})}
+            e.headers = {
+                **e.headers,
+                "Server-Timing": gateway.server_timing({"total": (time.perf_counter() - t0) * 1e3}),
+            }
         raise
     timing = {**ans.timing, "total": (time.perf_counter() - t0) * 1e3}
     headers = {"X-Som-Units": str(ans.units), "Server-Timing": gateway.server_timing(timing)}
@@ -136,7 +153,9 @@ def _agent_offerings(rt: Runtime, p: Principal, agent_id: str) -> frozenset[str]
     return served
 
 
-@router.post("/agent/gateway/exchange", summary="Answer gateway requests taken; long-poll for the next ones (agent key)")
+@router.post(
+    "/agent/gateway/exchange", summary="Answer gateway requests taken; long-poll for the next ones (agent key)"
+)
 def exchange(body: ExchangeIn, p: AnyAuth, rt: Rt, agent_id: AgentId) -> dict[str, Any]:
     offerings = _agent_offerings(rt, p, agent_id)
     hub = hub_of(rt)
@@ -175,4 +194,3 @@ class ServerTimingFallback:
             await send(message)
 
         await self.app(scope, receive, _send)
-

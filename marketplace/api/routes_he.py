@@ -92,7 +92,12 @@ async def compile_version(
     _octet(request)
     data = await _read_limited(request, rt.settings.max_upload_bytes)
     v = await run_in_threadpool(
-        he_plans.compile_version, rt, p, offering_id, number, data,
+        he_plans.compile_version,
+        rt,
+        p,
+        offering_id,
+        number,
+        data,
         who=actor_of(p, request),
     )
     return VersionPublic.model_validate(v)
@@ -110,9 +115,7 @@ def get_he_plan(offering_id: str, p: Auth, rt: Rt, request: Request, contract_id
     summary="Publish the HE plan a provider-hosted offering's agent compiled (provider)",
 )
 def set_he_plan(offering_id: str, body: HEPlanSet, p: Auth, rt: Rt, request: Request) -> HEPlanPublic:
-    out = he_plans.set_agent_plan(
-        rt, p, offering_id, body.plan, body.report, who=actor_of(p, request)
-    )
+    out = he_plans.set_agent_plan(rt, p, offering_id, body.plan, body.report, who=actor_of(p, request))
     return HEPlanPublic(**out)
 
 
@@ -187,8 +190,15 @@ async def infer(
     _octet(request)
     body = await _read_limited(request, rt.settings.max_ciphertext_bytes)
     res = await run_in_threadpool(
-        he.infer, rt, p, offering_id, body, idempotency_key=idempotency_key, keyset_id=keyset_id,
-        contract_id=contract_id, who=actor_of(p, request),
+        he.infer,
+        rt,
+        p,
+        offering_id,
+        body,
+        idempotency_key=idempotency_key,
+        keyset_id=keyset_id,
+        contract_id=contract_id,
+        who=actor_of(p, request),
     )
     headers = {"X-Som-Units": str(res.units)}
     if res.usage_id:
@@ -198,4 +208,3 @@ async def infer(
     if res.replay:
         headers["X-Som-Replay"] = "true"
     return Response(content=res.body, media_type=res.media_type, headers=headers)
-

@@ -21,26 +21,34 @@ router = APIRouter(prefix="/v1", tags=["health"])
 
 
 @router.get(
-    "/health", summary="Liveness: the API answers, the DB is reachable, the data keys unwrap",
-    responses={503: {
-        "description": "The data keys in the database do not unwrap here (`kek`: `cannot_unwrap`).",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }},
+    "/health",
+    summary="Liveness: the API answers, the DB is reachable, the data keys unwrap",
+    responses={
+        503: {
+            "description": "The data keys in the database do not unwrap here (`kek`: `cannot_unwrap`).",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+    },
 )
 def health(rt: Rt) -> Any:
     with rt.engine.connect() as c:
         c.execute(text("SELECT 1"))
     kek, _failed = kek_status(rt)  # which KEK failed is logged, not told to an unauthenticated caller
     body: dict[str, Any] = {
-        "status": "ok", "version": marketplace.__version__, "jail": status(rt.settings.jail_config()), "kek": kek,
+        "status": "ok",
+        "version": marketplace.__version__,
+        "jail": status(rt.settings.jail_config()),
+        "kek": kek,
     }
     if kek is KekStatus.OK:
         return body
     body["status"] = "degraded"
-    body.update(error_body(
-        "kek_unavailable",
-        "some data keys do not unwrap with this server's key provider "
-        "(a rotation that lost a key, or the wrong key directory / SOM_KEK): restore the keyring "
-        "from the key directory's backup (docs/deployment.md, 'Key rotation')",
-    ))
+    body.update(
+        error_body(
+            "kek_unavailable",
+            "some data keys do not unwrap with this server's key provider "
+            "(a rotation that lost a key, or the wrong key directory / SOM_KEK): restore the keyring "
+            "from the key directory's backup (docs/deployment.md, 'Key rotation')",
+        )
+    )
     return JSONResponse(body, status_code=503)

@@ -77,7 +77,9 @@ def create_api_key(org_id: str, body: KeyCreate, p: Auth, rt: Rt, request: Reque
             extra = set(body.roles) - set(p.roles)
             if extra:
                 raise Forbidden(f"you cannot grant roles you do not hold: {sorted(extra)}", denied=org_id)
-        if p.key_id.startswith("usr_"):  # a signed-in user (SSO session): the key is the user's; it stops with their roles
+        if p.key_id.startswith(
+            "usr_"
+        ):  # a signed-in user (SSO session): the key is the user's; it stops with their roles
             row, plaintext = create_key(
                 s, org_id=org_id, roles=list(body.roles), name=body.name, ttl_days=body.ttl_days, user_id=p.key_id
             )

@@ -25,7 +25,10 @@ from marketplace.services import jobs, metering
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _BINARY = {
-    "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
 }
 
 
@@ -39,7 +42,9 @@ class JobCreate(Strict):
     offering_id: str = Field(max_length=40)
     kind: Literal["predict", "evaluate", "custom"]
     units: int = Field(default=1, ge=1, le=10_000_000, description="Rows you will send (the most the job may process).")
-    code: str | None = Field(default=None, max_length=1_000_000, description="custom jobs: main.py, shown to the provider.")
+    code: str | None = Field(
+        default=None, max_length=1_000_000, description="custom jobs: main.py, shown to the provider."
+    )
     limits: JobLimitsIn | None = None
     timeout_seconds: float | None = Field(default=None, ge=10, le=7 * 86400)
     contract_id: str | None = Field(default=None, max_length=64)
@@ -90,7 +95,9 @@ def _out(job: Any) -> JobPublic:
     return JobPublic(**jobs.view(job))
 
 
-@router.post("", response_model=JobPublic, status_code=201, summary="Create a job (consumer); then POST its sealed payload")
+@router.post(
+    "", response_model=JobPublic, status_code=201, summary="Create a job (consumer); then POST its sealed payload"
+)
 def create_job(
     body: JobCreate,
     p: Auth,
@@ -100,29 +107,42 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobPublic:
     job, created = jobs.create(
-        rt, p, offering_id=body.offering_id, kind=body.kind, units=body.units,
-        limits=body.limits.model_dump(exclude_none=True) if body.limits else None, code=body.code,
-        timeout_seconds=body.timeout_seconds, contract_id=body.contract_id,
-        idempotency_key=metering.check_idempotency_key(idempotency_key), who=actor_of(p, request),
+        rt,
+        p,
+        offering_id=body.offering_id,
+        kind=body.kind,
+        units=body.units,
+        limits=body.limits.model_dump(exclude_none=True) if body.limits else None,
+        code=body.code,
+        timeout_seconds=body.timeout_seconds,
+        contract_id=body.contract_id,
+        idempotency_key=metering.check_idempotency_key(idempotency_key),
+        who=actor_of(p, request),
     )
     if not created:
         response.status_code = 200
     return _out(job)
 
 
-@router.post("/{job_id}/payload", response_model=JobPublic, summary="Submit the sealed input (octet-stream)", openapi_extra=_BINARY, dependencies=[body_limit(BodyLimit.BINARY)])
+@router.post(
+    "/{job_id}/payload",
+    response_model=JobPublic,
+    summary="Submit the sealed input (octet-stream)",
+    openapi_extra=_BINARY,
+    dependencies=[body_limit(BodyLimit.BINARY)],
+)
 async def submit_payload(job_id: str, p: Auth, rt: Rt, request: Request) -> JobPublic:
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if ctype != "application/octet-stream":
         raise UnsupportedMediaType(f"send the sealed input as application/octet-stream, not {ctype}")
     data = await request.body()
-    job = await run_in_threadpool(
-        jobs.submit_input, rt, p, job_id, data, who=actor_of(p, request)
-    )
+    job = await run_in_threadpool(jobs.submit_input, rt, p, job_id, data, who=actor_of(p, request))
     return _out(job)
 
 
-@router.get("", response_model=PageOf[JobPublic], summary="Your jobs (consumer) or your offerings' jobs (role=provider)")
+@router.get(
+    "", response_model=PageOf[JobPublic], summary="Your jobs (consumer) or your offerings' jobs (role=provider)"
+)
 def list_jobs(
     p: Auth,
     rt: Rt,
@@ -132,7 +152,9 @@ def list_jobs(
     offering_id: Annotated[str | None, Query(max_length=40)] = None,
 ) -> PageOf[JobPublic]:
     with rt.tx() as s:
-        rows, total = jobs.list_for(s, p, role=role, status=status, offering_id=offering_id, limit=page.limit, offset=page.offset)
+        rows, total = jobs.list_for(
+            s, p, role=role, status=status, offering_id=offering_id, limit=page.limit, offset=page.offset
+        )
         return PageOf[JobPublic].build([_out(r) for r in rows], total, page)
 
 
@@ -149,14 +171,20 @@ def cancel_job(job_id: str, p: Auth, rt: Rt, request: Request) -> JobPublic:
 
 @router.post("/{job_id}/approve", response_model=JobPublic, summary="Approve a custom job's exact code (provider)")
 def approve_job(job_id: str, body: JobDecision, p: Auth, rt: Rt, request: Request) -> JobPublic:
-    return _out(jobs.decide(rt, p, job_id, approve=True, code_digest=body.code_digest, reason=body.reason,
-                            who=actor_of(p, request)))
+    return _out(
+        jobs.decide(
+            rt, p, job_id, approve=True, code_digest=body.code_digest, reason=body.reason, who=actor_of(p, request)
+        )
+    )
 
 
 @router.post("/{job_id}/reject", response_model=JobPublic, summary="Reject a custom job's code (provider)")
 def reject_job(job_id: str, body: JobDecision, p: Auth, rt: Rt, request: Request) -> JobPublic:
-    return _out(jobs.decide(rt, p, job_id, approve=False, code_digest=body.code_digest, reason=body.reason,
-                            who=actor_of(p, request)))
+    return _out(
+        jobs.decide(
+            rt, p, job_id, approve=False, code_digest=body.code_digest, reason=body.reason, who=actor_of(p, request)
+        )
+    )
 
 
 @router.get(

@@ -84,7 +84,9 @@ def _cp_public(cp: ledger.StoredCheckpoint) -> CheckpointPublic:
 
 def _leaf_public(row: Any) -> LeafPublic:
     data = bytes(row.data)
-    return LeafPublic(index=int(row.idx), leaf_hash=_b64(bytes(row.leaf_hash)), leaf=_b64(data), record=json.loads(data))
+    return LeafPublic(
+        index=int(row.idx), leaf_hash=_b64(bytes(row.leaf_hash)), leaf=_b64(data), record=json.loads(data)
+    )
 
 
 def _leaf(s: Any, index: int) -> Any:
@@ -135,7 +137,9 @@ def get_checkpoint(p: Auth, rt: Rt) -> PlainTextResponse:
     return PlainTextResponse(cp.note.decode(), headers={"X-Som-Tree-Size": str(cp.size)})
 
 
-@router.get("/checkpoints", response_model=PageOf[CheckpointPublic], summary="Every signed checkpoint (compliance, admin)")
+@router.get(
+    "/checkpoints", response_model=PageOf[CheckpointPublic], summary="Every signed checkpoint (compliance, admin)"
+)
 def list_checkpoints(p: Auth, rt: Rt, page: Page) -> PageOf[CheckpointPublic]:
     p.require(*_FULL)
     t = LedgerCheckpoint.__table__
@@ -157,7 +161,9 @@ def get_leaves(
     p: Auth,
     rt: Rt,
     start: Annotated[int, Query(ge=0, le=MAX_INDEX)] = 0,
-    end: Annotated[int | None, Query(ge=0, le=MAX_INDEX, description=f"Exclusive; at most start+{MAX_LEAVES_PER_REQUEST}.")] = None,
+    end: Annotated[
+        int | None, Query(ge=0, le=MAX_INDEX, description=f"Exclusive; at most start+{MAX_LEAVES_PER_REQUEST}.")
+    ] = None,
 ) -> list[LeafPublic]:
     p.require(*_FULL)
     t = LedgerLeaf.__table__
@@ -172,7 +178,11 @@ def get_leaves(
 
 def _parse_hash(text: str) -> bytes:
     try:
-        h = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+        h = (
+            bytes.fromhex(text)
+            if len(text) == 64
+            else base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+        )
     except (ValueError, binascii.Error):
         h = b""
     if len(h) != 32:
@@ -187,7 +197,9 @@ def get_inclusion(
     request: Request,
     index: Annotated[int | None, Query(ge=0, le=MAX_INDEX)] = None,
     leaf_hash: str | None = None,
-    size: Annotated[int | None, Query(ge=1, le=MAX_INDEX, description="Tree size; default the latest checkpoint's.")] = None,
+    size: Annotated[
+        int | None, Query(ge=1, le=MAX_INDEX, description="Tree size; default the latest checkpoint's.")
+    ] = None,
 ) -> InclusionProof:
     if (index is None) == (leaf_hash is None):
         raise Invalid("pass exactly one of index and leaf_hash")
@@ -213,7 +225,9 @@ def get_consistency(
     p: Auth,
     rt: Rt,
     size1: Annotated[int, Query(ge=0, le=MAX_INDEX)],
-    size2: Annotated[int | None, Query(ge=0, le=MAX_INDEX, description="Default: the latest checkpoint's size.")] = None,
+    size2: Annotated[
+        int | None, Query(ge=0, le=MAX_INDEX, description="Default: the latest checkpoint's size.")
+    ] = None,
 ) -> ConsistencyProof:
     if size2 is None:
         size2 = ledger.latest_or_sign(rt).size
@@ -310,7 +324,9 @@ def get_usage(
     return PageOf[LeafPublic].build(items, total, page)
 
 
-@router.get("/totals", response_model=list[ContractTotalsPublic], summary="Usage totals per contract (compliance, admin)")
+@router.get(
+    "/totals", response_model=list[ContractTotalsPublic], summary="Usage totals per contract (compliance, admin)"
+)
 def get_totals(p: Auth, rt: Rt) -> list[ContractTotalsPublic]:
     p.require(*_FULL)
     t = LedgerLeaf.__table__
@@ -332,7 +348,12 @@ def get_totals(p: Auth, rt: Rt) -> list[ContractTotalsPublic]:
         rows = s.execute(stmt).all()
     return [
         ContractTotalsPublic(
-            contract_id=r[0], currency=r[1], charged_units=int(r[2]), amount_minor=int(r[3]), usage_records=int(r[4]), released_records=int(r[5])
+            contract_id=r[0],
+            currency=r[1],
+            charged_units=int(r[2]),
+            amount_minor=int(r[3]),
+            usage_records=int(r[4]),
+            released_records=int(r[5]),
         )
         for r in rows
     ]

@@ -26,9 +26,13 @@ __all__ = ["metrics", "mount_metrics", "router"]
 
 router = APIRouter(prefix="/v1/monitoring", tags=["monitoring"])
 
-From = Annotated[datetime | None, Query(alias="from", description="Start (ISO 8601; default: a step-dependent span before `to`).")]
+From = Annotated[
+    datetime | None, Query(alias="from", description="Start (ISO 8601; default: a step-dependent span before `to`).")
+]
 To = Annotated[datetime | None, Query(description="End (ISO 8601; default now).")]
-StepQ = Annotated[monitoring_query.Step, Query(description="Bucket size: minute (max 31 days), hour (366), day (3660).")]
+StepQ = Annotated[
+    monitoring_query.Step, Query(description="Bucket size: minute (max 31 days), hour (366), day (3660).")
+]
 
 
 def _check_scraper(request: Request, rt: Runtime) -> None:
@@ -36,9 +40,12 @@ def _check_scraper(request: Request, rt: Runtime) -> None:
     if token is not None and token.get_secret_value():
         auth = request.headers.get("authorization", "")
         scheme, _, presented = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.get_secret_value().encode()):
-            raise Unauthenticated("GET /metrics needs Authorization: Bearer <SOM_METRICS_TOKEN>",
-                                  headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), token.get_secret_value().encode()
+        ):
+            raise Unauthenticated(
+                "GET /metrics needs Authorization: Bearer <SOM_METRICS_TOKEN>", headers={"WWW-Authenticate": "Bearer"}
+            )
         return
     if not monitoring.is_loopback(request.client.host if request.client else None):
         raise Forbidden("GET /metrics answers loopback clients only; set SOM_METRICS_TOKEN to scrape from elsewhere")
@@ -50,14 +57,20 @@ def metrics(request: Request, rt: Rt) -> Response:
 
 
 @router.get("/offerings", summary="Your offerings with their totals (provider)")
-async def offerings(p: Auth, rt: Rt, frm: From = None, to: To = None, step: StepQ = monitoring_query.Step.DAY) -> dict[str, Any]:
+async def offerings(
+    p: Auth, rt: Rt, frm: From = None, to: To = None, step: StepQ = monitoring_query.Step.DAY
+) -> dict[str, Any]:
     win = monitoring_query.window(frm, to, step)
     return await run_in_threadpool(monitoring_query.offerings_summary, rt, p, win)
 
 
 @router.get("/offerings/{offering_id}", summary="Adoption and latency of one of your offerings (provider)")
 async def offering(
-    p: Auth, rt: Rt, offering_id: Annotated[str, Path(max_length=40)], frm: From = None, to: To = None,
+    p: Auth,
+    rt: Rt,
+    offering_id: Annotated[str, Path(max_length=40)],
+    frm: From = None,
+    to: To = None,
     step: StepQ = monitoring_query.Step.HOUR,
     version: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="Only this version.")] = None,
 ) -> dict[str, Any]:
@@ -66,13 +79,17 @@ async def offering(
 
 
 @router.get("/contracts", summary="Your usage and latency per contract (consumer)")
-async def contracts(p: Auth, rt: Rt, frm: From = None, to: To = None, step: StepQ = monitoring_query.Step.HOUR) -> dict[str, Any]:
+async def contracts(
+    p: Auth, rt: Rt, frm: From = None, to: To = None, step: StepQ = monitoring_query.Step.HOUR
+) -> dict[str, Any]:
     win = monitoring_query.window(frm, to, step)
     return await run_in_threadpool(monitoring_query.contracts_report, rt, p, win)
 
 
 @router.get("/marketplace", summary="Marketplace-wide usage and latency (compliance, admin)")
-async def marketplace(p: Auth, rt: Rt, frm: From = None, to: To = None, step: StepQ = monitoring_query.Step.HOUR) -> dict[str, Any]:
+async def marketplace(
+    p: Auth, rt: Rt, frm: From = None, to: To = None, step: StepQ = monitoring_query.Step.HOUR
+) -> dict[str, Any]:
     p.require("compliance", "admin")
     win = monitoring_query.window(frm, to, step)
     return await run_in_threadpool(monitoring_query.marketplace_report, rt, p, win)

@@ -115,18 +115,31 @@ def remove_member(team: str, member_id: str, p: Auth, rt: Rt, request: Request) 
 # -- grants, visibility, audit -------------------------------------------------------------------
 
 
-@router.get("/v1/offerings/{offering_id}/grants", response_model=list[GrantPublic], summary="Grants on an offering (admin)")
+@router.get(
+    "/v1/offerings/{offering_id}/grants", response_model=list[GrantPublic], summary="Grants on an offering (admin)"
+)
 def list_grants(offering_id: str, p: Auth, rt: Rt) -> list[GrantPublic]:
     with rt.tx() as s:
         return [GrantPublic.model_validate(g) for g in sharing.list_grants(s, p, offering_id)]
 
 
-@router.post("/v1/offerings/{offering_id}/grants", response_model=GrantPublic, status_code=201,
-             summary="Grant read, write or admin to an organisation or team (admin)")
+@router.post(
+    "/v1/offerings/{offering_id}/grants",
+    response_model=GrantPublic,
+    status_code=201,
+    summary="Grant read, write or admin to an organisation or team (admin)",
+)
 def add_grant(offering_id: str, body: GrantCreate, p: Auth, rt: Rt, request: Request) -> GrantPublic:
     with rt.tx() as s:
-        g: Grant = sharing.add_grant(s, p, offering_id, org_id=body.org_id, team_id=body.team_id,
-                                     permission=body.permission, who=actor_of(p, request))
+        g: Grant = sharing.add_grant(
+            s,
+            p,
+            offering_id,
+            org_id=body.org_id,
+            team_id=body.team_id,
+            permission=body.permission,
+            who=actor_of(p, request),
+        )
         return GrantPublic.model_validate(g)
 
 
@@ -143,8 +156,11 @@ def set_visibility(offering_id: str, body: VisibilitySet, p: Auth, rt: Rt, reque
         return to_public(rt, s, sharing.set_visibility(s, p, offering_id, body.visibility, actor_of(p, request)))
 
 
-@router.get("/v1/offerings/{offering_id}/audit", response_model=PageOf[AuditPublic],
-            summary="Audit events about your offering (admin on it): retrievals, computations, refusals, grants")
+@router.get(
+    "/v1/offerings/{offering_id}/audit",
+    response_model=PageOf[AuditPublic],
+    summary="Audit events about your offering (admin on it): retrievals, computations, refusals, grants",
+)
 def offering_events(offering_id: str, p: Auth, rt: Rt, page: Page, action: str | None = None) -> PageOf[AuditPublic]:
     with rt.tx() as s:
         rows, total = offering_audit.events(s, p, offering_id, action=action, limit=page.limit, offset=page.offset)
@@ -154,9 +170,14 @@ def offering_events(offering_id: str, p: Auth, rt: Rt, page: Page, action: str |
 # -- version metadata and validation ----------------------------------------------------------
 
 
-@router.put("/v1/offerings/{offering_id}/versions/{number}/metadata", response_model=VersionPublic,
-            summary="Declare a version's metrics, notes, parent and evaluation set: re-validates it (write)")
-def set_metadata(offering_id: str, number: int, body: VersionMetadata, p: Auth, rt: Rt, request: Request) -> VersionPublic:
+@router.put(
+    "/v1/offerings/{offering_id}/versions/{number}/metadata",
+    response_model=VersionPublic,
+    summary="Declare a version's metrics, notes, parent and evaluation set: re-validates it (write)",
+)
+def set_metadata(
+    offering_id: str, number: int, body: VersionMetadata, p: Auth, rt: Rt, request: Request
+) -> VersionPublic:
     p.require("provider")
     who = actor_of(p, request)
     raw = body.model_dump(exclude_none=True)
@@ -179,14 +200,22 @@ def set_metadata(offering_id: str, number: int, body: VersionMetadata, p: Auth, 
         v = validation.get_version(s, offering_id, number)
         v.meta, v.validation = meta, report
         v.validation = validation.final_report(v, rt.settings)
-        audit.emit(s, who, "offering.version.validate", target=f"{offering_id}/v{number}",
-                   detail={"status": v.validation["status"] if v.validation else None})
+        audit.emit(
+            s,
+            who,
+            "offering.version.validate",
+            target=f"{offering_id}/v{number}",
+            detail={"status": v.validation["status"] if v.validation else None},
+        )
         s.flush()
         return VersionPublic.model_validate(v)
 
 
-@router.get("/v1/offerings/{offering_id}/versions/{number}/validation", response_model=dict[str, Any],
-            summary="A version's validation report (whoever may read the offering)")
+@router.get(
+    "/v1/offerings/{offering_id}/versions/{number}/validation",
+    response_model=dict[str, Any],
+    summary="A version's validation report (whoever may read the offering)",
+)
 def get_validation(offering_id: str, number: int, p: Auth, rt: Rt) -> dict[str, Any]:
     with rt.tx() as s:
         off = catalog.get_visible(s, p, offering_id)

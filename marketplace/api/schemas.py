@@ -35,8 +35,9 @@ class PageOf(BaseModel, Generic[T]):
     def build(cls, items: list[Any], total: int, page: Any) -> Self:
         """One page of ``total`` items at ``page.offset``; ``next_offset`` is None on the last page."""
         end = page.offset + len(items)
-        return cls(items=items, total=total, limit=page.limit, offset=page.offset,
-                   next_offset=end if end < total else None)
+        return cls(
+            items=items, total=total, limit=page.limit, offset=page.offset, next_offset=end if end < total else None
+        )
 
 
 class OrgCreate(Strict):

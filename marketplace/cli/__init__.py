@@ -32,8 +32,18 @@ __all__ = ["app", "main"]
 
 #: The table of contents: every command group, in the order ``som --help`` lists them.
 COMMANDS = (
-    cmd_agent, cmd_auth, cmd_contract, cmd_convert, cmd_core, cmd_federation, cmd_infer, cmd_job, cmd_ledger,
-    cmd_predict, cmd_share, cmd_worker,
+    cmd_agent,
+    cmd_auth,
+    cmd_contract,
+    cmd_convert,
+    cmd_core,
+    cmd_federation,
+    cmd_infer,
+    cmd_job,
+    cmd_ledger,
+    cmd_predict,
+    cmd_share,
+    cmd_worker,
 )
 
 

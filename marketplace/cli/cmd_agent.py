@@ -54,21 +54,38 @@ def register(app: typer.Typer) -> None:
     @agent.callback()
     def run(
         ctx: typer.Context,
-        offering: list[str] = typer.Option(None, "--offering", help="Offering id to serve (repeatable; default: all of the key's)."),
-        model: Path = typer.Option(None, "--model", exists=True, dir_okay=False, help="The model artifact (.npz or .onnx)."),
-        calibration: Path = typer.Option(None, "--calibration", exists=True, dir_okay=False,
-                                         help="Calibration .npy: compile the HE plan here, publish only the public plan."),
+        offering: list[str] = typer.Option(
+            None, "--offering", help="Offering id to serve (repeatable; default: all of the key's)."
+        ),
+        model: Path = typer.Option(
+            None, "--model", exists=True, dir_okay=False, help="The model artifact (.npz or .onnx)."
+        ),
+        calibration: Path = typer.Option(
+            None,
+            "--calibration",
+            exists=True,
+            dir_okay=False,
+            help="Calibration .npy: compile the HE plan here, publish only the public plan.",
+        ),
         seal_key: Path = typer.Option(None, "--seal-key", help="Sealing key file (0600; default: next to the model)."),
         signing_key: Path = typer.Option(
-            None, "--signing-key", help="The provider's offer-signing key file (default: $SOM_SIGNING_KEY, "
-            "else ~/.config/som/<org>.key): vouches for the sealing key; without it consumers refuse to seal jobs."),
+            None,
+            "--signing-key",
+            help="The provider's offer-signing key file (default: $SOM_SIGNING_KEY, "
+            "else ~/.config/som/<org>.key): vouches for the sealing key; without it consumers refuse to seal jobs.",
+        ),
         name: str = typer.Option("", "--name", help="A name shown to the provider."),
         workdir: Path = typer.Option(None, "--workdir", help="Scratch folder for custom jobs."),
         lease_wait: float = typer.Option(20.0, "--lease-wait", help="Long-poll wait in seconds."),
         verbose: bool = typer.Option(False, "--verbose", "-v"),
         federation: str = typer.Option("", "--federation", help="Take part in this federation (with --data)."),
-        data: Path = typer.Option(None, "--data", exists=True, dir_okay=False,
-                                  help="The participant's training CSV (features + 0/1 label); it never leaves."),
+        data: Path = typer.Option(
+            None,
+            "--data",
+            exists=True,
+            dir_okay=False,
+            help="The participant's training CSV (features + 0/1 label); it never leaves.",
+        ),
     ) -> None:
         """Run the agent (when no subcommand is given)."""
         if ctx.invoked_subcommand is not None:
@@ -81,7 +98,9 @@ def register(app: typer.Typer) -> None:
         st = state(ctx)
         if not st.api_key:
             die("no agent key: set SOM_API_KEY to a key from `som agent key create`")
-        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+        )
         from marketplace.agent.runner import AgentConfig, forget_env, run_forever
 
         forget_env("SOM_API_KEY")  # read once: no child and no reader of /proc/<pid>/environ sees it
@@ -96,11 +115,20 @@ def register(app: typer.Typer) -> None:
                 load_signing_key(signing_key, create=False)
             except (ValueError, OSError) as e:
                 die(f"cannot use signing key {signing_key}: {e}")
-        run_forever(AgentConfig(
-            url=st.url, api_key=str(st.api_key), model_path=model, offering_ids=list(offering or []),
-            seal_key_path=seal_key, signing_key_path=signing_key, calibration_path=calibration, name=name,
-            workdir=workdir, lease_wait=lease_wait,
-        ))
+        run_forever(
+            AgentConfig(
+                url=st.url,
+                api_key=str(st.api_key),
+                model_path=model,
+                offering_ids=list(offering or []),
+                seal_key_path=seal_key,
+                signing_key_path=signing_key,
+                calibration_path=calibration,
+                name=name,
+                workdir=workdir,
+                lease_wait=lease_wait,
+            )
+        )
 
     key = typer.Typer(help="Agent keys (bound to your organisation and offerings).", no_args_is_help=True)
     agent.add_typer(key, name="key")
@@ -118,8 +146,12 @@ def register(app: typer.Typer) -> None:
     @agent.command("review")
     def review(
         ctx: typer.Context,
-        syft_dir: Path = typer.Option(..., "--syft-dir", file_okay=False,
-                                      help="The syft-job folder to mirror code requests into (created if missing)."),
+        syft_dir: Path = typer.Option(
+            ...,
+            "--syft-dir",
+            file_okay=False,
+            help="The syft-job folder to mirror code requests into (created if missing).",
+        ),
         email: str = typer.Option(None, "--email", help="Your syft-job identity (default: <org id>@som.invalid)."),
         offering: list[str] = typer.Option(None, "--offering", help="Only this offering (repeatable; default: all)."),
         interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between syncs."),
@@ -135,14 +167,16 @@ def register(app: typer.Typer) -> None:
 
         from marketplace.agent.syft_review import SyftReviewBridge, provider_email
 
-        logging.basicConfig(level=logging.INFO if verbose or not once else logging.WARNING,
-                            format="%(asctime)s %(name)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if verbose or not once else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+        )
         api = client(ctx)
         who = api.whoami()
         if "provider" not in who.get("roles", []):
             die("som agent review needs a provider key (SOM_API_KEY), not an agent or consumer key")
-        bridge = SyftReviewBridge(api, syft_dir, email=email or provider_email(str(who["org_id"])),
-                                  offering_ids=list(offering or []))
+        bridge = SyftReviewBridge(
+            api, syft_dir, email=email or provider_email(str(who["org_id"])), offering_ids=list(offering or [])
+        )
         if once:
             emit(ctx, {"syft_dir": str(bridge.dir), "email": bridge.email, **dataclasses.asdict(bridge.sync())})
             return
@@ -156,4 +190,8 @@ def register(app: typer.Typer) -> None:
     @agent.command("list")
     def list_(ctx: typer.Context, offering: str = typer.Option(None, "--offering")) -> None:
         """Your organisation's agents and whether they are online (provider)."""
-        emit(ctx, client(ctx).agents(offering_id=offering), columns=["id", "name", "offering_ids", "online", "last_seen_at"])
+        emit(
+            ctx,
+            client(ctx).agents(offering_id=offering),
+            columns=["id", "name", "offering_ids", "online", "last_seen_at"],
+        )

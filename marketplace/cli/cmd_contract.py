@@ -75,12 +75,16 @@ def register(app: typer.Typer) -> None:
         window: int = typer.Option(60, help="Rate window in seconds."),
         price: int = typer.Option(0, help="Price per unit in the currency's minor unit (cents)."),
         currency: str = typer.Option("EUR", help="ISO 4217 currency."),
-        modes: str = typer.Option("he_inference,remote_job", help="Allowed modes, comma-separated (he_inference, remote_job, gateway)."),
+        modes: str = typer.Option(
+            "he_inference,remote_job", help="Allowed modes, comma-separated (he_inference, remote_job, gateway)."
+        ),
         job_kinds: str = typer.Option("predict,evaluate", help="Allowed job kinds, comma-separated."),
         days: int = typer.Option(365, help="Validity in days from now."),
         max_batch: int = typer.Option(64, help="Largest batch per request."),
         key_file: Path | None = KeyFile,
-        to: list[str] = typer.Option(None, "--to", help="Private offer: only this organisation id sees it (repeatable)."),
+        to: list[str] = typer.Option(
+            None, "--to", help="Private offer: only this organisation id sees it (repeatable)."
+        ),
     ) -> None:
         """Sign and publish an offer for one of your offerings (provider)."""
         from contracts.terms import JobLimits, Terms
@@ -89,16 +93,24 @@ def register(app: typer.Typer) -> None:
         try:
             terms = Terms(
                 modes=frozenset(m.strip() for m in modes.split(",") if m.strip()),
-                quota_units=quota, rate_units=rate, rate_window_seconds=window,
-                valid_from=now, valid_until=now + timedelta(days=days),
-                unit_price_minor=price, currency=currency, max_batch=max_batch,
+                quota_units=quota,
+                rate_units=rate,
+                rate_window_seconds=window,
+                valid_from=now,
+                valid_until=now + timedelta(days=days),
+                unit_price_minor=price,
+                currency=currency,
+                max_batch=max_batch,
                 job_limits=JobLimits(frozenset(k.strip() for k in job_kinds.split(",") if k.strip()), 600, 2048, 900),
             )
         except (ValueError, TypeError) as e:
             die(f"invalid terms: {e}")
         if to:  # a private offer (docs/sharing.md)
-            emit(ctx, client(ctx).publish_private_offer(offering_id, terms, to=list(to), signing_key=_key(ctx, key_file)),
-                 columns=OFFER_COLS)
+            emit(
+                ctx,
+                client(ctx).publish_private_offer(offering_id, terms, to=list(to), signing_key=_key(ctx, key_file)),
+                columns=OFFER_COLS,
+            )
             return
         emit(ctx, client(ctx).publish_offer(offering_id, terms, signing_key=_key(ctx, key_file)), columns=OFFER_COLS)
 
@@ -108,7 +120,9 @@ def register(app: typer.Typer) -> None:
         rows = client(ctx).list_offers(offering_id)
         emit(ctx, rows if machine(ctx) else [_offer_row(o) for o in rows], columns=OFFER_COLS)
         if not machine(ctx) and rows:
-            console.print("next: som contract accept OFFER_ID (shows the terms and asks before signing)", highlight=False)
+            console.print(
+                "next: som contract accept OFFER_ID (shows the terms and asks before signing)", highlight=False
+            )
 
     @grp.command("accept")
     def accept(
@@ -123,8 +137,11 @@ def register(app: typer.Typer) -> None:
         offer = cl.get_offer(offer_id)
         summary = terms_summary(offer.get("offer", {}).get("terms", {}))
         out = err_console if machine(ctx) else console  # --json keeps stdout for the contract
-        out.print(f"[bold]offer {offer_id}[/] for offering {offer.get('offering_id')} "
-                  f"(signed by {offer.get('provider_key')})", highlight=False)
+        out.print(
+            f"[bold]offer {offer_id}[/] for offering {offer.get('offering_id')} "
+            f"(signed by {offer.get('provider_key')})",
+            highlight=False,
+        )
         for k in TERMS_COLS:
             out.print(f"  {k}: {summary[k]}", highlight=False)
         if not yes:
@@ -138,8 +155,11 @@ def register(app: typer.Typer) -> None:
             die(f"offer {offer_id} not accepted: {e}")
         emit(ctx, c, columns=CONTRACT_COLS)
         if not machine(ctx):
-            console.print(f"next: som infer {c.get('offering_id')} --input rows.csv --encrypted   "
-                          f"(or som job submit {c.get('offering_id')} ...)", highlight=False)
+            console.print(
+                f"next: som infer {c.get('offering_id')} --input rows.csv --encrypted   "
+                f"(or som job submit {c.get('offering_id')} ...)",
+                highlight=False,
+            )
 
     @grp.command("list")
     def list_(
@@ -157,28 +177,44 @@ def register(app: typer.Typer) -> None:
         if machine(ctx):
             emit(ctx, c)
             return
-        emit(ctx, {k: c.get(k) for k in CONTRACT_COLS} | terms_summary(c.get("terms", {}))
-             | {"usage": c.get("usage"), "events": c.get("events")})
+        emit(
+            ctx,
+            {k: c.get(k) for k in CONTRACT_COLS}
+            | terms_summary(c.get("terms", {}))
+            | {"usage": c.get("usage"), "events": c.get("events")},
+        )
 
     def _event(ctx: typer.Context, contract_id: str, kind: str, reason: str, key_file: Path | None) -> None:
         c = client(ctx).contract_event(contract_id, kind, signing_key=_key(ctx, key_file), reason=reason)
         emit(ctx, c, columns=CONTRACT_COLS + ["seq"])
 
     @grp.command("suspend")
-    def suspend(ctx: typer.Context, contract_id: str, reason: str = typer.Option("", help="Why."),
-                key_file: Path | None = KeyFile) -> None:
+    def suspend(
+        ctx: typer.Context,
+        contract_id: str,
+        reason: str = typer.Option("", help="Why."),
+        key_file: Path | None = KeyFile,
+    ) -> None:
         """Suspend a contract (provider); uses are refused until it is resumed."""
         _event(ctx, contract_id, "suspension", reason, key_file)
 
     @grp.command("resume")
-    def resume(ctx: typer.Context, contract_id: str, reason: str = typer.Option("", help="Why."),
-               key_file: Path | None = KeyFile) -> None:
+    def resume(
+        ctx: typer.Context,
+        contract_id: str,
+        reason: str = typer.Option("", help="Why."),
+        key_file: Path | None = KeyFile,
+    ) -> None:
         """Resume a suspended contract (provider)."""
         _event(ctx, contract_id, "resumption", reason, key_file)
 
     @grp.command("terminate")
-    def terminate(ctx: typer.Context, contract_id: str, reason: str = typer.Option("", help="Why."),
-                  key_file: Path | None = KeyFile) -> None:
+    def terminate(
+        ctx: typer.Context,
+        contract_id: str,
+        reason: str = typer.Option("", help="Why."),
+        key_file: Path | None = KeyFile,
+    ) -> None:
         """Terminate a contract (either party); final."""
         _event(ctx, contract_id, "termination", reason, key_file)
 
@@ -197,5 +233,16 @@ def register(app: typer.Typer) -> None:
         if format == "csv":
             sys.stdout.write(out)
             return
-        emit(ctx, out, columns=["contract_id", "currency", "period_start", "period_end", "total_units",
-                                "total_amount", "released_count"])
+        emit(
+            ctx,
+            out,
+            columns=[
+                "contract_id",
+                "currency",
+                "period_start",
+                "period_end",
+                "total_units",
+                "total_amount",
+                "released_count",
+            ],
+        )

@@ -21,11 +21,23 @@ def register(app: typer.Typer) -> None:
     @app.command("convert")
     def convert(
         ctx: typer.Context,
-        model: Path = typer.Argument(..., exists=True, dir_okay=False, help="Your own .joblib/.pkl (scikit-learn) or .pt (torch) file"),
-        out: Path = typer.Option(None, "--out", "-o", help="Where to write the artifact (default: MODEL with .npz/.onnx)"),
+        model: Path = typer.Argument(
+            ..., exists=True, dir_okay=False, help="Your own .joblib/.pkl (scikit-learn) or .pt (torch) file"
+        ),
+        out: Path = typer.Option(
+            None, "--out", "-o", help="Where to write the artifact (default: MODEL with .npz/.onnx)"
+        ),
         fmt: str = typer.Option("npz", "--format", help="npz (som-layers-v1) | onnx (Gemm + activations)"),
-        check: Path = typer.Option(None, "--check", exists=True, dir_okay=False, help="CSV of feature rows to compare on (default: generated probe rows)"),
-        upload: str = typer.Option(None, "--upload", metavar="OFFERING", help="Also upload it as a new version of OFFERING"),
+        check: Path = typer.Option(
+            None,
+            "--check",
+            exists=True,
+            dir_okay=False,
+            help="CSV of feature rows to compare on (default: generated probe rows)",
+        ),
+        upload: str = typer.Option(
+            None, "--upload", metavar="OFFERING", help="Also upload it as a new version of OFFERING"
+        ),
     ) -> None:
         """Convert a model you trained into an uploadable artifact, checked against the original."""
         # Imported here: numpy and scikit-learn cost start-up time every other command would pay.
@@ -47,7 +59,7 @@ def register(app: typer.Typer) -> None:
             is_torch = type(obj).__module__.startswith("torch")
             art = from_torch(obj, format=fmt) if is_torch else from_estimator(obj, format=fmt)  # type: ignore[arg-type]
             if not is_torch:
-                rows = (np.loadtxt(check, delimiter=",", ndmin=2) if check else probe_rows(obj, art.input_dim))
+                rows = np.loadtxt(check, delimiter=",", ndmin=2) if check else probe_rows(obj, art.input_dim)
                 art = check_artifact(art, obj, rows)
         except UnsupportedModel as e:
             die(f"{model.name}: {e}", 2)
@@ -58,8 +70,12 @@ def register(app: typer.Typer) -> None:
         dest = out or model.with_suffix("." + fmt)
         dest.write_bytes(art.data)
         info = {
-            "artifact": str(dest), "format": art.format, "source": art.source, "input_shape": art.input_shape,
-            "outputs": art.output_dim, "bytes": len(art.data),
+            "artifact": str(dest),
+            "format": art.format,
+            "source": art.source,
+            "input_shape": art.input_shape,
+            "outputs": art.output_dim,
+            "bytes": len(art.data),
             "max_abs_error": art.max_abs_error,
         }
         if upload:

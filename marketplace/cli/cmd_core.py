@@ -46,7 +46,11 @@ def _print_start(rt: Any, s: Any) -> None:
     err(f"som: data directory {rt.data_dir}  (database {s.resolved_database_url().split('://')[0]})", err=True)
     if admins:
         first = min(admins, key=lambda k: k.created_at)
-        err(f"som: admin key {first.prefix}... exists (from `som admin bootstrap` at {first.created_at:%Y-%m-%d %H:%M} UTC)", err=True)
+        err(
+            f"som: admin key {first.prefix}... exists "
+            f"(from `som admin bootstrap` at {first.created_at:%Y-%m-%d %H:%M} UTC)",
+            err=True,
+        )
     else:
         err(f"som: no admin key yet: run `som admin bootstrap --data-dir {rt.data_dir}` (prints it once)", err=True)
 
@@ -200,10 +204,21 @@ def register(app: typer.Typer) -> None:
         except json.JSONDecodeError as e:
             die(f"schema is not valid JSON: {e}")
         card = model_card.read_text() if model_card else ""
-        emit(ctx, client(ctx).create_offering(
-            name=name, task=task, description=description, model_card=card, tags=tag, licence=licence,
-            hosting=hosting, input_schema=ins, output_schema=outs,
-        ), columns=OFFERING_COLS)
+        emit(
+            ctx,
+            client(ctx).create_offering(
+                name=name,
+                task=task,
+                description=description,
+                model_card=card,
+                tags=tag,
+                licence=licence,
+                hosting=hosting,
+                input_schema=ins,
+                output_schema=outs,
+            ),
+            columns=OFFERING_COLS,
+        )
 
     @off.command("list")
     def off_list(
@@ -215,7 +230,11 @@ def register(app: typer.Typer) -> None:
         status: str = typer.Option(None),
     ) -> None:
         """Search the catalog."""
-        emit(ctx, client(ctx).search_offerings(q=q, task=task, tag=tag, hosting=hosting, status=status), columns=OFFERING_COLS)
+        emit(
+            ctx,
+            client(ctx).search_offerings(q=q, task=task, tag=tag, hosting=hosting, status=status),
+            columns=OFFERING_COLS,
+        )
 
     @off.command("show")
     def off_show(ctx: typer.Context, offering_id: str) -> None:
@@ -233,8 +252,11 @@ def register(app: typer.Typer) -> None:
         """Upload a model version (it is validated and stored encrypted)."""
         f = fmt or path.suffix.lstrip(".").lower()
         shape = [int(x) for x in input_shape.split(",") if x.strip()] if input_shape else None
-        emit(ctx, client(ctx).upload_version(offering_id, path.read_bytes(), format=f, input_shape=shape),
-             columns=["id", "number", "format", "digest", "size", "input_shape"])
+        emit(
+            ctx,
+            client(ctx).upload_version(offering_id, path.read_bytes(), format=f, input_shape=shape),
+            columns=["id", "number", "format", "digest", "size", "input_shape"],
+        )
 
     @off.command("publish")
     def off_publish(ctx: typer.Context, offering_id: str) -> None:
@@ -261,5 +283,10 @@ def register(app: typer.Typer) -> None:
         until: str = typer.Option(None, help="ISO time"),
     ) -> None:
         """List and filter audit events."""
-        emit(ctx, client(ctx).audit(action=action, actor=actor, org_id=org_id, outcome=outcome, target=target, since=since, until=until),
-             columns=["seq", "time", "actor", "org_id", "action", "target", "outcome"])
+        emit(
+            ctx,
+            client(ctx).audit(
+                action=action, actor=actor, org_id=org_id, outcome=outcome, target=target, since=since, until=until
+            ),
+            columns=["seq", "time", "actor", "org_id", "action", "target", "outcome"],
+        )

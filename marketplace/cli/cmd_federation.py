@@ -37,20 +37,34 @@ def register(app: typer.Typer) -> None:
     def create(
         ctx: typer.Context,
         offering: str = typer.Option(..., "--offering", help="The offering whose model to improve."),
-        recipe: str = typer.Option(..., "--recipe", help="Recipe JSON (or a file): dim, rounds, local_epochs, lr, clipping, "
-                                   "noise_multiplier, min_participants, secure_aggregation, mean, scale."),
-        terms: str = typer.Option("{}", "--terms", help="Participant terms JSON (or a file): allowed_orgs, counting, "
-                                  "credit_minor_per_unit, epsilon, delta."),
+        recipe: str = typer.Option(
+            ...,
+            "--recipe",
+            help="Recipe JSON (or a file): dim, rounds, local_epochs, lr, clipping, "
+            "noise_multiplier, min_participants, secure_aggregation, mean, scale.",
+        ),
+        terms: str = typer.Option(
+            "{}",
+            "--terms",
+            help="Participant terms JSON (or a file): allowed_orgs, counting, credit_minor_per_unit, epsilon, delta.",
+        ),
         name: str = typer.Option("", "--name"),
         parent: str = typer.Option(None, "--parent-version", help="Parent version id (default: the latest)."),
     ) -> None:
         """Open a federation (provider)."""
-        out = client(ctx).create_federation(offering, _json_arg(recipe, "--recipe"), terms=_json_arg(terms, "--terms"),
-                                            name=name, parent_version_id=parent)
+        out = client(ctx).create_federation(
+            offering,
+            _json_arg(recipe, "--recipe"),
+            terms=_json_arg(terms, "--terms"),
+            name=name,
+            parent_version_id=parent,
+        )
         emit(ctx, {k: out[k] for k in ("id", "offering_id", "status", "parent_version_id")})
 
     @fed.command("join")
-    def join(ctx: typer.Context, fed_id: str = typer.Argument(...), samples: int = typer.Option(0, "--samples")) -> None:
+    def join(
+        ctx: typer.Context, fed_id: str = typer.Argument(...), samples: int = typer.Option(0, "--samples")
+    ) -> None:
         """Join a federation (needs an active contract in mode 'federated')."""
         emit(ctx, client(ctx).join_federation(fed_id, samples=samples))
 
@@ -63,15 +77,29 @@ def register(app: typer.Typer) -> None:
     def status(ctx: typer.Context, fed_id: str = typer.Argument(...)) -> None:
         """Status, privacy spent, participants, the resulting version."""
         out = client(ctx).federation(fed_id)
-        emit(ctx, {k: out[k] for k in ("id", "status", "rounds_done", "epsilon_spent", "result_version_id", "error")}
-             | {"participants": len(out["participants"])})
+        emit(
+            ctx,
+            {k: out[k] for k in ("id", "status", "rounds_done", "epsilon_spent", "result_version_id", "error")}
+            | {"participants": len(out["participants"])},
+        )
 
     @fed.command("rounds")
     def rounds(ctx: typer.Context, fed_id: str = typer.Argument(...)) -> None:
         """Completed rounds: participants, accuracy, epsilon, ledger leaves."""
         rows = client(ctx).federation_rounds(fed_id)
-        emit(ctx, [{"round": r["number"], "participants": len(r["participants"]), "accuracy": r["metrics"].get("accuracy"),
-                    "epsilon": r["epsilon"], "leaves": r["ledger_indexes"]} for r in rows])
+        emit(
+            ctx,
+            [
+                {
+                    "round": r["number"],
+                    "participants": len(r["participants"]),
+                    "accuracy": r["metrics"].get("accuracy"),
+                    "epsilon": r["epsilon"],
+                    "leaves": r["ledger_indexes"],
+                }
+                for r in rows
+            ],
+        )
 
     @fed.command("receipts")
     def receipts(ctx: typer.Context, fed_id: str = typer.Argument(...)) -> None:

@@ -85,12 +85,19 @@ def _compile(ctx: typer.Context, offering_id: str, version: int, calibration: Pa
     with handle_errors():
         v = client(ctx).compile_version(offering_id, version, cal)
     card = v.get("he_report") or {}
-    emit(ctx, {
-        "offering_id": v["offering_id"], "version": v["number"], "plan_digest": card.get("plan_digest"),
-        "depth": card.get("depth"), "poly_modulus_degree": card.get("poly_modulus_degree"),
-        "argmax_agreement": card.get("argmax_agreement"), "max_abs_error_vs_exact": card.get("max_abs_error_vs_exact"),
-        "keyset_bytes_batch": card.get("keyset_bytes_batch"),
-    })
+    emit(
+        ctx,
+        {
+            "offering_id": v["offering_id"],
+            "version": v["number"],
+            "plan_digest": card.get("plan_digest"),
+            "depth": card.get("depth"),
+            "poly_modulus_degree": card.get("poly_modulus_degree"),
+            "argmax_agreement": card.get("argmax_agreement"),
+            "max_abs_error_vs_exact": card.get("max_abs_error_vs_exact"),
+            "keyset_bytes_batch": card.get("keyset_bytes_batch"),
+        },
+    )
 
 
 @contextlib.contextmanager
@@ -112,24 +119,33 @@ def register(app: typer.Typer) -> None:
     def infer_cmd(
         ctx: typer.Context,
         offering_id: str = typer.Argument(..., help="Offering id."),
-        input: Path = typer.Option(..., "--input", "-i", exists=True, dir_okay=False, help="CSV of features (or .npy)."),
-        output: Path | None = typer.Option(None, "--output", "-o", help="Write predictions here (CSV); default stdout."),
+        input: Path = typer.Option(
+            ..., "--input", "-i", exists=True, dir_okay=False, help="CSV of features (or .npy)."
+        ),
+        output: Path | None = typer.Option(
+            None, "--output", "-o", help="Write predictions here (CSV); default stdout."
+        ),
         encrypted: bool = typer.Option(False, "--encrypted", help="Homomorphically encrypted inference (CKKS)."),
         contract: str | None = typer.Option(None, "--contract", help="Contract id (default: your single active one)."),
-        key_dir: Path | None = typer.Option(None, "--key-dir", envvar="SOM_KEY_DIR", help="Local key cache (0600 files)."),
+        key_dir: Path | None = typer.Option(
+            None, "--key-dir", envvar="SOM_KEY_DIR", help="Local key cache (0600 files)."
+        ),
         layout: str = typer.Option(
             "auto", "--layout", help="auto (single for a few samples, else batch), batch (slot per sample) or single."
         ),
         idempotency_key: str | None = typer.Option(
-            None, "--idempotency-key",
+            None,
+            "--idempotency-key",
             help="Name this inference (request i is sent as KEY/i): running it again with the same key and "
             "input fetches the stored answers of requests already charged instead of paying twice.",
         ),
     ) -> None:
         """Run inference on an offering. With --encrypted, inputs never leave this machine in the clear."""
         if not encrypted:
-            die("only --encrypted inference runs here; for plaintext predictions use `som predict` (a gateway "
-                "contract) or remote jobs (som job ...)")
+            die(
+                "only --encrypted inference runs here; for plaintext predictions use `som predict` (a gateway "
+                "contract) or remote jobs (som job ...)"
+            )
         try:
             x = read_features(input)
         except (ValueError, OSError) as e:
@@ -138,7 +154,12 @@ def register(app: typer.Typer) -> None:
         c = client(ctx)
         with handle_errors(), _progress(len(x)) as tick:
             out = c.infer_encrypted(
-                offering_id, x, contract_id=contract, key_dir=key_dir, layout=layout, progress=tick,
+                offering_id,
+                x,
+                contract_id=contract,
+                key_dir=key_dir,
+                layout=layout,
+                progress=tick,
                 idempotency_key=idempotency_key,
             )
             post = c.he_plan(offering_id)["plan"].get("postprocess")
@@ -149,7 +170,8 @@ def register(app: typer.Typer) -> None:
         else:
             receipt = c.last_receipt or {}
             typer.echo(
-                f"wrote {len(out)} predictions to {output} (usage {c.last_usage_id}, ledger index {receipt.get('index')})",
+                f"wrote {len(out)} predictions to {output} "
+                f"(usage {c.last_usage_id}, ledger index {receipt.get('index')})",
                 err=True,
             )
 
@@ -161,7 +183,9 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         offering_id: str = typer.Argument(...),
         version: int = typer.Option(..., "--version", "-v", help="Version number."),
-        calibration: Path = typer.Option(..., "--calibration", exists=True, dir_okay=False, help=".npy or CSV samples."),
+        calibration: Path = typer.Option(
+            ..., "--calibration", exists=True, dir_okay=False, help=".npy or CSV samples."
+        ),
     ) -> None:
         """Compile a model version for HE inference (provider)."""
         _compile(ctx, offering_id, version, calibration)
@@ -176,8 +200,11 @@ def register(app: typer.Typer) -> None:
     def he_keysets(ctx: typer.Context) -> None:
         """List your organisation's key sets."""
         with handle_errors():
-            emit(ctx, client(ctx).list_keysets(),
-                 columns=["id", "offering_id", "contract_id", "status", "size", "layouts", "created_at"])
+            emit(
+                ctx,
+                client(ctx).list_keysets(),
+                columns=["id", "offering_id", "contract_id", "status", "size", "layouts", "created_at"],
+            )
 
     @he.command("keyset-delete")
     def he_keyset_delete(ctx: typer.Context, keyset_id: str = typer.Argument(...)) -> None:
@@ -194,7 +221,9 @@ def register(app: typer.Typer) -> None:
                 ctx: typer.Context,
                 offering_id: str = typer.Argument(...),
                 version: int = typer.Option(..., "--version", "-v", help="Version number."),
-                calibration: Path = typer.Option(..., "--calibration", exists=True, dir_okay=False, help=".npy or CSV samples."),
+                calibration: Path = typer.Option(
+                    ..., "--calibration", exists=True, dir_okay=False, help=".npy or CSV samples."
+                ),
             ) -> None:
                 """Compile a model version for HE inference (provider)."""
                 _compile(ctx, offering_id, version, calibration)

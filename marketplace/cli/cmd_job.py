@@ -84,21 +84,40 @@ def register(app: typer.Typer) -> None:
         contract: str = typer.Option(None, "--contract", help="Contract id (default: your single live one)."),
         wait: bool = typer.Option(False, "--wait", help="Wait for the job and write its result."),
         out: Path = typer.Option(None, "--out", help="With --wait: where to write the result body."),
-        provider_key: str = typer.Option(None, "--provider-key", help="Pin the provider's key (ed25519:...) the "
-                                         "compute site's sealing key must be vouched for by (default: your contract's)."),
-        key_file: Path = typer.Option(None, "--key-file", help="Your organisation's signing key file: the contract "
-                                      "must carry your acceptance signature (default: the one `som contract` uses, if any)."),
+        provider_key: str = typer.Option(
+            None,
+            "--provider-key",
+            help="Pin the provider's key (ed25519:...) the "
+            "compute site's sealing key must be vouched for by (default: your contract's).",
+        ),
+        key_file: Path = typer.Option(
+            None,
+            "--key-file",
+            help="Your organisation's signing key file: the contract "
+            "must carry your acceptance signature (default: the one `som contract` uses, if any).",
+        ),
     ) -> None:
         """Seal INPUT to the compute site's key and submit it. Prints the job id."""
         from marketplace.sdk.jobs_api import SealKeyRefused
 
-        limits = {k: v for k, v in (("cpu_seconds", cpu_seconds), ("memory_mb", memory_mb), ("wall_seconds", wall_seconds)) if v}
+        limits = {
+            k: v
+            for k, v in (("cpu_seconds", cpu_seconds), ("memory_mb", memory_mb), ("wall_seconds", wall_seconds))
+            if v
+        }
         c = client(ctx)
         try:
             sub = c.submit_job(
-                offering, kind, input.read_bytes(), format=_fmt(input, format),
-                code=code.read_text() if code else None, units=units, limits=limits or None, contract_id=contract,
-                provider_key=provider_key, consumer_key=_own_key(c, key_file),
+                offering,
+                kind,
+                input.read_bytes(),
+                format=_fmt(input, format),
+                code=code.read_text() if code else None,
+                units=units,
+                limits=limits or None,
+                contract_id=contract,
+                provider_key=provider_key,
+                consumer_key=_own_key(c, key_file),
             )
         except SealKeyRefused as e:
             die(f"{e}. Ask the provider for its key and pass --provider-key, or check the agent's --signing-key.")
@@ -119,7 +138,13 @@ def register(app: typer.Typer) -> None:
         if not key.exists():
             die(f"no reply key for {job_id} in {_keys_dir()} (set SOM_JOB_KEYS to where `som job submit` ran)")
         res = c.job_result(job_id, SealKeyPair.from_private_bytes(key.read_bytes()))
-        info = {"id": job_id, "kind": res.kind, "format": res.format, "metrics": res.metrics, "outputs": list(res.outputs)}
+        info = {
+            "id": job_id,
+            "kind": res.kind,
+            "format": res.format,
+            "metrics": res.metrics,
+            "outputs": list(res.outputs),
+        }
         if res.body:
             if out is not None:
                 out.write_bytes(res.body)
@@ -149,10 +174,14 @@ def register(app: typer.Typer) -> None:
         offering: str = typer.Option(None, help="Only this offering."),
     ) -> None:
         """List jobs."""
-        emit(ctx, [_brief(j) for j in client(ctx).jobs(role=role, status=status, offering_id=offering)], columns=JOB_COLS)
+        emit(
+            ctx, [_brief(j) for j in client(ctx).jobs(role=role, status=status, offering_id=offering)], columns=JOB_COLS
+        )
 
     @job.command("result")
-    def result(ctx: typer.Context, job_id: str, out: Path = typer.Option(None, "--out", help="Write the body here.")) -> None:
+    def result(
+        ctx: typer.Context, job_id: str, out: Path = typer.Option(None, "--out", help="Write the body here.")
+    ) -> None:
         """Fetch and open the result (with the reply key saved at submission)."""
         _write_result(ctx, client(ctx), job_id, out)
 
@@ -163,8 +192,11 @@ def register(app: typer.Typer) -> None:
 
     @job.command("approve")
     def approve(
-        ctx: typer.Context, job_id: str,
-        digest: str = typer.Option(None, "--digest", help="The code digest you reviewed (default: the job's, after showing it)."),
+        ctx: typer.Context,
+        job_id: str,
+        digest: str = typer.Option(
+            None, "--digest", help="The code digest you reviewed (default: the job's, after showing it)."
+        ),
     ) -> None:
         """Approve a custom job's exact code (provider). Review it first with `som job show`."""
         c = client(ctx)
@@ -177,7 +209,8 @@ def register(app: typer.Typer) -> None:
 
     @job.command("reject")
     def reject(
-        ctx: typer.Context, job_id: str,
+        ctx: typer.Context,
+        job_id: str,
         reason: str = typer.Option("", "--reason"),
         digest: str = typer.Option(None, "--digest"),
     ) -> None:

@@ -62,7 +62,10 @@ def verify_dir(
                 violation = e
 
     log = verify_export_dir(
-        path, trusted_vkey=trusted_vkey, origin=origin, trusted_checkpoint=trusted_note,
+        path,
+        trusted_vkey=trusted_vkey,
+        origin=origin,
+        trusted_checkpoint=trusted_note,
         leaf_check=leaf_check,
     )
     if violation is not None:
@@ -127,9 +130,14 @@ def register(app: typer.Typer) -> None:
         """Verify an export offline: leaf hashes, roots at every checkpoint, signatures,
         contiguity, consistency with a kept checkpoint, and every contract's totals against its terms.
 
-        The log key trusted is the one given with --vkey, or the one pinned in --state (default ~/.config/som/ledger-state.json); the export's log.vkey is only compared with it. With neither, the export's key is pinned on first use (TOFU), with a notice on stderr: check its fingerprint out of band (`som ledger key`).
+        The log key trusted is the one given with --vkey, or the one pinned in --state (default
+        ~/.config/som/ledger-state.json); the export's log.vkey is only compared with it. With
+        neither, the export's key is pinned on first use (TOFU), with a notice on stderr: check its
+        fingerprint out of band (`som ledger key`).
 
-        Exit codes: 0 verified; 2 the export or --vkey/state cannot be read; 3 the log does not verify (changed, missing or reordered leaf, bad signature, fork, kept checkpoint of another history); 4 a leaf breaks its contract; 5 the export's log key or origin is not the trusted one.
+        Exit codes: 0 verified; 2 the export or --vkey/state cannot be read; 3 the log does not verify
+        (changed, missing or reordered leaf, bad signature, fork, kept checkpoint of another history);
+        4 a leaf breaks its contract; 5 the export's log key or origin is not the trusted one.
         """
         from contracts.errors import ComplianceViolation
         from crypto.logverify import LogVerificationError, UntrustedLogKey
@@ -146,13 +154,14 @@ def register(app: typer.Typer) -> None:
                     first_use = True
                     shipped = (directory / "log.vkey").read_text()
                     got_key = trust.read_vkey_arg(shipped.strip(), origin)
-                    log_key = trust.TrustedLog(got_key.vkey, got_key.origin, f"first use: the export's log.vkey, to be pinned in {st}")
+                    log_key = trust.TrustedLog(
+                        got_key.vkey, got_key.origin, f"first use: the export's log.vkey, to be pinned in {st}"
+                    )
                 else:
                     log_key = got
                     if origin is not None and origin != got.origin:
                         die(
-                            f"the log is NOT the trusted one: --origin {origin!r} but "
-                            f"{got.source} is {got.origin!r}",
+                            f"the log is NOT the trusted one: --origin {origin!r} but {got.source} is {got.origin!r}",
                             trust.EXIT_UNTRUSTED,
                         )
         except trust.TrustError as e:
@@ -279,7 +288,13 @@ def register(app: typer.Typer) -> None:
         except (WitnessError, InvalidSignature) as e:
             die(f"refusing to cosign: {e}", 6)
         cosigned = add_signature_lines(note, line)
-        saved = {**saved, "log_vkey": log_vkey, "witness_vkey": w.vkey, "state": new_state.to_json(), "cosigned": cosigned.decode()}
+        saved = {
+            **saved,
+            "log_vkey": log_vkey,
+            "witness_vkey": w.vkey,
+            "state": new_state.to_json(),
+            "cosigned": cosigned.decode(),
+        }
         write_private(state_file, json.dumps(saved, indent=2).encode() + b"\n")
         emit(ctx, {"cosigned_size": new_state.size, "previous_size": old, "witness_vkey": w.vkey})
 
@@ -312,16 +327,27 @@ def register(app: typer.Typer) -> None:
             write_private(out, json.dumps(receipt, indent=2).encode() + b"\n")
         record = json.loads(base64.b64decode(receipt["leaf"]))
         checkpoint = receipt["checkpoint"].splitlines()
-        emit(ctx, receipt if machine(ctx) else {
-            "index": receipt["index"], "schema": record.get("schema"), "contract_id": record.get("contract_id"),
-            "mode": record.get("mode"), "units": record.get("units"), "amount_minor": record.get("amount_minor"),
-            "outcome": record.get("outcome"), "time": record.get("time"),
-            "checkpoint": f"{checkpoint[0]} size {checkpoint[1] if len(checkpoint) > 1 else '?'}",
-            "file": str(out) if out else None,
-        })
+        emit(
+            ctx,
+            receipt
+            if machine(ctx)
+            else {
+                "index": receipt["index"],
+                "schema": record.get("schema"),
+                "contract_id": record.get("contract_id"),
+                "mode": record.get("mode"),
+                "units": record.get("units"),
+                "amount_minor": record.get("amount_minor"),
+                "outcome": record.get("outcome"),
+                "time": record.get("time"),
+                "checkpoint": f"{checkpoint[0]} size {checkpoint[1] if len(checkpoint) > 1 else '?'}",
+                "file": str(out) if out else None,
+            },
+        )
         if not machine(ctx):
-            err_console.print(f"next: som receipt verify {out or 'RECEIPT.json'} --vkey LOG_KEY   (offline)",
-                              highlight=False)
+            err_console.print(
+                f"next: som receipt verify {out or 'RECEIPT.json'} --vkey LOG_KEY   (offline)", highlight=False
+            )
 
     @rec.command("verify")
     def receipt_verify(
@@ -330,14 +356,18 @@ def register(app: typer.Typer) -> None:
         vkey: str | None = typer.Option(None, "--vkey", help=_VKEY_HELP),
         origin: str | None = typer.Option(None, "--origin", help=_ORIGIN_HELP),
         state_file: Path | None = typer.Option(
-            None, "--state", envvar="SOM_LEDGER_STATE", show_default=False,
+            None,
+            "--state",
+            envvar="SOM_LEDGER_STATE",
+            show_default=False,
             help="Trust state (JSON; as `som ledger verify --state`): without --vkey, the log key pinned there.",
         ),
     ) -> None:
         """Verify one receipt offline: leaf hash, inclusion proof against the checkpoint, signature
         by the log key you trust (--vkey, or the one pinned in --state by `som ledger verify`).
 
-        Exit codes: 0 verified; 2 the receipt, --vkey or state cannot be read, or no key is trusted yet; 3 the receipt does not verify against the trusted key and origin.
+        Exit codes: 0 verified; 2 the receipt, --vkey or state cannot be read, or no key is trusted
+        yet; 3 the receipt does not verify against the trusted key and origin.
         """
         from crypto.errors import CryptoError
         from marketplace.cli import trust

@@ -40,12 +40,21 @@ def register(app: typer.Typer) -> None:
     def predict_cmd(
         ctx: typer.Context,
         offering_id: str = typer.Argument(..., help="Offering id."),
-        input: Path = typer.Option(..., "--input", "-i", exists=True, dir_okay=False,
-                                   help='Rows: .csv (one per line), .json ({"rows": [[...]]}) or .npy.'),
-        output: Path | None = typer.Option(None, "--output", "-o", help="Write the CSV predictions here; default stdout."),
+        input: Path = typer.Option(
+            ...,
+            "--input",
+            "-i",
+            exists=True,
+            dir_okay=False,
+            help='Rows: .csv (one per line), .json ({"rows": [[...]]}) or .npy.',
+        ),
+        output: Path | None = typer.Option(
+            None, "--output", "-o", help="Write the CSV predictions here; default stdout."
+        ),
         contract: str | None = typer.Option(None, "--contract", help="Contract id (default: your single live one)."),
         idempotency_key: str | None = typer.Option(
-            None, "--idempotency-key", help="Reuse to retry safely (charged once); default: a new UUID."),
+            None, "--idempotency-key", help="Reuse to retry safely (charged once); default: a new UUID."
+        ),
     ) -> None:
         """Plaintext predictions through the inference gateway (metered per row, receipt kept)."""
         try:
@@ -54,8 +63,11 @@ def register(app: typer.Typer) -> None:
             die(f"cannot read {input}: {e}")
             return
         c = client(ctx)
-        headers = {"Content-Type": ctype, "Accept": "text/csv" if not state(ctx).json else "application/json",
-                   "Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        headers = {
+            "Content-Type": ctype,
+            "Accept": "text/csv" if not state(ctx).json else "application/json",
+            "Idempotency-Key": idempotency_key or str(uuid.uuid4()),
+        }
         if contract:
             headers["X-Som-Contract"] = contract
         with handle_errors():
@@ -68,13 +80,22 @@ def register(app: typer.Typer) -> None:
         usage = r.headers.get("x-som-usage-id")
         if state(ctx).json:
             doc = r.json()
-            doc.update({"usage_id": usage, "ledger_index": receipt.get("index"), "replay": r.headers.get("x-som-replay") == "true",
-                        "timing_ms": parse_server_timing(r.headers.get("server-timing"))})
+            doc.update(
+                {
+                    "usage_id": usage,
+                    "ledger_index": receipt.get("index"),
+                    "replay": r.headers.get("x-som-replay") == "true",
+                    "timing_ms": parse_server_timing(r.headers.get("server-timing")),
+                }
+            )
             typer.echo(json.dumps(doc, indent=2))
             return
         if output is None:
             typer.echo(r.text, nl=False)
         else:
             output.write_bytes(r.content)
-            typer.echo(f"wrote {r.headers.get('x-som-units')} predictions to {output} "
-                       f"(usage {usage}, ledger index {receipt.get('index')})", err=True)
+            typer.echo(
+                f"wrote {r.headers.get('x-som-units')} predictions to {output} "
+                f"(usage {usage}, ledger index {receipt.get('index')})",
+                err=True,
+            )

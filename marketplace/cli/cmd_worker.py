@@ -24,7 +24,9 @@ from marketplace.cli.common import die
 def register(app: typer.Typer) -> None:
     @app.command()
     def worker(
-        data_dir: Path = typer.Option(None, envvar="SOM_DATA_DIR", help="The data directory shared with the API replicas."),
+        data_dir: Path = typer.Option(
+            None, envvar="SOM_DATA_DIR", help="The data directory shared with the API replicas."
+        ),
         concurrency: int = typer.Option(None, "--concurrency", "-c", help="Worker processes (default SOM_WORKERS)."),
         pool: str = typer.Option("prefork", "--pool", help="Celery pool: prefork, solo or threads."),
         name: str = typer.Option("", "--name", help="Worker name (default som-<pid>@<hostname>)."),
@@ -51,7 +53,9 @@ def register(app: typer.Typer) -> None:
         enter_empty_cwd(s)  # docs/deployment.md: the worker runs in an empty working directory
         root = s.data_dir
         if not root.is_dir():
-            typer.echo(f"warning: {root} does not exist; the worker must share the API replicas' data directory", err=True)
+            typer.echo(
+                f"warning: {root} does not exist; the worker must share the API replicas' data directory", err=True
+            )
         from marketplace.custody import notice, resolve_key_dir
 
         os.umask(0o077)
@@ -60,8 +64,15 @@ def register(app: typer.Typer) -> None:
         except SettingsError as e:
             die(str(e), 2)
         app = make_celery(s, worker=True)
-        app.worker_main([
-            "worker", f"--concurrency={n}", f"--pool={pool}", f"--loglevel={log_level.upper()}",
-            f"--queues={QUEUE}", f"--hostname={name or f'som-{os.getpid()}@{socket.gethostname()}'}",
-            "--without-gossip", "--without-mingle",
-        ])
+        app.worker_main(
+            [
+                "worker",
+                f"--concurrency={n}",
+                f"--pool={pool}",
+                f"--loglevel={log_level.upper()}",
+                f"--queues={QUEUE}",
+                f"--hostname={name or f'som-{os.getpid()}@{socket.gethostname()}'}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )

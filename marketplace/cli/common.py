@@ -21,7 +21,16 @@ if TYPE_CHECKING:
     from marketplace.sdk import SomClient
 
 __all__ = [
-    "State", "client", "die", "emit", "handle_errors", "last_receipt_path", "machine", "remember_receipt", "state", "write_private",
+    "State",
+    "client",
+    "die",
+    "emit",
+    "handle_errors",
+    "last_receipt_path",
+    "machine",
+    "remember_receipt",
+    "state",
+    "write_private",
 ]
 
 console = Console()
@@ -193,7 +202,8 @@ def handle_errors() -> Iterator[None]:
         if not isinstance(e, httpx.TransportError):
             raise
         err_console.print(
-            f"[bold red]error:[/] cannot reach the server ({e.__class__.__name__}); is `som serve` running and SOM_URL right?",
+            f"[bold red]error:[/] cannot reach the server ({e.__class__.__name__}); "
+            "is `som serve` running and SOM_URL right?",
             highlight=False,
         )
         sys.exit(2)

@@ -101,7 +101,10 @@ def layers_to_onnx(layers: Sequence[Any], postprocess: str | None) -> bytes:
         if w.ndim != 2 or b.shape != (w.shape[1],):
             raise ValueError(f"layer{i}: weight {w.shape} and bias {b.shape} do not fit")
         inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
-        nodes += [helper.make_node("MatMul", [h, f"W{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"B{i}"], [f"z{i}"])]
+        nodes += [
+            helper.make_node("MatMul", [h, f"W{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"B{i}"], [f"z{i}"]),
+        ]
         h = f"z{i}"
         act = str(layer.activation)
         if act in _ACT_OPS:
@@ -124,7 +127,8 @@ def layers_to_onnx(layers: Sequence[Any], postprocess: str | None) -> bytes:
     d_in = int(np.asarray(layers[0].weight).shape[0])
     d_out = int(np.asarray(layers[-1].weight).shape[1])
     graph = helper.make_graph(
-        nodes, "som_gateway",
+        nodes,
+        "som_gateway",
         [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["n", d_in])],
         [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["n", d_out])],
         inits,

@@ -87,7 +87,14 @@ def run_hosted_job(spec: JobSpec, store: StoreSpec, *, jail: JailConfig | None =
     finally:
         del plaintext
     out = run_job(
-        model, inp, expected_kind=spec.kind, max_rows=spec.max_rows, approved_digest=spec.approved_digest,
-        limits=Limits.from_dict(spec.limits), workdir=store.workdir, input_limits=spec.input_limits, jail=jail,
+        model,
+        inp,
+        expected_kind=spec.kind,
+        max_rows=spec.max_rows,
+        approved_digest=spec.approved_digest,
+        limits=Limits.from_dict(spec.limits),
+        workdir=store.workdir,
+        input_limits=spec.input_limits,
+        jail=jail,
     )
     return seal_result(inp.reply_public, out)

@@ -77,8 +77,13 @@ def _probe_run(cfg: JailConfig, python: str) -> None:
 
     res = run_isolated(
         "import numpy, os\nopen('outputs/ok', 'w').write(str(os.getuid()))\n",
-        inputs={}, workdir=Path(os.environ.get("TMPDIR") or "/tmp") / "som-jail-probe",  # noqa: S108
-        cpu_seconds=20, memory_mb=512, wall_seconds=30.0, python=python, jail=cfg,
+        inputs={},
+        workdir=Path(os.environ.get("TMPDIR") or "/tmp") / "som-jail-probe",  # noqa: S108
+        cpu_seconds=20,
+        memory_mb=512,
+        wall_seconds=30.0,
+        python=python,
+        jail=cfg,
     )
     if not res.ok or res.outputs.get("ok") != str(NOBODY).encode():
         raise OSError(f"a trial job did not run in the jail: {res.message}: {res.stderr.strip()[-300:]}")
@@ -124,8 +129,8 @@ def require(cfg: JailConfig, python: str = sys.executable) -> JailConfig | None:
     if cfg.unsafe_unjailed:
         log.warning(
             "SOM_UNSAFE_UNJAILED_CUSTOM_JOBS=true: running consumer code WITHOUT a jail (%s); "
-            "it can read everything this service's user can read", reason,
+            "it can read everything this service's user can read",
+            reason,
         )
         return None
     raise JailUnavailable(reason)
-

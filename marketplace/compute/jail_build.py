@@ -77,7 +77,11 @@ def layout(python: str, packages: tuple[str, ...]) -> Layout:
     exe = os.path.realpath(python)
     out = subprocess.run(  # noqa: S603 - our own interpreter, fixed argv
         [exe, "-I", "-S", "-c", "import sys, json, site; print(json.dumps([sys.prefix, site.getsitepackages()]))"],
-        capture_output=True, text=True, timeout=30, env={}, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={},
+        check=True,
     )
     prefix, sitedirs = json.loads(out.stdout)
     binds: list[tuple[str, str]] = [("/usr", "/usr")]
@@ -163,16 +167,20 @@ def preexec(
         _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
         _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
         held = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src, _ in binds]  # before /tmp is covered
-        _check(libc.mount(b"tmpfs", STAGE.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755,size=64k"),
-               "mount staging tmpfs")
+        _check(
+            libc.mount(b"tmpfs", STAGE.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755,size=64k"),
+            "mount staging tmpfs",
+        )
         for i, ((src, _), fd) in enumerate(zip(binds, held, strict=True)):
             target = f"{STAGE}/{i}"
             if os.path.isdir(f"/proc/self/fd/{fd}"):
                 os.mkdir(target, 0o755)
             else:
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
-            _check(libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, _MS_BIND | _MS_REC, None),
-                   f"bind {src}")
+            _check(
+                libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, _MS_BIND | _MS_REC, None),
+                f"bind {src}",
+            )
             os.close(fd)
         for res, value in rlimits:
             resource.setrlimit(res, (value, value + 1 if res == resource.RLIMIT_CPU else value))
@@ -184,30 +192,50 @@ def preexec(
 
 
 def bwrap_argv(
-    cfg: JailConfig, lay: Layout, *, job_binds: tuple[tuple[str, str], ...], env: Mapping[str, str],
-    output_bytes: int, block_fd: int, info_fd: int, argv: list[str], uid: int = NOBODY,
+    cfg: JailConfig,
+    lay: Layout,
+    *,
+    job_binds: tuple[tuple[str, str], ...],
+    env: Mapping[str, str],
+    output_bytes: int,
+    block_fd: int,
+    info_fd: int,
+    argv: list[str],
+    uid: int = NOBODY,
 ) -> list[str]:
     """The bubblewrap command line; ``job_binds`` are read-only (host, jail) binds of the job's
     files. Sources are named by their place in the staging tmpfs (the order of
     ``lay.binds + job_binds``, as :func:`preexec` mounted them)."""
     all_binds = lay.binds + job_binds
     a = [
-        cfg.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-        "--uid", str(uid), "--gid", str(uid), "--hostname", "som-job", "--info-fd", str(info_fd),
+        cfg.bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--uid",
+        str(uid),
+        "--gid",
+        str(uid),
+        "--hostname",
+        "som-job",
+        "--info-fd",
+        str(info_fd),
     ]
 
     def masked(dest: str) -> bool:
         return any(dest.startswith(m + "/") for m in lay.masks)
 
     staging = staged(all_binds)
-    for (stage, dest) in staging:  # the system and the interpreter first
+    for stage, dest in staging:  # the system and the interpreter first
         if not masked(dest):
             a += ["--ro-bind", stage, dest]
     for target, link in lay.symlinks:
         a += ["--symlink", target, link]
     for m in lay.masks:  # then empty site directories over the interpreter's own
         a += ["--tmpfs", m]
-    for (stage, dest) in staging:  # holding only the allowed packages
+    for stage, dest in staging:  # holding only the allowed packages
         if masked(dest):
             a += ["--ro-bind", stage, dest]
     for m in lay.masks:
@@ -218,6 +246,13 @@ def bwrap_argv(
     for k, v in env.items():
         a += ["--setenv", k, v]
     # The job starts only once the parent holds the output folder (see sandbox.py).
-    a += ["--", "/usr/bin/bash", "-c", f'read -r -n 1 _ <&{block_fd} || exit 125; exec {block_fd}<&-; unset PWD OLDPWD; '
-                                   'exec /usr/bin/env -u SHLVL -u _ "$@"', "som-job", *argv]
+    a += [
+        "--",
+        "/usr/bin/bash",
+        "-c",
+        f"read -r -n 1 _ <&{block_fd} || exit 125; exec {block_fd}<&-; unset PWD OLDPWD; "
+        'exec /usr/bin/env -u SHLVL -u _ "$@"',
+        "som-job",
+        *argv,
+    ]
     return a

@@ -157,7 +157,10 @@ def _read_csv(data: bytes, *, width: int, max_rows: int | None, limits: InputLim
             raise JobFailed("bad_input", f"csv line {line_no}: expected {width} columns, got {n}")
         for c, cell in enumerate(ln.split(",")):
             if len(cell) > limits.max_cell_chars:
-                raise JobFailed("bad_input", f"csv line {line_no}, column {c + 1}: cell longer than {limits.max_cell_chars} characters")
+                raise JobFailed(
+                    "bad_input",
+                    f"csv line {line_no}, column {c + 1}: cell longer than {limits.max_cell_chars} characters",
+                )
             try:
                 out[r, c] = float(cell)
             except ValueError:
@@ -177,8 +180,13 @@ def _read_matrix(
             _check_shape(h.shape, width, max_rows)
             arr = read_npy(job.data, h).astype(np.float64)
         else:
-            ar = inspect_npz(job.data, names=("x", "y"), required=("x", "y") if labelled else ("x",),
-                             max_bytes=limits.max_decompressed, max_ratio=limits.max_ratio)
+            ar = inspect_npz(
+                job.data,
+                names=("x", "y"),
+                required=("x", "y") if labelled else ("x",),
+                max_bytes=limits.max_decompressed,
+                max_ratio=limits.max_ratio,
+            )
             _check_shape(ar.headers["x"].shape, d_in, max_rows)
             if labelled and ar.headers["y"].shape not in ((ar.headers["x"].shape[0],), (ar.headers["x"].shape[0], 1)):
                 raise JobFailed("bad_input", "evaluate needs one label per row (the last CSV column, or y in the npz)")
@@ -302,7 +310,9 @@ def run_job(
     :func:`marketplace.compute.jail.config_from_env`); where the jail cannot be set up the job
     fails with reason ``jail_unavailable`` unless the config's unsafe switch is on."""
     if job.kind != expected_kind:
-        raise JobFailed("bad_input", f"sealed input is a {job.kind!r} job, the marketplace queued a {expected_kind!r} one")
+        raise JobFailed(
+            "bad_input", f"sealed input is a {job.kind!r} job, the marketplace queued a {expected_kind!r} one"
+        )
     if job.kind == "predict":
         with np.errstate(over="ignore", under="ignore"):  # exp of a large finite input saturates: fine
             return _predict(model, job, max_rows, input_limits or InputLimits())

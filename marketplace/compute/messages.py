@@ -122,9 +122,14 @@ def check_mac(key_dir: str | Path, task: str, msg: dict[str, Any]) -> None:
 def he_message(task: HETask) -> dict[str, Any]:
     """The unsigned ``som.he_evaluate`` message of ``task`` (its store spec stays behind)."""
     return {
-        "version_id": task.version_id, "model_blob": task.model_blob, "wrapped_key": b64e(task.wrapped_key),
-        "aad": task.aad, "keyset_id": task.keyset_id, "keyset_blob": task.keyset_blob,
-        "plan_json": task.plan_json, "request": b64e(task.request),
+        "version_id": task.version_id,
+        "model_blob": task.model_blob,
+        "wrapped_key": b64e(task.wrapped_key),
+        "aad": task.aad,
+        "keyset_id": task.keyset_id,
+        "keyset_blob": task.keyset_blob,
+        "plan_json": task.plan_json,
+        "request": b64e(task.request),
     }
 
 
@@ -132,18 +137,31 @@ def he_task(store: StoreSpec, msg: dict[str, Any]) -> HETask:
     """The task of a (checked) message, to run against this site's ``store``.
     Raises KeyError/TypeError/ValueError on a malformed message."""
     return HETask(
-        store=store, version_id=str(msg["version_id"]), model_blob=str(msg["model_blob"]),
-        wrapped_key=b64d(msg["wrapped_key"]), aad=str(msg["aad"]), keyset_id=str(msg["keyset_id"]),
-        keyset_blob=str(msg["keyset_blob"]), plan_json=str(msg["plan_json"]), request=b64d(msg["request"]),
+        store=store,
+        version_id=str(msg["version_id"]),
+        model_blob=str(msg["model_blob"]),
+        wrapped_key=b64d(msg["wrapped_key"]),
+        aad=str(msg["aad"]),
+        keyset_id=str(msg["keyset_id"]),
+        keyset_blob=str(msg["keyset_blob"]),
+        plan_json=str(msg["plan_json"]),
+        request=b64d(msg["request"]),
     )
 
 
 def job_message(spec: JobSpec) -> dict[str, Any]:
     """The unsigned ``som.run_job`` message of ``spec``."""
     return {
-        "job_id": spec.job_id, "input_blob": spec.input_blob, "model_blob": spec.model_blob,
-        "wrapped_key": b64e(spec.wrapped_key), "aad": spec.aad, "format": spec.fmt, "kind": spec.kind,
-        "limits": dict(spec.limits), "approved_digest": spec.approved_digest, "max_rows": spec.max_rows,
+        "job_id": spec.job_id,
+        "input_blob": spec.input_blob,
+        "model_blob": spec.model_blob,
+        "wrapped_key": b64e(spec.wrapped_key),
+        "aad": spec.aad,
+        "format": spec.fmt,
+        "kind": spec.kind,
+        "limits": dict(spec.limits),
+        "approved_digest": spec.approved_digest,
+        "max_rows": spec.max_rows,
         "max_sealed_bytes": spec.max_sealed_bytes,
         "max_decompressed_bytes": spec.input_limits.max_decompressed,
         "max_compression_ratio": spec.input_limits.max_ratio,
@@ -156,11 +174,19 @@ def job_spec(msg: dict[str, Any]) -> JobSpec:
     max_rows = msg.get("max_rows")
     approved = msg.get("approved_digest")
     return JobSpec(
-        job_id=str(msg["job_id"]), kind=str(msg["kind"]), input_blob=str(msg["input_blob"]),
-        model_blob=str(msg["model_blob"]), wrapped_key=b64d(msg["wrapped_key"]), aad=str(msg["aad"]),
-        fmt=str(msg["format"]), limits=dict(msg["limits"]),
+        job_id=str(msg["job_id"]),
+        kind=str(msg["kind"]),
+        input_blob=str(msg["input_blob"]),
+        model_blob=str(msg["model_blob"]),
+        wrapped_key=b64d(msg["wrapped_key"]),
+        aad=str(msg["aad"]),
+        fmt=str(msg["format"]),
+        limits=dict(msg["limits"]),
         approved_digest=str(approved) if approved is not None else None,
-        max_rows=int(max_rows) if max_rows is not None else None, max_sealed_bytes=int(msg["max_sealed_bytes"]),
-        input_limits=InputLimits(int(msg.get("max_decompressed_bytes", dflt.max_decompressed)),
-                                 float(msg.get("max_compression_ratio", dflt.max_ratio))),
+        max_rows=int(max_rows) if max_rows is not None else None,
+        max_sealed_bytes=int(msg["max_sealed_bytes"]),
+        input_limits=InputLimits(
+            int(msg.get("max_decompressed_bytes", dflt.max_decompressed)),
+            float(msg.get("max_compression_ratio", dflt.max_ratio)),
+        ),
     )

@@ -158,8 +158,9 @@ class CeleryExecutor:
             raise JobFailed(reason, f"no compute worker finished the job: {e.message}") from None
         if reply["ok"]:
             return b64d(reply["out"])
-        raise JobFailed(str(reply.get("reason", "error"))[:40],
-                        str(reply.get("message", "internal error in the worker")))
+        raise JobFailed(
+            str(reply.get("reason", "error"))[:40], str(reply.get("message", "internal error in the worker"))
+        )
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):

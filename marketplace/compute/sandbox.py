@@ -100,9 +100,17 @@ def run_isolated(
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if jail is not None:
         return run_jailed(
-            code, inputs=inputs, workdir=workdir, cpu_seconds=cpu_seconds, memory_mb=memory_mb,
-            wall_seconds=wall_seconds, python=python, max_files=max_files, max_output_bytes=max_output_bytes,
-            max_log_bytes=max_log_bytes, cfg=jail,
+            code,
+            inputs=inputs,
+            workdir=workdir,
+            cpu_seconds=cpu_seconds,
+            memory_mb=memory_mb,
+            wall_seconds=wall_seconds,
+            python=python,
+            max_files=max_files,
+            max_output_bytes=max_output_bytes,
+            max_log_bytes=max_log_bytes,
+            cfg=jail,
         )
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))  # 0700
     logs = Path(tempfile.mkdtemp(prefix="logs-", dir=workdir))

@@ -115,7 +115,9 @@ def read_log(path: Path, limit: int, *, tail: bool) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def collect_outputs(scratch_fd: int, max_bytes: int, *, outputs_fd: int | None = None) -> tuple[dict[str, bytes], list[str], bool]:
+def collect_outputs(
+    scratch_fd: int, max_bytes: int, *, outputs_fd: int | None = None
+) -> tuple[dict[str, bytes], list[str], bool]:
     """Read top-level regular files of ``outputs/`` (or of the open folder ``outputs_fd``)
     without following symlinks."""
     outputs: dict[str, bytes] = {}
@@ -164,8 +166,16 @@ def rmtree(path: Path) -> None:
 
 
 def classify(
-    *, timed_out: bool, code: int, cpu: float, stderr: str, cpu_seconds: int, memory_mb: int, wall_seconds: float,
-    oom: bool = False, max_output_bytes: int = 0,
+    *,
+    timed_out: bool,
+    code: int,
+    cpu: float,
+    stderr: str,
+    cpu_seconds: int,
+    memory_mb: int,
+    wall_seconds: float,
+    oom: bool = False,
+    max_output_bytes: int = 0,
 ) -> tuple[Reason, str]:
     if timed_out:
         return "timeout", f"wall-clock limit of {wall_seconds:g} s exceeded; process group killed"

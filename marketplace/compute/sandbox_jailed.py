@@ -37,7 +37,6 @@ from marketplace.compute.sandbox_child import (
 __all__ = ["run_jailed"]
 
 
-
 def _jail_env() -> dict[str, str]:
     env = child_env(Path("/tmp"))  # noqa: S108 - the jail's private /tmp
     env["TMPDIR"] = "/tmp"  # noqa: S108
@@ -81,8 +80,17 @@ def _open_outputs(child_pid: int, output_bytes: int, deadline: float) -> int:
 
 
 def run_jailed(
-    code: str, *, inputs: Mapping[str, bytes], workdir: Path, cpu_seconds: int, memory_mb: int,
-    wall_seconds: float, python: str, max_files: int, max_output_bytes: int, max_log_bytes: int,
+    code: str,
+    *,
+    inputs: Mapping[str, bytes],
+    workdir: Path,
+    cpu_seconds: int,
+    memory_mb: int,
+    wall_seconds: float,
+    python: str,
+    max_files: int,
+    max_output_bytes: int,
+    max_log_bytes: int,
     cfg: JailConfig,
 ) -> SandboxResult:
     lay = layout(python, cfg.packages)
@@ -107,22 +115,38 @@ def run_jailed(
         block_r, block_w = os.pipe()
         fds += [info_r, info_w, block_r, block_w]
         argv = bwrap_argv(
-            cfg, lay, job_binds=job_binds, env=_jail_env(), output_bytes=output_bytes,
-            block_fd=block_r, info_fd=info_w, argv=[lay.python, "-I", "-B", "main.py"],
+            cfg,
+            lay,
+            job_binds=job_binds,
+            env=_jail_env(),
+            output_bytes=output_bytes,
+            block_fd=block_r,
+            info_fd=info_w,
+            argv=[lay.python, "-I", "-B", "main.py"],
         )
         rlimits = [
-            (resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, memory_mb * MIB),
-            (resource.RLIMIT_NOFILE, max_files), (resource.RLIMIT_FSIZE, max_output_bytes),
+            (resource.RLIMIT_CPU, cpu_seconds),
+            (resource.RLIMIT_AS, memory_mb * MIB),
+            (resource.RLIMIT_NOFILE, max_files),
+            (resource.RLIMIT_FSIZE, max_output_bytes),
             (resource.RLIMIT_CORE, 0),
         ]
         out_path, err_path = logs / "stdout", logs / "stderr"
         start = time.monotonic()
         with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
             proc = subprocess.Popen(  # noqa: S603 - fixed argv, untrusted code only in main.py
-                argv, cwd="/", env={}, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
-                close_fds=True, pass_fds=(info_w, block_r), start_new_session=True,
+                argv,
+                cwd="/",
+                env={},
+                stdin=subprocess.DEVNULL,
+                stdout=out_f,
+                stderr=err_f,
+                close_fds=True,
+                pass_fds=(info_w, block_r),
+                start_new_session=True,
                 preexec_fn=preexec(  # noqa: PLW1509
-                    binds=lay.binds + job_binds, procs_files=cg.procs_files(), rlimits=rlimits),
+                    binds=lay.binds + job_binds, procs_files=cg.procs_files(), rlimits=rlimits
+                ),
             )
         pid = proc.pid
         for f in (info_w, block_r):
@@ -162,8 +186,15 @@ def run_jailed(
         else:
             outputs, ignored, too_big = {}, ["outputs/ (the jail did not start)"], False
         reason, message = classify(
-            timed_out=timed_out, code=exit_code, cpu=cpu, stderr=stderr, cpu_seconds=cpu_seconds,
-            memory_mb=memory_mb, wall_seconds=wall_seconds, oom=cg.oom_killed(), max_output_bytes=max_output_bytes,
+            timed_out=timed_out,
+            code=exit_code,
+            cpu=cpu,
+            stderr=stderr,
+            cpu_seconds=cpu_seconds,
+            memory_mb=memory_mb,
+            wall_seconds=wall_seconds,
+            oom=cg.oom_killed(),
+            max_output_bytes=max_output_bytes,
         )
         if out_fd < 0 and reason == "ok":  # pragma: no cover - bubblewrap failed before the job
             reason, message = "error", "the jail could not be set up"
@@ -171,8 +202,16 @@ def run_jailed(
             reason, message = "error", f"outputs exceed the limit of {max_output_bytes} bytes"
             outputs = {}
         return SandboxResult(
-            ok=reason == "ok", exit_code=exit_code, stdout=stdout, stderr=stderr, outputs=outputs,
-            reason=reason, message=message, pid=pid, cpu_seconds=cpu, wall_seconds=wall,
+            ok=reason == "ok",
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            outputs=outputs,
+            reason=reason,
+            message=message,
+            pid=pid,
+            cpu_seconds=cpu,
+            wall_seconds=wall,
             ignored_outputs=tuple(ignored),
         )
     finally:

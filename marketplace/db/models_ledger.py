@@ -52,6 +52,7 @@ def leaf_hash_prefix(leaf_hash: bytes) -> int:
     """The indexed lookup key of a leaf hash: its first 8 bytes, big-endian, signed 64-bit."""
     return int.from_bytes(leaf_hash[:8], "big", signed=True)
 
+
 # 64-bit keys; on SQLite an INTEGER PRIMARY KEY (the rowid itself, also 64-bit) is much faster.
 Key64 = BigInteger().with_variant(Integer(), "sqlite")
 

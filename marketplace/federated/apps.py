@@ -49,10 +49,14 @@ class _Client(NumPyClient):
     def __init__(self, x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int) -> None:
         self.x, self.y, self.recipe, self.seed = x, y, recipe, seed
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         r = self.recipe
         rnd = int(config.get("round", 0))
-        new = learning.train(parameters, self.x, self.y, epochs=r.local_epochs, lr=r.lr, batch=r.batch, seed=self.seed + rnd)
+        new = learning.train(
+            parameters, self.x, self.y, epochs=r.local_epochs, lr=r.lr, batch=r.batch, seed=self.seed + rnd
+        )
         return new, len(self.y), {}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
@@ -84,10 +88,16 @@ def _strategy(recipe: Recipe, params: Sequence[np.ndarray], rnd: int, n_nodes: i
         return {"round": rnd}
 
     return FedAvg(
-        fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=recipe.min_participants,
-        min_evaluate_clients=1, evaluate_metrics_aggregation_fn=_weighted_accuracy, min_available_clients=min(recipe.min_participants, max(n_nodes, 1)),
-        initial_parameters=ndarrays_to_parameters(list(params)), on_fit_config_fn=fit_config,
-        accept_failures=True, fit_metrics_aggregation_fn=_no_metrics,
+        fraction_fit=1.0,
+        fraction_evaluate=1.0,
+        min_fit_clients=recipe.min_participants,
+        min_evaluate_clients=1,
+        evaluate_metrics_aggregation_fn=_weighted_accuracy,
+        min_available_clients=min(recipe.min_participants, max(n_nodes, 1)),
+        initial_parameters=ndarrays_to_parameters(list(params)),
+        on_fit_config_fn=fit_config,
+        accept_failures=True,
+        fit_metrics_aggregation_fn=_no_metrics,
     )
 
 
@@ -119,8 +129,10 @@ def run_round(grid: Grid, recipe: Recipe, params: Sequence[np.ndarray], rnd: int
             shares = FULL_GRAPH / n_nodes
             threshold = min(recipe.min_participants, max(2, (2 * FULL_GRAPH) // 3))
         fit = SecAggPlusWorkflow(
-            num_shares=shares, reconstruction_threshold=threshold,
-            timeout=recipe.round_timeout, clipping_range=max(8.0, recipe.clipping),
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            timeout=recipe.round_timeout,
+            clipping_range=max(8.0, recipe.clipping),
         )
         workflow = DefaultWorkflow(fit_workflow=fit)
     else:
@@ -141,6 +153,9 @@ def run_round(grid: Grid, recipe: Recipe, params: Sequence[np.ndarray], rnd: int
     arr = ctx.state.array_records[MAIN_PARAMS_RECORD]
     new = parameters_to_ndarrays(compat.arrayrecord_to_parameters(arr, keep_input=True))
     stats = getattr(grid, "last_round_stats", {})
-    return RoundOutcome(params=[np.asarray(a, dtype=np.float64) for a in new],
-                        participants=int(stats.get("replied", 0)), failures=int(stats.get("failed", 0)),
-                        accuracy=result.get("accuracy"))
+    return RoundOutcome(
+        params=[np.asarray(a, dtype=np.float64) for a in new],
+        participants=int(stats.get("replied", 0)),
+        failures=int(stats.get("failed", 0)),
+        accuracy=result.get("accuracy"),
+    )

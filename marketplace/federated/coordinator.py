@@ -99,8 +99,9 @@ def _run(rt: Any, fed_id: str) -> None:
             r = federations.recipe_of(f)
             first = f.rounds_done + 1
         params = _parent_params(rt, f, r)
-        grid = MailboxGrid(box, run_id=abs(hash(fed_id)) % (2**62), nodes=lambda: _nodes(rt, fed_id, box),
-                           timeout=r.round_timeout)
+        grid = MailboxGrid(
+            box, run_id=abs(hash(fed_id)) % (2**62), nodes=lambda: _nodes(rt, fed_id, box), timeout=r.round_timeout
+        )
         last: dict[str, Any] = {}
         for rnd in range(first, r.rounds + 1):
             with rt.tx() as s:
@@ -118,7 +119,9 @@ def _run(rt: Any, fed_id: str) -> None:
             n = len(_nodes(rt, fed_id, box))
             if n < r.min_participants:
                 with rt.tx() as s:
-                    federations.fail(s, fed_id, "failed", f"round {rnd}: {n} participants online < {r.min_participants}")
+                    federations.fail(
+                        s, fed_id, "failed", f"round {rnd}: {n} participants online < {r.min_participants}"
+                    )
                 return
             t0 = time.monotonic()
             out = apps.run_round(grid, r, params, rnd, n)
@@ -128,7 +131,11 @@ def _run(rt: Any, fed_id: str) -> None:
                     federations.fail(s, fed_id, "failed", f"round {rnd}: fewer than {r.min_participants} updates")
                 return
             params = out.params
-            last = {"accuracy": out.accuracy, "participants": len(contributions), "seconds": round(time.monotonic() - t0, 4)}
+            last = {
+                "accuracy": out.accuracy,
+                "participants": len(contributions),
+                "seconds": round(time.monotonic() - t0, 4),
+            }
             with rt.tx() as s:
                 federations.record_round(s, fed_id, rnd, contributions, epsilon=eps, metrics=last)
         with rt.tx() as s:

@@ -34,8 +34,15 @@ def predict(params: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
 
 
 def train(
-    params: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
-    batch: int = 32, l2: float = 1e-3, seed: int = 0,
+    params: Sequence[np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch: int = 32,
+    l2: float = 1e-3,
+    seed: int = 0,
 ) -> Params:
     """Mini-batch gradient descent on the logistic loss (+ ``l2``); returns new parameters."""
     w = np.array(params[0], dtype=np.float64)
@@ -45,7 +52,7 @@ def train(
     for _ in range(epochs):
         order = rng.permutation(n)
         for start in range(0, n, batch):
-            idx = order[start:start + batch]
+            idx = order[start : start + batch]
             err = _sigmoid(x[idx] @ w + b) - y[idx]
             w -= lr * (x[idx].T @ err / len(idx) + l2 * w)
             b -= lr * float(err.mean())
@@ -98,7 +105,7 @@ def to_npz(params: Sequence[np.ndarray], mean: np.ndarray, scale: np.ndarray) ->
     b = float(params[1][0]) - float(np.dot(w, mean))
     buf = io.BytesIO()
     np.savez(
-        buf, **{"layer0.weight": w.reshape(1, -1), "layer0.bias": np.array([b]),
-                "layer0.activation": np.array("sigmoid")},
+        buf,
+        **{"layer0.weight": w.reshape(1, -1), "layer0.bias": np.array([b]), "layer0.activation": np.array("sigmoid")},
     )
     return buf.getvalue()

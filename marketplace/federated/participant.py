@@ -26,8 +26,16 @@ log = logging.getLogger("som.federated")
 ACTIVE = ("open", "running")
 
 
-def run(client: Any, fed_id: str, x: np.ndarray, y: np.ndarray, *, stop: threading.Event | None = None,
-        wait: float = 20.0, seed: int = 0) -> dict[str, Any]:
+def run(
+    client: Any,
+    fed_id: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    stop: threading.Event | None = None,
+    wait: float = 20.0,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Join (declaring ``len(y)`` samples) and serve the coordinator until the run ends; the
     federation's final status. ``client`` is a :class:`marketplace.sdk.SomClient`."""
     me = client.join_federation(fed_id, samples=int(len(y)))

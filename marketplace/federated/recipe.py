@@ -77,8 +77,10 @@ class Recipe:
         mean = d.get("mean") or [0.0] * dim
         scale = d.get("scale") or [1.0] * dim
         for name, vec in (("mean", mean), ("scale", scale)):
-            if not isinstance(vec, list) or len(vec) != dim or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vec
+            if (
+                not isinstance(vec, list)
+                or len(vec) != dim
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vec)
             ):
                 raise ValueError(f"{name}: expected {dim} finite numbers")
         if any(x <= 0 for x in scale):
@@ -90,12 +92,19 @@ class Recipe:
         if type(sa) is not bool:
             raise ValueError("secure_aggregation: expected true or false")
         return cls(
-            dim=dim, rounds=_int(d, "rounds", 1, 1000, 10), local_epochs=_int(d, "local_epochs", 1, 100, 5),
-            lr=_num(d, "lr", 1e-6, 10.0, 0.1), batch=_int(d, "batch", 1, 100_000, 32),
-            clipping=_num(d, "clipping", 1e-6, 1e6, 10.0), noise_multiplier=_num(d, "noise_multiplier", 0.0, 1e3, 0.0),
-            strategy=Strategy(strategy), min_participants=_int(d, "min_participants", 2, 1000, 2),
-            secure_aggregation=sa, round_timeout=_num(d, "round_timeout", 1.0, 3600.0, 60.0),
-            mean=[float(x) for x in mean], scale=[float(x) for x in scale],
+            dim=dim,
+            rounds=_int(d, "rounds", 1, 1000, 10),
+            local_epochs=_int(d, "local_epochs", 1, 100, 5),
+            lr=_num(d, "lr", 1e-6, 10.0, 0.1),
+            batch=_int(d, "batch", 1, 100_000, 32),
+            clipping=_num(d, "clipping", 1e-6, 1e6, 10.0),
+            noise_multiplier=_num(d, "noise_multiplier", 0.0, 1e3, 0.0),
+            strategy=Strategy(strategy),
+            min_participants=_int(d, "min_participants", 2, 1000, 2),
+            secure_aggregation=sa,
+            round_timeout=_num(d, "round_timeout", 1.0, 3600.0, 60.0),
+            mean=[float(x) for x in mean],
+            scale=[float(x) for x in scale],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,15 +129,21 @@ class Terms:
     def from_dict(cls, data: Any) -> Terms:
         d = _extra(data or {}, set(cls.__dataclass_fields__), "terms")
         orgs = d.get("allowed_orgs", [])
-        if not isinstance(orgs, list) or len(orgs) > 1000 or not all(isinstance(o, str) and 0 < len(o) <= 64 for o in orgs):
+        if (
+            not isinstance(orgs, list)
+            or len(orgs) > 1000
+            or not all(isinstance(o, str) and 0 < len(o) <= 64 for o in orgs)
+        ):
             raise ValueError("allowed_orgs: expected a list of organisation ids")
         counting = d.get("counting", "samples")
         if counting not in set(Counting):
             raise ValueError(f"counting: expected one of {[c.value for c in Counting]}, got {counting!r}")
         return cls(
-            allowed_orgs=sorted(set(orgs)), counting=Counting(counting),
+            allowed_orgs=sorted(set(orgs)),
+            counting=Counting(counting),
             credit_minor_per_unit=_int(d, "credit_minor_per_unit", 0, 10**9, 0),
-            epsilon=_num(d, "epsilon", 0.0, 1e4, 0.0), delta=_num(d, "delta", 1e-12, 0.1, 1e-5),
+            epsilon=_num(d, "epsilon", 0.0, 1e4, 0.0),
+            delta=_num(d, "delta", 1e-12, 0.1, 1e-5),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ For: :class:`AgentAPI`, one method per call of the agent protocol, so the agent
 (:mod:`marketplace.agent.runner`) never builds requests itself::
 
     call                  route                                      answer
-    hello(body)           POST /v1/agent/hello                       {id, offering_ids, heartbeat_seconds, lease_wait_max}
+    hello(body)           POST /v1/agent/hello       {id, offering_ids, heartbeat_seconds, lease_wait_max}
     seal_statements(...)  POST /v1/agent/seal-key                    the provider's signed vouches for the sealing key
     plan(oid, ...)        POST /v1/agent/offerings/{oid}/plan        the PUBLIC HE plan and its report
     lease(wait)           POST /v1/agent/lease (long poll)           a work item, or None (204); 404: say hello again
@@ -64,8 +64,9 @@ class AgentAPI:
 
     def plan(self, offering_id: str, plan: dict[str, Any], report: dict[str, Any], *, agent_id: str) -> None:
         """Publish the PUBLIC HE plan (and its compile report) of ``offering_id``."""
-        self._client.post_json(f"/v1/agent/offerings/{offering_id}/plan", {"plan": plan, "report": report},
-                               headers=self._h(agent_id))
+        self._client.post_json(
+            f"/v1/agent/offerings/{offering_id}/plan", {"plan": plan, "report": report}, headers=self._h(agent_id)
+        )
 
     def heartbeat(self, holding: list[str], *, agent_id: str | None) -> list[str]:
         """Say we are alive and still hold ``holding`` (extends their leases); the ids we lost."""
@@ -103,10 +104,15 @@ class AgentAPI:
 
     def complete(self, work_id: str, data: bytes, *, agent_id: str | None) -> None:
         """Post the result (sealed job result or HE result frame)."""
-        self._client.request("POST", f"/v1/agent/work/{work_id}/result", content=data,
-                             headers={**self._h(agent_id), "Content-Type": "application/octet-stream"})
+        self._client.request(
+            "POST",
+            f"/v1/agent/work/{work_id}/result",
+            content=data,
+            headers={**self._h(agent_id), "Content-Type": "application/octet-stream"},
+        )
 
     def fail(self, work_id: str, reason: str, message: str, *, agent_id: str | None) -> None:
         """Report that the work cannot produce a result (``message`` is cut to 4000 characters)."""
-        self._client.post_json(f"/v1/agent/work/{work_id}/fail", {"reason": reason, "message": message[:4000]},
-                               headers=self._h(agent_id))
+        self._client.post_json(
+            f"/v1/agent/work/{work_id}/fail", {"reason": reason, "message": message[:4000]}, headers=self._h(agent_id)
+        )

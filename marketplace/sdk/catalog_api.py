@@ -40,12 +40,17 @@ class CatalogAPI(BaseClient):
     def search_offerings(self, **filters: Any) -> list[dict[str, Any]]:
         return self.paginate("/v1/offerings", **filters)
 
-    def upload_version(self, offering_id: str, data: bytes, *, format: str, input_shape: list[int] | None = None) -> dict[str, Any]:
+    def upload_version(
+        self, offering_id: str, data: bytes, *, format: str, input_shape: list[int] | None = None
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"format": format}
         if input_shape:
             params["input_shape"] = ",".join(str(int(x)) for x in input_shape)
         r = self.request(
-            "POST", f"/v1/offerings/{offering_id}/versions", params=params, content=data,
+            "POST",
+            f"/v1/offerings/{offering_id}/versions",
+            params=params,
+            content=data,
             headers={"Content-Type": "application/octet-stream"},
         )
         return dict(r.json())

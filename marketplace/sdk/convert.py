@@ -242,7 +242,8 @@ def to_onnx(layers: Sequence[Layer]) -> bytes:
             cur = a
     d_in, d_out = int(layers[0].weight.shape[1]), int(layers[-1].weight.shape[0])
     graph = helper.make_graph(
-        nodes, "som-converted",
+        nodes,
+        "som-converted",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d_in])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d_out])],
         initializer=inits,
@@ -339,7 +340,9 @@ def load_local_model(path: Path) -> Any:
             # optional dependency (scikit-learn, on the provider's machine only)
             import joblib  # scikit-learn's own dependency
         except ImportError as e:
-            raise UnsupportedModel("reading a .joblib file needs scikit-learn: pip install 'share-of-model[sklearn]'") from e
+            raise UnsupportedModel(
+                "reading a .joblib file needs scikit-learn: pip install 'share-of-model[sklearn]'"
+            ) from e
 
         try:
             return joblib.load(path)  # noqa: S301 - the provider's own file, on the provider's machine

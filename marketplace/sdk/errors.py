@@ -10,7 +10,9 @@ __all__ = ["SomAPIError"]
 class SomAPIError(Exception):
     """The API answered with an error ``{"error": {"code", "message"}}``."""
 
-    def __init__(self, status: int, code: str, message: str, body: dict[str, Any] | None = None, headers: Any = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, body: dict[str, Any] | None = None, headers: Any = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code

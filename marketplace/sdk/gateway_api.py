@@ -42,10 +42,20 @@ class GatewayAPI(BaseClient):
     last_usage_id: str | None = None
     last_timing: dict[str, float] | None = None
 
-    def _gateway(self, offering_id: str, content: bytes, content_type: str, *, idempotency_key: str | None,
-                 contract_id: str | None) -> httpx.Response:
-        headers = {"Content-Type": content_type, "Accept": content_type,
-                   "Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+    def _gateway(
+        self,
+        offering_id: str,
+        content: bytes,
+        content_type: str,
+        *,
+        idempotency_key: str | None,
+        contract_id: str | None,
+    ) -> httpx.Response:
+        headers = {
+            "Content-Type": content_type,
+            "Accept": content_type,
+            "Idempotency-Key": idempotency_key or str(uuid.uuid4()),
+        }
         if contract_id:
             headers["X-Som-Contract"] = contract_id
         r = self.request("POST", f"/v1/offerings/{offering_id}/predict", content=content, headers=headers)
@@ -55,7 +65,11 @@ class GatewayAPI(BaseClient):
         return r
 
     def predict(
-        self, offering: str, rows: np.ndarray | Sequence[Sequence[float]], *, idempotency_key: str | None = None,
+        self,
+        offering: str,
+        rows: np.ndarray | Sequence[Sequence[float]],
+        *,
+        idempotency_key: str | None = None,
         contract_id: str | None = None,
     ) -> np.ndarray:
         """Predictions for ``rows`` (n, d) as an (n, k) float64 array (one unit per row)."""
@@ -67,7 +81,12 @@ class GatewayAPI(BaseClient):
         return np.asarray(r.json()["outputs"], dtype=np.float64)
 
     def predict_csv(
-        self, offering: str, csv_bytes: bytes, *, idempotency_key: str | None = None, contract_id: str | None = None,
+        self,
+        offering: str,
+        csv_bytes: bytes,
+        *,
+        idempotency_key: str | None = None,
+        contract_id: str | None = None,
     ) -> bytes:
         """Send CSV rows; the CSV answer (header ``y0,...``)."""
         r = self._gateway(offering, csv_bytes, "text/csv", idempotency_key=idempotency_key, contract_id=contract_id)

@@ -78,14 +78,20 @@ class HEAPI(BaseClient):
         else:
             data = bytes(calibration)
         r = self.request(
-            "POST", f"/v1/offerings/{offering_id}/versions/{int(version)}/compile", content=data,
+            "POST",
+            f"/v1/offerings/{offering_id}/versions/{int(version)}/compile",
+            content=data,
             headers={"Content-Type": "application/octet-stream"},
         )
         return dict(r.json())
 
-    def set_he_plan(self, offering_id: str, plan: dict[str, Any], report: dict[str, Any] | None = None) -> dict[str, Any]:
+    def set_he_plan(
+        self, offering_id: str, plan: dict[str, Any], report: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Publish a provider-hosted offering's HE plan (compiled by its agent)."""
-        return dict(self.request("PUT", f"/v1/offerings/{offering_id}/he/plan", json={"plan": plan, "report": report}).json())
+        return dict(
+            self.request("PUT", f"/v1/offerings/{offering_id}/he/plan", json={"plan": plan, "report": report}).json()
+        )
 
     # -- consumer ---------------------------------------------------------------------------
 
@@ -94,10 +100,15 @@ class HEAPI(BaseClient):
         ``contract_id``: of the version that contract pinned)."""
         return dict(self.get_json(f"/v1/offerings/{offering_id}/he", contract_id=contract_id))
 
-    def upload_keyset(self, data: bytes, *, contract_id: str | None = None, offering_id: str | None = None) -> dict[str, Any]:
+    def upload_keyset(
+        self, data: bytes, *, contract_id: str | None = None, offering_id: str | None = None
+    ) -> dict[str, Any]:
         params = {k: v for k, v in {"contract_id": contract_id, "offering_id": offering_id}.items() if v}
         r = self.request(
-            "POST", "/v1/keysets", params=params, content=bytes(data),
+            "POST",
+            "/v1/keysets",
+            params=params,
+            content=bytes(data),
             headers={"Content-Type": "application/octet-stream"},
         )
         return dict(r.json())
@@ -109,7 +120,12 @@ class HEAPI(BaseClient):
         return dict(self.request("DELETE", f"/v1/keysets/{keyset_id}").json())
 
     def infer_raw(
-        self, offering_id: str, request: bytes, *, keyset_id: str, idempotency_key: str | None = None,
+        self,
+        offering_id: str,
+        request: bytes,
+        *,
+        keyset_id: str,
+        idempotency_key: str | None = None,
         contract_id: str | None = None,
     ) -> bytes:
         """Send one request frame; return the response frame (sets ``last_receipt``).
@@ -121,15 +137,22 @@ class HEAPI(BaseClient):
         if contract_id:
             headers["X-Som-Contract"] = contract_id
         r = self.request_idempotent(
-            "POST", f"/v1/offerings/{offering_id}/infer", idempotency_key or str(uuid.uuid4()),
-            content=bytes(request), headers=headers,
+            "POST",
+            f"/v1/offerings/{offering_id}/infer",
+            idempotency_key or str(uuid.uuid4()),
+            content=bytes(request),
+            headers=headers,
         )
         self.last_receipt = decode_receipt(r.headers.get("x-som-receipt"))
         self.last_usage_id = r.headers.get("x-som-usage-id")
         return r.content
 
     def he_keys(
-        self, offering_id: str, *, key_dir: str | os.PathLike[str] | None = None, layout: str = "batch",
+        self,
+        offering_id: str,
+        *,
+        key_dir: str | os.PathLike[str] | None = None,
+        layout: str = "batch",
         plan_info: dict[str, Any] | None = None,
     ) -> Any:
         """The cached (or freshly generated) ``SecretContext`` for an offering's current plan
@@ -164,7 +187,12 @@ class HEAPI(BaseClient):
         return root / "pending" / f"{name}.req"
 
     def _keyset_for(
-        self, offering_id: str, sk: Any, *, contract_id: str | None, key_dir: str | os.PathLike[str] | None,
+        self,
+        offering_id: str,
+        sk: Any,
+        *,
+        contract_id: str | None,
+        key_dir: str | os.PathLike[str] | None,
         refresh: bool = False,
     ) -> str:
         idx_path = self._key_path(sk.plan.digest(), sk.layout, key_dir).with_suffix(".keysets.json")
@@ -237,15 +265,21 @@ class HEAPI(BaseClient):
                 if pending is not None:
                     _write_private(pending, req)
             try:
-                resp = self.infer_raw(offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id)
+                resp = self.infer_raw(
+                    offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id
+                )
             except SomAPIError as e:
-                stale = e.status == 404 or (e.status == 403 and "revoked" in e.message) or (
-                    e.status == 409 and "plan" in e.message
+                stale = (
+                    e.status == 404
+                    or (e.status == 403 and "revoked" in e.message)
+                    or (e.status == 409 and "plan" in e.message)
                 )
                 if not stale:
                     raise
                 keyset_id = self._keyset_for(offering_id, sk, contract_id=contract_id, key_dir=key_dir, refresh=True)
-                resp = self.infer_raw(offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id)
+                resp = self.infer_raw(
+                    offering_id, req, keyset_id=keyset_id, idempotency_key=key, contract_id=contract_id
+                )
             outs.append(sk.decrypt(resp, postprocess=postprocess))
             if pending is not None:
                 pending.unlink(missing_ok=True)
@@ -260,7 +294,8 @@ class HEAPI(BaseClient):
                 terms = self.get_json(f"/v1/contracts/{contract_id}")["terms"]
             else:
                 active = [
-                    c for c in self.paginate("/v1/contracts", role="consumer", status="active", offering_id=offering_id)
+                    c
+                    for c in self.paginate("/v1/contracts", role="consumer", status="active", offering_id=offering_id)
                     if c.get("offering_id") == offering_id
                 ]
                 if len(active) != 1:

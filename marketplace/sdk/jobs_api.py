@@ -35,6 +35,7 @@ class SealKeyRefused(ValueError):
     """The compute site's sealing key is not vouched for by the provider key you trust: nothing
     was sealed or sent (the created job is cancelled)."""
 
+
 FINAL = ("succeeded", "failed", "cancelled", "expired")
 
 
@@ -80,7 +81,12 @@ class JobsAPI(BaseClient):
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"offering_id": offering_id, "kind": kind, "units": units}
-        for k, v in (("code", code), ("limits", limits), ("timeout_seconds", timeout_seconds), ("contract_id", contract_id)):
+        for k, v in (
+            ("code", code),
+            ("limits", limits),
+            ("timeout_seconds", timeout_seconds),
+            ("contract_id", contract_id),
+        ):
             if v is not None:
                 body[k] = v
         key = idempotency_key or str(uuid.uuid4())  # made once: every retry below carries it
@@ -89,9 +95,15 @@ class JobsAPI(BaseClient):
 
     def upload_job_payload(self, job_id: str, sealed: bytes) -> dict[str, Any]:
         # idempotent by its bytes (the same sealed payload again returns the job): safe to retry
-        r = send_with_retries(lambda: self._http.request(
-            "POST", f"/v1/jobs/{job_id}/payload", content=sealed, headers={"Content-Type": "application/octet-stream"}
-        ), self.retry)
+        r = send_with_retries(
+            lambda: self._http.request(
+                "POST",
+                f"/v1/jobs/{job_id}/payload",
+                content=sealed,
+                headers={"Content-Type": "application/octet-stream"},
+            ),
+            self.retry,
+        )
         self._raise(r)
         out: dict[str, Any] = r.json()
         return out
@@ -127,20 +139,32 @@ class JobsAPI(BaseClient):
             units = count_rows(data, format) if kind != "custom" else 1
         reply = reply_key or SealKeyPair.generate()
         job = self.create_job(
-            offering_id, kind, units=units, code=code, limits=limits, timeout_seconds=timeout_seconds,
-            contract_id=contract_id, idempotency_key=idempotency_key,
+            offering_id,
+            kind,
+            units=units,
+            code=code,
+            limits=limits,
+            timeout_seconds=timeout_seconds,
+            contract_id=contract_id,
+            idempotency_key=idempotency_key,
         )
         if job.get("hosting") == "provider" or provider_key is not None:
             try:
-                self.verify_seal_key(job, provider_key=provider_key, consumer_key=consumer_key,
-                                     contract_id=contract_id, now=now)
+                self.verify_seal_key(
+                    job, provider_key=provider_key, consumer_key=consumer_key, contract_id=contract_id, now=now
+                )
             except (SealKeyRefused, SomAPIError):
                 with contextlib.suppress(SomAPIError):
                     self.cancel_job(str(job["id"]))
                 raise
         inp = JobInput(
-            job_id=job["id"], kind=kind, reply_public=reply.public_text(), data=data, format=format,
-            code=code, params=params or {},
+            job_id=job["id"],
+            kind=kind,
+            reply_public=reply.public_text(),
+            data=data,
+            format=format,
+            code=code,
+            params=params or {},
         )
         job = self.upload_job_payload(job["id"], seal_input(job["seal_public"], inp))
         return SubmittedJob(job=job, reply_key=reply)
@@ -167,8 +191,13 @@ class JobsAPI(BaseClient):
                 f"agent must run with its signing key (som agent --signing-key)"
             )
         try:
-            verify_seal_key(job["seal_statement"], provider_key=anchor, offering_id=offering_id,
-                            seal_public=str(job["seal_public"]), now=now)
+            verify_seal_key(
+                job["seal_statement"],
+                provider_key=anchor,
+                offering_id=offering_id,
+                seal_public=str(job["seal_public"]),
+                now=now,
+            )
         except CryptoError as e:
             raise SealKeyRefused(
                 f"refusing to seal job {job['id']}: sealing key {job['seal_public']} is not vouched for by the "
@@ -186,8 +215,11 @@ class JobsAPI(BaseClient):
         if contract_id:
             rows = [self.get_json(f"/v1/contracts/{contract_id}")]
         else:
-            rows = [c for c in self.paginate("/v1/contracts", role="consumer", offering_id=offering_id)
-                    if c.get("status") != "terminated"]
+            rows = [
+                c
+                for c in self.paginate("/v1/contracts", role="consumer", offering_id=offering_id)
+                if c.get("status") != "terminated"
+            ]
             if len(rows) > 1:
                 rows = [c for c in rows if c.get("status") == "active"]
         if len(rows) != 1:
@@ -242,11 +274,15 @@ class JobsAPI(BaseClient):
         return out
 
     def reject_job(self, job_id: str, code_digest: str, reason: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = self.post_json(f"/v1/jobs/{job_id}/reject", {"code_digest": code_digest, "reason": reason})
+        out: dict[str, Any] = self.post_json(
+            f"/v1/jobs/{job_id}/reject", {"code_digest": code_digest, "reason": reason}
+        )
         return out
 
     def create_agent_key(self, offering_ids: list[str], *, name: str = "agent", ttl_days: int = 365) -> dict[str, Any]:
-        out: dict[str, Any] = self.post_json("/v1/agents/keys", {"offering_ids": offering_ids, "name": name, "ttl_days": ttl_days})
+        out: dict[str, Any] = self.post_json(
+            "/v1/agents/keys", {"offering_ids": offering_ids, "name": name, "ttl_days": ttl_days}
+        )
         return out
 
     def agents(self, *, offering_id: str | None = None) -> list[dict[str, Any]]:

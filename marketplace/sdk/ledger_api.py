@@ -32,9 +32,7 @@ def _b64(value: Any, what: str) -> bytes:
         raise ValueError(f"receipt.{what}: not base64") from e
 
 
-def verify_receipt(
-    receipt: Mapping[str, Any], trusted_vkey: str, *, origin: str | None = None
-) -> Checkpoint:
+def verify_receipt(receipt: Mapping[str, Any], trusted_vkey: str, *, origin: str | None = None) -> Checkpoint:
     """Check a receipt offline against the log key the caller trusts; return the checkpoint it is
     anchored in.
 
@@ -105,9 +103,7 @@ class LedgerAPI(BaseClient):
     def inclusion_proof(
         self, *, index: int | None = None, leaf_hash: str | None = None, size: int | None = None
     ) -> dict[str, Any]:
-        out: dict[str, Any] = self.get_json(
-            "/v1/ledger/proof/inclusion", index=index, leaf_hash=leaf_hash, size=size
-        )
+        out: dict[str, Any] = self.get_json("/v1/ledger/proof/inclusion", index=index, leaf_hash=leaf_hash, size=size)
         return out
 
     def consistency_proof(self, size1: int, size2: int | None = None) -> dict[str, Any]:

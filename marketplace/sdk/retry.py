@@ -95,4 +95,3 @@ def send_with_retries(
             return r
         sleep(policy.delay(attempt, retry_after_seconds(r.headers)))
     raise AssertionError("unreachable")  # pragma: no cover
-

@@ -30,8 +30,9 @@ class SharingAPI(BaseClient):
         return dict(self.request("DELETE", f"/v1/teams/{team}/members/{member_id}").json())
 
     # grants and visibility
-    def grant(self, offering_id: str, *, org_id: str | None = None, team_id: str | None = None,
-              permission: str = "read") -> dict[str, Any]:
+    def grant(
+        self, offering_id: str, *, org_id: str | None = None, team_id: str | None = None, permission: str = "read"
+    ) -> dict[str, Any]:
         body = {"org_id": org_id, "team_id": team_id, "permission": permission}
         return dict(self.post_json(f"/v1/offerings/{offering_id}/grants", body))
 
@@ -42,22 +43,33 @@ class SharingAPI(BaseClient):
         self.request("DELETE", f"/v1/offerings/{offering_id}/grants/{grant_id}")
 
     def set_visibility(self, offering_id: str, visibility: str) -> dict[str, Any]:
-        return dict(self.request("PUT", f"/v1/offerings/{offering_id}/visibility",
-                                 json={"visibility": visibility}).json())
+        return dict(
+            self.request("PUT", f"/v1/offerings/{offering_id}/visibility", json={"visibility": visibility}).json()
+        )
 
     def offering_audit(self, offering_id: str, *, action: str | None = None) -> list[dict[str, Any]]:
         return self.paginate(f"/v1/offerings/{offering_id}/audit", action=action)
 
     # private offers
     def publish_private_offer(
-        self, offering_id: str, terms: Terms | dict[str, Any], *, to: list[str], signing_key: SigningKey,
-        offer_id: str | None = None, now: datetime | None = None,
+        self,
+        offering_id: str,
+        terms: Terms | dict[str, Any],
+        *,
+        to: list[str],
+        signing_key: SigningKey,
+        offer_id: str | None = None,
+        now: datetime | None = None,
     ) -> dict[str, Any]:
         """Sign ``terms`` and publish an offer only the organisations ``to`` can see and accept."""
         t = terms if isinstance(terms, Terms) else Terms.from_dict(terms)
         offer = make_offer(
-            offer_id=offer_id or "ofr_" + secrets.token_hex(10), offering_id=offering_id,
-            provider_org=str(self.get_json("/v1/whoami")["org_id"]), terms=t, signing_key=signing_key, now=now,
+            offer_id=offer_id or "ofr_" + secrets.token_hex(10),
+            offering_id=offering_id,
+            provider_org=str(self.get_json("/v1/whoami")["org_id"]),
+            terms=t,
+            signing_key=signing_key,
+            now=now,
         )
         return dict(self.post_json(f"/v1/offerings/{offering_id}/offers", offer.to_dict(), params={"to": to}))
 

@@ -81,8 +81,14 @@ def create_agent_key(
         raise Forbidden("an agent key cannot create keys")
     ids = _check_provider_offerings(s, p.org_id, offering_ids)
     row, plaintext = create_key(
-        s, org_id=p.org_id, roles=["provider"], name=name or "agent", ttl_days=ttl_days,
-        kind="agent", offering_ids=ids, created_by=p.key_id,
+        s,
+        org_id=p.org_id,
+        roles=["provider"],
+        name=name or "agent",
+        ttl_days=ttl_days,
+        kind="agent",
+        offering_ids=ids,
+        created_by=p.key_id,
     )
     audit.emit(s, who, "agent.key.create", target=row.id, detail={"offerings": ids})
     return row, plaintext
@@ -120,8 +126,12 @@ def hello(
     with rt.tx() as s:
         ids = _check_provider_offerings(s, p.org_id, wanted)
         agent = Agent(
-            org_id=p.org_id, key_id=p.key_id, name=name[:200], offering_ids=ids,
-            seal_public=seal_public, capabilities=sorted(set(capabilities)),
+            org_id=p.org_id,
+            key_id=p.key_id,
+            name=name[:200],
+            offering_ids=ids,
+            seal_public=seal_public,
+            capabilities=sorted(set(capabilities)),
         )
         s.add(agent)
         s.flush()
@@ -130,7 +140,9 @@ def hello(
     return agent
 
 
-def heartbeat(rt: Runtime, p: Principal, agent_id: str, *, holding: list[str], now: datetime | None = None) -> dict[str, Any]:
+def heartbeat(
+    rt: Runtime, p: Principal, agent_id: str, *, holding: list[str], now: datetime | None = None
+) -> dict[str, Any]:
     """Mark the agent alive and extend its leases. Returns ``{"lost": [ids it must drop]}``."""
     require_agent(p)
     now = now or utcnow()
@@ -168,7 +180,12 @@ def is_online(rt: Runtime, s: Session, offering_id: str, *, now: datetime | None
 
 
 def register_seal_statements(
-    rt: Runtime, p: Principal, agent_id: str, statements: list[dict[str, Any]], *, who: audit.Actor,
+    rt: Runtime,
+    p: Principal,
+    agent_id: str,
+    statements: list[dict[str, Any]],
+    *,
+    who: audit.Actor,
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """Store the provider's signed ``som.seal-key/v1`` statements vouching for the agent's key.
@@ -194,10 +211,13 @@ def register_seal_statements(
             if st.offering_id not in (agent.offering_ids or []):
                 raise Invalid(f"statements[{i}]: this agent does not serve offering {st.offering_id}")
             if st.seal_public != agent.seal_public:
-                raise Invalid(f"statements[{i}]: vouches for {st.seal_public}, but this agent registered {agent.seal_public}")
+                raise Invalid(
+                    f"statements[{i}]: vouches for {st.seal_public}, but this agent registered {agent.seal_public}"
+                )
             try:
-                verify_seal_key(st, provider_key=st.provider_key, offering_id=st.offering_id,
-                                seal_public=agent.seal_public, now=now)
+                verify_seal_key(
+                    st, provider_key=st.provider_key, offering_id=st.offering_id, seal_public=agent.seal_public, now=now
+                )
             except InvalidSignature as e:
                 raise Invalid(f"statements[{i}]: the signature does not verify or the statement expired") from e
             offer_keys = set(s.scalars(select(OfferRow.provider_key).where(OfferRow.offering_id == st.offering_id)))
@@ -208,10 +228,17 @@ def register_seal_statements(
                 )
             stored[st.offering_id] = st.to_dict()
         agent.seal_statements = stored
-        audit.emit(s, who, "agent.seal_key", target=agent.id, detail={
-            "offerings": sorted(stored), "seal_public": agent.seal_public,
-            "provider_keys": sorted({v["provider_key"] for v in stored.values()}),
-        })
+        audit.emit(
+            s,
+            who,
+            "agent.seal_key",
+            target=agent.id,
+            detail={
+                "offerings": sorted(stored),
+                "seal_public": agent.seal_public,
+                "provider_keys": sorted({v["provider_key"] for v in stored.values()}),
+            },
+        )
     leases.notify(rt)
     return {"id": agent_id, "offering_ids": sorted(stored)}
 

@@ -28,6 +28,7 @@ from marketplace.services.ledger.tree import append as ledger_append
 
 __all__ = ["Actor", "emit", "emit_detached", "query"]
 
+
 @dataclass(frozen=True)
 class Actor:
     """Who acts, for which organisation, in which request."""
@@ -74,11 +75,19 @@ def emit(
     )
     session.add(event)
     session.flush()
-    ledger_append(session, audit_record(  # a som.audit/v1 leaf, in the emitting transaction
-        event_id=event.id, actor=event.actor, org=event.org_id, action=event.action,
-        target=event.target or None, outcome=event.outcome, request_id=event.request_id or None,
-        time=event.time,
-    ))
+    ledger_append(
+        session,
+        audit_record(  # a som.audit/v1 leaf, in the emitting transaction
+            event_id=event.id,
+            actor=event.actor,
+            org=event.org_id,
+            action=event.action,
+            target=event.target or None,
+            outcome=event.outcome,
+            request_id=event.request_id or None,
+            time=event.time,
+        ),
+    )
     return event
 
 

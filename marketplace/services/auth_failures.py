@@ -114,8 +114,12 @@ class FailureSummaries:
             }
             try:
                 audit.emit_detached(
-                    self.rt.sessions, audit.Actor(actor="anonymous", org_id=None, request_id=b.request_id),
-                    "auth.failures", target=source, outcome="denied", detail=detail,
+                    self.rt.sessions,
+                    audit.Actor(actor="anonymous", org_id=None, request_id=b.request_id),
+                    "auth.failures",
+                    target=source,
+                    outcome="denied",
+                    detail=detail,
                 )
             except Exception:  # noqa: BLE001 - recording must not take the server down
                 log.exception("could not record %d failed authentications from %s", b.count, source)
@@ -135,12 +139,14 @@ class FailureSummaries:
         self.flush(everything=True)
 
 
-def note(
-    rt: Runtime, *, source: str, prefix: str, path: str, method: str, reason: str, request_id: str = ""
-) -> None:
+def note(rt: Runtime, *, source: str, prefix: str, path: str, method: str, reason: str, request_id: str = "") -> None:
     """Count one failed authentication from ``source`` (the client's address)."""
     rt.auth_failures.note(
-        _fit(source or "unknown", 200), _fit(prefix, 40), _fit(path, 200), _fit(method, 16), _fit(reason, 200),
+        _fit(source or "unknown", 200),
+        _fit(prefix, 40),
+        _fit(path, 200),
+        _fit(method, 16),
+        _fit(reason, 200),
         request_id,
     )
 

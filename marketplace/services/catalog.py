@@ -48,7 +48,6 @@ __all__ = [
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
-
 def get_visible(s: Session, p: Principal, offering_id: str) -> Offering:
     """An offering the caller may read (:func:`marketplace.services.sharing.may`); others are a
     404 audited as a denied access."""
@@ -79,9 +78,7 @@ def search(
     stmt = select(Offering).where(sharing.readable_clause(s, p))
     if q:
         like = f"%{q.lower()}%"
-        stmt = stmt.where(
-            or_(func.lower(Offering.name).like(like), func.lower(Offering.description).like(like))
-        )
+        stmt = stmt.where(or_(func.lower(Offering.name).like(like), func.lower(Offering.description).like(like)))
     if task:
         stmt = stmt.where(Offering.task == task)
     if hosting:
@@ -161,9 +158,7 @@ def _validate(
     return info_d
 
 
-def store_artifact(
-    rt: Runtime, s: Session, version: OfferingVersion, purpose: str, plaintext: bytes
-) -> Artifact:
+def store_artifact(rt: Runtime, s: Session, version: OfferingVersion, purpose: str, plaintext: bytes) -> Artifact:
     """Encrypt ``plaintext`` under a fresh data key and store it; returns the Artifact row."""
     aad = f"som:{version.id}:{purpose}"
     ciphertext, wrapped = encrypt_artifact(plaintext, provider=rt.key_provider, aad=aad.encode())
@@ -216,15 +211,23 @@ def prepare_version(rt: Runtime, data: bytes, *, fmt: str, input_shape: list[int
 
     Takes no DB session: call it outside any transaction and off the event loop. Raises
     PayloadTooLarge, UnsupportedMediaType or Invalid (every parser error is one of these)."""
-    info = _validate(data, fmt, input_shape, rt.settings.max_upload_bytes,
-                     max_decompressed=rt.settings.max_decompressed_bytes)
+    info = _validate(
+        data, fmt, input_shape, rt.settings.max_upload_bytes, max_decompressed=rt.settings.max_decompressed_bytes
+    )
     version_id = new_id("ver")
     aad = f"som:{version_id}:model"
     ciphertext, wrapped = encrypt_artifact(data, provider=rt.key_provider, aad=aad.encode())
     addr = rt.blobs.put(ciphertext)
     return PreparedVersion(
-        version_id=version_id, fmt=fmt, digest="sha256:" + hashlib.sha256(data).hexdigest(), size=len(data),
-        info=info, blob=addr, wrapped_key=wrapped.to_json().encode(), kek_id=wrapped.kek_id, aad=aad,
+        version_id=version_id,
+        fmt=fmt,
+        digest="sha256:" + hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        info=info,
+        blob=addr,
+        wrapped_key=wrapped.to_json().encode(),
+        kek_id=wrapped.kek_id,
+        aad=aad,
         report=validation.upload_report(data, fmt, info),
     )
 
@@ -246,8 +249,16 @@ def commit_version(s: Session, off: Offering, prep: PreparedVersion, *, who: aud
     )
     s.add(version)
     s.flush()
-    s.add(Artifact(version_id=version.id, purpose="model", blob=prep.blob, wrapped_key=prep.wrapped_key,
-                   kek_id=prep.kek_id, aad=prep.aad))
+    s.add(
+        Artifact(
+            version_id=version.id,
+            purpose="model",
+            blob=prep.blob,
+            wrapped_key=prep.wrapped_key,
+            kek_id=prep.kek_id,
+            aad=prep.aad,
+        )
+    )
     s.flush()
     off.updated_at = utcnow()
     audit.emit(s, who, "offering.version.add", target=f"{off.id}/v{number}", detail={"digest": version.digest})

@@ -58,7 +58,9 @@ class _Queue(Protocol):
     def take(self, rt: Runtime, s: Session, agent: Agent, now: datetime) -> dict[str, Any] | None: ...
     def payload(self, rt: Runtime, p: Principal, agent_id: str, work_id: str) -> bytes: ...
     def result(self, rt: Runtime, p: Principal, agent_id: str, work_id: str, data: bytes) -> dict[str, Any]: ...
-    def failure(self, rt: Runtime, p: Principal, agent_id: str, work_id: str, reason: str, message: str) -> dict[str, Any]: ...
+    def failure(
+        self, rt: Runtime, p: Principal, agent_id: str, work_id: str, reason: str, message: str
+    ) -> dict[str, Any]: ...
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -93,8 +95,12 @@ class _Jobs:
         job = jobs.complete(rt, work_id, owner=agent_id, result=data, may_post=_job_may_post(p, agent_id))
         return {"id": work_id, "status": job.status, "charged": job.charged}
 
-    def failure(self, rt: Runtime, p: Principal, agent_id: str, work_id: str, reason: str, message: str) -> dict[str, Any]:
-        job = jobs.fail(rt, work_id, owner=agent_id, reason=reason, message=message, may_post=_job_may_post(p, agent_id))
+    def failure(
+        self, rt: Runtime, p: Principal, agent_id: str, work_id: str, reason: str, message: str
+    ) -> dict[str, Any]:
+        job = jobs.fail(
+            rt, work_id, owner=agent_id, reason=reason, message=message, may_post=_job_may_post(p, agent_id)
+        )
         return {"id": work_id, "status": job.status}
 
 
@@ -108,9 +114,9 @@ def _task_to(t: AgentTask, status: str) -> None:
 
 def _reap_tasks(s: Session, now: datetime) -> None:
     """Expired leases go back to the queue (or fail after too many); tasks past their deadline fail."""
-    for t in s.scalars(select(AgentTask).where(
-        AgentTask.status.in_((AgentTask.QUEUED, AgentTask.HELD)), AgentTask.deadline_at < now
-    )):
+    for t in s.scalars(
+        select(AgentTask).where(AgentTask.status.in_((AgentTask.QUEUED, AgentTask.HELD)), AgentTask.deadline_at < now)
+    ):
         _task_to(t, "failed")
         t.error = "timed out waiting for the agent"
 
@@ -133,13 +139,26 @@ class _Tasks:
     def take(self, rt: Runtime, s: Session, agent: Agent, now: datetime) -> dict[str, Any] | None:
         if "he_infer" not in agent.capabilities:
             return None
-        t = leases.take(s, AgentTask, agent.id, now, rt.settings.agent_lease_seconds,
-                        AgentTask.offering_id.in_(agent.offering_ids), AgentTask.deadline_at >= now, move=_task_to)
+        t = leases.take(
+            s,
+            AgentTask,
+            agent.id,
+            now,
+            rt.settings.agent_lease_seconds,
+            AgentTask.offering_id.in_(agent.offering_ids),
+            AgentTask.deadline_at >= now,
+            move=_task_to,
+        )
         if t is None or t.lease_expires_at is None:
             return None
         return {
-            "type": "task", "id": t.id, "kind": t.kind, "offering_id": t.offering_id, "meta": t.meta,
-            "lease_expires_at": t.lease_expires_at.isoformat(), "attempt": t.attempts,
+            "type": "task",
+            "id": t.id,
+            "kind": t.kind,
+            "offering_id": t.offering_id,
+            "meta": t.meta,
+            "lease_expires_at": t.lease_expires_at.isoformat(),
+            "attempt": t.attempts,
         }
 
     def payload(self, rt: Runtime, p: Principal, agent_id: str, work_id: str) -> bytes:
@@ -163,7 +182,9 @@ class _Tasks:
         leases.notify(rt, "done")
         return {"id": work_id, "status": "done"}
 
-    def failure(self, rt: Runtime, p: Principal, agent_id: str, work_id: str, reason: str, message: str) -> dict[str, Any]:
+    def failure(
+        self, rt: Runtime, p: Principal, agent_id: str, work_id: str, reason: str, message: str
+    ) -> dict[str, Any]:
         with rt.tx() as s:
             t = _held_task(s, p, agent_id, work_id)
             if t.status not in ("done", "failed"):
@@ -229,7 +250,9 @@ def post_result(rt: Runtime, p: Principal, agent_id: str, work_id: str, data: by
     return _queue_of(work_id).result(rt, p, agent_id, work_id, data)
 
 
-def post_failure(rt: Runtime, p: Principal, agent_id: str, work_id: str, *, reason: str, message: str) -> dict[str, Any]:
+def post_failure(
+    rt: Runtime, p: Principal, agent_id: str, work_id: str, *, reason: str, message: str
+) -> dict[str, Any]:
     """The agent cannot do the work (the reason goes to the consumer)."""
     require_agent(p)
     return _queue_of(work_id).failure(rt, p, agent_id, work_id, reason, message)
@@ -266,7 +289,11 @@ def run_on_agent(
         if not is_online(rt, s, offering_id, now=now):
             raise Unavailable(f"no agent is online for offering {offering_id}; try again later")
         task = AgentTask(
-            id=new_id("tsk"), offering_id=offering_id, kind=kind, payload_blob=addr, meta=dict(meta),
+            id=new_id("tsk"),
+            offering_id=offering_id,
+            kind=kind,
+            payload_blob=addr,
+            meta=dict(meta),
             deadline_at=now + timedelta(seconds=timeout),
         )
         s.add(task)

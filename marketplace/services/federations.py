@@ -31,7 +31,17 @@ from marketplace.services.contracts import ledger_append, terms_of
 from marketplace.services.identity import Principal
 
 __all__ = [
-    "active_participant", "can_run_round", "complete", "list_for", "create", "fail", "get_for", "join", "participant_of", "record_round", "rounds_of",
+    "active_participant",
+    "can_run_round",
+    "complete",
+    "list_for",
+    "create",
+    "fail",
+    "get_for",
+    "join",
+    "participant_of",
+    "record_round",
+    "rounds_of",
 ]
 
 OPEN = ("open", "running")
@@ -45,8 +55,17 @@ def terms_of_fed(f: Federation) -> Terms:
     return Terms.from_dict(f.terms)
 
 
-def create(s: Session, p: Principal, *, offering_id: str, recipe: dict[str, Any], terms: dict[str, Any],
-           name: str, parent_version_id: str | None, who: audit.Actor) -> Federation:
+def create(
+    s: Session,
+    p: Principal,
+    *,
+    offering_id: str,
+    recipe: dict[str, Any],
+    terms: dict[str, Any],
+    name: str,
+    parent_version_id: str | None,
+    who: audit.Actor,
+) -> Federation:
     p.require("provider")
     off = catalog.get_owned(s, p, offering_id)
     try:
@@ -61,8 +80,14 @@ def create(s: Session, p: Principal, *, offering_id: str, recipe: dict[str, Any]
         raise Invalid("the offering has no such parent version (upload one first)")
     if parent.input_shape != [r.dim]:
         raise Invalid(f"recipe.dim {r.dim} does not match the parent version's input {parent.input_shape}")
-    f = Federation(offering_id=off.id, org_id=p.org_id, parent_version_id=parent.id, name=name,
-                   recipe=r.to_dict(), terms=t.to_dict())
+    f = Federation(
+        offering_id=off.id,
+        org_id=p.org_id,
+        parent_version_id=parent.id,
+        name=name,
+        recipe=r.to_dict(),
+        terms=t.to_dict(),
+    )
     s.add(f)
     s.flush()
     audit.emit(s, who, "federation.create", target=f.id, detail={"offering_id": off.id})
@@ -70,8 +95,13 @@ def create(s: Session, p: Principal, *, offering_id: str, recipe: dict[str, Any]
 
 
 def _contract_for(s: Session, org_id: str, offering_id: str) -> ContractRow | None:
-    rows = s.scalars(select(ContractRow).where(
-        ContractRow.offering_id == offering_id, ContractRow.consumer_org_id == org_id, ContractRow.status == "active"))
+    rows = s.scalars(
+        select(ContractRow).where(
+            ContractRow.offering_id == offering_id,
+            ContractRow.consumer_org_id == org_id,
+            ContractRow.status == "active",
+        )
+    )
     now = utcnow()
     for row in rows:
         t = terms_of(row)
@@ -88,16 +118,22 @@ def join(s: Session, p: Principal, fed_id: str, *, samples: int, who: audit.Acto
     terms = terms_of_fed(f)
     if row is None or (terms.allowed_orgs and p.org_id not in terms.allowed_orgs):
         audit.emit(s, who, "federation.join", target=fed_id, outcome="denied")
-        raise Forbidden("joining needs an active contract in mode 'federated' on the offering (and the federation's consent)")
+        raise Forbidden(
+            "joining needs an active contract in mode 'federated' on the offering (and the federation's consent)"
+        )
     if f.status not in OPEN:
         raise Conflict(f"federation {fed_id} is {f.status}")
-    existing = s.scalar(select(FederationParticipant).where(
-        FederationParticipant.federation_id == fed_id, FederationParticipant.org_id == p.org_id))
+    existing = s.scalar(
+        select(FederationParticipant).where(
+            FederationParticipant.federation_id == fed_id, FederationParticipant.org_id == p.org_id
+        )
+    )
     if existing is not None:
         existing.samples = samples
         return existing
-    part = FederationParticipant(federation_id=fed_id, org_id=p.org_id, contract_id=row.id,
-                                 node_id=secrets.randbits(62) | 2, samples=samples)
+    part = FederationParticipant(
+        federation_id=fed_id, org_id=p.org_id, contract_id=row.id, node_id=secrets.randbits(62) | 2, samples=samples
+    )
     s.add(part)
     s.flush()
     audit.emit(s, who, "federation.join", target=fed_id, detail={"samples": samples})
@@ -119,13 +155,22 @@ def get_for(s: Session, p: Principal, fed_id: str) -> tuple[Federation, Federati
 def list_for(s: Session, p: Principal) -> list[Federation]:
     """Federations the caller's organisation runs or takes part in, newest first."""
     mine = select(FederationParticipant.federation_id).where(FederationParticipant.org_id == p.org_id)
-    return list(s.scalars(select(Federation).where((Federation.org_id == p.org_id) | Federation.id.in_(mine))
-                          .order_by(Federation.created_at.desc()).limit(500)))
+    return list(
+        s.scalars(
+            select(Federation)
+            .where((Federation.org_id == p.org_id) | Federation.id.in_(mine))
+            .order_by(Federation.created_at.desc())
+            .limit(500)
+        )
+    )
 
 
 def participant_of(s: Session, p: Principal, fed_id: str, *, required: bool = True) -> FederationParticipant | None:
-    part = s.scalar(select(FederationParticipant).where(
-        FederationParticipant.federation_id == fed_id, FederationParticipant.org_id == p.org_id))
+    part = s.scalar(
+        select(FederationParticipant).where(
+            FederationParticipant.federation_id == fed_id, FederationParticipant.org_id == p.org_id
+        )
+    )
     if part is None and required:
         raise NotFound(f"federation {fed_id} not found")
     return part
@@ -143,13 +188,21 @@ def active_participant(s: Session, p: Principal, fed_id: str) -> FederationParti
 
 
 def participants(s: Session, fed_id: str) -> list[FederationParticipant]:
-    return list(s.scalars(select(FederationParticipant).where(FederationParticipant.federation_id == fed_id)
-                          .order_by(FederationParticipant.joined_at)))
+    return list(
+        s.scalars(
+            select(FederationParticipant)
+            .where(FederationParticipant.federation_id == fed_id)
+            .order_by(FederationParticipant.joined_at)
+        )
+    )
 
 
 def rounds_of(s: Session, fed_id: str) -> list[FederationRound]:
-    return list(s.scalars(select(FederationRound).where(FederationRound.federation_id == fed_id)
-                          .order_by(FederationRound.number)))
+    return list(
+        s.scalars(
+            select(FederationRound).where(FederationRound.federation_id == fed_id).order_by(FederationRound.number)
+        )
+    )
 
 
 def can_run_round(s: Session, fed_id: str, rnd: int) -> float | None:
@@ -173,8 +226,9 @@ def _dec(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.9f}".rstrip("0").rstrip(".") or "0"
 
 
-def record_round(s: Session, fed_id: str, rnd: int, contributions: dict[int, str], *, epsilon: float,
-                 metrics: dict[str, Any]) -> FederationRound:
+def record_round(
+    s: Session, fed_id: str, rnd: int, contributions: dict[int, str], *, epsilon: float, metrics: dict[str, Any]
+) -> FederationRound:
     """One ledger leaf per contribution (node -> digest of what the coordinator received)."""
     f = s.get(Federation, fed_id)
     assert f is not None
@@ -187,9 +241,19 @@ def record_round(s: Session, fed_id: str, rnd: int, contributions: dict[int, str
         pt = by_node.get(node)
         if pt is None:
             continue
-        idx = ledger_append(s, fl_contribution_record(
-            federation_id=fed_id, round=rnd, org=pt.org_id, samples=pt.samples, update_digest=digest,
-            epsilon=_dec(epsilon), delta=_dec(t.delta) if epsilon else "0", time=now))
+        idx = ledger_append(
+            s,
+            fl_contribution_record(
+                federation_id=fed_id,
+                round=rnd,
+                org=pt.org_id,
+                samples=pt.samples,
+                update_digest=digest,
+                epsilon=_dec(epsilon),
+                delta=_dec(t.delta) if epsilon else "0",
+                time=now,
+            ),
+        )
         if idx is not None:
             indexes.append(idx)
         units = pt.samples if t.counting == Counting.SAMPLES else 1
@@ -198,8 +262,14 @@ def record_round(s: Session, fed_id: str, rnd: int, contributions: dict[int, str
         pt.credit_minor += units * t.credit_minor_per_unit
         pt.epsilon_spent = epsilon
         orgs.append(pt.org_id)
-    row = FederationRound(federation_id=fed_id, number=rnd, participants=sorted(orgs), metrics=metrics,
-                          epsilon=epsilon, ledger_indexes=indexes)
+    row = FederationRound(
+        federation_id=fed_id,
+        number=rnd,
+        participants=sorted(orgs),
+        metrics=metrics,
+        epsilon=epsilon,
+        ledger_indexes=indexes,
+    )
     s.add(row)
     f.rounds_done = rnd
     f.epsilon_spent = epsilon
@@ -219,11 +289,18 @@ def complete(rt: Any, s: Session, fed_id: str, params: list[np.ndarray], metrics
     data = learning.to_npz(params, np.asarray(r.mean), np.asarray(r.scale))
     who = audit.Actor(actor=f"federation:{fed_id}", org_id=f.org_id, request_id="")
     version = catalog.add_version(rt, s, off, data, fmt="npz", input_shape=[r.dim], who=who)
-    version.info = {**version.info, "lineage": {
-        "federation_id": fed_id, "parent_version_id": f.parent_version_id, "rounds": f.rounds_done,
-        "participants": sorted({o for rd in rounds_of(s, fed_id) for o in rd.participants}),
-        "metrics": metrics, "epsilon": f.epsilon_spent, "delta": terms_of_fed(f).delta if f.epsilon_spent else 0.0,
-    }}
+    version.info = {
+        **version.info,
+        "lineage": {
+            "federation_id": fed_id,
+            "parent_version_id": f.parent_version_id,
+            "rounds": f.rounds_done,
+            "participants": sorted({o for rd in rounds_of(s, fed_id) for o in rd.participants}),
+            "metrics": metrics,
+            "epsilon": f.epsilon_spent,
+            "delta": terms_of_fed(f).delta if f.epsilon_spent else 0.0,
+        },
+    }
     f.result_version_id = version.id
     f.status = "completed"
     f.updated_at = utcnow()

@@ -121,18 +121,27 @@ def _load_target(rt: Runtime, offering_id: str) -> Target:
         if off.hosting != "marketplace":
             return base
         v = s.scalar(
-            select(OfferingVersion).where(OfferingVersion.offering_id == off.id)
-            .order_by(OfferingVersion.number.desc()).limit(1)
+            select(OfferingVersion)
+            .where(OfferingVersion.offering_id == off.id)
+            .order_by(OfferingVersion.number.desc())
+            .limit(1)
         )
         if v is None:
             return base
         art = s.scalar(
-            select(Artifact).where(Artifact.version_id == v.id, Artifact.purpose == "model")
-            .order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(1)
+            select(Artifact)
+            .where(Artifact.version_id == v.id, Artifact.purpose == "model")
+            .order_by(Artifact.created_at.desc(), Artifact.id.desc())
+            .limit(1)
         )
         return Target(
-            offering_id=off.id, org_id=off.org_id, status=off.status, hosting=off.hosting,
-            version_id=v.id, version=v.number, fmt=v.format,
+            offering_id=off.id,
+            org_id=off.org_id,
+            status=off.status,
+            hosting=off.hosting,
+            version_id=v.id,
+            version=v.number,
+            fmt=v.format,
             input_dim=int(v.input_shape[0]) if v.input_shape else None,
             artifact=(art.id, art.blob, bytes(art.wrapped_key), art.aad) if art is not None else None,
         )
@@ -179,7 +188,9 @@ class Batcher:
         self._open: dict[str, _Batch] = {}
         self.runs = 0  # model runs made (fewer than calls when calls were stacked)
 
-    def run(self, key: str, rows: np.ndarray, fn: Callable[[np.ndarray], GatewayAnswer]) -> tuple[np.ndarray, GatewayAnswer]:
+    def run(
+        self, key: str, rows: np.ndarray, fn: Callable[[np.ndarray], GatewayAnswer]
+    ) -> tuple[np.ndarray, GatewayAnswer]:
         fut: Future[tuple[np.ndarray, GatewayAnswer]] = Future()
         n = int(rows.shape[0])
         with self._lock:
@@ -239,7 +250,12 @@ class _Clock:
 
     def ms(self) -> dict[str, float]:
         total = time.perf_counter() - self.start
-        return {"queue": self.queue * 1e3, "model": self.model * 1e3, "metering": self.metering * 1e3, "total": total * 1e3}
+        return {
+            "queue": self.queue * 1e3,
+            "model": self.model * 1e3,
+            "metering": self.metering * 1e3,
+            "total": total * 1e3,
+        }
 
 
 _state_lock = threading.Lock()
@@ -275,8 +291,17 @@ def _run_marketplace(rt: Runtime, t: Target, rows: np.ndarray, clock: _Clock, wh
     threads = threads_per_worker(s.workers, s.gateway_threads)
 
     def run(x: np.ndarray) -> GatewayAnswer:
-        task = GatewayTask(store=spec, version_id=t.version_id or "", fmt=t.fmt, model_blob=blob, wrapped_key=wrapped,
-                           aad=aad, rows=x, threads=threads, cache_size=s.gateway_model_cache)
+        task = GatewayTask(
+            store=spec,
+            version_id=t.version_id or "",
+            fmt=t.fmt,
+            model_blob=blob,
+            wrapped_key=wrapped,
+            aad=aad,
+            rows=x,
+            threads=threads,
+            cache_size=s.gateway_model_cache,
+        )
         return pool.run(task, timeout=s.gateway_compute_timeout_seconds)
 
     t0 = time.perf_counter()
@@ -294,8 +319,13 @@ def _run_marketplace(rt: Runtime, t: Target, rows: np.ndarray, clock: _Clock, wh
     clock.model = ans.model_s
     clock.queue = max(0.0, time.perf_counter() - t0 - ans.model_s)
     if ans.loaded:  # a worker decrypted the artifact into its memory: audited, once per load
-        audit.emit_detached(rt.sessions, who, "artifact.decrypt", target=art_id,
-                            detail={"purpose": "gateway_load", "version": t.version_id})
+        audit.emit_detached(
+            rt.sessions,
+            who,
+            "artifact.decrypt",
+            target=art_id,
+            detail={"purpose": "gateway_load", "version": t.version_id},
+        )
     return out
 
 
@@ -308,8 +338,9 @@ def _run_agent(rt: Runtime, t: Target, rows: np.ndarray, clock: _Clock) -> np.nd
         reply = pend.future.result(timeout=timeout)
     except FutureTimeout:
         hub.abandon(pend)
-        raise Unavailable(f"the provider's agent did not answer within {timeout:g} s; retry",
-                          headers={"Retry-After": "1"}) from None
+        raise Unavailable(
+            f"the provider's agent did not answer within {timeout:g} s; retry", headers={"Retry-After": "1"}
+        ) from None
     except AgentFailed as e:
         msg = str(e)
         if msg.startswith("invalid:"):
@@ -321,8 +352,16 @@ def _run_agent(rt: Runtime, t: Target, rows: np.ndarray, clock: _Clock) -> np.nd
 
 
 def predict(
-    rt: Runtime, p: Principal, offering_id: str, body: bytes, *, media_type: str, accept: str,
-    idempotency_key: str | None, contract_id: str | None, who: audit.Actor,
+    rt: Runtime,
+    p: Principal,
+    offering_id: str,
+    body: bytes,
+    *,
+    media_type: str,
+    accept: str,
+    idempotency_key: str | None,
+    contract_id: str | None,
+    who: audit.Actor,
 ) -> Answer:
     """One gateway call (see the module docstring). Raises Invalid (422: rows, key), NotFound
     (offering invisible, or no contract of yours), PolicyDenied (403/429: mode not allowed,
@@ -342,8 +381,10 @@ def predict(
             dim = t.input_dim
         else:
             if not hub_of(rt).online(offering_id, within=rt.settings.agent_offline_seconds):
-                raise Unavailable(f"no agent of offering {offering_id} is connected for gateway calls; retry later",
-                                  headers={"Retry-After": "5"})
+                raise Unavailable(
+                    f"no agent of offering {offering_id} is connected for gateway calls; retry later",
+                    headers={"Retry-After": "5"},
+                )
             dim = hub_of(rt).input_dim(offering_id)
         if dim is not None and rows.shape[1] != dim:
             raise Invalid(f"rows have {rows.shape[1]} columns; the model takes {dim}")
@@ -351,8 +392,16 @@ def predict(
         digest = metering.request_digest("gateway", offering_id, accept, str(rows.shape), rows.tobytes())
         m0 = time.perf_counter()
         with metering.reserved(
-            rt, p, offering_id=offering_id, mode=MODE, units=n, idempotency_key=key, request_digest=digest,
-            contract_id=contract_id, batch_size=n, actor=who,
+            rt,
+            p,
+            offering_id=offering_id,
+            mode=MODE,
+            units=n,
+            idempotency_key=key,
+            request_digest=digest,
+            contract_id=contract_id,
+            batch_size=n,
+            actor=who,
         ) as use:
             clock.metering = time.perf_counter() - m0
             if use.replay is None:
@@ -381,14 +430,28 @@ def predict(
         return Answer(body, r.media_type or JSON, n, t.version, r.usage_id, r.receipt, True, timing)
     charged = use.charged
     return Answer(
-        answer, accept, n, t.version, charged.usage_id if charged else None,
-        charged.receipt if charged else None, False, timing,
+        answer,
+        accept,
+        n,
+        t.version,
+        charged.usage_id if charged else None,
+        charged.receipt if charged else None,
+        False,
+        timing,
     )
 
 
-def _record(offering_id: str, version: int, timing: dict[str, float], *, ok: bool, error_class: str | None = None) -> None:
+def _record(
+    offering_id: str, version: int, timing: dict[str, float], *, ok: bool, error_class: str | None = None
+) -> None:
     q, m, total = timing["queue"] / 1e3, timing["model"] / 1e3, timing["total"] / 1e3
     monitoring.record_inference(
-        offering_id, version, MODE, queue_s=q, model_s=m, overhead_s=max(0.0, total - q - m), ok=ok,
+        offering_id,
+        version,
+        MODE,
+        queue_s=q,
+        model_s=m,
+        overhead_s=max(0.0, total - q - m),
+        ok=ok,
         error_class=error_class,
     )

@@ -129,8 +129,16 @@ class Hub:
                 if o in offerings:
                     self._input_dims[o] = int(d)
 
-    def answer(self, agent_id: str, offerings: frozenset[str], request_id: str, *,
-               outputs: Any = None, error: str | None = None, model_s: float = 0.0) -> bool:
+    def answer(
+        self,
+        agent_id: str,
+        offerings: frozenset[str],
+        request_id: str,
+        *,
+        outputs: Any = None,
+        error: str | None = None,
+        model_s: float = 0.0,
+    ) -> bool:
         """Resolve a request this agent took. False if unknown, not its own, or already gone."""
         with self._cv:
             p = self._inflight.get(request_id)

@@ -44,7 +44,7 @@ def media_type_of(content_type: str | None) -> str:
     if base in (CSV, "application/csv"):
         return CSV
     raise UnsupportedMediaType(
-        f"send rows as application/json ({{\"rows\": [[...], ...]}}) or text/csv, not {base or 'nothing'}"
+        f'send rows as application/json ({{"rows": [[...], ...]}}) or text/csv, not {base or "nothing"}'
     )
 
 

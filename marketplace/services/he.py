@@ -67,7 +67,13 @@ class _Prepared:
 
 
 def _prepare(
-    rt: Runtime, p: Principal, offering_id: str, *, keyset_id: str, contract_id: str | None, now: datetime,
+    rt: Runtime,
+    p: Principal,
+    offering_id: str,
+    *,
+    keyset_id: str,
+    contract_id: str | None,
+    now: datetime,
 ) -> _Prepared:
     with rt.tx() as s:
         off = catalog.get_visible(s, p, offering_id)
@@ -95,19 +101,33 @@ def _prepare(
                 raise Conflict(f"offering {off.id} has no compiled model; its provider must compile it")
             compiled = (art.id, bytes(art.wrapped_key), art.aad, art.blob)
         return _Prepared(
-            offering_id=off.id, hosting=off.hosting, keyset=keyset_public(k), plan=ref.plan,
-            plan_json=ref.plan.to_json(), version_id=ref.version.id if ref.version else None,
-            version_number=ref.version.number if ref.version else None, compiled=compiled,
+            offering_id=off.id,
+            hosting=off.hosting,
+            keyset=keyset_public(k),
+            plan=ref.plan,
+            plan_json=ref.plan.to_json(),
+            version_id=ref.version.id if ref.version else None,
+            version_number=ref.version.number if ref.version else None,
+            compiled=compiled,
         )
 
 
 def _compute(rt: Runtime, prep: _Prepared, body: bytes) -> bytes:
     """Raises Invalid (the request does not fit), Unavailable (no worker/agent)."""
     if prep.hosting == Hosting.PROVIDER:
-        meta = {"keyset_id": prep.keyset["id"], "plan_digest": prep.keyset["plan_digest"], "version": prep.version_number}
+        meta = {
+            "keyset_id": prep.keyset["id"],
+            "plan_digest": prep.keyset["plan_digest"],
+            "version": prep.version_number,
+        }
         try:
             out: bytes = dispatch.run_on_agent(
-                rt, offering_id=prep.offering_id, kind="he_infer", payload=body, meta=meta, timeout=AGENT_TIMEOUT_SECONDS,
+                rt,
+                offering_id=prep.offering_id,
+                kind="he_infer",
+                payload=body,
+                meta=meta,
+                timeout=AGENT_TIMEOUT_SECONDS,
             )
         except (Unavailable, Invalid):
             raise
@@ -124,8 +144,14 @@ def _compute(rt: Runtime, prep: _Prepared, body: bytes) -> bytes:
         raise Unavailable("no compiled model for this offering")
     _art_id, wrapped, aad, blob = prep.compiled
     task = HETask(
-        store=rt.store_spec, version_id=prep.version_id, model_blob=blob, wrapped_key=wrapped,
-        aad=aad, keyset_id=prep.keyset["id"], keyset_blob=prep.keyset["digest"], plan_json=prep.plan_json,
+        store=rt.store_spec,
+        version_id=prep.version_id,
+        model_blob=blob,
+        wrapped_key=wrapped,
+        aad=aad,
+        keyset_id=prep.keyset["id"],
+        keyset_blob=prep.keyset["digest"],
+        plan_json=prep.plan_json,
         request=body,
     )
     try:
@@ -137,8 +163,16 @@ def _compute(rt: Runtime, prep: _Prepared, body: bytes) -> bytes:
 
 
 def infer(
-    rt: Runtime, p: Principal, offering_id: str, body: bytes, *, idempotency_key: str | None,
-    keyset_id: str | None, contract_id: str | None, who: audit.Actor, now: datetime | None = None,
+    rt: Runtime,
+    p: Principal,
+    offering_id: str,
+    body: bytes,
+    *,
+    idempotency_key: str | None,
+    keyset_id: str | None,
+    contract_id: str | None,
+    who: audit.Actor,
+    now: datetime | None = None,
 ) -> InferResult:
     """Metered encrypted inference: one unit per sample; charged only on success; replays.
 
@@ -159,8 +193,15 @@ def infer(
         raise Invalid(f"malformed HE request frame: {e}") from e
     request_digest = metering.request_digest("he_infer", prep.offering_id, prep.keyset["id"], body)
     with metering.reserved(
-        rt, p, offering_id=prep.offering_id, mode="he_inference", units=units, idempotency_key=idempotency_key,
-        request_digest=request_digest, contract_id=prep.keyset["contract_id"], keyset_id=prep.keyset["id"],
+        rt,
+        p,
+        offering_id=prep.offering_id,
+        mode="he_inference",
+        units=units,
+        idempotency_key=idempotency_key,
+        request_digest=request_digest,
+        contract_id=prep.keyset["contract_id"],
+        keyset_id=prep.keyset["id"],
     ) as use:
         if use.replay is not None:
             r = use.replay
@@ -185,8 +226,14 @@ def _observe(prep: _Prepared, t0: float, tm: float, tc: float, *, ok: bool, erro
     metering, audit). Phases: [t0, tm) overhead, [tm, tc) model, [tc, now) overhead."""
     now = time.perf_counter()
     monitoring.record_inference(
-        prep.offering_id, prep.version_number or 0, "he_inference", queue_s=0.0, model_s=tc - tm,
-        overhead_s=(tm - t0) + (now - tc), ok=ok, error_class=error_class,
+        prep.offering_id,
+        prep.version_number or 0,
+        "he_inference",
+        queue_s=0.0,
+        model_s=tc - tm,
+        overhead_s=(tm - t0) + (now - tc),
+        ok=ok,
+        error_class=error_class,
     )
 
 
@@ -195,6 +242,10 @@ def _audit_decrypt(rt: Runtime, who: audit.Actor, prep: _Prepared, units: int, *
         return
     with rt.tx() as s:
         audit.emit(
-            s, who, "artifact.decrypt", target=prep.compiled[0], outcome=outcome,
+            s,
+            who,
+            "artifact.decrypt",
+            target=prep.compiled[0],
+            outcome=outcome,
             detail={"purpose": "he_infer", "version": prep.version_id, "keyset_id": prep.keyset["id"], "units": units},
         )

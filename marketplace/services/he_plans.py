@@ -46,9 +46,7 @@ REPORT_SAMPLES = 512  # the model card measures HE accuracy on this many calibra
 
 def _version(s: Session, offering_id: str, number: int) -> OfferingVersion:
     v = s.scalar(
-        select(OfferingVersion).where(
-            OfferingVersion.offering_id == offering_id, OfferingVersion.number == number
-        )
+        select(OfferingVersion).where(OfferingVersion.offering_id == offering_id, OfferingVersion.number == number)
     )
     if v is None:
         raise NotFound(f"offering {offering_id} has no version {number}")
@@ -186,7 +184,10 @@ def compile_version(
         if off2 is not None:
             off2.updated_at = utcnow()
         audit.emit(
-            s, who, "offering.version.compile", target=f"{offering_id}/v{number}",
+            s,
+            who,
+            "offering.version.compile",
+            target=f"{offering_id}/v{number}",
             detail={"plan_digest": report["plan_digest"], "depth": plan.depth},
         )
         s.flush()
@@ -196,8 +197,13 @@ def compile_version(
 
 
 def set_agent_plan(
-    rt: Runtime, p: Principal, offering_id: str, plan_json: dict[str, Any], report: dict[str, Any] | None,
-    *, who: audit.Actor,
+    rt: Runtime,
+    p: Principal,
+    offering_id: str,
+    plan_json: dict[str, Any],
+    report: dict[str, Any] | None,
+    *,
+    who: audit.Actor,
 ) -> dict[str, Any]:
     """Publish the public plan a provider-hosted offering's agent compiled (provider, owner)."""
     p.require("provider")

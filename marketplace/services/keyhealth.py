@@ -34,7 +34,9 @@ def kek_status(rt: Any) -> tuple[KekStatus, str | None]:
     """``(status, the KEK id that failed or None)`` for ``rt``'s key provider."""
     with rt.tx() as s:
         firsts = select(func.min(Artifact.id)).group_by(Artifact.kek_id)
-        rows = s.execute(select(Artifact.kek_id, Artifact.wrapped_key, Artifact.aad).where(Artifact.id.in_(firsts))).all()
+        rows = s.execute(
+            select(Artifact.kek_id, Artifact.wrapped_key, Artifact.aad).where(Artifact.id.in_(firsts))
+        ).all()
     try:
         provider = rt.key_provider
         refresh = getattr(provider, "refresh", None)

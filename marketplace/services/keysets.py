@@ -74,7 +74,9 @@ def _contract(s: Session, contract_id: str, *, now: datetime) -> ContractRef | N
     )
 
 
-def _resolve_contract(s: Session, p: Principal, *, contract_id: str | None, offering_id: str | None, now: datetime) -> ContractRef:
+def _resolve_contract(
+    s: Session, p: Principal, *, contract_id: str | None, offering_id: str | None, now: datetime
+) -> ContractRef:
     if contract_id:
         c = _contract(s, contract_id, now=now)
         if c is None or c.consumer_org_id != p.org_id or (offering_id and c.offering_id != offering_id):
@@ -117,8 +119,14 @@ def keyset_public(k: Keyset) -> dict[str, Any]:
 
 
 def create_keyset(
-    rt: Runtime, p: Principal, data: bytes, *, contract_id: str | None, offering_id: str | None,
-    who: audit.Actor, now: datetime | None = None,
+    rt: Runtime,
+    p: Principal,
+    data: bytes,
+    *,
+    contract_id: str | None,
+    offering_id: str | None,
+    who: audit.Actor,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """Register a public key set for one of the caller's contracts (consumer role).
 
@@ -149,13 +157,22 @@ def create_keyset(
     addr = rt.blobs.put(data)
     with rt.tx() as s:
         k = Keyset(
-            org_id=p.org_id, offering_id=c.offering_id, contract_id=c.id, plan_digest=ref.digest,
-            blob=addr, size=len(data), layouts=layouts, created_by=p.key_id,
+            org_id=p.org_id,
+            offering_id=c.offering_id,
+            contract_id=c.id,
+            plan_digest=ref.digest,
+            blob=addr,
+            size=len(data),
+            layouts=layouts,
+            created_by=p.key_id,
         )
         s.add(k)
         s.flush()
         audit.emit(
-            s, who, "keyset.create", target=k.id,
+            s,
+            who,
+            "keyset.create",
+            target=k.id,
             detail={"contract_id": c.id, "offering_id": c.offering_id, "size": len(data), "layouts": layouts},
         )
         return keyset_public(k)
@@ -170,7 +187,9 @@ def refresh_revocation(s: Session, k: Keyset, *, now: datetime) -> None:
         k.revoked_reason = "contract_ended"
 
 
-def list_keysets(rt: Runtime, p: Principal, page: Window, *, now: datetime | None = None) -> tuple[list[dict[str, Any]], int]:
+def list_keysets(
+    rt: Runtime, p: Principal, page: Window, *, now: datetime | None = None
+) -> tuple[list[dict[str, Any]], int]:
     """One page of the caller's organisation's key sets (revocations refreshed), and the total."""
     now = now or utcnow()
     with rt.tx() as s:

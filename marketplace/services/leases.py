@@ -22,7 +22,8 @@ Invariants:
   extended only for the owner it names and only while the row is held.
 - **An expired lease is reaped once.** :func:`reap` clears the owner in the transaction that
   requeues (or gives up on) the row, and locks the rows it reaps (skipping locked ones on
-  PostgreSQL), so a second reaper, or the same one a second later, no longer sees it; after ``max_attempts`` leases the row is handed to its table's give-up instead.
+  PostgreSQL), so a second reaper, or the same one a second later, no longer sees it; after ``max_attempts``
+  leases the row is handed to its table's give-up instead.
 - **A lost lease's work is abandoned.** :func:`extend` answers the ids the caller no longer holds;
   the holder must drop them (compute nothing more, post nothing): its results are refused or
   discarded by the table's own state machine.
@@ -100,8 +101,9 @@ def extend(s: Session, owner: str, ids: Iterable[str], until: datetime) -> list[
     held: set[str] = set()
     for table in TABLES:
         cols: Any = table
-        mine = set(s.scalars(select(cols.id).where(
-            cols.id.in_(wanted), cols.lease_owner == owner, cols.status == table.HELD)))
+        mine = set(
+            s.scalars(select(cols.id).where(cols.id.in_(wanted), cols.lease_owner == owner, cols.status == table.HELD))
+        )
         if mine:
             s.execute(update(table).where(cols.id.in_(mine)).values(lease_expires_at=until))
         held |= mine

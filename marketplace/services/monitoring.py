@@ -61,8 +61,25 @@ __all__ = [
 
 #: Upper bounds (seconds) of the latency buckets: 100 us .. 60 s, roughly log-spaced (1-2.5-5).
 BUCKETS: tuple[float, ...] = (
-    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
 )
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Methods kept as label values (OpenTelemetry's known methods); any other is ``_OTHER``.
@@ -155,8 +172,12 @@ class MinuteAgg:
 
     def row(self) -> dict[str, Any]:
         return {
-            "calls": self.calls, "errors": dict(self.errors), "hist": list(self.hist),
-            "sum_total": self.sum_total, "sum_queue": self.sum_queue, "sum_model": self.sum_model,
+            "calls": self.calls,
+            "errors": dict(self.errors),
+            "hist": list(self.hist),
+            "sum_total": self.sum_total,
+            "sum_queue": self.sum_queue,
+            "sum_model": self.sum_model,
             "sum_overhead": self.sum_overhead,
         }
 
@@ -248,7 +269,9 @@ def mark_flushed(done: Iterable[tuple[Key, int]], *, now: float | None = None) -
             a = _aggs.get(key)
             if a is not None:
                 a.flushed_seq = max(a.flushed_seq, seq)
-        for key in [k for k, a in _aggs.items() if k[3] < current and (a.seq == a.flushed_seq or k[3] < t - ORPHAN_SECONDS)]:
+        for key in [
+            k for k, a in _aggs.items() if k[3] < current and (a.seq == a.flushed_seq or k[3] < t - ORPHAN_SECONDS)
+        ]:
             del _aggs[key]
 
 

@@ -36,8 +36,15 @@ from marketplace.services import monitoring, monitoring_store
 from marketplace.services.identity import Principal
 
 __all__ = [
-    "MAX_RANGE", "QUANTILES", "Step", "Window", "contracts_report", "marketplace_report", "offering_report",
-    "offerings_summary", "window",
+    "MAX_RANGE",
+    "QUANTILES",
+    "Step",
+    "Window",
+    "contracts_report",
+    "marketplace_report",
+    "offering_report",
+    "offerings_summary",
+    "window",
 ]
 
 
@@ -122,8 +129,21 @@ def _adoption(rows: Iterable[MonitoringUsage], win: Window) -> dict[str, Any]:
     b: dict[int, dict[str, Any]] = {}
     modes: set[str] = set()
     for r in rows:
-        x = b.setdefault(win.bucket(r.t), {"calls": 0, "units": 0, "revenue": {}, "consumers": set(), "contracts": set(),
-                                           "released": 0, "first": None, "last": None, "count": 0, "mode": {}})
+        x = b.setdefault(
+            win.bucket(r.t),
+            {
+                "calls": 0,
+                "units": 0,
+                "revenue": {},
+                "consumers": set(),
+                "contracts": set(),
+                "released": 0,
+                "first": None,
+                "last": None,
+                "count": 0,
+                "mode": {},
+            },
+        )
         x["calls"] += r.calls
         x["units"] += r.units
         for cur, amt in (r.revenue or {}).items():
@@ -148,8 +168,11 @@ def _adoption(rows: Iterable[MonitoringUsage], win: Window) -> dict[str, Any]:
         "released": [b[t]["released"] for t in ts],
         "revenue": {c: [b[t]["revenue"].get(c, 0) for t in ts] for c in currencies},
         "calls_by_mode": {m: [b[t]["mode"].get(m, 0) for t in ts] for m in sorted(modes)},
-        "leaves": {"first": [b[t]["first"] for t in ts], "last": [b[t]["last"] for t in ts],
-                   "count": [b[t]["count"] for t in ts]},
+        "leaves": {
+            "first": [b[t]["first"] for t in ts],
+            "last": [b[t]["last"] for t in ts],
+            "count": [b[t]["count"] for t in ts],
+        },
     }
 
 
@@ -159,17 +182,23 @@ def _totals(rows: list[MonitoringUsage]) -> dict[str, Any]:
         for cur, amt in (r.revenue or {}).items():
             revenue[cur] = revenue.get(cur, 0) + int(amt)
     return {
-        "calls": sum(r.calls for r in rows), "units": sum(r.units for r in rows), "revenue": revenue,
+        "calls": sum(r.calls for r in rows),
+        "units": sum(r.units for r in rows),
+        "revenue": revenue,
         "consumers": len({c for r in rows for c in (r.consumers or [])}),
         "contracts": len({c for r in rows for c in (r.contracts or [])}),
-        "leaf_count": sum(r.leaf_count for r in rows), "released": sum(r.released for r in rows),
+        "leaf_count": sum(r.leaf_count for r in rows),
+        "released": sum(r.released for r in rows),
     }
 
 
 def _hist_series(buckets: dict[int, dict[str, Any]]) -> dict[str, Any]:
     ts = sorted(buckets)
-    out: dict[str, Any] = {"t": ts, "calls": [buckets[t]["calls"] for t in ts],
-                           "errors": [sum(buckets[t]["errors"].values()) for t in ts]}
+    out: dict[str, Any] = {
+        "t": ts,
+        "calls": [buckets[t]["calls"] for t in ts],
+        "errors": [sum(buckets[t]["errors"].values()) for t in ts],
+    }
     for name, q in QUANTILES:
         out[name] = [monitoring.quantile(buckets[t]["hist"], q) for t in ts]
     for phase in ("total", "queue", "model", "overhead"):
@@ -178,8 +207,15 @@ def _hist_series(buckets: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _new_hist() -> dict[str, Any]:
-    return {"calls": 0, "errors": {}, "hist": [0] * (len(monitoring.BUCKETS) + 1),
-            "total": 0.0, "queue": 0.0, "model": 0.0, "overhead": 0.0}
+    return {
+        "calls": 0,
+        "errors": {},
+        "hist": [0] * (len(monitoring.BUCKETS) + 1),
+        "total": 0.0,
+        "queue": 0.0,
+        "model": 0.0,
+        "overhead": 0.0,
+    }
 
 
 def _latency(rows: Iterable[MonitoringLatency], win: Window) -> dict[str, Any]:
@@ -196,8 +232,11 @@ def _latency(rows: Iterable[MonitoringLatency], win: Window) -> dict[str, Any]:
         x["queue"] += r.sum_queue
         x["model"] += r.sum_model
         x["overhead"] += r.sum_overhead
-    return {"buckets": list(monitoring.BUCKETS), "errors_by_class": errors,
-            "by_mode": {m: _hist_series(b) for m, b in sorted(by_mode.items())}}
+    return {
+        "buckets": list(monitoring.BUCKETS),
+        "errors_by_class": errors,
+        "by_mode": {m: _hist_series(b) for m, b in sorted(by_mode.items())},
+    }
 
 
 def _in(win: Window, model: Any) -> Any:
@@ -207,7 +246,9 @@ def _in(win: Window, model: Any) -> Any:
 # -- reports -----------------------------------------------------------------------------------------
 
 
-def offering_report(rt: Runtime, p: Principal, offering_id: str, win: Window, *, version: int | None = None) -> dict[str, Any]:
+def offering_report(
+    rt: Runtime, p: Principal, offering_id: str, win: Window, *, version: int | None = None
+) -> dict[str, Any]:
     """A provider's own offering: adoption and latency. 404 for anyone else's offering."""
     _refresh(rt)
     with rt.tx() as s:
@@ -221,14 +262,25 @@ def offering_report(rt: Runtime, p: Principal, offering_id: str, win: Window, *,
             lq = lq.where(MonitoringLatency.version == version)
         usage = list(s.scalars(uq))
         latency = list(s.scalars(lq))
-        active = s.scalar(select(func.count()).select_from(ContractRow).where(
-            ContractRow.offering_id == off.id, ContractRow.status == Status.ACTIVE.value)) or 0
+        active = (
+            s.scalar(
+                select(func.count())
+                .select_from(ContractRow)
+                .where(ContractRow.offering_id == off.id, ContractRow.status == Status.ACTIVE.value)
+            )
+            or 0
+        )
         name = off.name
     return {
-        "offering_id": offering_id, "name": name, **win.public(), "version": version,
+        "offering_id": offering_id,
+        "name": name,
+        **win.public(),
+        "version": version,
         "versions": sorted({r.version for r in usage} | {r.version for r in latency}),
-        "active_contracts": int(active), "totals": _totals(usage),
-        "adoption": _adoption(usage, win), "latency": _latency(latency, win),
+        "active_contracts": int(active),
+        "totals": _totals(usage),
+        "adoption": _adoption(usage, win),
+        "latency": _latency(latency, win),
     }
 
 
@@ -237,21 +289,37 @@ def contracts_report(rt: Runtime, p: Principal, win: Window) -> dict[str, Any]:
     own ledgered usage records (latency: reservation to charge, as the marketplace measured it)."""
     start, end = datetime.fromtimestamp(win.start, UTC), datetime.fromtimestamp(win.end, UTC)
     with rt.tx() as s:
-        contracts = list(s.execute(
-            select(ContractRow.id, ContractRow.offering_id, ContractRow.status, Offering.name)
-            .join(Offering, Offering.id == ContractRow.offering_id)
-            .where(ContractRow.consumer_org_id == p.org_id).order_by(ContractRow.created_at)
-        ))
-        usage = list(s.execute(
-            select(UsageRow.contract_id, UsageRow.mode, UsageRow.units, UsageRow.reserved_at, UsageRow.finished_at,
-                   UsageRow.record)
-            .where(UsageRow.consumer_org_id == p.org_id, UsageRow.state == "charged",
-                   UsageRow.ledger_index.is_not(None), UsageRow.reserved_at >= start, UsageRow.reserved_at < end)
-        ))
+        contracts = list(
+            s.execute(
+                select(ContractRow.id, ContractRow.offering_id, ContractRow.status, Offering.name)
+                .join(Offering, Offering.id == ContractRow.offering_id)
+                .where(ContractRow.consumer_org_id == p.org_id)
+                .order_by(ContractRow.created_at)
+            )
+        )
+        usage = list(
+            s.execute(
+                select(
+                    UsageRow.contract_id,
+                    UsageRow.mode,
+                    UsageRow.units,
+                    UsageRow.reserved_at,
+                    UsageRow.finished_at,
+                    UsageRow.record,
+                ).where(
+                    UsageRow.consumer_org_id == p.org_id,
+                    UsageRow.state == "charged",
+                    UsageRow.ledger_index.is_not(None),
+                    UsageRow.reserved_at >= start,
+                    UsageRow.reserved_at < end,
+                )
+            )
+        )
     per: dict[str, dict[int, dict[str, Any]]] = {c.id: {} for c in contracts}
     for u in usage:
         x = per.setdefault(u.contract_id, {}).setdefault(
-            win.bucket(int(u.reserved_at.timestamp())), {**_new_hist(), "units": 0, "spend": 0, "mode": {}})
+            win.bucket(int(u.reserved_at.timestamp())), {**_new_hist(), "units": 0, "spend": 0, "mode": {}}
+        )
         d = max(0.0, (u.finished_at - u.reserved_at).total_seconds()) if u.finished_at else 0.0
         x["calls"] += 1
         x["units"] += int(u.units)
@@ -263,13 +331,24 @@ def contracts_report(rt: Runtime, p: Principal, win: Window) -> dict[str, Any]:
     for c in contracts:
         b = per.get(c.id, {})
         ts = sorted(b)
-        series = {"t": ts, "calls": [b[t]["calls"] for t in ts], "units": [b[t]["units"] for t in ts],
-                  "spend": [b[t]["spend"] for t in ts]}
+        series = {
+            "t": ts,
+            "calls": [b[t]["calls"] for t in ts],
+            "units": [b[t]["units"] for t in ts],
+            "spend": [b[t]["spend"] for t in ts],
+        }
         for name, q in QUANTILES:
             series[name] = [monitoring.quantile(b[t]["hist"], q) for t in ts]
-        out.append({"contract_id": c.id, "offering_id": c.offering_id, "offering_name": c.name, "status": c.status,
-                    "totals": {"calls": sum(series["calls"]), "units": sum(series["units"]), "spend": sum(series["spend"])},
-                    "series": series})
+        out.append(
+            {
+                "contract_id": c.id,
+                "offering_id": c.offering_id,
+                "offering_name": c.name,
+                "status": c.status,
+                "totals": {"calls": sum(series["calls"]), "units": sum(series["units"]), "spend": sum(series["spend"])},
+                "series": series,
+            }
+        )
     return {**win.public(), "contracts": out}
 
 
@@ -280,29 +359,57 @@ def marketplace_report(rt: Runtime, p: Principal, win: Window) -> dict[str, Any]
     with rt.tx() as s:
         usage = list(s.scalars(select(MonitoringUsage).where(*_in(win, MonitoringUsage))))
         latency = list(s.scalars(select(MonitoringLatency).where(*_in(win, MonitoringLatency))))
-        names = dict(s.execute(select(Offering.id, Offering.name).where(
-            Offering.id.in_({r.offering_id for r in usage} | {r.offering_id for r in latency}))).all())
+        names = dict(
+            s.execute(
+                select(Offering.id, Offering.name).where(
+                    Offering.id.in_({r.offering_id for r in usage} | {r.offering_id for r in latency})
+                )
+            ).all()
+        )
     by_off: dict[str, list[MonitoringUsage]] = {}
     for r in usage:
         by_off.setdefault(r.offering_id, []).append(r)
-    offerings = [{"offering_id": o, "name": names.get(o, ""), "provider_org_id": rows[0].provider_org_id, **_totals(rows)}
-                 for o, rows in by_off.items()]
+    offerings = [
+        {"offering_id": o, "name": names.get(o, ""), "provider_org_id": rows[0].provider_org_id, **_totals(rows)}
+        for o, rows in by_off.items()
+    ]
     offerings.sort(key=lambda x: (-x["calls"], x["offering_id"]))
-    return {**win.public(), "totals": _totals(usage), "offerings": offerings,
-            "adoption": _adoption(usage, win), "latency": _latency(latency, win)}
+    return {
+        **win.public(),
+        "totals": _totals(usage),
+        "offerings": offerings,
+        "adoption": _adoption(usage, win),
+        "latency": _latency(latency, win),
+    }
 
 
 def offerings_summary(rt: Runtime, p: Principal, win: Window) -> dict[str, Any]:
     """The caller's organisation's offerings (as provider) with their totals in ``win``."""
     _refresh(rt)
     with rt.tx() as s:
-        offs = list(s.execute(select(Offering.id, Offering.name, Offering.status, Offering.hosting)
-                              .where(Offering.org_id == p.org_id).order_by(Offering.created_at, Offering.id)))
-        usage = list(s.scalars(select(MonitoringUsage).where(
-            MonitoringUsage.provider_org_id == p.org_id, *_in(win, MonitoringUsage))))
+        offs = list(
+            s.execute(
+                select(Offering.id, Offering.name, Offering.status, Offering.hosting)
+                .where(Offering.org_id == p.org_id)
+                .order_by(Offering.created_at, Offering.id)
+            )
+        )
+        usage = list(
+            s.scalars(
+                select(MonitoringUsage).where(MonitoringUsage.provider_org_id == p.org_id, *_in(win, MonitoringUsage))
+            )
+        )
     by_off: dict[str, list[MonitoringUsage]] = {}
     for r in usage:
         by_off.setdefault(r.offering_id, []).append(r)
-    items = [{"offering_id": o.id, "name": o.name, "status": o.status, "hosting": o.hosting,
-              "totals": _totals(by_off.get(o.id, []))} for o in offs]
+    items = [
+        {
+            "offering_id": o.id,
+            "name": o.name,
+            "status": o.status,
+            "hosting": o.hosting,
+            "totals": _totals(by_off.get(o.id, [])),
+        }
+        for o in offs
+    ]
     return {**win.public(), "offerings": items}

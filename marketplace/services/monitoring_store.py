@@ -67,10 +67,13 @@ def flush(rt: Runtime) -> int:
         known = set(s.scalars(select(Offering.id).where(Offering.id.in_({k[0] for k, _, _ in items}))))
         mine = [(k, seq, vals) for k, seq, vals in items if k[0] in known]
         if mine:
-            _upsert(s, [
-                {"offering_id": k[0], "version": k[1], "mode": k[2], "t": k[3], "writer": writer, **vals}
-                for k, _, vals in mine
-            ])
+            _upsert(
+                s,
+                [
+                    {"offering_id": k[0], "version": k[1], "mode": k[2], "t": k[3], "writer": writer, **vals}
+                    for k, _, vals in mine
+                ],
+            )
     monitoring.mark_flushed([(k, seq) for k, seq, _ in mine])
     return len(mine)
 
@@ -115,8 +118,20 @@ def _versions(s: Session, offering_ids: set[str]) -> dict[str, list[tuple[int, d
 def _new_usage_row(key: tuple[str, int, str, int], provider: str) -> MonitoringUsage:
     off, version, mode, t = key
     return MonitoringUsage(
-        offering_id=off, version=version, mode=mode, t=t, provider_org_id=provider, calls=0, units=0,
-        revenue={}, consumers=[], contracts=[], released=0, leaf_first=-1, leaf_last=-1, leaf_count=0,
+        offering_id=off,
+        version=version,
+        mode=mode,
+        t=t,
+        provider_org_id=provider,
+        calls=0,
+        units=0,
+        revenue={},
+        consumers=[],
+        contracts=[],
+        released=0,
+        leaf_first=-1,
+        leaf_last=-1,
+        leaf_count=0,
     )
 
 
@@ -145,8 +160,15 @@ def _rollup_batch(s: Session, batch: int) -> int:
     st = _lock_state(s)
     usage = s.execute(
         select(
-            UsageRow.ledger_index, UsageRow.offering_id, UsageRow.provider_org_id, UsageRow.consumer_org_id,
-            UsageRow.contract_id, UsageRow.mode, UsageRow.units, UsageRow.state, UsageRow.reserved_at,
+            UsageRow.ledger_index,
+            UsageRow.offering_id,
+            UsageRow.provider_org_id,
+            UsageRow.consumer_org_id,
+            UsageRow.contract_id,
+            UsageRow.mode,
+            UsageRow.units,
+            UsageRow.state,
+            UsageRow.reserved_at,
             UsageRow.record,
         )
         .where(UsageRow.ledger_index > st.last_index, UsageRow.state.in_(("charged", "released")))

@@ -29,14 +29,17 @@ def _query(offering_id: str, action: str | None) -> Select[Any]:
         select(ContractRow.id).where(ContractRow.offering_id == offering_id),
         select(Keyset.id).where(Keyset.offering_id == offering_id),
         select(Job.id).where(Job.offering_id == offering_id),
-        select(Artifact.id).join(OfferingVersion, Artifact.version_id == OfferingVersion.id)
+        select(Artifact.id)
+        .join(OfferingVersion, Artifact.version_id == OfferingVersion.id)
         .where(OfferingVersion.offering_id == offering_id),
     ]
-    stmt = select(AuditEvent).where(or_(
-        AuditEvent.target == offering_id,
-        AuditEvent.target.like(f"{offering_id}/%"),
-        *(AuditEvent.target.in_(t) for t in targets),
-    ))
+    stmt = select(AuditEvent).where(
+        or_(
+            AuditEvent.target == offering_id,
+            AuditEvent.target.like(f"{offering_id}/%"),
+            *(AuditEvent.target.in_(t) for t in targets),
+        )
+    )
     if action:
         stmt = stmt.where(AuditEvent.action == action)
     return stmt

@@ -215,7 +215,8 @@ class OidcClient:
         if claims.get("nonce") != nonce:
             presented = claims.get("nonce")
             raise LoginRefused(
-                "nonce_mismatch", "the ID token's nonce is not this login's",
+                "nonce_mismatch",
+                "the ID token's nonce is not this login's",
                 presented_nonce=presented if isinstance(presented, str) else None,
             )
         try:
@@ -223,7 +224,9 @@ class OidcClient:
         except ExpiredTokenError as e:
             raise LoginRefused("expired", "the ID token has expired") from e
         except ClaimError as e:
-            reason = {"aud": "wrong_audience", "azp": "wrong_audience", "iss": "wrong_issuer"}.get(e.claim, "bad_claims")
+            reason = {"aud": "wrong_audience", "azp": "wrong_audience", "iss": "wrong_issuer"}.get(
+                e.claim, "bad_claims"
+            )
             raise LoginRefused(reason, f"the ID token's {e.claim} claim is not acceptable: {e.description}") from e
         iat = claims.get("iat")
         if not isinstance(iat, int | float) or iat < time.time() - MAX_TOKEN_AGE_SECONDS:

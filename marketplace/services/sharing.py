@@ -117,8 +117,11 @@ def readable_clause(s: Session, p: Principal) -> ColumnElement[bool]:
 def _owner_may(s: Session, p: Principal, off: Offering, perm: Permission) -> bool:
     if is_org_root(s, p):
         return True
-    own = list(s.scalars(select(Grant).where(Grant.offering_id == off.id, Grant.org_id == off.org_id,
-                                             Grant.team_id.is_not(None))))
+    own = list(
+        s.scalars(
+            select(Grant).where(Grant.offering_id == off.id, Grant.org_id == off.org_id, Grant.team_id.is_not(None))
+        )
+    )
     if not own:
         return True  # no team of the owner restricts it: every provider key of the org (as before)
     mine = team_ids(s, p)
@@ -146,8 +149,9 @@ def check(s: Session, p: Principal, offering_id: str, perm: Permission | str = P
     if Permission(perm) is not Permission.READ and not may(s, p, off, perm):
         if off.org_id != p.org_id:
             raise NotFound(f"offering {offering_id} not found", denied=offering_id)
-        raise Forbidden(f"none of your teams has {Permission(perm).value} permission on offering {offering_id}",
-                        denied=offering_id)
+        raise Forbidden(
+            f"none of your teams has {Permission(perm).value} permission on offering {offering_id}", denied=offering_id
+        )
     return off
 
 
@@ -187,7 +191,9 @@ def list_teams(s: Session, p: Principal) -> list[tuple[Team, list[str]]]:
 
 
 def members(s: Session, t: Team) -> list[str]:
-    return list(s.scalars(select(TeamMember.member_id).where(TeamMember.team_id == t.id).order_by(TeamMember.member_id)))
+    return list(
+        s.scalars(select(TeamMember.member_id).where(TeamMember.team_id == t.id).order_by(TeamMember.member_id))
+    )
 
 
 def add_member(s: Session, p: Principal, team_ref: str, member_id: str, who: audit.Actor) -> Team:
@@ -224,7 +230,13 @@ def list_grants(s: Session, p: Principal, offering_id: str) -> list[Grant]:
 
 
 def add_grant(
-    s: Session, p: Principal, offering_id: str, *, org_id: str | None, team_id: str | None, permission: str,
+    s: Session,
+    p: Principal,
+    offering_id: str,
+    *,
+    org_id: str | None,
+    team_id: str | None,
+    permission: str,
     who: audit.Actor,
 ) -> Grant:
     """Grant ``permission`` to an organisation or a team (replacing that grantee's grant)."""
@@ -247,17 +259,32 @@ def add_grant(
         raise Invalid("your own organisation reads its offerings already; grant to one of its teams")
     if org_id != off.org_id and perm is not Permission.READ:
         raise Invalid("other organisations can be granted read only (write and admin stay inside the owner)")
-    row = s.scalar(select(Grant).where(Grant.offering_id == off.id, Grant.org_id == org_id,
-                                       Grant.team_id.is_(None) if team is None else Grant.team_id == team.id))
+    row = s.scalar(
+        select(Grant).where(
+            Grant.offering_id == off.id,
+            Grant.org_id == org_id,
+            Grant.team_id.is_(None) if team is None else Grant.team_id == team.id,
+        )
+    )
     if row is None:
-        row = Grant(offering_id=off.id, org_id=org_id, team_id=team.id if team else None,
-                    permission=perm.value, created_by=p.key_id)
+        row = Grant(
+            offering_id=off.id,
+            org_id=org_id,
+            team_id=team.id if team else None,
+            permission=perm.value,
+            created_by=p.key_id,
+        )
         s.add(row)
     else:
         row.permission = perm.value
     s.flush()
-    audit.emit(s, who, "offering.grant", target=off.id,
-               detail={"grant_id": row.id, "org_id": org_id, "team_id": row.team_id, "permission": perm.value})
+    audit.emit(
+        s,
+        who,
+        "offering.grant",
+        target=off.id,
+        detail={"grant_id": row.id, "org_id": org_id, "team_id": row.team_id, "permission": perm.value},
+    )
     return row
 
 
@@ -266,8 +293,12 @@ def remove_grant(s: Session, p: Principal, offering_id: str, grant_id: str, who:
     row = s.get(Grant, grant_id)
     if row is None or row.offering_id != off.id:
         raise NotFound(f"grant {grant_id} not found")
-    detail: dict[str, Any] = {"grant_id": row.id, "org_id": row.org_id, "team_id": row.team_id,
-                              "permission": row.permission}
+    detail: dict[str, Any] = {
+        "grant_id": row.id,
+        "org_id": row.org_id,
+        "team_id": row.team_id,
+        "permission": row.permission,
+    }
     s.execute(delete(Grant).where(Grant.id == row.id))
     audit.emit(s, who, "offering.revoke", target=off.id, detail=detail)
 

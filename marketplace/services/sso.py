@@ -169,7 +169,9 @@ def finish_login(
     now = now or utcnow()
     org = session.scalar(select(Org).where(Org.name == mapped.org))
     if org is None:
-        raise LoginRefused("unknown_organisation", f"the groups map to organisation {mapped.org!r}, which does not exist", 403)
+        raise LoginRefused(
+            "unknown_organisation", f"the groups map to organisation {mapped.org!r}, which does not exist", 403
+        )
     sub = str(claims["sub"])
     user = session.scalar(select(User).where(User.issuer == issuer, User.subject == sub))
     before_roles: list[str] | None = None
@@ -183,7 +185,9 @@ def finish_login(
         before_teams = teams_of(session, user.id)
         if user.org_id != org.id:  # moved to another organisation: nothing of the old one stays
             session.execute(
-                update(WebSession).where(WebSession.user_id == user.id, WebSession.revoked_at.is_(None)).values(revoked_at=now)
+                update(WebSession)
+                .where(WebSession.user_id == user.id, WebSession.revoked_at.is_(None))
+                .values(revoked_at=now)
             )
     user.org_id = org.id
     user.email = str(claims.get("email") or "")[:320]
@@ -197,8 +201,12 @@ def finish_login(
         session.add(UserTeam(user_id=user.id, team=team, org_id=org.id))
     token = secrets.token_urlsafe(32)
     ws = WebSession(
-        token_hash=hash_secret(token), user_id=user.id, org_id=org.id, roles=list(mapped.roles),
-        created_at=now, expires_at=now + timedelta(seconds=ttl_seconds),
+        token_hash=hash_secret(token),
+        user_id=user.id,
+        org_id=org.id,
+        roles=list(mapped.roles),
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl_seconds),
     )
     session.add(ws)
     session.flush()
@@ -211,14 +219,31 @@ def finish_login(
             .values(revoked_at=now)
         )
         audit.emit(
-            session, actor, "user.roles.change", target=user.id,
-            detail={"before": sorted(before_roles), "after": list(mapped.roles),
-                    "teams_before": before_teams, "teams_after": list(mapped.teams)},
+            session,
+            actor,
+            "user.roles.change",
+            target=user.id,
+            detail={
+                "before": sorted(before_roles),
+                "after": list(mapped.roles),
+                "teams_before": before_teams,
+                "teams_after": list(mapped.teams),
+            },
         )
     audit.emit(
-        session, actor, "auth.login", target=user.id,
-        detail={"sub": sub, "email": user.email, "roles": list(mapped.roles), "teams": list(mapped.teams),
-                "groups": list(mapped.matched), "session": ws.id, "new_user": before_roles is None},
+        session,
+        actor,
+        "auth.login",
+        target=user.id,
+        detail={
+            "sub": sub,
+            "email": user.email,
+            "roles": list(mapped.roles),
+            "teams": list(mapped.teams),
+            "groups": list(mapped.matched),
+            "session": ws.id,
+            "new_user": before_roles is None,
+        },
     )
     return user, token
 
@@ -246,7 +271,9 @@ def resolve_session(session: Session, token: str, *, now: datetime | None = None
 
 def revoke_session(session: Session, session_id: str, *, now: datetime | None = None) -> None:
     session.execute(
-        update(WebSession).where(WebSession.id == session_id, WebSession.revoked_at.is_(None)).values(revoked_at=now or utcnow())
+        update(WebSession)
+        .where(WebSession.id == session_id, WebSession.revoked_at.is_(None))
+        .values(revoked_at=now or utcnow())
     )
 
 
@@ -270,8 +297,13 @@ def mint_personal_key(
     if not 1 <= ttl_days <= max_days:
         raise Invalid(f"a personal key lives 1..{max_days} days, got {ttl_days}")
     return create_key(
-        session, org_id=info.principal.org_id, roles=wanted, name=name or "personal key",
-        ttl_days=ttl_days, user_id=info.user_id, now=now,
+        session,
+        org_id=info.principal.org_id,
+        roles=wanted,
+        name=name or "personal key",
+        ttl_days=ttl_days,
+        user_id=info.user_id,
+        now=now,
     )
 
 
@@ -281,7 +313,12 @@ def check_key_owner(session: Session, p: Principal) -> None:
     if row is None or row.user_id is None:
         return
     user = session.get(User, row.user_id)
-    if user is None or user.disabled_at is not None or user.org_id != row.org_id or not set(row.roles) <= set(user.roles):
+    if (
+        user is None
+        or user.disabled_at is not None
+        or user.org_id != row.org_id
+        or not set(row.roles) <= set(user.roles)
+    ):
         raise Unauthenticated("this personal key's user no longer holds its roles: sign in again and mint a new key")
 
 

@@ -99,7 +99,11 @@ def upload_report(data: bytes, fmt: str, info: dict[str, Any]) -> dict[str, Any]
         x = np.random.default_rng(0).standard_normal((8, dim))
         out = forward(data, fmt, x)
         ok = out.shape == (8, int(info.get("output_dim") or out.shape[-1])) and bool(np.isfinite(out).all())
-        checks.append(_check("smoke_inference", ok, f"8 random inputs gave {'finite' if ok else 'non-finite or misshapen'} outputs"))
+        checks.append(
+            _check(
+                "smoke_inference", ok, f"8 random inputs gave {'finite' if ok else 'non-finite or misshapen'} outputs"
+            )
+        )
     except Exception as e:  # noqa: BLE001 - any failure of the model on real input fails the check
         checks.append(_check("smoke_inference", False, f"the model failed on a random input: {type(e).__name__}"))
     return _summarise(checks)
@@ -131,7 +135,7 @@ def _eval_set(body: dict[str, Any], dim: int, max_rows: int) -> tuple[np.ndarray
     if ev is None:
         return None
     if not isinstance(ev, dict) or set(ev) != {"x", "y"}:
-        raise Invalid("evaluation must be {\"x\": [[...], ...], \"y\": [...]}")
+        raise Invalid('evaluation must be {"x": [[...], ...], "y": [...]}')
     try:
         x = np.asarray(ev["x"], dtype=np.float64)
         y = np.asarray(ev["y"], dtype=np.float64)
@@ -168,8 +172,13 @@ def parse_meta(body: dict[str, Any], settings: Any) -> dict[str, Any]:
     parent = body.get("parent")
     if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or parent < 1):
         raise Invalid("parent must be a version number")
-    return {"metrics": {k: float(v) for k, v in metrics.items()}, **text, "parent": parent,
-            "tolerance": float(tol), "he_min_agreement": float(he_min)}
+    return {
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        **text,
+        "parent": parent,
+        "tolerance": float(tol),
+        "he_min_agreement": float(he_min),
+    }
 
 
 def evaluate(
@@ -190,8 +199,14 @@ def evaluate(
             got = _metric(name, logits, y)
             ok = abs(got - declared) <= meta["tolerance"] + 1e-12
             measured[name] = {"declared": declared, "measured": round(got, 6), "tolerance": meta["tolerance"], "ok": ok}
-            checks.append(_check(f"metric:{name}", ok, f"declared {declared:g}, measured {got:.4g} on "
-                                 f"{x.shape[0]} evaluation rows (tolerance {meta['tolerance']:g})"))
+            checks.append(
+                _check(
+                    f"metric:{name}",
+                    ok,
+                    f"declared {declared:g}, measured {got:.4g} on "
+                    f"{x.shape[0]} evaluation rows (tolerance {meta['tolerance']:g})",
+                )
+            )
     return meta, _summarise(checks, metrics=measured, evaluation_rows=0 if ev is None else int(ev[0].shape[0]))
 
 
@@ -204,9 +219,15 @@ def final_report(v: OfferingVersion, settings: Any) -> dict[str, Any] | None:
     if v.he_report is not None:
         thr = float((v.meta or {}).get("he_min_agreement", settings.validation_he_agreement_default))
         got = float(v.he_report.get("argmax_agreement", 0.0))
-        checks.append(_check("he_agreement", got >= thr, f"HE agrees with the plaintext model on {got:.4f} of "
-                             f"{v.he_report.get('report_samples', '?')} calibration samples (threshold {thr:g}); "
-                             f"max logit error {float(v.he_report.get('max_abs_error_vs_exact', 0.0)):.3g}"))
+        checks.append(
+            _check(
+                "he_agreement",
+                got >= thr,
+                f"HE agrees with the plaintext model on {got:.4f} of "
+                f"{v.he_report.get('report_samples', '?')} calibration samples (threshold {thr:g}); "
+                f"max logit error {float(v.he_report.get('max_abs_error_vs_exact', 0.0)):.3g}",
+            )
+        )
     keep = {k: rep[k] for k in ("metrics", "evaluation_rows") if k in rep}
     out = _summarise(checks, **keep)
     out["validated_at"] = rep.get("validated_at", out["validated_at"])
@@ -214,16 +235,21 @@ def final_report(v: OfferingVersion, settings: Any) -> dict[str, Any] | None:
 
 
 def get_version(s: Session, offering_id: str, number: int) -> OfferingVersion:
-    v = s.scalar(select(OfferingVersion).where(OfferingVersion.offering_id == offering_id,
-                                               OfferingVersion.number == number))
+    v = s.scalar(
+        select(OfferingVersion).where(OfferingVersion.offering_id == offering_id, OfferingVersion.number == number)
+    )
     if v is None:
         raise NotFound(f"offering {offering_id} has no version {number}")
     return v
 
 
 def latest(s: Session, offering_id: str) -> OfferingVersion | None:
-    return s.scalar(select(OfferingVersion).where(OfferingVersion.offering_id == offering_id)
-                    .order_by(OfferingVersion.number.desc()).limit(1))
+    return s.scalar(
+        select(OfferingVersion)
+        .where(OfferingVersion.offering_id == offering_id)
+        .order_by(OfferingVersion.number.desc())
+        .limit(1)
+    )
 
 
 def check_publishable(s: Session, off: Offering, settings: Any = None) -> None:
@@ -246,8 +272,11 @@ def _defaults() -> Any:
 
 def version_to_pin(s: Session, offering_id: str) -> int | None:
     """The version a contract accepted now pins: the latest whose validation did not fail."""
-    for v in s.scalars(select(OfferingVersion).where(OfferingVersion.offering_id == offering_id)
-                       .order_by(OfferingVersion.number.desc())):
+    for v in s.scalars(
+        select(OfferingVersion)
+        .where(OfferingVersion.offering_id == offering_id)
+        .order_by(OfferingVersion.number.desc())
+    ):
         if (v.validation or {}).get("status") != Status.FAILED.value:
             return int(v.number)
     return None
@@ -257,8 +286,11 @@ def version_for(s: Session, offering_id: str, contract_id: str | None) -> Offeri
     """The version a use under ``contract_id`` computes with: the pinned one; else the latest."""
     c = s.get(ContractRow, contract_id) if contract_id else None
     if c is not None and c.version_number is not None:
-        v = s.scalar(select(OfferingVersion).where(OfferingVersion.offering_id == offering_id,
-                                                   OfferingVersion.number == c.version_number))
+        v = s.scalar(
+            select(OfferingVersion).where(
+                OfferingVersion.offering_id == offering_id, OfferingVersion.number == c.version_number
+            )
+        )
         if v is None:
             raise NotFound(f"contract {c.id} pins version {c.version_number}, which no longer exists")
         return v
@@ -276,5 +308,9 @@ def party_contract(s: Session, p: Any, offering_id: str, contract_id: str | None
 
 
 def model_artifact(s: Session, v: OfferingVersion) -> Artifact | None:
-    return s.scalar(select(Artifact).where(Artifact.version_id == v.id, Artifact.purpose == "model")
-                    .order_by(Artifact.created_at.desc()).limit(1))
+    return s.scalar(
+        select(Artifact)
+        .where(Artifact.version_id == v.id, Artifact.purpose == "model")
+        .order_by(Artifact.created_at.desc())
+        .limit(1)
+    )

@@ -37,8 +37,9 @@ log = logging.getLogger("som.worker")
 def worker_store(settings: Settings) -> StoreSpec:
     """The worker's own view of the shared data directory, its key directory and KEK provider.
     Raises SettingsError if the key directory cannot be found (:func:`marketplace.custody.resolve_key_dir`)."""
-    return StoreSpec.from_settings(settings, data_dir=settings.data_dir.resolve(),
-                                   key_dir=resolve_key_dir(settings, create=False))
+    return StoreSpec.from_settings(
+        settings, data_dir=settings.data_dir.resolve(), key_dir=resolve_key_dir(settings, create=False)
+    )
 
 
 def he_evaluate(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +79,10 @@ def run_marketplace_job(store: StoreSpec, msg: dict[str, Any]) -> dict[str, Any]
         return {"ok": False, "reason": e.reason, "message": e.message}
     except Exception as e:  # noqa: BLE001 - a worker answers; the job fails, the worker lives
         # the exception's message may quote the consumer's input: log its type and frames only
-        log.error("job %s crashed in the worker: %s\n%s", spec.job_id, type(e).__name__,
-                  "".join(traceback.format_tb(e.__traceback__)))
+        log.error(
+            "job %s crashed in the worker: %s\n%s",
+            spec.job_id,
+            type(e).__name__,
+            "".join(traceback.format_tb(e.__traceback__)),
+        )
         return {"ok": False, "reason": "error", "message": "internal error in the worker"}

@@ -35,9 +35,7 @@ def standard_contract(terms: Terms | None = None, *, consumer_org: str = "bob-la
         signing_key=PROVIDER_KEY,
         now=T0 - timedelta(days=1),
     )
-    return accept_offer(
-        offer, consumer_org=consumer_org, signing_key=CONSUMER_KEY, now=T0 - timedelta(hours=1)
-    )
+    return accept_offer(offer, consumer_org=consumer_org, signing_key=CONSUMER_KEY, now=T0 - timedelta(hours=1))
 
 
 @pytest.fixture

@@ -21,9 +21,7 @@ OTHER_KEY = SigningKey.from_private_bytes(bytes(range(64, 96)))
 
 signing_keys = st.binary(min_size=32, max_size=32).map(SigningKey.from_private_bytes)
 
-utc_datetimes = st.datetimes(
-    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
-)
+utc_datetimes = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC))
 
 ids = st.text(
     alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")),
@@ -94,9 +92,7 @@ def small_terms(**kw: object) -> st.SearchStrategy[Terms]:
 
 
 @st.composite
-def contracts(
-    draw: st.DrawFn, *, terms_strategy: st.SearchStrategy[Terms] | None = None
-) -> Contract:
+def contracts(draw: st.DrawFn, *, terms_strategy: st.SearchStrategy[Terms] | None = None) -> Contract:
     t = draw(terms() if terms_strategy is None else terms_strategy)
     created = t.valid_from - draw(st.timedeltas(timedelta(0), timedelta(days=30)))
     offer = make_offer(

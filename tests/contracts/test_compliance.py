@@ -51,9 +51,7 @@ def _history(contract):
     sus, s1 = _event(contract, s0, "suspension", 1)
     res, s2 = _event(contract, s1, "resumption", 2)
     new_terms = standard_terms(unit_price_minor=7, quota_units=2000)
-    amend, s3 = _event(
-        contract, s2, "amendment", 3, signers=("provider", "consumer"), terms=new_terms
-    )
+    amend, s3 = _event(contract, s2, "amendment", 3, signers=("provider", "consumer"), terms=new_terms)
     term, _ = _event(contract, s3, "termination", 4, by="consumer", signers=("consumer",))
     at = lambda h: T0 + timedelta(hours=h)  # noqa: E731
     leaves = [
@@ -105,8 +103,7 @@ def test_clean_history_passes_with_totals(contract):
         "som.job-approval/v1": 1,
     }
     assert (
-        json.loads(json.dumps(summary.to_dict()))["contracts"][contract.contract_id]["amount_minor"]
-        == t.amount_minor
+        json.loads(json.dumps(summary.to_dict()))["contracts"][contract.contract_id]["amount_minor"] == t.amount_minor
     )
 
 
@@ -137,9 +134,7 @@ def test_rate_per_window():
     _violates([*leaves, _use(c, "d", 100)], 4, "rate")
 
 
-@pytest.mark.parametrize(
-    ("seconds", "match"), [(-1, "outside validity"), (30 * 86_400, "outside validity")]
-)
+@pytest.mark.parametrize(("seconds", "match"), [(-1, "outside validity"), (30 * 86_400, "outside validity")])
 def test_outside_validity(contract, seconds, match):
     leaves = [contract_record(contract, time=T0), _use(contract, "u", seconds)]
     _violates(leaves, 1, match)

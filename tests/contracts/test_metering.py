@@ -74,9 +74,7 @@ def test_statement_totals_and_views_reconcile(items, price, currency, rnd):
     rows = list(csv.DictReader(io.StringIO(provider.to_csv())))
     assert len(rows) == len(records)
     assert sum(int(r["amount_minor"]) for r in rows) == provider.total_amount_minor
-    assert sum((Decimal(r["amount"]) for r in rows), Decimal(0)) == Decimal(
-        provider.to_dict()["total_amount"]
-    )
+    assert sum((Decimal(r["amount"]) for r in rows), Decimal(0)) == Decimal(provider.to_dict()["total_amount"])
 
 
 @settings(max_examples=50, deadline=None)
@@ -96,9 +94,7 @@ def test_statements_are_additive_over_periods(items, cut_s):
 
 
 def test_reconcile_names_the_missing_line(contract):
-    records = _records(
-        contract, [("he_inference", 2, "charged", 5), ("remote_job", 3, "charged", 9)]
-    )
+    records = _records(contract, [("he_inference", 2, "charged", 5), ("remote_job", 3, "charged", 9)])
     full = statement(contract, records, T0, END)
     partial = statement(contract, records[:1], T0, END)
     with pytest.raises(StatementMismatch, match="u1"):

@@ -164,9 +164,7 @@ def test_accept_refuses_a_forged_offer_and_time_travel(contract):
     with pytest.raises(InvalidSignature):
         accept_offer(bad, consumer_org="bob", signing_key=CONSUMER_KEY, now=T0)
     with pytest.raises(ValueError, match="creation"):
-        accept_offer(
-            contract.offer, consumer_org="bob", signing_key=CONSUMER_KEY, now=T0 - timedelta(days=2)
-        )
+        accept_offer(contract.offer, consumer_org="bob", signing_key=CONSUMER_KEY, now=T0 - timedelta(days=2))
 
 
 def test_malformed_contract_is_a_schema_error(contract):

@@ -65,11 +65,7 @@ def test_every_deny_reason(reason, terms_kw, usage_kw, req, now):
     assert d.reason is reason
     assert d.message
     # The same request without the obstacle is allowed: the reason is the real one.
-    fixed = (
-        replace(req, job_kind="predict")
-        if req.mode == "remote_job"
-        else replace(req, keyset_id="k1")
-    )
+    fixed = replace(req, job_kind="predict") if req.mode == "remote_job" else replace(req, keyset_id="k1")
     assert isinstance(decide(standard_terms(), BOUND, fixed, NOW), Allow)
 
 
@@ -185,9 +181,7 @@ def test_usage_invariants_and_offline_agreement(terms, operations):
     assert final.reserved_units == 0
     charged = [leaf for leaf in leaves[1:] if leaf["outcome"] == "charged"]
     assert sum(leaf["units"] for leaf in charged) == final.used_units  # additive
-    assert (
-        sum(leaf["amount_minor"] for leaf in charged) == final.used_units * terms.unit_price_minor
-    )
+    assert sum(leaf["amount_minor"] for leaf in charged) == final.used_units * terms.unit_price_minor
     # The offline checker, from the ledger alone, agrees the online decisions kept the terms.
     summary = check_records(enumerate(leaves))
     totals = summary.contracts[contract.contract_id]
@@ -210,8 +204,7 @@ def test_overriding_a_quota_or_rate_denial_is_caught_offline(terms, operations):
     usable = [
         (req, now)
         for req, now, usage, d in denied
-        if d.reason in (DenyReason.QUOTA_EXHAUSTED, DenyReason.RATE_LIMITED)
-        and usage.reserved_units == 0
+        if d.reason in (DenyReason.QUOTA_EXHAUSTED, DenyReason.RATE_LIMITED) and usage.reserved_units == 0
     ]
     if not usable:
         return

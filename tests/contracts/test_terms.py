@@ -110,9 +110,7 @@ def test_money_is_exact_decimal():
 @given(terms(), st.integers(0, 10**6))
 def test_amount_is_units_times_price(t, units):
     assert t.amount_minor(units) == units * t.unit_price_minor
-    assert Decimal(t.amount_minor(units)).scaleb(-currency_exponent(t.currency)) == (
-        t.unit_price() * units
-    )
+    assert Decimal(t.amount_minor(units)).scaleb(-currency_exponent(t.currency)) == (t.unit_price() * units)
 
 
 @given(terms(), utc_datetimes)

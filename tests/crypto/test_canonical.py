@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from crypto.canonical import canonical_digest, canonicalize
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.text()
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.text()
     | st.floats(allow_nan=False, allow_infinity=False),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
     max_leaves=20,
@@ -33,8 +36,15 @@ def test_fast_path_agrees_with_rfc8785(value: object) -> None:
 
 def test_rfc8785_examples() -> None:
     # RFC 8785 §3.2.3 sorting example keys (UTF-16 order differs from code points above U+D800).
-    value = {"\u20ac": "Euro Sign", "\r": "Carriage Return", "\ufb33": "Hebrew Letter Dalet With Dagesh",
-             "1": "One", "\U0001f600": "Emoji: Grinning Face", "\u0080": "Control", "\u00f6": "Latin Small Letter O With Diaeresis"}
+    value = {
+        "\u20ac": "Euro Sign",
+        "\r": "Carriage Return",
+        "\ufb33": "Hebrew Letter Dalet With Dagesh",
+        "1": "One",
+        "\U0001f600": "Emoji: Grinning Face",
+        "\u0080": "Control",
+        "\u00f6": "Latin Small Letter O With Diaeresis",
+    }
     keys = list(json.loads(canonicalize(value)).keys())
     assert keys == ["\r", "1", "\u0080", "\u00f6", "\u20ac", "\U0001f600", "\ufb33"]
     assert canonicalize({"numbers": [333333333.33333329, 1e30, 4.50, 2e-3, 1e-27]}) == (

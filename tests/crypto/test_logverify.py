@@ -35,10 +35,7 @@ def write_export(path: Path, leaves: list[bytes], signer: NoteSigner, sizes=CHEC
     path.mkdir(parents=True, exist_ok=True)
     tree = MerkleTree(leaves)
     (path / "leaves.jsonl").write_text(
-        "".join(
-            json.dumps({"index": i, "leaf": base64.b64encode(d).decode()}) + "\n"
-            for i, d in enumerate(leaves)
-        )
+        "".join(json.dumps({"index": i, "leaf": base64.b64encode(d).decode()}) + "\n" for i, d in enumerate(leaves))
     )
     (path / "checkpoints").mkdir(exist_ok=True)
     for size in sizes:
@@ -115,10 +112,7 @@ def test_two_leaves_reordered_and_renumbered(export, signer):
     path, leaves, _ = export
     swapped = list(leaves)
     swapped[10], swapped[11] = swapped[11], swapped[10]
-    lines = [
-        json.dumps({"index": i, "leaf": base64.b64encode(d).decode()}) + "\n"
-        for i, d in enumerate(swapped)
-    ]
+    lines = [json.dumps({"index": i, "leaf": base64.b64encode(d).decode()}) + "\n" for i, d in enumerate(swapped)]
     (path / "leaves.jsonl").write_text("".join(lines))
     with pytest.raises(LogVerificationError, match=r"00000016\.note.*\[5, 16\)"):
         verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
@@ -129,9 +123,7 @@ def test_checkpoint_resigned_by_another_key(export, signer):
     impostor = NoteSigner(ORIGIN, SigningKey.generate())
     note = sign_checkpoint(Checkpoint(ORIGIN, 16, tree.root(16)), impostor)
     (path / "checkpoints" / "00000016.note").write_bytes(note)
-    with pytest.raises(
-        LogVerificationError, match=r"^checkpoints/00000016\.note: not a checkpoint"
-    ):
+    with pytest.raises(LogVerificationError, match=r"^checkpoints/00000016\.note: not a checkpoint"):
         verify_export_dir(path, trusted_vkey=signer.verifier.vkey())
 
 
@@ -220,7 +212,12 @@ def test_trusted_checkpoint_newer_than_export(tmp_path, signer):
     with pytest.raises(LogVerificationError, match="newer than the export"):
         verify_export_dir(path, trusted_vkey=signer.verifier.vkey(), trusted_checkpoint=newer)
     proof = full.consistency_proof(N, 60)
-    assert verify_export_dir(path, trusted_vkey=signer.verifier.vkey(), trusted_checkpoint=newer, trusted_proof=proof).trusted_size == 60
+    assert (
+        verify_export_dir(
+            path, trusted_vkey=signer.verifier.vkey(), trusted_checkpoint=newer, trusted_proof=proof
+        ).trusted_size
+        == 60
+    )
     other = MerkleTree(make_leaves(60, tag="fork"))
     forked = sign_checkpoint(Checkpoint(ORIGIN, 60, other.root()), signer)
     with pytest.raises(LogVerificationError, match="not consistent"):

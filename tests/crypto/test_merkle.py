@@ -185,9 +185,7 @@ def test_accumulated_subtree_hash_vector_upstream():
     for end in range(1, 131):
         for start in range(end):
             if _subtree_valid(start, end):
-                h.update(
-                    f"[{start}, {end}) {m.MerkleTree(leaves[start:end]).root().hex()}\n".encode()
-                )
+                h.update(f"[{start}, {end}) {m.MerkleTree(leaves[start:end]).root().hex()}\n".encode())
     assert h.hexdigest() == want
 
 
@@ -211,9 +209,7 @@ def test_inclusion_mutations_rejected(index, size):
     bad_calls = []
     for i, p in enumerate(proof):
         for bit in (0, 7, 100, 255):
-            bad_calls.append(
-                (leaf, index, size, proof[:i] + [_flip(p, bit)] + proof[i + 1 :], root)
-            )
+            bad_calls.append((leaf, index, size, proof[:i] + [_flip(p, bit)] + proof[i + 1 :], root))
     for bit in (0, 9, 255):
         bad_calls.append((_flip(leaf, bit), index, size, proof, root))
         bad_calls.append((leaf, index, size, proof, _flip(root, bit)))
@@ -229,9 +225,7 @@ def test_inclusion_mutations_rejected(index, size):
         (leaf, index, size, [root, *proof], root),
         (leaf, index, size, [*proof, b""], root),
         (leaf, index, size, proof, m.EMPTY_ROOT),
-        (leaf, index, size, proof[::-1], root)
-        if len(proof) > 1
-        else (root, index, size, [root], leaf),
+        (leaf, index, size, proof[::-1], root) if len(proof) > 1 else (root, index, size, [root], leaf),
         (leaf, index, size, proof, root[:31]),
         (leaf + b"\x00", index, size, proof, root),
     ]

@@ -29,9 +29,7 @@ from crypto.note import (
 )
 from crypto.signing import SigningKey
 
-VECTORS = json.loads(
-    (Path(__file__).resolve().parents[1] / "vectors" / "transparency-log.json").read_text()
-)
+VECTORS = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "transparency-log.json").read_text())
 SIGNED = {v["id"]: v for v in VECTORS["signed_notes"]}
 EXAMPLES = {v["id"]: v for v in VECTORS["checkpoint_examples"]}
 
@@ -150,9 +148,7 @@ def test_round_trip_and_tampering(signer):
     both = sign_note(text, [signer, other])
     body, sigs = both.decode().rsplit("\n\n", 1)
     first, second = sigs.splitlines()
-    swapped = (
-        body + "\n\n" + first + "\n" + second.replace(second[-8:-2], "AAAAAA") + "\n"
-    ).encode()
+    swapped = (body + "\n\n" + first + "\n" + second.replace(second[-8:-2], "AAAAAA") + "\n").encode()
     with pytest.raises(InvalidSignature):
         open_note(swapped, [signer.verifier, other.verifier])
 

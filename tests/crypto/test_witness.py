@@ -117,9 +117,7 @@ def test_bad_proof_refused(log, witness):
     # A different history of size 13 that extends a different size-8 tree.
     other = MerkleTree([f"rewritten {i}".encode() for i in range(13)])
     with pytest.raises(InvalidProof):
-        witness.update(
-            state, checkpoint(signer, other, 13), 8, other.consistency_proof(8, 13), now=NOW
-        )
+        witness.update(state, checkpoint(signer, other, 13), 8, other.consistency_proof(8, 13), now=NOW)
     # Equal sizes with a non-empty proof.
     with pytest.raises(InvalidProof):
         witness.update(state, checkpoint(signer, tree, 8), 8, [tree.root(8)], now=NOW)
@@ -139,14 +137,8 @@ def test_signature_and_origin_checks(log, witness):
 
 
 def test_parse_add_checkpoint_c2sp_example():
-    vectors = json.loads(
-        (Path(__file__).resolve().parents[1] / "vectors" / "transparency-log.json").read_text()
-    )
-    ex = next(
-        e
-        for e in vectors["checkpoint_examples"]
-        if e["id"] == "c2sp-tlog-witness-add-checkpoint-request"
-    )
+    vectors = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "transparency-log.json").read_text())
+    ex = next(e for e in vectors["checkpoint_examples"] if e["id"] == "c2sp-tlog-witness-add-checkpoint-request")
     req = parse_add_checkpoint(ex["request_body"].encode())
     assert req.old_size == 20852014
     assert len(req.proof) == 4

@@ -87,13 +87,24 @@ def federated_terms(**kw: Any) -> Any:
 def open_offering(world: Any, dim: int = 30) -> tuple[str, SigningKey]:
     """A published marketplace-hosted offering with a zero logistic regression as version 1."""
     off = world.provider.create_offering(name="tumour-lr", task="binary-classification", hosting="marketplace")
-    world.provider.upload_version(off["id"], learning.to_npz(learning.init_params(dim), np.zeros(dim), np.ones(dim)),
-                                  format="npz", input_shape=[dim])
+    world.provider.upload_version(
+        off["id"],
+        learning.to_npz(learning.init_params(dim), np.zeros(dim), np.ones(dim)),
+        format="npz",
+        input_shape=[dim],
+    )
     world.provider.publish(off["id"])
     return off["id"], SigningKey.generate()
 
 
-def participant_orgs(world: Any, offering_id: str, signing_key: SigningKey, n: int, *, modes: tuple[str, ...] = ("federated", "he_inference")) -> list[tuple[str, str]]:
+def participant_orgs(
+    world: Any,
+    offering_id: str,
+    signing_key: SigningKey,
+    n: int,
+    *,
+    modes: tuple[str, ...] = ("federated", "he_inference"),
+) -> list[tuple[str, str]]:
     """``n`` consumer organisations, each with an accepted contract in ``modes``: (org id, key)."""
     from marketplace.sdk import SomClient
     from tests.marketplace.test_contracts_support import make_terms
@@ -117,8 +128,9 @@ class Federation:
     signing_key: SigningKey | None = None  # the provider's offer-signing key
 
 
-def open_federation(world: Any, recipe: dict[str, Any], *, n: int = 3, terms: dict[str, Any] | None = None,
-                    split: Split | None = None) -> Federation:
+def open_federation(
+    world: Any, recipe: dict[str, Any], *, n: int = 3, terms: dict[str, Any] | None = None, split: Split | None = None
+) -> Federation:
     off, sk = open_offering(world, 30)
     orgs = participant_orgs(world, off, sk, n)
     split = split or breast_cancer_split(n)
@@ -127,8 +139,9 @@ def open_federation(world: Any, recipe: dict[str, Any], *, n: int = 3, terms: di
     return Federation(fed["id"], off, orgs, sk)
 
 
-def run_participants(url: str, fed: Federation, split: Split, *, stops: dict[int, Any] | None = None,
-                     wait: float = 2.0) -> list[Any]:
+def run_participants(
+    url: str, fed: Federation, split: Split, *, stops: dict[int, Any] | None = None, wait: float = 2.0
+) -> list[Any]:
     """One participant thread per organisation (the SDK over HTTP to ``url``); started, not joined.
     Returns the threads; each has ``.result`` when done."""
     import threading

@@ -27,8 +27,14 @@ def npz_bytes(weight: np.ndarray, bias: np.ndarray, activation: str = "sigmoid")
     """One affine layer in the som-layers-v1 .npz format (weight is (d_out, d_in))."""
     w = np.atleast_2d(weight).astype(np.float64)
     buf = io.BytesIO()
-    np.savez(buf, **{"layer0.weight": w, "layer0.bias": np.asarray(bias, dtype=np.float64).reshape(-1),
-                     "layer0.activation": np.array(activation)})
+    np.savez(
+        buf,
+        **{
+            "layer0.weight": w,
+            "layer0.bias": np.asarray(bias, dtype=np.float64).reshape(-1),
+            "layer0.activation": np.array(activation),
+        },
+    )
     return buf.getvalue()
 
 
@@ -46,8 +52,11 @@ def onnx_bytes(weight: np.ndarray, bias: np.ndarray, *, op: str = "Gemm") -> byt
     else:
         nodes = [helper.make_node(op, ["x"], ["z"]), helper.make_node("Sigmoid", ["z"], ["y"])]
     graph = helper.make_graph(
-        nodes, "lr", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d_out])], initializer=inits,
+        nodes,
+        "lr",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d_out])],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return model.SerializeToString()

@@ -40,8 +40,9 @@ class Served:
     def som(self, key: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_")}
         env.update({"SOM_URL": self.url, "SOM_API_KEY": key})
-        r = subprocess.run([sys.executable, "-m", "marketplace.cli", *args], env=env, capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "marketplace.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"som {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
         return r
@@ -80,8 +81,9 @@ def lr_npz(sign: float = 1.0) -> bytes:
 
 
 def lr_offering(c: SomClient, *, visibility: str = "public", publish: bool = True) -> str:
-    off = c.create_offering(name="cancer-lr", task="binary-classification", hosting="marketplace",
-                            visibility=visibility)
+    off = c.create_offering(
+        name="cancer-lr", task="binary-classification", hosting="marketplace", visibility=visibility
+    )
     c.upload_version(off["id"], lr_npz(), format="npz", input_shape=[30])
     if publish:
         c.publish(off["id"])
@@ -103,7 +105,15 @@ def mlp_npz(seed: int = 1) -> tuple[bytes, np.ndarray]:
     w1 = rng.normal(0, 6, (4, 4))
     w2 = rng.normal(0, 1, (1, 4))
     buf = io.BytesIO()
-    np.savez(buf, **{"layer0.weight": w1, "layer0.bias": np.zeros(4), "layer0.activation": np.array("sigmoid"),
-                     "layer1.weight": w2, "layer1.bias": np.array([-0.5 * w2.sum()]),
-                     "layer1.activation": np.array("none")})
+    np.savez(
+        buf,
+        **{
+            "layer0.weight": w1,
+            "layer0.bias": np.zeros(4),
+            "layer0.activation": np.array("sigmoid"),
+            "layer1.weight": w2,
+            "layer1.bias": np.array([-0.5 * w2.sum()]),
+            "layer1.activation": np.array("none"),
+        },
+    )
     return buf.getvalue(), rng.normal(0, 1, (256, 4))

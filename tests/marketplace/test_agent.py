@@ -45,7 +45,12 @@ def jw(tmp_path: Path, db_url: str) -> Iterator[Any]:
 
 def _hello(w: Any, key: str, **kw: Any) -> tuple[Any, str]:
     c = w.client(key)
-    body = {"seal_public": SealKeyPair.generate().public_text(), "name": "raw", "capabilities": ["he_infer", "predict"], **kw}
+    body = {
+        "seal_public": SealKeyPair.generate().public_text(),
+        "name": "raw",
+        "capabilities": ["he_infer", "predict"],
+        **kw,
+    }
     return c, c.post_json("/v1/agent/hello", body)["id"]
 
 
@@ -73,7 +78,9 @@ def test_agent_keys_are_bound_and_confined(jw: Any, tmp_path: Path) -> None:
         jw.provider.post_json("/v1/agent/hello", {"seal_public": SealKeyPair.generate().public_text()})
     assert e.value.status == 403
     with pytest.raises(SomAPIError) as e:  # offerings outside the key
-        agent.post_json("/v1/agent/hello", {"seal_public": SealKeyPair.generate().public_text(), "offering_ids": [mk.offering_id]})
+        agent.post_json(
+            "/v1/agent/hello", {"seal_public": SealKeyPair.generate().public_text(), "offering_ids": [mk.offering_id]}
+        )
     assert e.value.status == 403
     with pytest.raises(SomAPIError) as e:
         agent.post_json("/v1/agent/hello", {"seal_public": "x25519:nope"})
@@ -150,18 +157,31 @@ def test_run_on_agent_round_trip_and_unavailable(jw: Any, tmp_path: Path) -> Non
             seen.append(item)
             payload = c._http.get(f"/v1/agent/work/{item['id']}/payload", headers=h).content
             if payload == b"please fail":
-                c._http.post(f"/v1/agent/work/{item['id']}/fail", json={"reason": "invalid", "message": "bad"}, headers=h)
+                c._http.post(
+                    f"/v1/agent/work/{item['id']}/fail", json={"reason": "invalid", "message": "bad"}, headers=h
+                )
                 continue
-            r = c._http.post(f"/v1/agent/work/{item['id']}/result", content=payload[::-1],
-                             headers={**h, "Content-Type": "application/octet-stream"})
+            r = c._http.post(
+                f"/v1/agent/work/{item['id']}/result",
+                content=payload[::-1],
+                headers={**h, "Content-Type": "application/octet-stream"},
+            )
             assert r.status_code == 200
             # a duplicate post is harmless
-            assert c._http.post(f"/v1/agent/work/{item['id']}/result", content=b"other",
-                                headers={**h, "Content-Type": "application/octet-stream"}).status_code == 200
+            assert (
+                c._http.post(
+                    f"/v1/agent/work/{item['id']}/result",
+                    content=b"other",
+                    headers={**h, "Content-Type": "application/octet-stream"},
+                ).status_code
+                == 200
+            )
 
     t = threading.Thread(target=fake_agent)
     t.start()
-    out = dispatch.run_on_agent(rt, offering_id=st.offering_id, payload=b"ciphertexts", meta={"keyset_id": "ks_1"}, timeout=10)
+    out = dispatch.run_on_agent(
+        rt, offering_id=st.offering_id, payload=b"ciphertexts", meta={"keyset_id": "ks_1"}, timeout=10
+    )
     assert out == b"stxetrehpic"
     with pytest.raises(Unavailable, match="bad"):
         dispatch.run_on_agent(rt, offering_id=st.offering_id, payload=b"please fail", meta={}, timeout=10)
@@ -202,7 +222,10 @@ def test_lost_lease_goes_back_to_the_queue_and_charges_once(jw: Any, tmp_path: P
     assert jw.consumer.job(sub.id)["attempts"] == 2
     assert st.model_path is not None
     inp = open_input(kp, sub.id, blob, max_size=1 << 20)
-    out = seal_result(inp.reply_public, run_job(load_model(st.model_path.read_bytes(), "npz"), inp, expected_kind="predict", workdir=tmp_path))
+    out = seal_result(
+        inp.reply_public,
+        run_job(load_model(st.model_path.read_bytes(), "npz"), inp, expected_kind="predict", workdir=tmp_path),
+    )
     hdr = {"Content-Type": "application/octet-stream"}
     for c, a in ((c2, a2), (c1, a1), (c2, a2)):
         r = c._http.post(f"/v1/agent/work/{sub.id}/result", content=out, headers={**hdr, "X-Som-Agent": a})

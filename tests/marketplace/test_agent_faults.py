@@ -41,8 +41,10 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [*SOM, "serve", "--port", str(self.port)], env=self.env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [*SOM, "serve", "--port", str(self.port)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while True:
@@ -65,11 +67,17 @@ class Server:
 def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
-    env.update({
-        "SOM_DATA_DIR": str(tmp_path / "data"), "SOM_URL": f"http://127.0.0.1:{port}",
-        "SOM_AGENT_LEASE_SECONDS": "2", "SOM_AGENT_OFFLINE_SECONDS": "4", "SOM_WORKERS": "1",
-        "SOM_JOB_KEYS": str(tmp_path / "job-keys"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-    })
+    env.update(
+        {
+            "SOM_DATA_DIR": str(tmp_path / "data"),
+            "SOM_URL": f"http://127.0.0.1:{port}",
+            "SOM_AGENT_LEASE_SECONDS": "2",
+            "SOM_AGENT_OFFLINE_SECONDS": "4",
+            "SOM_WORKERS": "1",
+            "SOM_JOB_KEYS": str(tmp_path / "job-keys"),
+            "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        }
+    )
     admin_key = json.loads(som("--json", "admin", "bootstrap", env=env).stdout)["api_key"]
     srv = Server(env, port)
     srv.start()
@@ -95,9 +103,23 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
     def start_agent() -> subprocess.Popen[bytes]:
         p = subprocess.Popen(  # noqa: S603 - fixed argv
-            [*SOM, "agent", "--offering", off["id"], "--model", str(machine / "model.npz"), "--lease-wait", "2",
-             "--workdir", str(machine / "work"), "--signing-key", str(key_file)],
-            env={**env, "SOM_API_KEY": agent_key}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                *SOM,
+                "agent",
+                "--offering",
+                off["id"],
+                "--model",
+                str(machine / "model.npz"),
+                "--lease-wait",
+                "2",
+                "--workdir",
+                str(machine / "work"),
+                "--signing-key",
+                str(key_file),
+            ],
+            env={**env, "SOM_API_KEY": agent_key},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         agents.append(p)
         deadline = time.monotonic() + 30
@@ -111,8 +133,18 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         return p
 
     try:
-        yield {"env": env, "server": srv, "provider": prov, "consumer": cons, "offering": off["id"],
-               "contract": contract["id"], "start_agent": start_agent, "w": w, "b": b, "admin": admin}
+        yield {
+            "env": env,
+            "server": srv,
+            "provider": prov,
+            "consumer": cons,
+            "offering": off["id"],
+            "contract": contract["id"],
+            "start_agent": start_agent,
+            "w": w,
+            "b": b,
+            "admin": admin,
+        }
     finally:
         for p in agents:
             if p.poll() is None:
@@ -135,7 +167,9 @@ def _usage(stack: dict[str, Any]) -> list[tuple[str, int]]:
     engine = create_engine(f"sqlite:///{Path(stack['env']['SOM_DATA_DIR']) / 'som.db'}")
     try:
         with Session(engine) as s:
-            rows = s.scalars(select(UsageRow).where(UsageRow.contract_id == stack["contract"]).order_by(UsageRow.reserved_at))
+            rows = s.scalars(
+                select(UsageRow).where(UsageRow.contract_id == stack["contract"]).order_by(UsageRow.reserved_at)
+            )
             return [(u.state, u.units) for u in rows]
     finally:
         engine.dispose()
@@ -194,7 +228,9 @@ def test_cli_submit_status_result(stack: dict[str, Any], tmp_path: Path) -> None
     env = {**stack["env"], "SOM_API_KEY": stack["consumer"].api_key}
     data = tmp_path / "data.csv"
     data.write_bytes(to_csv(features(4)))
-    out = json.loads(som("--json", "job", "submit", stack["offering"], "--kind", "predict", "--input", str(data), env=env).stdout)
+    out = json.loads(
+        som("--json", "job", "submit", stack["offering"], "--kind", "predict", "--input", str(data), env=env).stdout
+    )
     assert out["status"] == "queued" and Path(out["reply_key"]).stat().st_mode & 0o077 == 0
     _wait(stack["consumer"], out["id"], lambda j: j["status"] == "succeeded")
     st = json.loads(som("--json", "job", "status", out["id"], env=env).stdout)
@@ -205,8 +241,17 @@ def test_cli_submit_status_result(stack: dict[str, Any], tmp_path: Path) -> None
     r = som("job", "cancel", out["id"], env=env, check=False)
     assert r.returncode != 0 and "409" in r.stderr
     # a provider key the agent's sealing key is not vouched for by: nothing is sealed or sent
-    r = som("job", "submit", stack["offering"], "--input", str(data), "--provider-key",
-            SigningKey.generate().verify_key.to_text(), env=env, check=False)
+    r = som(
+        "job",
+        "submit",
+        stack["offering"],
+        "--input",
+        str(data),
+        "--provider-key",
+        SigningKey.generate().verify_key.to_text(),
+        env=env,
+        check=False,
+    )
     assert r.returncode != 0 and "refusing to seal" in " ".join(r.stderr.split()), r.stderr
     # the organisation's own key file pins the acceptance: the contract was signed by another key here
     own = tmp_path / "config" / "som" / "consumer-org.key"

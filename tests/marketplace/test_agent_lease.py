@@ -43,9 +43,14 @@ def test_agent_abandons_work_whose_lease_it_lost(jw: Any, tmp_path: Path) -> Non
     assert st.model_path is not None and st.signing_key is not None
     key = agent_key(jw, st.offering_id)
     cfg = AgentConfig(
-        url="http://testserver", api_key=key, model_path=st.model_path, seal_key_path=st.model_path.parent / "seal.key",
-        signing_key_path=write_signing_key(tmp_path / "provider.key", st.signing_key), workdir=tmp_path / "w",
-        lease_wait=1.0, capabilities=("predict",),
+        url="http://testserver",
+        api_key=key,
+        model_path=st.model_path,
+        seal_key_path=st.model_path.parent / "seal.key",
+        signing_key_path=write_signing_key(tmp_path / "provider.key", st.signing_key),
+        workdir=tmp_path / "w",
+        lease_wait=1.0,
+        capabilities=("predict",),
     )
     a1 = ProviderAgent(cfg, http=TestClient(jw.app, raise_server_exceptions=False))  # type: ignore[arg-type]
     a1._hello()

@@ -50,8 +50,12 @@ def test_statement_round_trip_and_every_mismatch_is_refused() -> None:
     sp, sp2 = SealKeyPair.generate().public_text(), SealKeyPair.generate().public_text()
     now = datetime(2030, 1, 1, tzinfo=UTC)
     good = _statement(pk, sp, not_after=now + timedelta(days=1))
-    assert good["statement"] == {"schema": "som.seal-key/v1", "offering_id": OFF, "seal_public": sp,
-                                 "not_after": "2030-01-02T00:00:00Z"}
+    assert good["statement"] == {
+        "schema": "som.seal-key/v1",
+        "offering_id": OFF,
+        "seal_public": sp,
+        "not_after": "2030-01-02T00:00:00Z",
+    }
     assert SealKeyStatement.from_dict(good).to_dict() == good
     pin = pk.verify_key.to_text()
     verify_seal_key(good, provider_key=pin, offering_id=OFF, seal_public=sp, now=now)
@@ -62,7 +66,10 @@ def test_statement_round_trip_and_every_mismatch_is_refused() -> None:
         (good, {"now": now + timedelta(days=2)}),  # expired
         (_statement(other, sp), {}),  # signed by someone else, carrying its own key
         ({**good, "provider_key": pin, "signature": _statement(other, sp)["signature"]}, {}),
-        ({**good, "statement": {**good["statement"], "seal_public": sp2}}, {"seal_public": sp2}),  # edited after signing
+        (
+            {**good, "statement": {**good["statement"], "seal_public": sp2}},
+            {"seal_public": sp2},
+        ),  # edited after signing
         ({**good, "extra": 1}, {}),
         (None, {}),
         ({}, {}),
@@ -116,15 +123,21 @@ def test_honest_agent_is_vouched_for_and_the_job_runs(jw: Any, tmp_path: Path) -
         # the statement came with the job and is the provider's, for this agent's key
         stmt = sub.job["seal_statement"]
         assert sub.job["seal_public"] == agent.seal.public_text() == stmt["statement"]["seal_public"]
-        verify_seal_key(stmt, provider_key=st.signing_key.verify_key.to_text(), offering_id=st.offering_id,
-                        seal_public=agent.seal.public_text())
+        verify_seal_key(
+            stmt,
+            provider_key=st.signing_key.verify_key.to_text(),
+            offering_id=st.offering_id,
+            seal_public=agent.seal.public_text(),
+        )
         # pinning the right key explicitly works too; pinning another key refuses
-        sub2 = jw.consumer.submit_job(st.offering_id, "predict", to_csv(features(2)),
-                                      provider_key=st.signing_key.verify_key.to_text())
+        sub2 = jw.consumer.submit_job(
+            st.offering_id, "predict", to_csv(features(2)), provider_key=st.signing_key.verify_key.to_text()
+        )
         assert jw.consumer.wait_job(sub2.id, timeout=30)["status"] == "succeeded"
         with pytest.raises(SealKeyRefused, match="not vouched for"):
-            jw.consumer.submit_job(st.offering_id, "predict", to_csv(features(2)),
-                                   provider_key=SigningKey.generate().verify_key.to_text())
+            jw.consumer.submit_job(
+                st.offering_id, "predict", to_csv(features(2)), provider_key=SigningKey.generate().verify_key.to_text()
+            )
     assert usage_rows(jw, st.contract_id) == [("charged", 3), ("charged", 2)]
 
 
@@ -145,7 +158,8 @@ def test_substituted_sealing_key_is_refused_before_sealing(jw: Any, tmp_path: Pa
             values: dict[str, Any] = {"seal_public": operator.public_text()}
         elif attack == "resign_with_operator_key":  # a well-formed statement, by the wrong key
             statements[st.offering_id] = sign_seal_key(
-                operator_key, offering_id=st.offering_id, seal_public=operator.public_text()).to_dict()
+                operator_key, offering_id=st.offering_id, seal_public=operator.public_text()
+            ).to_dict()
             values = {"seal_public": operator.public_text(), "seal_statements": statements}
         else:
             values = {"seal_public": operator.public_text(), "seal_statements": None}
@@ -182,14 +196,21 @@ def test_agent_cannot_register_a_bad_statement(jw: Any, tmp_path: Path) -> None:
     h = {"X-Som-Agent": aid}
     assert st.signing_key is not None
     cases = {
-        "another agent's key": sign_seal_key(st.signing_key, offering_id=st.offering_id,
-                                             seal_public=SealKeyPair.generate().public_text()).to_dict(),
-        "an offering it does not serve": sign_seal_key(st.signing_key, offering_id=other.offering_id,
-                                                       seal_public=kp.public_text()).to_dict(),
-        "a key that signed no offer": sign_seal_key(SigningKey.generate(), offering_id=st.offering_id,
-                                                    seal_public=kp.public_text()).to_dict(),
-        "expired": sign_seal_key(st.signing_key, offering_id=st.offering_id, seal_public=kp.public_text(),
-                                 not_after=datetime.now(UTC) - timedelta(seconds=5)).to_dict(),
+        "another agent's key": sign_seal_key(
+            st.signing_key, offering_id=st.offering_id, seal_public=SealKeyPair.generate().public_text()
+        ).to_dict(),
+        "an offering it does not serve": sign_seal_key(
+            st.signing_key, offering_id=other.offering_id, seal_public=kp.public_text()
+        ).to_dict(),
+        "a key that signed no offer": sign_seal_key(
+            SigningKey.generate(), offering_id=st.offering_id, seal_public=kp.public_text()
+        ).to_dict(),
+        "expired": sign_seal_key(
+            st.signing_key,
+            offering_id=st.offering_id,
+            seal_public=kp.public_text(),
+            not_after=datetime.now(UTC) - timedelta(seconds=5),
+        ).to_dict(),
         "malformed": {"statement": {}, "provider_key": "x", "signature": "y"},
     }
     for what, stmt in cases.items():

@@ -76,21 +76,13 @@ def _seed(world: Any, tmp_path: Path) -> tuple[dict[str, str], dict[str, list[An
     """Objects of every kind; returns (caller -> Authorization header value, param name -> real values)."""
     hosted: Setup = offering(world, tmp_path / "m", hosting="marketplace")
     remote: Setup = offering(world, tmp_path / "p", hosting="provider")
-    draft = world.other_provider.create_offering(
-        name="draft", task="regression", hosting="marketplace"
-    )
-    job = world.consumer.create_job(
-        hosted.offering_id, "predict", units=1, idempotency_key="fuzz-seed-job"
-    )
+    draft = world.other_provider.create_offering(name="draft", task="regression", hosting="marketplace")
+    job = world.consumer.create_job(hosted.offering_id, "predict", units=1, idempotency_key="fuzz-seed-job")
     akey = agent_key(world, remote.offering_id)
-    hello = world.client(akey).post_json(
-        "/v1/agent/hello", {"seal_public": SealKeyPair.generate().public_text()}
-    )
+    hello = world.client(akey).post_json("/v1/agent/hello", {"seal_public": SealKeyPair.generate().public_text()})
     spare = world.admin.create_key(world.orgs["other_consumer"], ["consumer"], name="spare")
     # one charged and one released use, so the ledger holds usage leaves the fuzzer must not disturb
-    consumer = Principal(
-        key_id="key_fuzz_seed", org_id=world.orgs["consumer"], roles=frozenset({"consumer"})
-    )
+    consumer = Principal(key_id="key_fuzz_seed", org_id=world.orgs["consumer"], roles=frozenset({"consumer"}))
     uses = []
     for key in ("fuzz-seed-charged", "fuzz-seed-released"):
         r = metering.begin(
@@ -103,11 +95,7 @@ def _seed(world: Any, tmp_path: Path) -> tuple[dict[str, str], dict[str, list[An
         else:
             metering.release(world.rt, r, reason="seeded failure")
         uses.append(r.usage_id)
-    offers = [
-        o["id"]
-        for oid in (hosted.offering_id, remote.offering_id)
-        for o in world.provider.list_offers(oid)
-    ]
+    offers = [o["id"] for oid in (hosted.offering_id, remote.offering_id) for o in world.provider.list_offers(oid)]
     auth = {name: f"Bearer {world.keys[name]}" for name in ROLES if name != "agent"}
     auth["agent"] = f"Bearer {akey}"
     auth["bad key"] = "Bearer som_" + secrets.token_hex(4) + "_" + secrets.token_hex(16)
@@ -142,20 +130,14 @@ def _error_shape(status: int, body: bytes, ctype: str) -> str | None:
     except ValueError:
         return f"{status} with a body that is not JSON: {body[:80]!r}"
     err = doc.get("error") if isinstance(doc, dict) else None
-    if not (
-        isinstance(err, dict)
-        and isinstance(err.get("code"), str)
-        and isinstance(err.get("message"), str)
-    ):
+    if not (isinstance(err, dict) and isinstance(err.get("code"), str) and isinstance(err.get("message"), str)):
         return f"{status} without the error shape: {body[:200]!r}"
     return None
 
 
 def _fuzz_operation(fz: Fuzzed, op: Any, auth: dict[str, str], ids: dict[str, list[Any]]) -> None:
     client = asgi.get_client(fz.world.app)  # not entered: no lifespan, no background threads
-    binary = "application/octet-stream" in (op.definition.raw.get("requestBody") or {}).get(
-        "content", {}
-    )
+    binary = "application/octet-stream" in (op.definition.raw.get("requestBody") or {}).get("content", {})
 
     for caller in (*ROLES, *ANONYMOUS):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -197,7 +179,10 @@ def _fuzz_as(
         if binary and data.draw(st.booleans(), label="random bytes"):
             case.body = data.draw(st.binary(max_size=4096), label="body")
             case.media_type = "application/octet-stream"
-        if op.path in ("/v1/agent/lease", "/v1/agent/gateway/exchange"):  # long-polls (20 s by default): keep the run bounded
+        if op.path in (
+            "/v1/agent/lease",
+            "/v1/agent/gateway/exchange",
+        ):  # long-polls (20 s by default): keep the run bounded
             if isinstance(case.body, dict):
                 case.body["wait"] = 0.05
             elif case.body is None or isinstance(case.body, NotSet):
@@ -207,9 +192,7 @@ def _fuzz_as(
         response = case.call(session=client, timeout=READ_TIMEOUT)
         fz.requests += 1
         fz.statuses[response.status_code] = fz.statuses.get(response.status_code, 0) + 1
-        fz.by_operation.setdefault(f"{op.method.upper()} {op.path}", set()).add(
-            response.status_code
-        )
+        fz.by_operation.setdefault(f"{op.method.upper()} {op.path}", set()).add(response.status_code)
         case.validate_response(response, checks=CHECKS)
         if 400 <= response.status_code < 500:
             ctype = (response.headers.get("content-type") or [""])[0]
@@ -232,8 +215,15 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     tmp_path = tmp_path_factory.mktemp("fuzz")
     # Every caller, the "bad key" one included, comes from the same address: with the default
     # failed-authentication throttle the bad key's 401s would lock the valid keys out (429).
-    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'som.db'}", workers=1,
-                                   auth_fail_max_per_client=10**6, auth_fail_max_per_prefix=10**6))
+    app = create_app(
+        make_settings(
+            tmp_path,
+            f"sqlite:///{tmp_path / 'som.db'}",
+            workers=1,
+            auth_fail_max_per_client=10**6,
+            auth_fail_max_per_prefix=10**6,
+        )
+    )
     try:
         world = build_world(app)
         auth, ids = _seed(world, tmp_path)
@@ -252,9 +242,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
 def test_no_operation_answers_a_server_error_or_off_its_schema(fuzzed: Fuzzed) -> None:
     assert fuzzed.requests > 500
     assert not fuzzed.failures, "\n\n".join(fuzzed.failures)
-    assert getattr(fuzzed.world.app.state, "internal_errors", 0) == 0, (
-        "the app answered 500; see data/logs/som.log"
-    )
+    assert getattr(fuzzed.world.app.state, "internal_errors", 0) == 0, "the app answered 500; see data/logs/som.log"
     # the fuzzer got past authentication and validation: successes and domain errors were answered
     assert any(200 <= s < 300 for s in fuzzed.statuses), fuzzed.statuses
     assert {401, 403, 404, 409, 422} <= set(fuzzed.statuses), fuzzed.statuses
@@ -262,9 +250,7 @@ def test_no_operation_answers_a_server_error_or_off_its_schema(fuzzed: Fuzzed) -
     assert len(reached) >= 30, fuzzed.by_operation  # real ids got it past the 404s, into handlers
 
 
-def test_the_ledger_is_whole_after_the_fuzzing(
-    fuzzed: Fuzzed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_ledger_is_whole_after_the_fuzzing(fuzzed: Fuzzed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import marketplace.cli.cmd_ledger as cmd
     from marketplace.cli import app as cli
     from marketplace.db.models_contracts import UsageRow
@@ -274,12 +260,8 @@ def test_the_ledger_is_whole_after_the_fuzzing(
     with rt.tx() as s:
         size = ledger.tree_size(s)
         indexes = list(s.scalars(select(LedgerLeaf.idx).order_by(LedgerLeaf.idx)))
-        final = dict(
-            s.execute(select(UsageRow.id, UsageRow.state).where(UsageRow.state != "reserved")).all()
-        )
-        n_events = s.scalar(
-            select(func.count()).select_from(LedgerLeaf).where(LedgerLeaf.schema == "som.audit/v1")
-        )
+        final = dict(s.execute(select(UsageRow.id, UsageRow.state).where(UsageRow.state != "reserved")).all())
+        n_events = s.scalar(select(func.count()).select_from(LedgerLeaf).where(LedgerLeaf.schema == "som.audit/v1"))
     assert indexes == list(range(size))  # gapless, no duplicates
     records = [json.loads(data) for _, data in ledger.iter_leaves(rt, 0, size)]
     usage = [r["usage_id"] for r in records if r["schema"] == "som.usage/v1"]

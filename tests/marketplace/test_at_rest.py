@@ -93,7 +93,9 @@ def test_placeholder_secrets_are_refused(tmp_path) -> None:
         s = Settings(data_dir=tmp_path, key_provider="env", kek=bad)
         with pytest.raises(SettingsError):
             s.check_secrets()
-    r = CliRunner().invoke(cli_app, ["serve", "--data-dir", str(tmp_path)], env={"SOM_KEY_PROVIDER": "env", "SOM_KEK": "changeme"})
+    r = CliRunner().invoke(
+        cli_app, ["serve", "--data-dir", str(tmp_path)], env={"SOM_KEY_PROVIDER": "env", "SOM_KEK": "changeme"}
+    )
     assert r.exit_code == 2
     assert "SOM_KEK" in r.output
 

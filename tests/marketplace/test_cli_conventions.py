@@ -51,11 +51,26 @@ def test_ids_are_never_cut_in_tables(live) -> None:  # type: ignore[no-untyped-d
 def _cli_contract(w, url: str, off: str, tmp_path: Path, *, max_batch: int) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     """Offer (provider) and accept (consumer) through the CLI; returns (contract id, provider key file)."""
     pkey, ckey = str(tmp_path / "p.key"), str(tmp_path / "c.key")
-    r = _run(url, w.keys["provider"], "--json", "contract", "offer", off, "--quota", "1000", "--rate", "1000",
-             "--max-batch", str(max_batch), "--key-file", pkey)
+    r = _run(
+        url,
+        w.keys["provider"],
+        "--json",
+        "contract",
+        "offer",
+        off,
+        "--quota",
+        "1000",
+        "--rate",
+        "1000",
+        "--max-batch",
+        str(max_batch),
+        "--key-file",
+        pkey,
+    )
     assert r.exit_code == 0, r.output
-    r = _run(url, w.keys["consumer"], "--json", "contract", "accept", json.loads(r.stdout)["id"], "--yes",
-             "--key-file", ckey)
+    r = _run(
+        url, w.keys["consumer"], "--json", "contract", "accept", json.loads(r.stdout)["id"], "--yes", "--key-file", ckey
+    )
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)["id"], pkey
 
@@ -87,8 +102,24 @@ def test_offers_and_accept_show_the_terms_and_accept_asks(live, tmp_path: Path) 
     off = w.provider.create_offering(name="m", task="t", hosting="provider")
     w.provider.publish(off["id"])
     pkey, ckey = str(tmp_path / "p.key"), str(tmp_path / "c.key")
-    r = _run(url, w.keys["provider"], "--json", "contract", "offer", off["id"], "--quota", "500", "--rate", "50",
-             "--price", "125", "--max-batch", "32", "--key-file", pkey)
+    r = _run(
+        url,
+        w.keys["provider"],
+        "--json",
+        "contract",
+        "offer",
+        off["id"],
+        "--quota",
+        "500",
+        "--rate",
+        "50",
+        "--price",
+        "125",
+        "--max-batch",
+        "32",
+        "--key-file",
+        pkey,
+    )
     assert r.exit_code == 0, r.output
     offer = json.loads(r.stdout)
     r = _run(url, w.keys["consumer"], "contract", "offers", off["id"], env={"COLUMNS": "200"})
@@ -119,8 +150,21 @@ def test_large_inputs_are_split_to_the_contracts_max_batch(live, tmp_path: Path)
     with data.open("w", newline="") as f:
         csv.writer(f).writerows(d.x_test[:40].tolist())
     out = tmp_path / "preds.csv"
-    r = _run(url, w.keys["consumer"], "infer", off, "--input", str(data), "--encrypted", "--output", str(out),
-             "--layout", "batch", "--key-dir", str(tmp_path / "keys"))
+    r = _run(
+        url,
+        w.keys["consumer"],
+        "infer",
+        off,
+        "--input",
+        str(data),
+        "--encrypted",
+        "--output",
+        str(out),
+        "--layout",
+        "batch",
+        "--key-dir",
+        str(tmp_path / "keys"),
+    )
     assert r.exit_code == 0, r.output
     assert len(list(csv.DictReader(out.open()))) == 40
     assert w.consumer.get_contract(cid)["usage"]["used_units"] == 40
@@ -129,9 +173,11 @@ def test_large_inputs_are_split_to_the_contracts_max_batch(live, tmp_path: Path)
 
 
 def test_cli_start_up_does_not_load_the_heavy_stack() -> None:
-    code = ("import sys, marketplace.cli\n"
-            "heavy = {'numpy', 'tenseal', 'sqlalchemy', 'httpx', 'cryptography', 'onnx', 'fastapi'}\n"
-            "print(','.join(sorted(heavy & {m.split('.')[0] for m in sys.modules})))\n")
+    code = (
+        "import sys, marketplace.cli\n"
+        "heavy = {'numpy', 'tenseal', 'sqlalchemy', 'httpx', 'cryptography', 'onnx', 'fastapi'}\n"
+        "print(','.join(sorted(heavy & {m.split('.')[0] for m in sys.modules})))\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"`som --help` imports {r.stdout.strip()}"
@@ -140,8 +186,13 @@ def test_cli_start_up_does_not_load_the_heavy_stack() -> None:
 def test_serve_says_where_it_is_and_where_the_admin_key_comes_from(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "SOM_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "marketplace.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marketplace.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -167,11 +218,24 @@ def test_receipt_show_by_index_last_and_usage(live, tmp_path: Path) -> None:  # 
     with data.open("w", newline="") as f:
         csv.writer(f).writerows(d.x_test[:5].tolist())
     state = {"XDG_STATE_HOME": str(tmp_path / "state")}
-    r = _run(url, w.keys["consumer"], "infer", off, "--input", str(data), "--encrypted", "--output",
-             str(tmp_path / "p.csv"), "--key-dir", str(tmp_path / "keys"), env=state)
+    r = _run(
+        url,
+        w.keys["consumer"],
+        "infer",
+        off,
+        "--input",
+        str(data),
+        "--encrypted",
+        "--output",
+        str(tmp_path / "p.csv"),
+        "--key-dir",
+        str(tmp_path / "keys"),
+        env=state,
+    )
     assert r.exit_code == 0, r.output
-    last = _run(url, w.keys["consumer"], "--json", "receipt", "show", "--last", "--out", str(tmp_path / "r.json"),
-                env=state)
+    last = _run(
+        url, w.keys["consumer"], "--json", "receipt", "show", "--last", "--out", str(tmp_path / "r.json"), env=state
+    )
     assert last.exit_code == 0, last.output
     shown = json.loads(last.stdout)
     assert json.loads((tmp_path / "r.json").read_text()) == shown

@@ -38,7 +38,9 @@ def server(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
     env.update({"SOM_DATA_DIR": str(tmp_path / "data"), "SOM_URL": f"http://127.0.0.1:{port}", "DATABASE_URL": db_url})
     boot = json.loads(som("--json", "admin", "bootstrap", env=env).stdout)
-    proc = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -67,13 +69,29 @@ def test_cli_story_over_a_real_server(server, tmp_path: Path) -> None:
     comp_org = json.loads(som("--json", "org", "create", "Audit Co", env=admin).stdout)["id"]
     pkey = json.loads(som("--json", "key", "create", "--org", prov_org, "--role", "provider", env=admin).stdout)["key"]
     ckey = json.loads(som("--json", "key", "create", "--org", cons_org, "--role", "consumer", env=admin).stdout)["key"]
-    akey = json.loads(som("--json", "key", "create", "--org", comp_org, "--role", "compliance", env=admin).stdout)["key"]
+    akey = json.loads(som("--json", "key", "create", "--org", comp_org, "--role", "compliance", env=admin).stdout)[
+        "key"
+    ]
     prov, cons, comp = ({**env, "SOM_API_KEY": k} for k in (pkey, ckey, akey))
 
     card = tmp_path / "card.md"
     card.write_text("# Breast cancer LR\nTrained on sklearn's data.")
-    off = json.loads(som("--json", "offering", "create", "--name", "cancer-lr", "--task", "binary-classification",
-                         "--tag", "medical", "--model-card", str(card), env=prov).stdout)
+    off = json.loads(
+        som(
+            "--json",
+            "offering",
+            "create",
+            "--name",
+            "cancer-lr",
+            "--task",
+            "binary-classification",
+            "--tag",
+            "medical",
+            "--model-card",
+            str(card),
+            env=prov,
+        ).stdout
+    )
     _, _, _, w, b, _ = breast_cancer_lr()
     model = tmp_path / "model.npz"
     model.write_bytes(npz_bytes(w, b))
@@ -90,8 +108,11 @@ def test_cli_story_over_a_real_server(server, tmp_path: Path) -> None:
     from marketplace.sdk import SomClient
 
     leaves = SomClient(env["SOM_URL"], akey).ledger_leaves()
-    audit_ids = {json.loads(__import__("base64").b64decode(x["leaf"]))["event_id"] for x in leaves
-                 if json.loads(__import__("base64").b64decode(x["leaf"]))["schema"] == "som.audit/v1"}
+    audit_ids = {
+        json.loads(__import__("base64").b64decode(x["leaf"]))["event_id"]
+        for x in leaves
+        if json.loads(__import__("base64").b64decode(x["leaf"]))["schema"] == "som.audit/v1"
+    }
     assert {e["id"] for e in events} <= audit_ids
 
     # errors: clear message, non-zero exit, no traceback

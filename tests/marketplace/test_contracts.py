@@ -36,8 +36,12 @@ def test_offer_accept_contract_visible_to_parties_only(world) -> None:
     assert c["id"].startswith("ct_") and c["status"] == "active" and c["effective_status"] == "active"
     assert c["provider_org_id"] == world.orgs["provider"] and c["consumer_org_id"] == world.orgs["consumer"]
     assert c["usage"] == {
-        "quota_units": 100, "used_units": 0, "reserved_units": 0, "remaining_units": 100,
-        "window_start": None, "window_units": 0,
+        "quota_units": 100,
+        "used_units": 0,
+        "reserved_units": 0,
+        "remaining_units": 100,
+        "window_start": None,
+        "window_units": 0,
     }
     # The stored record is the signed contract, verifiable offline with the parties' keys.
     Contract.from_dict(c["contract"])
@@ -73,15 +77,25 @@ def test_offer_validation(world) -> None:
     # Another provider's offering is invisible.
     assert _err(world.other_provider.publish_offer, off["id"], make_terms(), signing_key=key).status == 404
     # A tampered signature is refused.
-    offer = make_offer(offer_id="ofr_tampered01", offering_id=off["id"], provider_org=world.orgs["provider"],
-                       terms=make_terms(), signing_key=key)
+    offer = make_offer(
+        offer_id="ofr_tampered01",
+        offering_id=off["id"],
+        provider_org=world.orgs["provider"],
+        terms=make_terms(),
+        signing_key=key,
+    )
     bad = offer.to_dict()
     bad["terms"]["quota_units"] = 10**6
     r = world.provider._http.post(f"/v1/offerings/{off['id']}/offers", json=bad)
     assert r.status_code == 422 and "signature" in r.json()["error"]["message"]
     # The offer must name the caller's organisation and this offering.
-    other = make_offer(offer_id="ofr_wrongorg01", offering_id=off["id"], provider_org=world.orgs["other_provider"],
-                       terms=make_terms(), signing_key=key)
+    other = make_offer(
+        offer_id="ofr_wrongorg01",
+        offering_id=off["id"],
+        provider_org=world.orgs["other_provider"],
+        terms=make_terms(),
+        signing_key=key,
+    )
     r = world.provider._http.post(f"/v1/offerings/{off['id']}/offers", json=other.to_dict())
     assert r.status_code == 422
     # Garbage is a 422, never a 500.
@@ -89,7 +103,10 @@ def test_offer_validation(world) -> None:
     assert r.status_code == 422
     ok = world.provider.publish_offer(off["id"], make_terms(), signing_key=key, offer_id="ofr_first00001")
     assert ok["status"] == "open"
-    assert _err(world.provider.publish_offer, off["id"], make_terms(), signing_key=key, offer_id="ofr_first00001").status == 409
+    assert (
+        _err(world.provider.publish_offer, off["id"], make_terms(), signing_key=key, offer_id="ofr_first00001").status
+        == 409
+    )
 
 
 def test_acceptance_validation(world) -> None:
@@ -111,7 +128,9 @@ def test_acceptance_validation(world) -> None:
     assert r.status_code == 422
     # Pinning the wrong provider key stops the SDK before it signs.
     with pytest.raises(ValueError):
-        world.consumer.accept_offer(offer["id"], signing_key=ck, provider_key=SigningKey.generate().verify_key.to_text())
+        world.consumer.accept_offer(
+            offer["id"], signing_key=ck, provider_key=SigningKey.generate().verify_key.to_text()
+        )
     r = world.consumer._http.post(f"/v1/offers/{offer['id']}/accept", json=good)
     assert r.status_code == 201
     r = world.consumer._http.post(f"/v1/offers/{offer['id']}/accept", json=good)
@@ -132,14 +151,30 @@ def test_suspend_resume_terminate(world) -> None:
     c = world.provider.suspend_contract(cid, signing_key=d.provider_key, reason="unpaid invoice")
     assert c["status"] == "suspended" and c["seq"] == 1
     with pytest.raises(PolicyDenied) as ei:
-        metering.begin(world.rt, d.consumer, offering_id=d.offering_id, mode="remote_job", job_kind="predict",
-                       units=1, idempotency_key="s-1", request_digest=metering.request_digest("a"))
+        metering.begin(
+            world.rt,
+            d.consumer,
+            offering_id=d.offering_id,
+            mode="remote_job",
+            job_kind="predict",
+            units=1,
+            idempotency_key="s-1",
+            request_digest=metering.request_digest("a"),
+        )
     assert ei.value.reason == "suspended" and ei.value.status == 403
     assert _err(world.provider.suspend_contract, cid, signing_key=d.provider_key).status == 409
     c = world.provider.resume_contract(cid, signing_key=d.provider_key)
     assert c["status"] == "active"
-    r = metering.begin(world.rt, d.consumer, offering_id=d.offering_id, mode="remote_job", job_kind="predict",
-                       units=1, idempotency_key="s-1", request_digest=metering.request_digest("a"))
+    r = metering.begin(
+        world.rt,
+        d.consumer,
+        offering_id=d.offering_id,
+        mode="remote_job",
+        job_kind="predict",
+        units=1,
+        idempotency_key="s-1",
+        request_digest=metering.request_digest("a"),
+    )
     metering.commit(world.rt, r, result=b"ok", media_type="text/plain")
     c = world.consumer.terminate_contract(cid, signing_key=d.consumer_key, reason="done")
     assert c["status"] == "terminated" and c["effective_status"] == "terminated"
@@ -154,8 +189,16 @@ def test_suspend_resume_terminate(world) -> None:
         assert a in actions
     # A terminated contract is not resolved for new uses.
     with pytest.raises(Exception) as ei2:
-        metering.begin(world.rt, d.consumer, offering_id=d.offering_id, mode="remote_job", job_kind="predict",
-                       units=1, idempotency_key="s-2", request_digest=metering.request_digest("b"))
+        metering.begin(
+            world.rt,
+            d.consumer,
+            offering_id=d.offering_id,
+            mode="remote_job",
+            job_kind="predict",
+            units=1,
+            idempotency_key="s-2",
+            request_digest=metering.request_digest("b"),
+        )
     assert getattr(ei2.value, "status", None) == 404
 
 
@@ -164,7 +207,9 @@ def test_stale_event_is_a_conflict(world) -> None:
     from contracts.offer import draft_event, initial_state, sign_event
 
     contract = Contract.from_dict(d.contract["contract"])
-    ev = sign_event(draft_event(contract, initial_state(contract), "suspension", by="provider"), "provider", d.provider_key)
+    ev = sign_event(
+        draft_event(contract, initial_state(contract), "suspension", by="provider"), "provider", d.provider_key
+    )
     r1 = world.provider._http.post(f"/v1/contracts/{d.contract_id}/events", json=ev.to_dict())
     assert r1.status_code == 201
     r2 = world.provider._http.post(f"/v1/contracts/{d.contract_id}/events", json=ev.to_dict())
@@ -175,8 +220,16 @@ def test_statement_reconciles_with_ledger(world) -> None:
     d = make_deal(world, price=7, quota=50)
     rt = world.rt
     for i in range(4):
-        r = metering.begin(rt, d.consumer, offering_id=d.offering_id, mode="remote_job", job_kind="predict",
-                           units=i + 1, idempotency_key=f"st-{i}", request_digest=metering.request_digest(str(i)))
+        r = metering.begin(
+            rt,
+            d.consumer,
+            offering_id=d.offering_id,
+            mode="remote_job",
+            job_kind="predict",
+            units=i + 1,
+            idempotency_key=f"st-{i}",
+            request_digest=metering.request_digest(str(i)),
+        )
         if i == 2:
             metering.release(rt, r, reason="model crashed")
         else:
@@ -224,8 +277,10 @@ def test_statement_period_with_a_utc_offset_is_converted(world) -> None:  # foun
     from tests.marketplace.test_contracts_support import make_deal
 
     d = make_deal(world)
-    r = world.http.get(f"/v1/contracts/{d.contract_id}/statement",
-                       params={"from": "2020-01-01T07:47:00+07:47", "to": "2100-01-01T00:00:00-05:00"},
-                       headers={"Authorization": f"Bearer {world.keys['consumer']}"})
+    r = world.http.get(
+        f"/v1/contracts/{d.contract_id}/statement",
+        params={"from": "2020-01-01T07:47:00+07:47", "to": "2100-01-01T00:00:00-05:00"},
+        headers={"Authorization": f"Bearer {world.keys['consumer']}"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["period_start"].startswith("2020-01-01T00:00:00")

@@ -16,6 +16,7 @@ from marketplace.services.identity import Principal
 
 def run(url: str, key: str, *args: str) -> str:
     from marketplace.cli import app
+
     r = CliRunner().invoke(app, ["--json", *args], env={"SOM_URL": url, "SOM_API_KEY": key})
     if r.exit_code != 0:
         raise AssertionError(f"som {' '.join(args)} -> {r.exit_code}\n{r.output}\n{r.exception!r}")
@@ -27,23 +28,60 @@ def test_contract_cli_story(live, tmp_path: Path) -> None:
     off = w.provider.create_offering(name="m", task="t", hosting="provider")
     w.provider.publish(off["id"])
     pkey, ckey = str(tmp_path / "p.key"), str(tmp_path / "c.key")
-    offer = json.loads(run(url, w.keys["provider"], "contract", "offer", off["id"], "--quota", "10", "--rate", "5",
-                           "--price", "25", "--key-file", pkey))
+    offer = json.loads(
+        run(
+            url,
+            w.keys["provider"],
+            "contract",
+            "offer",
+            off["id"],
+            "--quota",
+            "10",
+            "--rate",
+            "5",
+            "--price",
+            "25",
+            "--key-file",
+            pkey,
+        )
+    )
     assert offer["status"] == "open" and (tmp_path / "p.key").stat().st_mode & 0o777 == 0o600
     listed = json.loads(run(url, w.keys["consumer"], "contract", "offers", off["id"]))
     assert [o["id"] for o in listed] == [offer["id"]]
-    c = json.loads(run(url, w.keys["consumer"], "contract", "accept", offer["id"], "--yes", "--key-file", ckey,
-                       "--provider-key", offer["provider_key"]))
+    c = json.loads(
+        run(
+            url,
+            w.keys["consumer"],
+            "contract",
+            "accept",
+            offer["id"],
+            "--yes",
+            "--key-file",
+            ckey,
+            "--provider-key",
+            offer["provider_key"],
+        )
+    )
     assert c["status"] == "active"
     assert [x["id"] for x in json.loads(run(url, w.keys["provider"], "contract", "list"))] == [c["id"]]
     p = Principal("key_cli", w.orgs["consumer"], frozenset({"consumer"}))
-    r = metering.begin(w.rt, p, offering_id=off["id"], mode="remote_job", job_kind="predict", units=2,
-                       idempotency_key="cli-1", request_digest=metering.request_digest("x"))
+    r = metering.begin(
+        w.rt,
+        p,
+        offering_id=off["id"],
+        mode="remote_job",
+        job_kind="predict",
+        units=2,
+        idempotency_key="cli-1",
+        request_digest=metering.request_digest("x"),
+    )
     metering.commit(w.rt, r, result=b"", media_type="x/y")
     s = run(url, w.keys["consumer"], "contract", "statement", c["id"], "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(s)))
     assert [(x["units"], x["amount_minor"], x["amount"]) for x in rows] == [("2", "50", "0.50")]
-    sus = json.loads(run(url, w.keys["provider"], "contract", "suspend", c["id"], "--reason", "audit", "--key-file", pkey))
+    sus = json.loads(
+        run(url, w.keys["provider"], "contract", "suspend", c["id"], "--reason", "audit", "--key-file", pkey)
+    )
     assert sus["status"] == "suspended"
     shown = json.loads(run(url, w.keys["consumer"], "contract", "show", c["id"]))
     assert shown["events"][0]["reason"] == "audit"

@@ -49,10 +49,24 @@ def _cases():  # type: ignore[no-untyped-def]
         "logreg-multinomial": (LogisticRegression(max_iter=3000), Xd / 16.0, yd),
         "linear-regression": (LinearRegression(), Xr, yr),
         "pipeline-ridge": (make_pipeline(StandardScaler(), Ridge(alpha=1.0)), Xr, yr),
-        "mlp-classifier-multiclass": (MLPClassifier(hidden_layer_sizes=(16,), max_iter=60, random_state=0), Xd / 16.0, yd),
+        "mlp-classifier-multiclass": (
+            MLPClassifier(hidden_layer_sizes=(16,), max_iter=60, random_state=0),
+            Xd / 16.0,
+            yd,
+        ),
         "pipeline-mlp-binary-tanh": (
-            make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(8, 4), activation="tanh", max_iter=60, random_state=0)), Xb, yb),
-        "mlp-regressor-logistic": (MLPRegressor(hidden_layer_sizes=(8,), activation="logistic", max_iter=60, random_state=0), Xr, yr),
+            make_pipeline(
+                StandardScaler(),
+                MLPClassifier(hidden_layer_sizes=(8, 4), activation="tanh", max_iter=60, random_state=0),
+            ),
+            Xb,
+            yb,
+        ),
+        "mlp-regressor-logistic": (
+            MLPRegressor(hidden_layer_sizes=(8,), activation="logistic", max_iter=60, random_state=0),
+            Xr,
+            yr,
+        ),
     }
 
 
@@ -128,7 +142,9 @@ def test_som_convert_cli_then_upload_to_a_real_server(live, tmp_path: Path) -> N
     est = _fit(est, X, y)
     path = tmp_path / "model.joblib"
     joblib.dump(est, path)
-    offering = world.provider.create_offering(name="converted", description="from scikit-learn", task="binary-classification")
+    offering = world.provider.create_offering(
+        name="converted", description="from scikit-learn", task="binary-classification"
+    )
     env = {"SOM_URL": url, "SOM_API_KEY": world.keys["provider"]}
 
     r = CliRunner().invoke(cli_app, ["convert", str(path)], env=env)
@@ -138,7 +154,9 @@ def test_som_convert_cli_then_upload_to_a_real_server(live, tmp_path: Path) -> N
     with np.load(io.BytesIO(npz.read_bytes()), allow_pickle=False) as z:
         assert sorted(z.files) == ["layer0.activation", "layer0.bias", "layer0.weight"]
 
-    r = CliRunner().invoke(cli_app, ["--json", "convert", str(path), "--format", "onnx", "--upload", offering["id"]], env=env)
+    r = CliRunner().invoke(
+        cli_app, ["--json", "convert", str(path), "--format", "onnx", "--upload", offering["id"]], env=env
+    )
     assert r.exit_code == 0, r.output
     versions = world.provider.list_versions(offering["id"])
     assert [v["format"] for v in versions] == ["onnx"] and versions[0]["input_shape"] == [30]

@@ -48,8 +48,14 @@ def _version_bytes(world: Any, version_id: str) -> tuple[bytes, dict[str, Any]]:
         return catalog.decrypt_artifact(world.rt, art), dict(v.info)
 
 
-def _run(world: Any, url: str, recipe: dict[str, Any], *, terms: dict[str, Any] | None = None,
-         stops: dict[int, Any] | None = None) -> tuple[Any, dict[str, Any], list[Any]]:
+def _run(
+    world: Any,
+    url: str,
+    recipe: dict[str, Any],
+    *,
+    terms: dict[str, Any] | None = None,
+    stops: dict[int, Any] | None = None,
+) -> tuple[Any, dict[str, Any], list[Any]]:
     split = breast_cancer_split(3)
     fed = open_federation(world, recipe, terms=terms, split=split)
     threads = run_participants(url, fed, split, stops=stops)
@@ -111,7 +117,9 @@ def test_contributions_are_ledger_leaves_with_offline_receipts(world: Any) -> No
     # the officer's totals: every leaf of the federation, per organisation
     from tests.marketplace.test_contracts_support import ledger_records
 
-    leaves = [r for _, r in ledger_records(world) if r["schema"] == "som.fl-contribution/v1" and r["federation_id"] == fed.id]
+    leaves = [
+        r for _, r in ledger_records(world) if r["schema"] == "som.fl-contribution/v1" and r["federation_id"] == fed.id
+    ]
     per_org = {o: sum(leaf["samples"] for leaf in leaves if leaf["org"] == o) for o, _ in fed.orgs}
     parts = {p["org_id"]: p for p in world.provider.federation(fed.id)["participants"]}
     assert all(parts[o]["units"] == per_org[o] and parts[o]["rounds"] == 3 for o in per_org)
@@ -122,15 +130,18 @@ def test_dp_charges_each_round_and_reports_the_accuracy_cost(live: Any) -> None:
     split = breast_cancer_split(3)
     z, rounds, delta = 2.0, 10, 1e-5
     budget = epsilon_after(z, rounds, delta) + 1e-6
-    fed, st, _ = _run(world, url, {**PLAIN, "noise_multiplier": z, "clipping": 1.0},
-                      terms={"epsilon": budget, "delta": delta})
+    fed, st, _ = _run(
+        world, url, {**PLAIN, "noise_multiplier": z, "clipping": 1.0}, terms={"epsilon": budget, "delta": delta}
+    )
     assert st["status"] == "completed", st
     assert st["epsilon_spent"] == pytest.approx(epsilon_after(z, rounds, delta))
     eps = [r["epsilon"] for r in world.provider.federation_rounds(fed.id)]
     assert eps == pytest.approx([epsilon_after(z, k, delta) for k in range(1, rounds + 1)])
     data, info = _version_bytes(world, st["result_version_id"])
     acc = model_accuracy(data, split)
-    print(f"DP (epsilon={st['epsilon_spent']:.2f}, delta={delta}): accuracy {acc:.4f} vs central {central_accuracy(split):.4f}")
+    print(
+        f"DP (epsilon={st['epsilon_spent']:.2f}, delta={delta}): accuracy {acc:.4f} vs central {central_accuracy(split):.4f}"
+    )
     assert info["lineage"]["epsilon"] == pytest.approx(st["epsilon_spent"])
     assert 0.0 <= acc <= 1.0  # fresh noise each run: the cost's distribution is the bench's (docs/benchmarks.md)
 
@@ -180,7 +191,9 @@ def test_the_coordinator_receives_only_masked_shares(live: Any) -> None:
     with world.rt.tx() as s:
         from marketplace.services import federations
 
-        node_of = {p.node_id: i for i, p in enumerate(sorted(federations.participants(s, fed.id), key=lambda p: p.joined_at))}
+        node_of = {
+            p.node_id: i for i, p in enumerate(sorted(federations.participants(s, fed.id), key=lambda p: p.joined_at))
+        }
     org_index = {o: i for i, (o, _) in enumerate(fed.orgs)}
     with world.rt.tx() as s:
         node_org = {p.node_id: org_index[p.org_id] for p in federations.participants(s, fed.id)}
@@ -189,7 +202,9 @@ def test_the_coordinator_receives_only_masked_shares(live: Any) -> None:
     for node, _rnd, data in box.view:
         i = node_org[node]
         x, y = split.parts[i]
-        plain = learning.train(learning.init_params(30), (x - split.mean) / split.scale, y, epochs=5, lr=0.1, seed=i + 1)
+        plain = learning.train(
+            learning.init_params(30), (x - split.mean) / split.scale, y, epochs=5, lr=0.1, seed=i + 1
+        )
         for arr in plain:  # no plaintext float in any byte the coordinator received
             for v in arr[np.abs(arr) > 1e-6]:
                 assert np.float64(v).tobytes() not in data and np.float32(v).tobytes() not in data
@@ -220,8 +235,13 @@ def test_som_agent_federation_process_takes_part(live: Any, tmp_path: Path) -> N
     csv.write_text(to_csv(*split.parts[2]))
     som = Path(sys.executable).with_name("som")
     env = {**os.environ, "SOM_URL": url, "SOM_API_KEY": fed.orgs[2][1]}
-    proc = subprocess.Popen([str(som), "--json", "agent", "--federation", fed.id, "--data", str(csv), "--lease-wait", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(som), "--json", "agent", "--federation", fed.id, "--data", str(csv), "--lease-wait", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         try:
             wait_joined(world, fed, 3, timeout=60)
@@ -241,13 +261,37 @@ def test_som_agent_federation_process_takes_part(live: Any, tmp_path: Path) -> N
     assert all(len(r["participants"]) == 3 for r in world.provider.federation_rounds(fed.id))
     # the provider's CLI view of the run
     penv = {**env, "SOM_API_KEY": world.keys["provider"]}
-    status = json.loads(subprocess.run([str(som), "--json", "federation", "status", fed.id], env=penv,
-                                       capture_output=True, text=True, timeout=120, check=True).stdout)
+    status = json.loads(
+        subprocess.run(
+            [str(som), "--json", "federation", "status", fed.id],
+            env=penv,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    )
     assert status["status"] == "completed" and status["participants"] == 3 and status["result_version_id"]
-    rounds = json.loads(subprocess.run([str(som), "--json", "federation", "rounds", fed.id], env=penv,
-                                       capture_output=True, text=True, timeout=120, check=True).stdout)
+    rounds = json.loads(
+        subprocess.run(
+            [str(som), "--json", "federation", "rounds", fed.id],
+            env=penv,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    )
     assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["participants"] == 3 for r in rounds)
     # a participant's receipts over the CLI: its own three leaves
-    receipts = json.loads(subprocess.run([str(som), "--json", "federation", "receipts", fed.id], env=env,
-                                         capture_output=True, text=True, timeout=120, check=True).stdout)
+    receipts = json.loads(
+        subprocess.run(
+            [str(som), "--json", "federation", "receipts", fed.id],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    )
     assert len(receipts) == 3

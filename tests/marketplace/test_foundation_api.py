@@ -19,8 +19,13 @@ def _status(fn, *a, **kw) -> tuple[int, str]:  # type: ignore[no-untyped-def]
 
 
 def _offering(client, **kw):  # type: ignore[no-untyped-def]
-    body = {"name": "cancer-lr", "task": "binary-classification", "description": "Breast cancer LR",
-            "tags": ["medical", "tabular"], "hosting": "marketplace"}
+    body = {
+        "name": "cancer-lr",
+        "task": "binary-classification",
+        "description": "Breast cancer LR",
+        "tags": ["medical", "tabular"],
+        "hosting": "marketplace",
+    }
     body.update(kw)
     return client.create_offering(**body)
 
@@ -143,7 +148,9 @@ def test_foreign_objects_are_404_on_every_route(world) -> None:
     assert _status(world.consumer.get_offering, oid) == (404, "not_found")  # draft: invisible
     assert _status(other.create_key, world.orgs["provider"], ["provider"]) == (404, "not_found")
     assert _status(world.consumer.revoke_key, world.provider.whoami()["key_id"]) == (404, "not_found")
-    r = world.http.get(f"/v1/orgs/{world.orgs['provider']}", headers={"Authorization": f"Bearer {world.keys['consumer']}"})
+    r = world.http.get(
+        f"/v1/orgs/{world.orgs['provider']}", headers={"Authorization": f"Bearer {world.keys['consumer']}"}
+    )
     assert r.status_code == 404
     assert all(o["id"] != oid for o in other.search_offerings())
     denied = world.compliance.audit(action="authz.denied")
@@ -177,7 +184,12 @@ def test_pagination(world) -> None:
     r = world.provider.get_json("/v1/offerings", limit=3, offset=6)
     assert (len(r["items"]), r["next_offset"]) == (1, None)
     assert len(world.provider.search_offerings()) == 7
-    assert world.http.get("/v1/offerings?limit=0", headers={"Authorization": f"Bearer {world.keys['provider']}"}).status_code == 422
+    assert (
+        world.http.get(
+            "/v1/offerings?limit=0", headers={"Authorization": f"Bearer {world.keys['provider']}"}
+        ).status_code
+        == 422
+    )
 
 
 @pytest.mark.parametrize(
@@ -229,8 +241,11 @@ def test_oversized_bodies_are_413(tmp_path, sqlite_url) -> None:
         with pytest.raises(SomAPIError) as ei:
             w.provider.upload_version(off["id"], b"\0" * 5000, format="npz")
         assert ei.value.status == 413
-        r = w.http.post("/v1/offerings", content=b"{" + b" " * 5000 + b"}",
-                        headers={"Authorization": f"Bearer {w.keys['provider']}", "Content-Type": "application/json"})
+        r = w.http.post(
+            "/v1/offerings",
+            content=b"{" + b" " * 5000 + b"}",
+            headers={"Authorization": f"Bearer {w.keys['provider']}", "Content-Type": "application/json"},
+        )
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     finally:
         app.state.runtime.close()
@@ -293,7 +308,7 @@ def test_onnx_upload_and_unsupported_operator(world) -> None:
 
 def test_tag_filter_matches_whole_tags_only(world) -> None:
     names = {}
-    for name, tags in [("a", ["medical"]), ("b", ["med"]), ("c", ["a_b", '50%']), ("d", ["axb", 'q"t\\'])]:
+    for name, tags in [("a", ["medical"]), ("b", ["med"]), ("c", ["a_b", "50%"]), ("d", ["axb", 'q"t\\'])]:
         names[_offering(world.provider, name=name, tags=tags)["id"]] = name
 
     def found(tag: str) -> list[str]:

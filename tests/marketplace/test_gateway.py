@@ -89,7 +89,12 @@ def test_marketplace_hosted_json_and_csv_metered_with_receipts(gw: tuple[Any, st
     assert receipt is not None
     verify_receipt(receipt, vkey)
     leaf = _leaf(receipt)
-    assert (leaf["mode"], leaf["units"], leaf["outcome"], leaf["contract_id"]) == ("gateway", 5, "charged", g.contract_id)
+    assert (leaf["mode"], leaf["units"], leaf["outcome"], leaf["contract_id"]) == (
+        "gateway",
+        5,
+        "charged",
+        g.contract_id,
+    )
     assert leaf["usage_id"] == consumer.last_usage_id
     # CSV in (with a header line), CSV out
     r = _post(url, w.keys["consumer"], g.offering_id, to_csv(x[:3], header=True), "text/csv")
@@ -105,7 +110,11 @@ def test_marketplace_hosted_json_and_csv_metered_with_receipts(gw: tuple[Any, st
     assert usage_states(w.rt, g.contract_id or "") == [("charged", 2), ("charged", 3), ("charged", 5)]
     assert used_units(w.rt, g.contract_id or "") == (10, 0)
     # the decrypt of the artifact into the worker's memory is audited once (warm session after)
-    events = [e for e in w.admin.paginate("/v1/audit", action="artifact.decrypt") if e["detail"].get("purpose") == "gateway_load"]
+    events = [
+        e
+        for e in w.admin.paginate("/v1/audit", action="artifact.decrypt")
+        if e["detail"].get("purpose") == "gateway_load"
+    ]
     assert len(events) == 1
 
 
@@ -123,8 +132,14 @@ def test_idempotency_key_replays_and_charges_once(gw: tuple[Any, str], tmp_path:
     assert again.headers["x-som-receipt"] == first.headers["x-som-receipt"]
     assert "server-timing" in again.headers
     # the same key with other rows is refused, nothing charged
-    other = _post(url, key, g.offering_id, json.dumps({"rows": features(4, seed=9).tolist()}).encode(),
-                  "application/json", idem=idem)
+    other = _post(
+        url,
+        key,
+        g.offering_id,
+        json.dumps({"rows": features(4, seed=9).tolist()}).encode(),
+        "application/json",
+        idem=idem,
+    )
     assert other.status_code == 422 and "server-timing" in other.headers
     # missing key
     assert _post(url, key, g.offering_id, body, "application/json", idem=False).status_code == 422  # type: ignore[arg-type]
@@ -252,7 +267,9 @@ def test_provider_hosted_through_a_real_som_agent(gw: tuple[Any, str], tmp_path:
         b = _post(url, w.keys["consumer"], g.offering_id, body, "application/json", idem=idem)
         assert a.content == b.content and b.headers["x-som-replay"] == "true"
         # the width the agent announced is checked before anything is reserved
-        bad = _post(url, w.keys["consumer"], g.offering_id, json.dumps({"rows": [[1.0, 2.0]]}).encode(), "application/json")
+        bad = _post(
+            url, w.keys["consumer"], g.offering_id, json.dumps({"rows": [[1.0, 2.0]]}).encode(), "application/json"
+        )
         assert bad.status_code == 422 and "columns" in bad.json()["error"]["message"]
         # the weights never reached the marketplace
         assert w.provider.get_json(f"/v1/offerings/{g.offering_id}/versions") == []
@@ -294,19 +311,35 @@ def test_som_predict_cli_csv_json_and_npy(tmp_path: Path, sqlite_url: str) -> No
         np.save(tmp_path / "rows.npy", x)
 
         def som(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "marketplace.cli", *args], env=env, capture_output=True,  # noqa: S603
-                                  text=True, timeout=120, check=False)
+            return subprocess.run(
+                [sys.executable, "-m", "marketplace.cli", *args],
+                env=env,
+                capture_output=True,  # noqa: S603
+                text=True,
+                timeout=120,
+                check=False,
+            )
 
         r = som("predict", g.offering_id, "--input", str(tmp_path / "rows.csv"))
         assert r.returncode == 0, r.stderr
         np.testing.assert_allclose(_read_csv(r.stdout.encode())[1], want, rtol=1e-12)
         for name in ("rows.json", "rows.npy"):
-            r = som("--json", "predict", g.offering_id, "--input", str(tmp_path / name), "--idempotency-key", f"k-{name}")
+            r = som(
+                "--json", "predict", g.offering_id, "--input", str(tmp_path / name), "--idempotency-key", f"k-{name}"
+            )
             assert r.returncode == 0, r.stderr
             doc = json.loads(r.stdout)
             np.testing.assert_allclose(doc["outputs"], want, rtol=1e-12)
             assert doc["usage_id"] and isinstance(doc["ledger_index"], int) and set(doc["timing_ms"]) == set(TIMING)
-        r = som("--json", "predict", g.offering_id, "--input", str(tmp_path / "rows.json"), "--idempotency-key", "k-rows.json")
+        r = som(
+            "--json",
+            "predict",
+            g.offering_id,
+            "--input",
+            str(tmp_path / "rows.json"),
+            "--idempotency-key",
+            "k-rows.json",
+        )
         assert json.loads(r.stdout)["replay"] is True
         assert usage_states(w.rt, g.contract_id or "") == [("charged", 3)] * 3
         (tmp_path / "bad.csv").write_text("1,2\n3\n")

@@ -57,7 +57,8 @@ def mlp_onnx(seed: int = 11, hidden: int = 8, classes: int = 3) -> tuple[bytes, 
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
     g = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", D_IN])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
         [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
@@ -83,13 +84,20 @@ def to_csv(x: np.ndarray, *, header: bool = False) -> bytes:
     return (head + "\n".join(",".join(repr(float(v)) for v in row) for row in x) + "\n").encode()
 
 
-def gateway_terms(*, modes: frozenset[str] = frozenset({"gateway"}), quota: int = 100_000, max_batch: int = 64,
-                  rate: int = 1_000_000) -> Terms:
+def gateway_terms(
+    *, modes: frozenset[str] = frozenset({"gateway"}), quota: int = 100_000, max_batch: int = 64, rate: int = 1_000_000
+) -> Terms:
     now = utcnow()
     return Terms(
-        modes=modes, quota_units=quota, rate_units=rate, rate_window_seconds=60,
-        valid_from=now - timedelta(days=1), valid_until=now + timedelta(days=30),
-        unit_price_minor=3, currency="EUR", max_batch=max_batch,
+        modes=modes,
+        quota_units=quota,
+        rate_units=rate,
+        rate_window_seconds=60,
+        valid_from=now - timedelta(days=1),
+        valid_until=now + timedelta(days=30),
+        unit_price_minor=3,
+        currency="EUR",
+        max_batch=max_batch,
         job_limits=JobLimits(frozenset({"predict"}), 30, 512, 60),
     )
 
@@ -104,8 +112,16 @@ class GW:
     signing_key: SigningKey | None = None
 
 
-def gw_offering(world: Any, tmp_path: Path, *, hosting: str = "marketplace", contract: bool = True,
-                consumer: Any = None, artifact: tuple[bytes, str] | None = None, **terms_kw: Any) -> GW:
+def gw_offering(
+    world: Any,
+    tmp_path: Path,
+    *,
+    hosting: str = "marketplace",
+    contract: bool = True,
+    consumer: Any = None,
+    artifact: tuple[bytes, str] | None = None,
+    **terms_kw: Any,
+) -> GW:
     """A published offering with an LR model (or ``artifact``) and, if ``contract``, the
     consumer's contract under ``gateway_terms(**terms_kw)``."""
     w, b = lr_arrays()
@@ -139,7 +155,9 @@ def usage_states(rt: Any, contract_id: str) -> list[tuple[str, int]]:
     from marketplace.db.models_contracts import UsageRow
 
     with rt.tx() as s:
-        return sorted((u.state, u.units) for u in s.scalars(select(UsageRow).where(UsageRow.contract_id == contract_id)))
+        return sorted(
+            (u.state, u.units) for u in s.scalars(select(UsageRow).where(UsageRow.contract_id == contract_id))
+        )
 
 
 def used_units(rt: Any, contract_id: str) -> tuple[int, int]:
@@ -151,7 +169,9 @@ def used_units(rt: Any, contract_id: str) -> tuple[int, int]:
 
 
 @contextmanager
-def som_agent(world: Any, url: str, gw: GW, tmp_path: Path, *, timeout: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
+def som_agent(
+    world: Any, url: str, gw: GW, tmp_path: Path, *, timeout: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``som agent`` process serving ``gw`` (provider-hosted), connected for gateway calls."""
     from marketplace.services.gateway_hub import hub_of
 
@@ -161,16 +181,32 @@ def som_agent(world: Any, url: str, gw: GW, tmp_path: Path, *, timeout: float = 
     env = {**os.environ, "SOM_URL": url, "SOM_API_KEY": key}
     log = (tmp_path / f"agent-{gw.offering_id}.log").open("wb")
     proc = subprocess.Popen(  # noqa: S603 - our own CLI, argv list
-        [sys.executable, "-m", "marketplace.cli", "agent", "--model", str(gw.model_path), "--signing-key", str(sk),
-         "--lease-wait", "2", "--workdir", str(tmp_path / "agent-work")],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "marketplace.cli",
+            "agent",
+            "--model",
+            str(gw.model_path),
+            "--signing-key",
+            str(sk),
+            "--lease-wait",
+            "2",
+            "--workdir",
+            str(tmp_path / "agent-work"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     hub = hub_of(world.rt)
     try:
         deadline = time.monotonic() + timeout
         while hub.input_dim(gw.offering_id) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"som agent did not connect: {(tmp_path / f'agent-{gw.offering_id}.log').read_text()[-2000:]}")
+                raise AssertionError(
+                    f"som agent did not connect: {(tmp_path / f'agent-{gw.offering_id}.log').read_text()[-2000:]}"
+                )
             time.sleep(0.1)
         yield proc
     finally:

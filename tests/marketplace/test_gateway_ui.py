@@ -28,7 +28,9 @@ def chromium() -> Iterator[Any]:
 
 
 @pytest.mark.browser
-def test_offering_view_says_gateway_reveals_inputs_to_the_compute_site(chromium: Any, tmp_path: Path, sqlite_url: str) -> None:
+def test_offering_view_says_gateway_reveals_inputs_to_the_compute_site(
+    chromium: Any, tmp_path: Path, sqlite_url: str
+) -> None:
     from playwright.sync_api import expect
 
     with served(tmp_path, sqlite_url) as (w, url):

@@ -50,7 +50,9 @@ def _usage_states(rt: Any) -> list[str]:
         return sorted(u.state for u in s.scalars(select(UsageRow)))
 
 
-def _raw_infer(w: Any, client: Any, off: str, body: bytes, *, keyset: str, key: str | None, contract: str | None = None) -> Any:
+def _raw_infer(
+    w: Any, client: Any, off: str, body: bytes, *, keyset: str, key: str | None, contract: str | None = None
+) -> Any:
     headers = {"Content-Type": "application/octet-stream", "X-Som-Keyset": keyset}
     if key is not None:
         headers["Idempotency-Key"] = key
@@ -181,7 +183,10 @@ def test_idempotent_replay_and_no_charge_on_failure(hw: Any, tmp_path: Path) -> 
     # a well-framed request whose ciphertexts are garbage: 422, reservation released, uncharged
     frame = wire.decode(other, sk.plan, kind=wire.KIND_REQUEST)
     bad = wire.make_frame(
-        sk.plan, kind=wire.KIND_REQUEST, layout="batch", n_samples=2,
+        sk.plan,
+        kind=wire.KIND_REQUEST,
+        layout="batch",
+        n_samples=2,
         blobs=[b"\x5e\xa1" + os.urandom(64) for _ in frame.blobs],
     )
     r5 = _raw_infer(hw, hw.consumer, off, bad, keyset=ks["id"], key=str(uuid.uuid4()))
@@ -192,9 +197,7 @@ def test_idempotent_replay_and_no_charge_on_failure(hw: Any, tmp_path: Path) -> 
     # the decryption still works after all that
     r6 = _raw_infer(hw, hw.consumer, off, other, keyset=ks["id"], key=str(uuid.uuid4()))
     assert r6.status_code == 200
-    np.testing.assert_allclose(
-        sk.decrypt(r6.content)[:, 0], d.plain_proba[5:7], atol=0.01
-    )
+    np.testing.assert_allclose(sk.decrypt(r6.content)[:, 0], d.plain_proba[5:7], atol=0.01)
 
 
 def test_oversized_requests_are_413(tmp_path: Path, sqlite_url: str) -> None:

@@ -52,8 +52,19 @@ def test_cli_compile_and_encrypted_infer(served: tuple[Any, str], tmp_path: Path
         wr.writerows(d.x_test.tolist())
     out = tmp_path / "preds.csv"
     env = {"SOM_URL": url, "SOM_API_KEY": w.keys["consumer"]}
-    args = ["infer", off, "--input", str(data), "--encrypted", "--output", str(out), "--contract", cid,
-            "--key-dir", str(tmp_path / "keys")]
+    args = [
+        "infer",
+        off,
+        "--input",
+        str(data),
+        "--encrypted",
+        "--output",
+        str(out),
+        "--contract",
+        cid,
+        "--key-dir",
+        str(tmp_path / "keys"),
+    ]
     r = runner.invoke(cli, args, env=env)
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(out.open()))

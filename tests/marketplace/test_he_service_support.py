@@ -56,8 +56,14 @@ def principal(world: Any, name: str, role: str) -> Any:
 
 
 def make_contract(
-    world: Any, offering_id: str, *, consumer: str = "consumer", provider: str = "provider",
-    modes: frozenset[str] = frozenset({"he_inference"}), quota: int = 1_000_000, max_batch: int = 100_000,
+    world: Any,
+    offering_id: str,
+    *,
+    consumer: str = "consumer",
+    provider: str = "provider",
+    modes: frozenset[str] = frozenset({"he_inference"}),
+    quota: int = 1_000_000,
+    max_batch: int = 100_000,
 ) -> str:
     """Provider signs an offer, consumer signs the acceptance, both through the contracts service."""
     from contracts.offer import accept_offer, make_offer
@@ -69,13 +75,23 @@ def make_contract(
 
     now = utcnow()
     terms = Terms(
-        modes=modes, quota_units=quota, rate_units=quota, rate_window_seconds=60,
-        valid_from=now - timedelta(hours=1), valid_until=now + timedelta(days=30),
-        unit_price_minor=2, currency="EUR", max_batch=max_batch,
+        modes=modes,
+        quota_units=quota,
+        rate_units=quota,
+        rate_window_seconds=60,
+        valid_from=now - timedelta(hours=1),
+        valid_until=now + timedelta(days=30),
+        unit_price_minor=2,
+        currency="EUR",
+        max_batch=max_batch,
     )
     offer = make_offer(
-        offer_id="ofr_" + secrets.token_hex(8), offering_id=offering_id, provider_org=world.orgs[provider],
-        terms=terms, signing_key=SigningKey.generate(), now=now,
+        offer_id="ofr_" + secrets.token_hex(8),
+        offering_id=offering_id,
+        provider_org=world.orgs[provider],
+        terms=terms,
+        signing_key=SigningKey.generate(),
+        now=now,
     )
     rt = world.rt
     with rt.tx() as s:
@@ -83,7 +99,11 @@ def make_contract(
     contract = accept_offer(offer, consumer_org=world.orgs[consumer], signing_key=SigningKey.generate(), now=now)
     with rt.tx() as s:
         row = svc.accept_offer(
-            s, principal(world, consumer, "consumer"), offer.offer_id, contract.acceptance.to_dict(), audit.Actor.system(),
+            s,
+            principal(world, consumer, "consumer"),
+            offer.offer_id,
+            contract.acceptance.to_dict(),
+            audit.Actor.system(),
         )
         return str(row.id)
 

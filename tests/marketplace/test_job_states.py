@@ -34,9 +34,18 @@ def _audit(s: _Session, who: Any, action: str, **kw: Any) -> None:
 
 def _job(status: JobStatus = S.CREATED) -> Job:
     return Job(
-        id="job_test", status=status, input_blob="sha256:in", result_blob=None, reservation={"usage_id": "u"},
-        finishing=False, charged=False, attempts=0, lease_owner=None, lease_expires_at=None,
-        updated_at=NOW, deadline_at=NOW + timedelta(hours=1),
+        id="job_test",
+        status=status,
+        input_blob="sha256:in",
+        result_blob=None,
+        reservation={"usage_id": "u"},
+        finishing=False,
+        charged=False,
+        attempts=0,
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=NOW,
+        deadline_at=NOW + timedelta(hours=1),
     )
 
 

@@ -129,7 +129,9 @@ def test_custom_job_needs_approval_of_the_exact_code(jw: Any, tmp_path: Path) ->
     actions = [ev["action"] for ev in jw.admin.paginate("/v1/audit", limit=500)]
     assert "job.approve" in actions
     leaves = _ledger_leaves(jw)
-    assert any(r["schema"] == "som.job-approval/v1" and r["job_id"] == sub.id and r["decision"] == "approved" for r in leaves)
+    assert any(
+        r["schema"] == "som.job-approval/v1" and r["job_id"] == sub.id and r["decision"] == "approved" for r in leaves
+    )
 
 
 def _ledger_leaves(w: Any) -> list[dict[str, Any]]:
@@ -160,7 +162,9 @@ def test_rejected_custom_job_fails_uncharged(jw: Any, tmp_path: Path) -> None:
         ("import time\ntime.sleep(30)\n", {"cpu_seconds": 5, "wall_seconds": 1}, "timeout"),
     ],
 )
-def test_custom_job_over_its_limits_fails_cleanly(jw: Any, tmp_path: Path, code: str, limits: dict[str, Any], reason: str) -> None:
+def test_custom_job_over_its_limits_fails_cleanly(
+    jw: Any, tmp_path: Path, code: str, limits: dict[str, Any], reason: str
+) -> None:
     st = offering(jw, tmp_path, hosting="marketplace")
     sub = jw.consumer.submit_job(st.offering_id, "custom", b"1\n", code=code, limits=limits)
     jw.provider.approve_job(sub.id, code_digest(code))
@@ -200,7 +204,8 @@ def test_malformed_oversized_and_replayed_payloads(jw: Any, tmp_path: Path) -> N
             jw.consumer.upload_job_payload(job["id"], bad)
         assert e.value.status == 422, bad
     r = jw.consumer._http.post(
-        f"/v1/jobs/{job['id']}/payload", content=b"x" * (jw.rt.settings.max_sealed_bytes + 2048),
+        f"/v1/jobs/{job['id']}/payload",
+        content=b"x" * (jw.rt.settings.max_sealed_bytes + 2048),
         headers={"Content-Type": "application/octet-stream"},
     )
     assert r.status_code == 413
@@ -211,9 +216,15 @@ def test_malformed_oversized_and_replayed_payloads(jw: Any, tmp_path: Path) -> N
     assert e.value.status == 422
     # sealed to the wrong key: accepted as opaque bytes, fails at the compute site, uncharged
     reply = SealKeyPair.generate()
-    blob = seal_input(SealKeyPair.generate().public_text(), JobInput(job["id"], "predict", reply.public_text(), to_csv(features(2))))
+    blob = seal_input(
+        SealKeyPair.generate().public_text(), JobInput(job["id"], "predict", reply.public_text(), to_csv(features(2)))
+    )
     assert jw.consumer.upload_job_payload(job["id"], blob)["status"] == "queued"
-    assert jw.consumer.upload_job_payload(job["id"], blob)["status"] in ("queued", "running", "failed")  # same bytes: idempotent
+    assert jw.consumer.upload_job_payload(job["id"], blob)["status"] in (
+        "queued",
+        "running",
+        "failed",
+    )  # same bytes: idempotent
     other = seal(job["seal_public"], b"x", info=job_info(job["id"], "input"))
     with pytest.raises(SomAPIError) as e:
         jw.consumer.upload_job_payload(job["id"], other)
@@ -235,8 +246,10 @@ def _denials(jw: Any) -> list[Any]:
     from marketplace.db.models import AuditEvent
 
     with jw.rt.tx() as s:
-        return [(e.actor, e.org_id, e.target, e.outcome, e.detail, e.request_id)
-                for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "authz.denied").order_by(AuditEvent.seq))]
+        return [
+            (e.actor, e.org_id, e.target, e.outcome, e.detail, e.request_id)
+            for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "authz.denied").order_by(AuditEvent.seq))
+        ]
 
 
 def test_policy_denials_are_audited_with_the_reason(jw: Any, tmp_path: Path) -> None:
@@ -245,8 +258,10 @@ def test_policy_denials_are_audited_with_the_reason(jw: Any, tmp_path: Path) -> 
     st = offering(jw, tmp_path, hosting="marketplace", quota=5, kinds=("predict",))
     who = jw.consumer.get_json("/v1/whoami")
     assert _denials(jw) == []
-    for kind, data, reason in (("predict", to_csv(features(6)), "quota_exhausted"),
-                               ("evaluate", to_csv(np.column_stack([features(2), np.ones(2)])), "job_kind_not_allowed")):
+    for kind, data, reason in (
+        ("predict", to_csv(features(6)), "quota_exhausted"),
+        ("evaluate", to_csv(np.column_stack([features(2), np.ones(2)])), "job_kind_not_allowed"),
+    ):
         with pytest.raises(SomAPIError) as e:
             jw.consumer.submit_job(st.offering_id, kind, data)
         assert e.value.status == 403 and e.value.body["error"]["reason"] == reason

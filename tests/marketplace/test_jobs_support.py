@@ -47,9 +47,15 @@ def expected(weight: np.ndarray, bias: np.ndarray, x: np.ndarray) -> np.ndarray:
 def terms(*, quota: int = 10_000, kinds: tuple[str, ...] = ("custom", "evaluate", "predict")) -> Terms:
     now = utcnow()
     return Terms(
-        modes=frozenset({"remote_job", "he_inference"}), quota_units=quota, rate_units=100_000,
-        rate_window_seconds=60, valid_from=now - timedelta(days=1), valid_until=now + timedelta(days=30),
-        unit_price_minor=3, currency="EUR", max_batch=64,
+        modes=frozenset({"remote_job", "he_inference"}),
+        quota_units=quota,
+        rate_units=100_000,
+        rate_window_seconds=60,
+        valid_from=now - timedelta(days=1),
+        valid_until=now + timedelta(days=30),
+        unit_price_minor=3,
+        currency="EUR",
+        max_batch=64,
         job_limits=JobLimits(frozenset(kinds), 30, 512, 60),
     )
 
@@ -82,12 +88,20 @@ def vouch(client: Any, agent_id: str, setup: Setup, seal_public: str, *, key: Si
 
     sk = key or setup.signing_key
     assert sk is not None
-    st = sign_seal_key(sk, offering_id=setup.offering_id, seal_public=seal_public,
-                       not_after=utcnow() + timedelta(days=1))
+    st = sign_seal_key(
+        sk, offering_id=setup.offering_id, seal_public=seal_public, not_after=utcnow() + timedelta(days=1)
+    )
     return client.post_json("/v1/agent/seal-key", {"statements": [st.to_dict()]}, headers={"X-Som-Agent": agent_id})
 
 
-def offering(world: Any, tmp_path: Path, *, hosting: str, quota: int = 10_000, kinds: tuple[str, ...] = ("custom", "evaluate", "predict")) -> Setup:
+def offering(
+    world: Any,
+    tmp_path: Path,
+    *,
+    hosting: str,
+    quota: int = 10_000,
+    kinds: tuple[str, ...] = ("custom", "evaluate", "predict"),
+) -> Setup:
     """A published offering (marketplace-hosted: model uploaded; provider-hosted: model in a file
     on the 'provider machine' only) and the consumer's contract for it."""
     w, b = model_arrays()
@@ -120,8 +134,13 @@ def running_agent(world: Any, setup: Setup, key: str, tmp_path: Path, **cfg: Any
     assert setup.model_path is not None and setup.signing_key is not None
     cfg.setdefault("signing_key_path", write_signing_key(setup.model_path.parent / "provider.key", setup.signing_key))
     conf = AgentConfig(
-        url="http://testserver", api_key=key, model_path=setup.model_path,
-        seal_key_path=setup.model_path.parent / "seal.key", workdir=tmp_path / "agent-work", lease_wait=1.0, **cfg,
+        url="http://testserver",
+        api_key=key,
+        model_path=setup.model_path,
+        seal_key_path=setup.model_path.parent / "seal.key",
+        workdir=tmp_path / "agent-work",
+        lease_wait=1.0,
+        **cfg,
     )
     agent = ProviderAgent(conf, http=TestClient(world.app, raise_server_exceptions=False))  # type: ignore[arg-type]
     stop = threading.Event()
@@ -146,7 +165,9 @@ def usage_rows(world: Any, contract_id: str) -> list[Any]:
     with world.rt.tx() as s:
         return [
             (u.state, u.units)
-            for u in s.scalars(select(UsageRow).where(UsageRow.contract_id == contract_id).order_by(UsageRow.reserved_at))
+            for u in s.scalars(
+                select(UsageRow).where(UsageRow.contract_id == contract_id).order_by(UsageRow.reserved_at)
+            )
         ]
 
 

@@ -167,7 +167,11 @@ def test_authorization(world):
         world.client(None).ledger_checkpoint()
     assert e.value.status == 401
     # Bad arguments are 422/404, never 500.
-    for kw, status in ((dict(index=10**6), 404), (dict(leaf_hash="zz"), 422), (dict(leaf_hash=base64.b64encode(bytes(32)).decode()), 404)):
+    for kw, status in (
+        (dict(index=10**6), 404),
+        (dict(leaf_hash="zz"), 422),
+        (dict(leaf_hash=base64.b64encode(bytes(32)).decode()), 404),
+    ):
         with pytest.raises(SomAPIError) as e:
             world.compliance.inclusion_proof(**kw)
         assert e.value.status == status, kw

@@ -39,11 +39,42 @@ def slow_ok(d: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> bool:
 
 
 TRICKY = [
-    None, True, False, 0, 1, -1, 2**53 - 1, 2**53, 3.0, "", "x", "x" * 256, "x" * 257, "a\nb",
-    "\u00e9t\u00e9", "\ud800", "\x00", "EUR", "eur", "EURO", "he_inference", "remote_job",
-    "training", "charged", "released", "refunded", GOOD["time"], "2026-13-01T00:00:00.000000Z",
-    "2026-01-01T00:00:00Z", GOOD["request_digest"], "sha256:" + "A" * 64, "sha1:00", [], ["x"],
-    {}, {"a": 1},
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2**53 - 1,
+    2**53,
+    3.0,
+    "",
+    "x",
+    "x" * 256,
+    "x" * 257,
+    "a\nb",
+    "\u00e9t\u00e9",
+    "\ud800",
+    "\x00",
+    "EUR",
+    "eur",
+    "EURO",
+    "he_inference",
+    "remote_job",
+    "training",
+    "charged",
+    "released",
+    "refunded",
+    GOOD["time"],
+    "2026-13-01T00:00:00.000000Z",
+    "2026-01-01T00:00:00Z",
+    GOOD["request_digest"],
+    "sha256:" + "A" * 64,
+    "sha1:00",
+    [],
+    ["x"],
+    {},
+    {"a": 1},
 ]
 values = st.one_of(
     st.sampled_from(TRICKY),
@@ -87,13 +118,22 @@ ints = st.integers(min_value=0, max_value=2**53 - 1)
 usage_leaves = st.fixed_dictionaries(
     {
         "schema": st.just("som.usage/v1"),
-        "usage_id": ids, "contract_id": ids, "offering_id": ids, "consumer_org": ids, "provider_org": ids,
+        "usage_id": ids,
+        "contract_id": ids,
+        "offering_id": ids,
+        "consumer_org": ids,
+        "provider_org": ids,
         "mode": st.sampled_from(["he_inference", "remote_job"]),
-        "units": ints.filter(bool), "unit_price_minor": ints, "amount_minor": ints,
+        "units": ints.filter(bool),
+        "unit_price_minor": ints,
+        "amount_minor": ints,
         "currency": st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=3, max_size=3),
         "outcome": st.sampled_from(["charged", "released"]),
-        "request_digest": digests, "idempotency_key_digest": digests,
-        "time": st.sampled_from([GOOD["time"], "2026-12-31T23:59:59.999999Z", "\u0661\u0662\u0663\u0664-01-01T00:00:00.000000Z"]),
+        "request_digest": digests,
+        "idempotency_key_digest": digests,
+        "time": st.sampled_from(
+            [GOOD["time"], "2026-12-31T23:59:59.999999Z", "\u0661\u0662\u0663\u0664-01-01T00:00:00.000000Z"]
+        ),
     }
 )
 
@@ -108,7 +148,7 @@ def test_append_canonicalizes_usage_leaves_exactly_as_crypto_canonical(rec):
 
 
 def test_append_canonicalizes_every_schema_as_crypto_canonical():
-    for rec in (GOOD, contract_leaf(CONTRACT), {**GOOD, "usage_id": "\u00e9t\u00e9 \u2603 \"q\" \\"}):
+    for rec in (GOOD, contract_leaf(CONTRACT), {**GOOD, "usage_id": '\u00e9t\u00e9 \u2603 "q" \\'}):
         assert ledger.tree._prepare(rec)[1][2] == canonicalize(rec)
 
 

@@ -17,7 +17,12 @@ CONSUMER_KEY = SigningKey.from_private_bytes(bytes(range(32, 64)))
 
 
 def make_contract(
-    *, consumer_org: str, provider_org: str, offering_id: str = "off_ledger", offer_id: str = "offer-1", quota: int = 10_000
+    *,
+    consumer_org: str,
+    provider_org: str,
+    offering_id: str = "off_ledger",
+    offer_id: str = "offer-1",
+    quota: int = 10_000,
 ) -> Contract:
     terms = Terms(
         modes=frozenset({"he_inference", "remote_job"}),
@@ -32,13 +37,19 @@ def make_contract(
         job_limits=JobLimits(frozenset({"predict", "evaluate"}), 600, 2048, 900),
     )
     offer = make_offer(
-        offer_id=offer_id, offering_id=offering_id, provider_org=provider_org, terms=terms,
-        signing_key=PROVIDER_KEY, now=T0 - timedelta(days=1),
+        offer_id=offer_id,
+        offering_id=offering_id,
+        provider_org=provider_org,
+        terms=terms,
+        signing_key=PROVIDER_KEY,
+        now=T0 - timedelta(days=1),
     )
     return accept_offer(offer, consumer_org=consumer_org, signing_key=CONSUMER_KEY, now=T0 - timedelta(hours=1))
 
 
-def usage(contract: Contract, i: int, *, units: int = 2, outcome: str = "charged", mode: str = "he_inference") -> dict[str, Any]:
+def usage(
+    contract: Contract, i: int, *, units: int = 2, outcome: str = "charged", mode: str = "he_inference"
+) -> dict[str, Any]:
     d = lambda s: "sha256:" + hashlib.sha256(s.encode()).hexdigest()  # noqa: E731
     return usage_record(
         contract,

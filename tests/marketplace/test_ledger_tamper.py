@@ -49,7 +49,9 @@ def seed(world, n_batches: int = 3, per_batch: int = 7):  # type: ignore[no-unty
         ledger.append(s, contract_leaf(c))
     for b in range(n_batches):
         with rt.tx() as s:
-            ledger.append_many(s, [usage(c, b * per_batch + i, outcome="released" if i == 4 else "charged") for i in range(per_batch)])
+            ledger.append_many(
+                s, [usage(c, b * per_batch + i, outcome="released" if i == 4 else "charged") for i in range(per_batch)]
+            )
         ledger.sign_checkpoint(rt)
     return c
 
@@ -200,7 +202,9 @@ def test_rewritten_history_signed_with_the_real_key_is_caught_by_a_kept_checkpoi
     # The rewritten log is internally consistent and correctly signed...
     assert som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d)).exit_code == 0
     # ... but not the history the officer kept a checkpoint of.
-    r = som("ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d), "--trusted-checkpoint", str(kept))
+    r = som(
+        "ledger", "verify", "--vkey", sqlite_world.compliance.ledger_key(), str(d), "--trusted-checkpoint", str(kept)
+    )
     assert r.exit_code == 3
     assert "trusted checkpoint" in r.output and "rewritten" in r.output
 

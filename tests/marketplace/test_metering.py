@@ -36,8 +36,13 @@ def _begin(world, d, key: str, *, units: int = 1, digest: str | None = None, **k
     kw.setdefault("mode", "remote_job")
     kw.setdefault("job_kind", "predict")
     return metering.begin(
-        world.rt, d.consumer, offering_id=d.offering_id, units=units, idempotency_key=key,
-        request_digest=digest or RD(key), **kw,
+        world.rt,
+        d.consumer,
+        offering_id=d.offering_id,
+        units=units,
+        idempotency_key=key,
+        request_digest=digest or RD(key),
+        **kw,
     )
 
 
@@ -100,7 +105,8 @@ def test_in_flight_conflict_release_and_retry(world) -> None:
         metering.commit(world.rt, r, result=b"late", media_type="text/plain")
     leaves = usage_leaves(world, d.contract_id)
     assert [(x["usage_id"], x["outcome"], x["amount_minor"]) for x in leaves] == [
-        (r.usage_id, "released", 0), (r2.usage_id, "charged", 10),
+        (r.usage_id, "released", 0),
+        (r2.usage_id, "charged", 10),
     ]
     assert _counters(world, d.contract_id) == (2, 0)
 
@@ -108,21 +114,59 @@ def test_in_flight_conflict_release_and_retry(world) -> None:
 def test_resolution_and_argument_errors(world) -> None:
     d = make_deal(world)
     with pytest.raises(Invalid):
-        metering.begin(world.rt, d.consumer, offering_id=d.offering_id, mode="remote_job", units=1,
-                       idempotency_key="", request_digest=RD("x"))
+        metering.begin(
+            world.rt,
+            d.consumer,
+            offering_id=d.offering_id,
+            mode="remote_job",
+            units=1,
+            idempotency_key="",
+            request_digest=RD("x"),
+        )
     with pytest.raises(Invalid):
-        metering.begin(world.rt, d.consumer, offering_id=d.offering_id, mode="remote_job", units=0,
-                       idempotency_key="a", request_digest=RD("x"))
+        metering.begin(
+            world.rt,
+            d.consumer,
+            offering_id=d.offering_id,
+            mode="remote_job",
+            units=0,
+            idempotency_key="a",
+            request_digest=RD("x"),
+        )
     with pytest.raises(Invalid):
-        metering.begin(world.rt, d.consumer, offering_id=d.offering_id, mode="remote_job", units=1,
-                       idempotency_key="a", request_digest="md5:xyz")
+        metering.begin(
+            world.rt,
+            d.consumer,
+            offering_id=d.offering_id,
+            mode="remote_job",
+            units=1,
+            idempotency_key="a",
+            request_digest="md5:xyz",
+        )
     other = Principal("key_x", world.orgs["other_consumer"], frozenset({"consumer"}))
     with pytest.raises(NotFound):  # no contract of this org for the offering
-        metering.begin(world.rt, other, offering_id=d.offering_id, mode="remote_job", job_kind="predict",
-                       units=1, idempotency_key="a", request_digest=RD("x"))
+        metering.begin(
+            world.rt,
+            other,
+            offering_id=d.offering_id,
+            mode="remote_job",
+            job_kind="predict",
+            units=1,
+            idempotency_key="a",
+            request_digest=RD("x"),
+        )
     with pytest.raises(NotFound):  # someone else's contract by id
-        metering.begin(world.rt, other, offering_id=d.offering_id, mode="remote_job", job_kind="predict",
-                       units=1, idempotency_key="a", request_digest=RD("x"), contract_id=d.contract_id)
+        metering.begin(
+            world.rt,
+            other,
+            offering_id=d.offering_id,
+            mode="remote_job",
+            job_kind="predict",
+            units=1,
+            idempotency_key="a",
+            request_digest=RD("x"),
+            contract_id=d.contract_id,
+        )
     # Idempotency keys are per organisation: the same key in another org is unrelated.
     r = _begin(world, d, "shared-key")
     metering.release(world.rt, r, reason="test")
@@ -144,9 +188,19 @@ def test_policy_denials(world) -> None:
 
     with world.rt.tx() as s:
         for kid, contract_id in (("ks_good", d.contract_id), ("ks_other", "ctr_someone_else")):
-            s.add(Keyset(id=kid, org_id=d.consumer.org_id, offering_id=d.offering_id, contract_id=contract_id,
-                         plan_digest="sha256:" + "0" * 64, blob="sha256:" + "0" * 64, size=0, layouts=[],
-                         created_by="key_test"))
+            s.add(
+                Keyset(
+                    id=kid,
+                    org_id=d.consumer.org_id,
+                    offering_id=d.offering_id,
+                    contract_id=contract_id,
+                    plan_digest="sha256:" + "0" * 64,
+                    blob="sha256:" + "0" * 64,
+                    size=0,
+                    layouts=[],
+                    created_by="key_test",
+                )
+            )
     for bad in ("ks_missing", "ks_other"):
         with pytest.raises(PolicyDenied) as ei:
             _begin(world, d, f"x4-{bad}", mode="he_inference", job_kind=None, keyset_id=bad)
@@ -228,8 +282,11 @@ def test_concurrent_requests_never_overspend(world) -> None:
         t.join(timeout=120)
     assert Counter(results) == {"ok": 100, "quota_exhausted": 100}
     with world.rt.tx() as s:
-        n = s.scalar(select(func.count()).select_from(UsageRow).where(UsageRow.contract_id == d.contract_id,
-                                                                    UsageRow.state == "charged"))
+        n = s.scalar(
+            select(func.count())
+            .select_from(UsageRow)
+            .where(UsageRow.contract_id == d.contract_id, UsageRow.state == "charged")
+        )
     assert n == 100
     leaves = usage_leaves(world, d.contract_id)
     assert len(leaves) == 100 and len({x["usage_id"] for x in leaves}) == 100
@@ -285,9 +342,20 @@ def test_crash_between_compute_and_commit(world, tmp_path: Path) -> None:
     rt = world.rt
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and script
-        [sys.executable, "-c", _CRASH, str(rt.settings.data_dir), rt.settings.resolved_database_url(),
-         world.orgs["consumer"], d.offering_id, "crash-key"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        [
+            sys.executable,
+            "-c",
+            _CRASH,
+            str(rt.settings.data_dir),
+            rt.settings.resolved_database_url(),
+            world.orgs["consumer"],
+            d.offering_id,
+            "crash-key",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
     )
     try:
         line = proc.stdout.readline().strip()  # type: ignore[union-attr]

@@ -78,7 +78,11 @@ def test_metrics_exposition_parses_route_is_the_template_buckets_start_at_100us(
         assert c.get("/v1/no/such/route/xyz123").status_code == 404
         assert c.get("/v1/whoami").status_code == 200
         # answered before routing (the body limit): still the template
-        big = c.post("/v1/offerings/off_toolarge77/offers", content=b"{" + b" " * (2 << 20), headers={"Content-Type": "application/json"})
+        big = c.post(
+            "/v1/offerings/off_toolarge77/offers",
+            content=b"{" + b" " * (2 << 20),
+            headers={"Content-Type": "application/json"},
+        )
         assert big.status_code == 413
     monitoring.record_inference("off_probe", 3, "he_inference", queue_s=0.0, model_s=2e-5, overhead_s=3e-4, ok=True)
     r = httpx.get(f"{url}/metrics")
@@ -91,7 +95,9 @@ def test_metrics_exposition_parses_route_is_the_template_buckets_start_at_100us(
     assert "/v1/offerings/{offering_id}" in routes and "/v1/whoami" in routes and "unmatched" in routes
     assert not any("off_doesnotexist42" in v or "xyz123" in v for s in http.samples for v in s.labels.values())
     assert {"http_route", "http_request_method", "http_response_status_code"} <= set(counts[0].labels)
-    got = {(s.labels["http_route"], s.labels["http_request_method"], s.labels["http_response_status_code"]) for s in counts}
+    got = {
+        (s.labels["http_route"], s.labels["http_request_method"], s.labels["http_response_status_code"]) for s in counts
+    }
     assert ("/v1/offerings/{offering_id}", "GET", "404") in got and ("/v1/whoami", "GET", "200") in got
     assert ("/v1/offerings/{offering_id}/offers", "POST", "413") in got
     assert not any("off_toolarge77" in v for s in http.samples for v in s.labels.values())
@@ -127,7 +133,11 @@ def _serve(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
 def test_multiprocess_mode_aggregates_two_som_serve_processes(tmp_path: Path) -> None:
     prom = tmp_path / "prom"
     prom.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SOM_") and k not in ("DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR")
+    }
     env.update({"SOM_DATA_DIR": str(tmp_path / "data"), "PROMETHEUS_MULTIPROC_DIR": str(prom)})
     admin = json.loads(som("--json", "admin", "bootstrap", env=env).stdout)["api_key"]
     ports = [free_port(), free_port()]
@@ -140,8 +150,11 @@ def test_multiprocess_mode_aggregates_two_som_serve_processes(tmp_path: Path) ->
         assert len(list(prom.glob("*.db"))) >= 2  # each process writes its own files
         for port in ports:  # either process answers for both
             fam = families(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
-            counts = {(s.labels["http_route"], s.labels["http_response_status_code"]): s.value
-                      for s in fam["http_server_request_duration_seconds"].samples if s.name.endswith("_count")}
+            counts = {
+                (s.labels["http_route"], s.labels["http_response_status_code"]): s.value
+                for s in fam["http_server_request_duration_seconds"].samples
+                if s.name.endswith("_count")
+            }
             assert counts[("/v1/whoami", "200")] == 8
     finally:
         for p in procs:
@@ -157,8 +170,19 @@ def _usage_rows(w: Any) -> list[Any]:
     from marketplace.db.models_contracts import UsageRow
 
     with w.rt.tx() as s:
-        return list(s.execute(select(UsageRow.offering_id, UsageRow.contract_id, UsageRow.state, UsageRow.units,
-                                     UsageRow.ledger_index, UsageRow.mode, UsageRow.record)))
+        return list(
+            s.execute(
+                select(
+                    UsageRow.offering_id,
+                    UsageRow.contract_id,
+                    UsageRow.state,
+                    UsageRow.units,
+                    UsageRow.ledger_index,
+                    UsageRow.mode,
+                    UsageRow.record,
+                )
+            )
+        )
 
 
 def test_adoption_equals_usage_records_and_the_ledger(mw: Any, tmp_path: Path) -> None:
@@ -197,7 +221,12 @@ def test_adoption_equals_usage_records_and_the_ledger(mw: Any, tmp_path: Path) -
             a, tot = rep["adoption"], rep["totals"]
             # adoption = the usage records = the ledger's usage leaves
             assert tot["calls"] == sum(a["calls"]) == len(charged) == len(charged_leaves)
-            assert tot["units"] == sum(a["units"]) == sum(u.units for u in charged) == sum(r["units"] for _, r in charged_leaves)
+            assert (
+                tot["units"]
+                == sum(a["units"])
+                == sum(u.units for u in charged)
+                == sum(r["units"] for _, r in charged_leaves)
+            )
             assert tot["revenue"] == {"EUR": sum(r["amount_minor"] for _, r in charged_leaves)}
             assert sum(a["leaves"]["count"]) == tot["leaf_count"] == len(charged_leaves)
             assert min(a["leaves"]["first"]) == min(i for i, _ in charged_leaves)
@@ -214,7 +243,9 @@ def test_adoption_equals_usage_records_and_the_ledger(mw: Any, tmp_path: Path) -
     assert reports[job.offering_id, "day"]["latency"]["errors_by_class"] == {failed["error_reason"]: 1}
     hl = reports[he_off, "minute"]["latency"]["by_mode"]["he_inference"]
     assert sum(hl["calls"]) == 3 and sum(hl["errors"]) == 0
-    assert all(p50 is not None and 0 < p50 <= p95 <= p99 for p50, p95, p99 in zip(hl["p50"], hl["p95"], hl["p99"], strict=True))
+    assert all(
+        p50 is not None and 0 < p50 <= p95 <= p99 for p50, p95, p99 in zip(hl["p50"], hl["p95"], hl["p99"], strict=True)
+    )
     # the consumer sees its own two contracts; compliance sees the marketplace
     with client(url, w.keys["consumer"]) as c:
         mine = c.get("/v1/monitoring/contracts", params={"from": frm, "step": "minute"}).json()
@@ -238,7 +269,9 @@ def test_latency_rows_of_several_writers_add_up(mw: Any) -> None:
     for _ in range(3):
         monitoring.record_inference(off, 1, "he_inference", queue_s=0.001, model_s=0.002, overhead_s=0.001, ok=True)
     assert monitoring_store.flush(w.rt) == 1
-    monitoring.record_inference(off, 1, "he_inference", queue_s=0.0, model_s=0.5, overhead_s=0.0, ok=False, error_class="Unavailable")
+    monitoring.record_inference(
+        off, 1, "he_inference", queue_s=0.0, model_s=0.5, overhead_s=0.0, ok=False, error_class="Unavailable"
+    )
     assert monitoring_store.flush(w.rt) == 1  # the same row again, cumulative: 4 calls
     first = monitoring.writer_id()
     monitoring._writer = "replica-b:1:test"  # what a second process would be called
@@ -253,7 +286,9 @@ def test_latency_rows_of_several_writers_add_up(mw: Any) -> None:
     from marketplace.db.models_monitoring import MonitoringLatency
 
     with w.rt.tx() as s:
-        writers = sorted(r.writer for r in s.scalars(select(MonitoringLatency).where(MonitoringLatency.offering_id == off)))
+        writers = sorted(
+            r.writer for r in s.scalars(select(MonitoringLatency).where(MonitoringLatency.offering_id == off))
+        )
     assert writers == sorted([first, "replica-b:1:test"])
     with client(url, w.keys["provider"]) as c:
         rep = c.get(f"/v1/monitoring/offerings/{off}", params={"step": "hour"}).json()
@@ -278,7 +313,10 @@ def test_bad_parameters_are_422(live: Any) -> None:
             {"from": "0001-01-01T00:00:00Z", "step": "day"},
         ):
             r = c.get(base, params=params)
-            assert r.status_code == 422 and r.json()["error"]["code"] in ("invalid", "validation_error"), (params, r.text)
+            assert r.status_code == 422 and r.json()["error"]["code"] in ("invalid", "validation_error"), (
+                params,
+                r.text,
+            )
         assert c.get(base, params={"step": "hour", "from": (now - timedelta(days=32)).isoformat()}).status_code == 200
 
 
@@ -307,8 +345,16 @@ def test_concurrent_rollups_count_every_leaf_once(tmp_path: Path, db_url: str) -
 
         for i in range(24):
             units = 1 + i % 5
-            r = metering.begin(w.rt, deal.consumer, offering_id=deal.offering_id, mode="remote_job", job_kind="predict",
-                               units=units, idempotency_key=f"k{i}", request_digest=metering.request_digest(f"k{i}"))
+            r = metering.begin(
+                w.rt,
+                deal.consumer,
+                offering_id=deal.offering_id,
+                mode="remote_job",
+                job_kind="predict",
+                units=units,
+                idempotency_key=f"k{i}",
+                request_digest=metering.request_digest(f"k{i}"),
+            )
             if i % 7 == 3:
                 metering.release(w.rt, r, reason="test")
             else:

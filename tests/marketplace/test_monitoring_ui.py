@@ -100,7 +100,13 @@ def test_provider_dashboard_shows_the_api_numbers_and_refreshes(page: Any, serve
     key = w.keys["provider"]
     open_dashboard(page, base, key, "#/monitoring?tab=provider&range=24h")
     report = page.evaluate("() => window.somMonitoring.report")
-    fresh = api(base, key, f"/v1/monitoring/offerings/{st.offering_id}", step="minute", **{"from": report["from"], "to": report["to"]})
+    fresh = api(
+        base,
+        key,
+        f"/v1/monitoring/offerings/{st.offering_id}",
+        step="minute",
+        **{"from": report["from"], "to": report["to"]},
+    )
     assert report["adoption"] == fresh["adoption"] and report["totals"] == fresh["totals"]
     assert fresh["totals"]["calls"] == 3 and fresh["totals"]["units"] == 19
     daily = api(base, key, f"/v1/monitoring/offerings/{st.offering_id}", step="day")
@@ -116,7 +122,9 @@ def test_provider_dashboard_shows_the_api_numbers_and_refreshes(page: Any, serve
     assert sum(rev[1]) == fresh["totals"]["revenue"]["EUR"] > 0
     assert_shows(chart_data(page, "provider-units"), fa["t"], fa["units"])
     lat = fresh["latency"]["by_mode"]["remote_job"]
-    assert_shows(chart_data(page, "provider-latency-remote_job"), lat["t"], lat["p50"], lat["p95"], lat["p99"], empty=None)
+    assert_shows(
+        chart_data(page, "provider-latency-remote_job"), lat["t"], lat["p50"], lat["p95"], lat["p99"], empty=None
+    )
     assert sum(lat["calls"]) == 4 and sum(lat["errors"]) == 1
     assert page.text_content("[data-kpi=calls]") == "3"
     assert page.text_content("[data-kpi=units]") == "19"
@@ -132,8 +140,10 @@ def test_provider_dashboard_shows_the_api_numbers_and_refreshes(page: Any, serve
     assert page.evaluate("() => location.hash").startswith("#/monitoring")
     # the range selector: the last hour, by minute (also the view the screenshot shows)
     page.select_option("#monitor-range", "1h")
-    page.wait_for_function("() => window.somMonitoring.report && window.somMonitoring.report.step === 'minute'"
-                           " && Date.parse(window.somMonitoring.report.to) - Date.parse(window.somMonitoring.report.from) <= 3660e3")
+    page.wait_for_function(
+        "() => window.somMonitoring.report && window.somMonitoring.report.step === 'minute'"
+        " && Date.parse(window.somMonitoring.report.to) - Date.parse(window.somMonitoring.report.from) <= 3660e3"
+    )
     assert len(chart_data(page, "provider-modes")[0]) in (60, 61)
     if os.environ.get("SOM_WRITE_SCREENSHOTS") == "1":
         page.wait_for_timeout(500)
@@ -151,7 +161,9 @@ def test_consumer_dashboard_shows_its_own_contract(page: Any, server: Any) -> No
     assert c["contract_id"] == st.contract_id and c["totals"]["calls"] >= 3
     s = c["series"]
     assert_shows(chart_data(page, f"consumer-usage-{st.contract_id}"), s["t"], s["calls"], s["units"])
-    assert_shows(chart_data(page, f"consumer-latency-{st.contract_id}"), s["t"], s["p50"], s["p95"], s["p99"], empty=None)
+    assert_shows(
+        chart_data(page, f"consumer-latency-{st.contract_id}"), s["t"], s["p50"], s["p95"], s["p99"], empty=None
+    )
     assert page.text_content(f"tr[data-contract='{st.contract_id}'] td:nth-child(5)") == str(c["totals"]["units"])
     # another consumer's dashboard has none of it
     page.click("#sign-out")
@@ -174,7 +186,9 @@ def test_compliance_dashboard_shows_marketplace_usage(page: Any, server: Any) ->
     assert_shows(chart_data(page, "market-modes"), fa["t"], fa["calls_by_mode"]["remote_job"])
     assert_shows(chart_data(page, "market-usage"), fa["t"], fa["units"], fa["consumers"])
     assert len(chart_data(page, "market-usage")[0]) in (7 * 24, 7 * 24 + 1)  # hours of the last 7 days
-    assert page.text_content(f"tr[data-offering='{st.offering_id}'] td:nth-child(3)") == str(fresh["offerings"][0]["calls"])
+    assert page.text_content(f"tr[data-offering='{st.offering_id}'] td:nth-child(3)") == str(
+        fresh["offerings"][0]["calls"]
+    )
 
 
 def test_thirty_days_of_minutes_render_and_the_time_is_reported(page: Any, server: Any, record_property: Any) -> None:
@@ -219,7 +233,9 @@ def test_dashboard_files_are_same_origin_under_the_unchanged_csp(server: Any) ->
         for name in ("monitor.js", "vendor/uPlot.iife.min.js"):
             js = c.get(f"/ui/{name}")
             assert js.status_code == 200 and "javascript" in js.headers["content-type"], name
-            assert not re.search(r"\.(inner|outer)HTML\s*=|insertAdjacentHTML|document\.write|\beval\(|new Function", js.text), name
+            assert not re.search(
+                r"\.(inner|outer)HTML\s*=|insertAdjacentHTML|document\.write|\beval\(|new Function", js.text
+            ), name
         css = c.get("/ui/vendor/uPlot.min.css")
         assert css.status_code == 200 and "text/css" in css.headers["content-type"]
     licence = (ROOT / "marketplace" / "web" / "static" / "vendor" / "uPlot.LICENSE").read_text()

@@ -31,10 +31,17 @@ CLIENTS = 50
 def ow(request: pytest.FixtureRequest, tmp_path: Path, db_url: str) -> Iterator[Any]:
     from marketplace.api.app import create_app
 
-    app = create_app(make_settings(
-        tmp_path, db_url, admission_control=request.param, admission_compute_concurrency=2,
-        admission_queue=4, admission_queue_timeout_seconds=0.5, admission_retry_after_seconds=2,
-    ))
+    app = create_app(
+        make_settings(
+            tmp_path,
+            db_url,
+            admission_control=request.param,
+            admission_compute_concurrency=2,
+            admission_queue=4,
+            admission_queue_timeout_seconds=0.5,
+            admission_retry_after_seconds=2,
+        )
+    )
     try:
         yield build_world(app), request.param
         assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500; see data/logs/som.log"
@@ -64,10 +71,16 @@ def test_storm_of_compute_is_shed_and_reads_stay_fast(ow: Any, tmp_path: Path) -
         def one(_: int) -> httpx.Response:
             with httpx.Client(base_url=url, timeout=120) as h:
                 start.wait()
-                return h.post(f"/v1/offerings/{off}/infer", content=frame, headers={
-                    **auth, "Content-Type": "application/octet-stream", "Idempotency-Key": str(uuid.uuid4()),
-                    "X-Som-Keyset": ks,
-                })
+                return h.post(
+                    f"/v1/offerings/{off}/infer",
+                    content=frame,
+                    headers={
+                        **auth,
+                        "Content-Type": "application/octet-stream",
+                        "Idempotency-Key": str(uuid.uuid4()),
+                        "X-Som-Keyset": ks,
+                    },
+                )
 
         reads: list[int] = []
 

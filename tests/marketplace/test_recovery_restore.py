@@ -29,8 +29,13 @@ from tests.marketplace.test_cli_server import SOM, free_port, som
 
 def _start(env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], bool]:
     """Start `som serve`; (process, True) once healthy or (process, False) if it exited."""
-    proc = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,  # noqa: S603
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*SOM, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,  # noqa: S603
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -63,7 +68,9 @@ def _checkpoints(url: str, admin: str) -> dict[int, str]:
     out: dict[int, str] = {}
     offset: int | None = 0
     while offset is not None:
-        page = httpx.get(f"{url}/v1/ledger/checkpoints", params={"limit": 200, "offset": offset}, headers=h, timeout=30).json()
+        page = httpx.get(
+            f"{url}/v1/ledger/checkpoints", params={"limit": 200, "offset": offset}, headers=h, timeout=30
+        ).json()
         for cp in page["items"]:
             out[int(cp["size"])] = str(cp["root_hash"])
         offset = page.get("next_offset")
@@ -132,8 +139,12 @@ def test_restored_backup_refuses_to_start_and_never_signs_a_second_history(tmp_p
         _traffic(url2, admin, 3)
         note = str(_sign(url2, admin)["note"])
         assert note.startswith("som.example/ledger/2\n")
-        notes = httpx.get(f"{url2}/v1/ledger/checkpoints", params={"limit": 200},
-                          headers={"Authorization": f"Bearer {admin}"}, timeout=30).json()["items"]
+        notes = httpx.get(
+            f"{url2}/v1/ledger/checkpoints",
+            params={"limit": 200},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        ).json()["items"]
         for cp in notes:
             if cp["note"].startswith("som.example/ledger\n") and int(cp["size"]) in signed:
                 assert signed[int(cp["size"])] == cp["root_hash"]  # only the backup's own history
@@ -173,11 +184,17 @@ def test_rolled_back_or_forked_database_is_refused_at_signing_and_at_start(tmp_p
         # Roll the database back to the early state (what restoring an early backup does).
         with rt.tx() as s:
             s.execute(delete(LedgerLeaf).where(LedgerLeaf.idx >= early.size))
-            s.execute(delete(LedgerNode).where(LedgerNode.id >= 0).where(
-                LedgerNode.id.not_in([n for n in _nodes_within(early.size)])))
+            s.execute(
+                delete(LedgerNode)
+                .where(LedgerNode.id >= 0)
+                .where(LedgerNode.id.not_in([n for n in _nodes_within(early.size)]))
+            )
             s.execute(delete(LedgerCheckpoint).where(LedgerCheckpoint.size > early.size))
-            s.execute(update(LedgerState).where(LedgerState.id == 1).values(
-                size=saved[0], frontier=saved[1], signed_size=saved[2]))
+            s.execute(
+                update(LedgerState)
+                .where(LedgerState.id == 1)
+                .values(size=saved[0], frontier=saved[1], signed_size=saved[2])
+            )
         with pytest.raises(ledger.LedgerIntegrityError, match=f"fewer than the {late.size}"):
             ledger.sign_checkpoint(rt)
         from marketplace.api.app import create_app

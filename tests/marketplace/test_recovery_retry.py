@@ -73,7 +73,11 @@ def _charged(rt: Any, contract_id: str, *, settled: bool = True) -> dict[str, by
             if not settled and u.state != "charged":
                 continue
             assert u.state == "charged", (u.id, u.state)
-            out[u.id] = u.result_inline if u.result_inline is not None else (rt.blobs.get(u.result_blob) if u.result_blob else b"")
+            out[u.id] = (
+                u.result_inline
+                if u.result_inline is not None
+                else (rt.blobs.get(u.result_blob) if u.result_blob else b"")
+            )
         return out
 
 
@@ -126,8 +130,18 @@ def test_cli_killed_after_the_charge_fetches_the_stored_answer(sqlite_world: Any
     with serve_in_thread(faulty) as url:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_")}
         env.update({"SOM_URL": url, "SOM_API_KEY": world.keys["consumer"], "SOM_KEY_DIR": str(tmp_path / "he-keys")})
-        cmd = [*SOM, "infer", off, "--input", str(csv), "--encrypted", "--layout", "batch",
-               "--idempotency-key", "nightly-42"]
+        cmd = [
+            *SOM,
+            "infer",
+            off,
+            "--input",
+            str(csv),
+            "--encrypted",
+            "--layout",
+            "batch",
+            "--idempotency-key",
+            "nightly-42",
+        ]
         first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # noqa: S603
         deadline = time.monotonic() + 120
         while not _charged(world.rt, contract, settled=False):
@@ -166,7 +180,9 @@ def test_retry_policy_honours_retry_after_and_gives_up(status: int) -> None:
 
     def permanent() -> httpx.Response:
         sent.append(1)
-        return httpx.Response(503, json={"error": {"code": "unavailable", "message": "m", "reason": "jail_unavailable"}})
+        return httpx.Response(
+            503, json={"error": {"code": "unavailable", "message": "m", "reason": "jail_unavailable"}}
+        )
 
     assert send_with_retries(permanent, RetryPolicy(attempts=4), sleep=waits.append).status_code == 503
     assert len(sent) == 1

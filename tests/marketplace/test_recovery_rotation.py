@@ -44,8 +44,13 @@ def rw(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
 def _rotate(tmp_path: Path, db_url: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
     env.update({"SOM_DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": db_url})
-    return subprocess.Popen([*SOM, "--json", "admin", "rotate-kek"], env=env, stdout=subprocess.PIPE,  # noqa: S603
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*SOM, "--json", "admin", "rotate-kek"],
+        env=env,
+        stdout=subprocess.PIPE,  # noqa: S603
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_concurrent_rotations_during_traffic_lose_nothing(rw: Any, tmp_path: Path) -> None:
@@ -134,8 +139,9 @@ def test_two_concurrent_rotations_during_traffic_lose_nothing(rw: Any, tmp_path:
             assert art.kek_id == ring.kek_id
             arts = list(s.scalars(select(Artifact)))
         for a in arts:  # every artifact still decrypts with the keyring on disk
-            decrypt_artifact(rt.blobs.get(a.blob), WrappedKey.from_json(a.wrapped_key.decode()),
-                             provider=ring, aad=a.aad.encode())
+            decrypt_artifact(
+                rt.blobs.get(a.blob), WrappedKey.from_json(a.wrapped_key.decode()), provider=ring, aad=a.aad.encode()
+            )
         h = httpx.get(url + "/v1/health", timeout=30)
         assert h.status_code == 200 and h.json()["kek"] == "ok"
 

@@ -157,8 +157,16 @@ def test_parent_secrets_are_not_in_the_environment(tmp_path, monkeypatch):
     seen = json.loads(r.stdout)
     assert "SOM_TEST_SECRET_TOKEN" not in seen["env"]
     assert set(seen["env"]) <= {
-        "PATH", "PYTHONNOUSERSITE", "HOME", "TMPDIR", "LANG", "LC_ALL",
-        "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "LC_CTYPE",
+        "PATH",
+        "PYTHONNOUSERSITE",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "LC_ALL",
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "LC_CTYPE",
     }
     assert seen["env"]["PYTHONNOUSERSITE"] == "1"
     assert "/nonexistent/injected" not in seen["path"]
@@ -268,8 +276,11 @@ def test_outputs_over_the_cap_fill_the_jails_output_folder(tmp_path):
 def test_unjailed_run_only_when_asked(tmp_path):
     """``jail=None`` is the old plain child (for SOM_UNSAFE_UNJAILED_CUSTOM_JOBS only): it runs as
     this process's user and sees the host, which is why it is not the default."""
-    r = run("import os\nopen('outputs/uid', 'w').write(str(os.getuid()))\nprint(os.path.exists('/work'))\n",
-            tmp_path, jail=None)
+    r = run(
+        "import os\nopen('outputs/uid', 'w').write(str(os.getuid()))\nprint(os.path.exists('/work'))\n",
+        tmp_path,
+        jail=None,
+    )
     assert r.ok, r
     assert r.outputs == {"uid": str(os.getuid()).encode()}
     jailed = run("import os\nopen('outputs/uid', 'w').write(str(os.getuid()))\n", tmp_path)

@@ -63,8 +63,22 @@ from tests.marketplace.test_jobs_support import (
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 REDIS_CMD = [
-    "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-    "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log",
+    "redis-server",
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "-::1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--dir",
+    "/var/lib/redis",
+    "--logfile",
+    "/var/log/redis/ci.log",
 ]
 
 
@@ -136,10 +150,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     redis_url = f"redis://127.0.0.1:6379/{secrets.randbelow(14) + 1}"
     ports = [free_port(), free_port()]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
-    env.update({
-        "SOM_DATA_DIR": str(tmp_path / "shared-data"), "DATABASE_URL": db_url, "SOM_JOB_BACKEND": "celery",
-        "SOM_REDIS_URL": redis_url, "SOM_WORKERS": "2", "SOM_CHECKPOINT_INTERVAL_SECONDS": "0.5",
-    })
+    env.update(
+        {
+            "SOM_DATA_DIR": str(tmp_path / "shared-data"),
+            "DATABASE_URL": db_url,
+            "SOM_JOB_BACKEND": "celery",
+            "SOM_REDIS_URL": redis_url,
+            "SOM_WORKERS": "2",
+            "SOM_CHECKPOINT_INTERVAL_SECONDS": "0.5",
+        }
+    )
     procs: list[subprocess.Popen[bytes]] = []
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -148,15 +168,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         urls = []
         for i, port in enumerate(ports):  # one after the other: each upgrades the schema on start
             p = subprocess.Popen(  # noqa: S603 - fixed argv
-                [*SOM, "serve", "--port", str(port)], env=env,
-                stdout=subprocess.DEVNULL, stderr=(logs / f"replica{i}.log").open("wb"),
+                [*SOM, "serve", "--port", str(port)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=(logs / f"replica{i}.log").open("wb"),
             )
             procs.append(p)
             urls.append(f"http://127.0.0.1:{port}")
             _wait_http(urls[-1], p, f"replica {i}")
         worker = subprocess.Popen(  # noqa: S603 - fixed argv; the worker gets no DATABASE_URL
-            [*SOM, "worker", "--concurrency", "1"], env={k: v for k, v in env.items() if k != "DATABASE_URL"},
-            stdout=subprocess.DEVNULL, stderr=(logs / "worker.log").open("wb"),
+            [*SOM, "worker", "--concurrency", "1"],
+            env={k: v for k, v in env.items() if k != "DATABASE_URL"},
+            stdout=subprocess.DEVNULL,
+            stderr=(logs / "worker.log").open("wb"),
         )
         procs.append(worker)
         from marketplace.settings import Settings
@@ -223,8 +247,13 @@ def _setup(cluster: dict[str, Any], *, quota: int = 10_000) -> dict[str, Any]:
     prov_a.publish(off["id"])
     offer = prov_b.publish_offer(off["id"], terms(quota=quota), signing_key=SigningKey.generate())
     contract = cons_a.accept_offer(offer["id"], signing_key=SigningKey.generate())
-    return {"offering": off["id"], "contract": str(contract["id"]), "cons": (cons_a, cons_b),
-            "admin": (admin, _tagged(b_url, cluster["admin_key"], "b")), "keys": keys}
+    return {
+        "offering": off["id"],
+        "contract": str(contract["id"]),
+        "cons": (cons_a, cons_b),
+        "admin": (admin, _tagged(b_url, cluster["admin_key"], "b")),
+        "keys": keys,
+    }
 
 
 @pytest.mark.slow
@@ -315,7 +344,9 @@ def test_concurrent_requests_across_replicas_never_overspend(cluster: dict[str, 
     ok = [o for o in outcomes if isinstance(o, np.ndarray)]
     denied = [o for o in outcomes if isinstance(o, SomAPIError)]
     assert len(ok) == quota, outcomes
-    assert len(denied) == n - quota and all(e.status == 403 for e in denied), [(e.status, e.code, e.message) for e in denied]
+    assert len(denied) == n - quota and all(e.status == 403 for e in denied), [
+        (e.status, e.code, e.message) for e in denied
+    ]
     assert _usage(cluster["db_url"], cid) == [("charged", 1)] * quota
 
 
@@ -336,16 +367,32 @@ def site(tmp_path: Path) -> dict[str, Any]:
     aad = "som:ver_test:model"
     ct, wrapped = encrypt_artifact(model_npz(w, b), provider=provider, aad=aad.encode())
     blobs = BlobStore(root / "blobs")
-    return {"root": root, "keys": keys, "seal": seal, "blobs": blobs, "w": w, "b": b, "aad": aad,
-            "model_blob": blobs.put(ct), "wrapped": wrapped.to_json().encode()}
+    return {
+        "root": root,
+        "keys": keys,
+        "seal": seal,
+        "blobs": blobs,
+        "w": w,
+        "b": b,
+        "aad": aad,
+        "model_blob": blobs.put(ct),
+        "wrapped": wrapped.to_json().encode(),
+    }
 
 
 def _msg(site: dict[str, Any], job_id: str, sealed: bytes, **kw: Any) -> dict[str, Any]:
     msg = {
-        "job_id": job_id, "input_blob": site["blobs"].put(sealed), "model_blob": site["model_blob"],
-        "wrapped_key": messages.b64e(site["wrapped"]), "aad": site["aad"], "format": "npz", "kind": "predict",
-        "limits": {"cpu_seconds": 10, "memory_mb": 512, "wall_seconds": 10.0}, "approved_digest": None,
-        "max_rows": 20, "max_sealed_bytes": 1 << 20,
+        "job_id": job_id,
+        "input_blob": site["blobs"].put(sealed),
+        "model_blob": site["model_blob"],
+        "wrapped_key": messages.b64e(site["wrapped"]),
+        "aad": site["aad"],
+        "format": "npz",
+        "kind": "predict",
+        "limits": {"cpu_seconds": 10, "memory_mb": 512, "wall_seconds": 10.0},
+        "approved_digest": None,
+        "max_rows": 20,
+        "max_sealed_bytes": 1 << 20,
     }
     msg.update(kw)
     return msg
@@ -392,8 +439,12 @@ def test_job_task_predicts_sealed_to_the_reply_key(site: dict[str, Any]) -> None
 def test_job_task_failures_are_replies(site: dict[str, Any], change: str, reason: str) -> None:
     reply = SealKeyPair.generate()
     to = SealKeyPair.generate().public_text() if change == "other_key" else site["seal"].public_text()
-    sealed = seal_input(to, JobInput("job_other" if change == "other_job" else "job_2", "predict",
-                                     reply.public_text(), to_csv(features(5))))
+    sealed = seal_input(
+        to,
+        JobInput(
+            "job_other" if change == "other_job" else "job_2", "predict", reply.public_text(), to_csv(features(5))
+        ),
+    )
     msg = _msg(site, "job_2", sealed, **({"max_rows": 3} if change == "rows" else {}))
     if change == "aad":
         msg["aad"] = "som:ver_other:model"
@@ -420,8 +471,16 @@ def test_he_task_malformed_message_is_an_internal_reply(site: dict[str, Any]) ->
     store = StoreSpec(str(site["root"]), "local", key_dir=str(site["keys"]))
     unsigned = tasks.he_evaluate(store, {})
     assert unsigned["kind"] == "internal" and "refused" in unsigned["message"]
-    bad = {"version_id": "v", "model_blob": site["model_blob"], "wrapped_key": "!!not base64!!", "aad": "a",
-           "keyset_id": "k", "keyset_blob": "sha256:" + "0" * 64, "plan_json": "{}", "request": ""}
+    bad = {
+        "version_id": "v",
+        "model_blob": site["model_blob"],
+        "wrapped_key": "!!not base64!!",
+        "aad": "a",
+        "keyset_id": "k",
+        "keyset_blob": "sha256:" + "0" * 64,
+        "plan_json": "{}",
+        "request": "",
+    }
     out = tasks.he_evaluate(store, _signed(site, "som.he_evaluate", bad))
     assert out["ok"] is False and out["kind"] == "internal" and "malformed" in out["message"]
 
@@ -429,8 +488,9 @@ def test_he_task_malformed_message_is_an_internal_reply(site: dict[str, Any]) ->
 def test_worker_store_never_puts_a_kek_in_a_message(tmp_path: Path) -> None:
     from marketplace.settings import Settings
 
-    spec = tasks.worker_store(Settings(data_dir=tmp_path / "data", key_dir=tmp_path / "keys", key_provider="env",
-                                       kek="a" * 44))
+    spec = tasks.worker_store(
+        Settings(data_dir=tmp_path / "data", key_dir=tmp_path / "keys", key_provider="env", kek="a" * 44)
+    )
     assert spec.kek == "a" * 44 and "a" * 44 not in repr(spec)  # the worker's own env, not Redis
 
 
@@ -447,10 +507,21 @@ def test_celery_pool_without_a_worker_is_internal(tmp_path: Path) -> None:
 
     # DB 15: no cluster fixture uses it, so no worker listens there (the cluster keeps its worker alive
     # for the whole module)
-    pool = CeleryExecutor(Settings(data_dir=tmp_path / "data", key_dir=tmp_path / "keys",
-                                   redis_url="redis://127.0.0.1:6379/15"), key_dir=tmp_path / "keys")
-    task = HETask(store=StoreSpec(str(tmp_path), "local"), version_id="v", model_blob="m", wrapped_key=b"{}",
-                  aad="a", keyset_id="k", keyset_blob="b", plan_json="{}", request=b"x")
+    pool = CeleryExecutor(
+        Settings(data_dir=tmp_path / "data", key_dir=tmp_path / "keys", redis_url="redis://127.0.0.1:6379/15"),
+        key_dir=tmp_path / "keys",
+    )
+    task = HETask(
+        store=StoreSpec(str(tmp_path), "local"),
+        version_id="v",
+        model_blob="m",
+        wrapped_key=b"{}",
+        aad="a",
+        keyset_id="k",
+        keyset_blob="b",
+        plan_json="{}",
+        request=b"x",
+    )
     try:
         with pytest.raises(ComputeError) as e:
             pool.run_he(task, timeout=5)

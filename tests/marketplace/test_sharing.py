@@ -51,14 +51,18 @@ def test_offering_shared_with_one_team_is_invisible_to_everyone_else(world: Any)
         assert cli_json(sv.som(world.keys["provider"], "--json", "offering", "show", off))["id"] == off
         r = sv.som(world.keys["other_consumer"], "--json", "offering", "show", off, check=False)
         assert r.returncode != 0 and "not found" in r.stdout + r.stderr
-        assert off not in {o["id"] for o in cli_json(sv.som(world.keys["other_consumer"], "--json", "offering", "list"))}
+        assert off not in {
+            o["id"] for o in cli_json(sv.som(world.keys["other_consumer"], "--json", "offering", "list"))
+        }
 
         # revoked: the next request is a 404
         prov.revoke_grant(off, g["id"])
         assert status_of(inside.get_offering, off) == 404
         assert off not in search_ids(inside)
         # an organisation-wide grant reaches every key of that organisation, and nobody else
-        g2 = cli_json(sv.som(world.keys["provider"], "--json", "offering", "grant", off, "--org", world.orgs["consumer"]))
+        g2 = cli_json(
+            sv.som(world.keys["provider"], "--json", "offering", "grant", off, "--org", world.orgs["consumer"])
+        )
         assert g2["team_id"] is None
         assert {inside.get_offering(off)["id"], outside.get_offering(off)["id"]} == {off}
         assert status_of(sv.key("other_consumer").get_offering, off) == 404
@@ -126,7 +130,9 @@ def test_private_offer_only_its_addressee_sees_and_accepts(world: Any, tmp_path:
     with served(world) as sv:
         prov = sv.key("provider")
         off = lr_offering(prov)
-        offer = prov.publish_private_offer(off, make_terms(), to=[world.orgs["consumer"]], signing_key=SigningKey.generate())
+        offer = prov.publish_private_offer(
+            off, make_terms(), to=[world.orgs["consumer"]], signing_key=SigningKey.generate()
+        )
         assert offer["addressed_to"] == [world.orgs["consumer"]]
         b = sv.key("other_consumer")
         assert status_of(b.get_offer, offer["id"]) == 404
@@ -137,14 +143,29 @@ def test_private_offer_only_its_addressee_sees_and_accepts(world: Any, tmp_path:
         c = a.accept_offer(offer["id"], signing_key=SigningKey.generate())
         assert c["version_number"] == 1
         # the CLI: som contract offer --to ORG
-        r = sv.som(world.keys["provider"], "--json", "contract", "offer", off, "--quota", "10", "--rate", "10",
-                   "--to", world.orgs["other_consumer"], "--key-file", str(tmp_path / "p.key"))
+        r = sv.som(
+            world.keys["provider"],
+            "--json",
+            "contract",
+            "offer",
+            off,
+            "--quota",
+            "10",
+            "--rate",
+            "10",
+            "--to",
+            world.orgs["other_consumer"],
+            "--key-file",
+            str(tmp_path / "p.key"),
+        )
         cli_offer = cli_json(r)
         assert cli_offer["addressed_to"] == [world.orgs["other_consumer"]]
         assert status_of(a.get_offer, cli_offer["id"]) == 404
         assert b.get_offer(cli_offer["id"])["id"] == cli_offer["id"]
-        assert status_of(prov.publish_private_offer, off, make_terms(), to=["org_nope"],
-                         signing_key=SigningKey.generate()) == 422
+        assert (
+            status_of(prov.publish_private_offer, off, make_terms(), to=["org_nope"], signing_key=SigningKey.generate())
+            == 422
+        )
 
 
 def _eval_at(accuracy_target: float) -> tuple[list[list[float]], list[float]]:
@@ -166,8 +187,15 @@ def test_failed_validation_blocks_publish_and_says_why(world: Any, tmp_path: Pat
         assert up["status"] == "passed"
         assert [c["name"] for c in up["checks"]] == ["format", "operators", "shape", "finite", "smoke_inference"]
         x, y = _eval_at(0.9)
-        v = prov.set_version_metadata(off, 1, metrics={"accuracy": 0.99}, measured_on="held-out 2025 Q3",
-                                      notes="first cut", tolerance=0.01, evaluation={"x": x, "y": y})
+        v = prov.set_version_metadata(
+            off,
+            1,
+            metrics={"accuracy": 0.99},
+            measured_on="held-out 2025 Q3",
+            notes="first cut",
+            tolerance=0.01,
+            evaluation={"x": x, "y": y},
+        )
         rep = v["validation"]
         assert rep["status"] == "failed"
         assert rep["metrics"]["accuracy"] == {"declared": 0.99, "measured": 0.9, "tolerance": 0.01, "ok": False}
@@ -180,9 +208,23 @@ def test_failed_validation_blocks_publish_and_says_why(world: Any, tmp_path: Pat
         assert "failed" in r.stdout + r.stderr and "measured 0.9" in r.stdout + r.stderr
         # the same declaration from the CLI, with the evaluation set as a CSV (features, then the label)
         csv_path = tmp_path / "eval.csv"
-        csv_path.write_text("\n".join(",".join(map(str, [*row, label])) for row, label in zip(x, y, strict=True)) + "\n")
-        r = sv.som(world.keys["provider"], "--json", "offering", "validate", off, "1", "--metric", "accuracy=0.99",
-                   "--eval", str(csv_path), "--tolerance", "0.01")
+        csv_path.write_text(
+            "\n".join(",".join(map(str, [*row, label])) for row, label in zip(x, y, strict=True)) + "\n"
+        )
+        r = sv.som(
+            world.keys["provider"],
+            "--json",
+            "offering",
+            "validate",
+            off,
+            "1",
+            "--metric",
+            "accuracy=0.99",
+            "--eval",
+            str(csv_path),
+            "--tolerance",
+            "0.01",
+        )
         assert "measured 0.9 on 100 evaluation rows" in r.stdout + r.stderr
         assert prov.validation_report(off, 1)["status"] == "failed"
         # declared metrics without an evaluation set cannot be checked: failed
@@ -192,8 +234,12 @@ def test_failed_validation_blocks_publish_and_says_why(world: Any, tmp_path: Pat
         assert status_of(prov.set_version_metadata, off, 1, metrics={"accuracy": 0.9}, tolerance=0.5) == 422
         assert status_of(prov.set_version_metadata, off, 1, he_min_agreement=0.5) == 422
         assert status_of(prov.set_version_metadata, off, 1, metrics={"auc": 0.9}) == 422
-        assert status_of(prov.set_version_metadata, off, 1, metrics={"accuracy": 0.9},
-                         evaluation={"x": [[1.0, 2.0]], "y": [1.0]}) == 422
+        assert (
+            status_of(
+                prov.set_version_metadata, off, 1, metrics={"accuracy": 0.9}, evaluation={"x": [[1.0, 2.0]], "y": [1.0]}
+            )
+            == 422
+        )
         # an honest declaration passes and the offering publishes
         v = prov.set_version_metadata(off, 1, metrics={"accuracy": 0.9}, evaluation={"x": x, "y": y})
         assert v["validation"]["status"] == "passed"
@@ -229,8 +275,9 @@ def test_new_version_leaves_live_contracts_on_their_pinned_version(world: Any, t
         off = lr_offering(prov, publish=False)
         prov.compile_version(off, 1, d.x_train)
         prov.publish(off)
-        offer = prov.publish_offer(off, make_terms(modes=("he_inference",), quota=10_000, max_batch=1000),
-                                   signing_key=SigningKey.generate())
+        offer = prov.publish_offer(
+            off, make_terms(modes=("he_inference",), quota=10_000, max_batch=1000), signing_key=SigningKey.generate()
+        )
         cons = sv.key("consumer")
         c = cons.accept_offer(offer["id"], signing_key=SigningKey.generate())
         assert c["version_number"] == 1

@@ -107,7 +107,13 @@ def test_provider_reads_the_report_publishes_and_shares_from_the_browser(page: A
     expect(page.locator("#publish")).to_be_visible()
     assert w.provider.get_offering(off)["status"] == "withdrawn"
     actions = {e["action"] for e in w.provider.offering_audit(off)}
-    assert {"offering.grant", "offering.revoke", "offering.visibility", "offering.publish", "offering.withdraw"} <= actions
+    assert {
+        "offering.grant",
+        "offering.revoke",
+        "offering.visibility",
+        "offering.publish",
+        "offering.withdraw",
+    } <= actions
 
 
 @pytest.mark.browser

@@ -124,8 +124,13 @@ def test_approval_in_syft_job_runs_in_our_sandbox(rw: Any, tmp_path: Path, monke
     # the approval is bound to the digest, audited and a ledger leaf
     ev = [e for e in _audit(rw) if e["action"] == "job.approve" and e["target"] == sub.id]
     assert len(ev) == 1 and ev[0]["detail"]["code_digest"] == code_digest(CODE)
-    assert any(r["schema"] == "som.job-approval/v1" and r["job_id"] == sub.id and r["decision"] == "approved"
-               and r["code_digest"] == code_digest(CODE) for r in _leaves(rw))
+    assert any(
+        r["schema"] == "som.job-approval/v1"
+        and r["job_id"] == sub.id
+        and r["decision"] == "approved"
+        and r["code_digest"] == code_digest(CODE)
+        for r in _leaves(rw)
+    )
 
     # the final state is reflected in the folder; the results are not
     assert bridge.sync().reflected == [sub.id]
@@ -152,15 +157,19 @@ def test_rejection_in_syft_job_fails_uncharged(rw: Any, tmp_path: Path) -> None:
     assert wait_usage(rw, st.contract_id, [("released", 1), ("reserved", 1)]) == [("released", 1), ("reserved", 1)]
     ev = [e for e in _audit(rw) if e["action"] == "job.reject" and e["target"] == sub.id]
     assert len(ev) == 1 and ev[0]["detail"] == {"code_digest": code_digest(code), "reason": "opens network connections"}
-    assert any(r["schema"] == "som.job-approval/v1" and r["job_id"] == sub.id and r["decision"] == "rejected"
-               for r in _leaves(rw))
+    assert any(
+        r["schema"] == "som.job-approval/v1" and r["job_id"] == sub.id and r["decision"] == "rejected"
+        for r in _leaves(rw)
+    )
     again = bridge.sync()  # a decided job is not decided twice
     assert again.rejected == [] and again.reflected == []  # already final in the folder
     assert _review_job(bridge, sub.id).status == "rejected"
 
 
 @pytest.mark.parametrize("tamper", ["code", "code_and_recorded_digest", "extra_file"])
-def test_code_changed_in_the_folder_is_not_approved(rw: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, tamper: str) -> None:
+def test_code_changed_in_the_folder_is_not_approved(
+    rw: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, tamper: str
+) -> None:
     st = offering(rw, tmp_path, hosting="marketplace")
     bridge = _bridge(rw, tmp_path)
     sub = rw.consumer.submit_job(st.offering_id, "custom", b"1,2\n", code=CODE)
@@ -231,6 +240,7 @@ def _som(url: str, key: str, *args: str) -> Any:
     from typer.testing import CliRunner
 
     from marketplace.cli import app
+
     return CliRunner().invoke(app, ["--json", *args], env={"SOM_URL": url, "SOM_API_KEY": key})
 
 

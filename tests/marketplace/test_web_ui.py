@@ -37,8 +37,14 @@ from tests.marketplace.test_contracts_support import make_terms
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "transparency-log.json"
 
@@ -77,25 +83,51 @@ def _seed(w: Any) -> dict[str, Any]:
     from marketplace.services.identity import Principal
 
     credit = w.provider.create_offering(
-        name="Credit risk LR", description="Scores credit applications under encryption.",
-        model_card=HOSTILE_CARD, task="binary-classification", tags=["finance", "tabular"], hosting="marketplace",
+        name="Credit risk LR",
+        description="Scores credit applications under encryption.",
+        model_card=HOSTILE_CARD,
+        task="binary-classification",
+        tags=["finance", "tabular"],
+        hosting="marketplace",
     )
-    v = w.provider.upload_version(credit["id"], npz_bytes(np.full((1, 30), 0.1), np.zeros(1)), format="npz", input_shape=[30])
+    v = w.provider.upload_version(
+        credit["id"], npz_bytes(np.full((1, 30), 0.1), np.zeros(1)), format="npz", input_shape=[30]
+    )
     w.provider.publish(credit["id"])
-    report = {"depth": 2, "poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40, 60], "security_bits": 128,
-              "argmax_agreement": 0.993, "max_abs_error_vs_exact": 0.0021, "plan_digest": "sha256:" + "ab" * 32}
+    report = {
+        "depth": 2,
+        "poly_modulus_degree": 8192,
+        "coeff_mod_bit_sizes": [60, 40, 40, 60],
+        "security_bits": 128,
+        "argmax_agreement": 0.993,
+        "max_abs_error_vs_exact": 0.0021,
+        "plan_digest": "sha256:" + "ab" * 32,
+    }
     with w.rt.tx() as s:
         s.get(OfferingVersion, v["id"]).he_report = report
-    churn = w.provider.create_offering(name="Churn MLP", description="Predicts churn.", task="multiclass-classification",
-                                       tags=["retail"], hosting="provider")
+    churn = w.provider.create_offering(
+        name="Churn MLP",
+        description="Predicts churn.",
+        task="multiclass-classification",
+        tags=["retail"],
+        hosting="provider",
+    )
     w.provider.publish(churn["id"])
 
     offer = w.provider.publish_offer(credit["id"], make_terms(quota=100, price=25), signing_key=SigningKey.generate())
     contract = w.consumer.accept_offer(offer["id"], signing_key=SigningKey.generate())
     who = Principal(key_id="key_seed", org_id=w.orgs["consumer"], roles=frozenset({"consumer"}))
     for i, units in enumerate((3, 4)):
-        r = metering.begin(w.rt, who, offering_id=credit["id"], mode="remote_job", job_kind="predict", units=units,
-                           idempotency_key=f"seed-{i}", request_digest=metering.request_digest(f"seed-{i}"))
+        r = metering.begin(
+            w.rt,
+            who,
+            offering_id=credit["id"],
+            mode="remote_job",
+            job_kind="predict",
+            units=units,
+            idempotency_key=f"seed-{i}",
+            request_digest=metering.request_digest(f"seed-{i}"),
+        )
         metering.commit(w.rt, r, result=b"sealed", media_type="application/octet-stream")
     # A denial, so the audit trail has more than one outcome.
     with pytest.raises(SomAPIError):
@@ -384,8 +416,15 @@ def test_browser_merkle_code_matches_vectors_and_reference(page: Any, server: An
     ref = []
     for n in range(1, len(leaves) + 1):
         for m in range(n):
-            ref.append({"index": m, "size": n, "leaf": leaves[m].hex(), "root": naive_merkle.mth(leaves[:n]).hex(),
-                        "proof": [p.hex() for p in naive_merkle.path(m, leaves[:n])]})
+            ref.append(
+                {
+                    "index": m,
+                    "size": n,
+                    "leaf": leaves[m].hex(),
+                    "root": naive_merkle.mth(leaves[:n]).hex(),
+                    "proof": [p.hex() for p in naive_merkle.path(m, leaves[:n])],
+                }
+            )
     notes = [{"note": n["note"], "vkey": n["vkey"], "ok": n["expect"].startswith("valid")} for n in vec["signed_notes"]]
     out = page.evaluate(
         """async ([probes, ref, notes]) => {
@@ -420,7 +459,9 @@ def test_browser_merkle_code_matches_vectors_and_reference(page: Any, server: An
         }""",
         [probes, ref, notes],
     )
-    assert out["probes"] and all(out["probes"]), [p["desc"] for p, ok in zip(probes, out["probes"], strict=True) if not ok]
+    assert out["probes"] and all(out["probes"]), [
+        p["desc"] for p, ok in zip(probes, out["probes"], strict=True) if not ok
+    ]
     assert len(out["ref"]) == len(ref) and all(out["ref"])
     assert out["tampered"] and all(out["tampered"])
     assert any(n["ok"] for n in notes) and all(out["notes"])
@@ -431,9 +472,17 @@ def test_markdown_renderer_never_makes_markup_from_text(page: Any, server: Any) 
     _, base, _ = server
     page.goto(base + "/ui/")
     cases = [
-        "<b>bold</b>", "[x](javascript:alert(1))", "[x](data:text/html,<script>alert(1)</script>)",
-        "[x](JaVaScRiPt:alert(1))", "`<i>code</i>`", "**<u>u</u>**", "# <h1>h</h1>", "- <li>x</li>",
-        "[ok](http://a.example/?q=<x>)", "<svg onload=alert(1)>", "```\n<script>x</script>\n```",
+        "<b>bold</b>",
+        "[x](javascript:alert(1))",
+        "[x](data:text/html,<script>alert(1)</script>)",
+        "[x](JaVaScRiPt:alert(1))",
+        "`<i>code</i>`",
+        "**<u>u</u>**",
+        "# <h1>h</h1>",
+        "- <li>x</li>",
+        "[ok](http://a.example/?q=<x>)",
+        "<svg onload=alert(1)>",
+        "```\n<script>x</script>\n```",
     ]
     out = page.evaluate(
         """async (cases) => {

@@ -206,8 +206,14 @@ def sso_stack(tmp_path: Path, db_url: str, **settings: Any) -> Iterator[Stack]:
     gm = tmp_path / "groups.json"
     gm.write_text(json.dumps(GROUP_MAP))
     s = make_settings(
-        tmp_path, db_url, oidc_issuer=op.issuer, oidc_client_id=CLIENT_ID, oidc_client_secret=CLIENT_SECRET,
-        oidc_group_map=gm, oidc_scopes="openid email profile groups", **settings,
+        tmp_path,
+        db_url,
+        oidc_issuer=op.issuer,
+        oidc_client_id=CLIENT_ID,
+        oidc_client_secret=CLIENT_SECRET,
+        oidc_group_map=gm,
+        oidc_scopes="openid email profile groups",
+        **settings,
     )
     app = create_app(s)
     try:

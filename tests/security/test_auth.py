@@ -163,7 +163,10 @@ def test_bad_keys_get_byte_identical_answers_in_the_same_time(tmp_path: Path, sq
         distinct = set().union(*answers.values())
         assert len(distinct) == 1, answers
         status, _, body = distinct.pop()
-        assert status == 401 and body == b'{"error":{"code":"unauthenticated","message":"invalid API key","request_id":"req-same"}}'
+        assert (
+            status == 401
+            and body == b'{"error":{"code":"unauthenticated","message":"invalid API key","request_id":"req-same"}}'
+        )
         medians = {k: statistics.median(v) for k, v in times.items()}
         assert max(medians.values()) < 3 * min(medians.values()), medians
         # the real reason is on the record for the operator (the audit log), not in the answer
@@ -189,8 +192,9 @@ def test_failed_attempts_are_throttled_per_client_and_per_prefix(tmp_path: Path,
     """After N failures a client address gets 429 with Retry-After (even for a correct key), while
     a correct key from another address works; after M failures naming one prefix, from any number
     of addresses, that prefix gets 429, for a known and an unknown prefix alike."""
-    with _served(tmp_path, sqlite_url, auth_fail_max_per_client=3, auth_fail_max_per_prefix=4,
-                 auth_fail_window_seconds=60) as (w, url):
+    with _served(
+        tmp_path, sqlite_url, auth_fail_max_per_client=3, auth_fail_max_per_prefix=4, auth_fail_window_seconds=60
+    ) as (w, url):
         good = f"Bearer {w.keys['consumer']}"
         attacker = "127.0.0.2"
         for _ in range(3):
@@ -214,8 +218,11 @@ def test_failed_attempts_are_throttled_per_client_and_per_prefix(tmp_path: Path,
 
         burst = "127.0.30.1"
         with ThreadPoolExecutor(6) as pool:
-            codes = list(pool.map(lambda _: _get(url, f"Bearer som_{secrets.token_hex(6)}_x", source=burst).status_code,
-                                  range(6)))
+            codes = list(
+                pool.map(
+                    lambda _: _get(url, f"Bearer som_{secrets.token_hex(6)}_x", source=burst).status_code, range(6)
+                )
+            )
         assert set(codes) <= {401, 429} and codes.count(401) >= 3, codes
         _throttled(_get(url, good, source=burst))
 
@@ -225,8 +232,11 @@ def test_child_keys_are_capped_and_revoked_with_their_parent(srv: tuple[World, s
     org = w.orgs["consumer"]
     parent = w.admin.create_key(org, ["consumer"], name="parent", ttl_days=2)  # type: ignore[attr-defined]
     with _http(url) as c:
+
         def create(key: str, **body: Any) -> dict[str, Any]:
-            r = c.post(f"/v1/orgs/{org}/keys", json={"roles": ["consumer"], **body}, headers={"Authorization": f"Bearer {key}"})
+            r = c.post(
+                f"/v1/orgs/{org}/keys", json={"roles": ["consumer"], **body}, headers={"Authorization": f"Bearer {key}"}
+            )
             assert r.status_code == 201, r.text
             return dict(r.json())
 
@@ -238,7 +248,9 @@ def test_child_keys_are_capped_and_revoked_with_their_parent(srv: tuple[World, s
             return datetime.fromisoformat(str(k["expires_at"]).replace("Z", "+00:00"))
 
         assert exp(child) == exp(parent) and exp(grandchild) == exp(parent)  # not 10 years
-        r = c.post(f"/v1/orgs/{org}/keys", json={"roles": ["admin"]}, headers={"Authorization": f"Bearer {child['key']}"})
+        r = c.post(
+            f"/v1/orgs/{org}/keys", json={"roles": ["admin"]}, headers={"Authorization": f"Bearer {child['key']}"}
+        )
         assert r.status_code == 403  # nor more roles than the creator
         for k in (parent, child, grandchild, sibling):
             assert c.get("/v1/whoami", headers={"Authorization": f"Bearer {k['key']}"}).status_code == 200
@@ -260,11 +272,14 @@ def test_revoking_a_provider_key_revokes_its_agent_keys(srv: tuple[World, str]) 
     from marketplace.sdk import SomClient
 
     with _http(url) as raw:
-        prov = SomClient(url, pk["key"], http=httpx.Client(base_url=url, headers={"Authorization": f"Bearer {pk['key']}"}))
+        prov = SomClient(
+            url, pk["key"], http=httpx.Client(base_url=url, headers={"Authorization": f"Bearer {pk['key']}"})
+        )
         off = prov.create_offering(name="remote2", task="binary-classification", hosting="provider")
         agent = prov.create_agent_key([off["id"]])
         assert datetime.fromisoformat(agent["expires_at"].replace("Z", "+00:00")) <= datetime.fromisoformat(
-            pk["expires_at"].replace("Z", "+00:00"))
+            pk["expires_at"].replace("Z", "+00:00")
+        )
         h = {"Authorization": f"Bearer {agent['key']}"}
         assert raw.get("/v1/whoami", headers=h).status_code == 200
         w.admin.revoke_key(pk["id"])  # type: ignore[attr-defined]

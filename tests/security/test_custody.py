@@ -86,15 +86,18 @@ def busy_server(tmp_path: Path) -> Iterator[Any]:
         world = build_world(app)
         with serve_in_thread(app) as url:
             net = SimpleNamespace(
-                provider=SomClient(url, world.keys["provider"]), consumer=SomClient(url, world.keys["consumer"]),
-                orgs=world.orgs, rt=rt,
+                provider=SomClient(url, world.keys["provider"]),
+                consumer=SomClient(url, world.keys["consumer"]),
+                orgs=world.orgs,
+                rt=rt,
             )
             st = offering(net, tmp_path, hosting="marketplace")  # an .npz model, a remote-job contract
             sub = net.consumer.submit_job(st.offering_id, "predict", to_csv(features(5)), contract_id=st.contract_id)
             assert net.consumer.wait_job(sub.id, timeout=60)["status"] == "succeeded"
             code = "open('outputs/n.txt', 'w').write('1')\n"
-            pending = net.consumer.submit_job(st.offering_id, "custom", to_csv(features(3, seed=11)), code=code,
-                                              contract_id=st.contract_id)
+            pending = net.consumer.submit_job(
+                st.offering_id, "custom", to_csv(features(3, seed=11)), code=code, contract_id=st.contract_id
+            )
             assert pending.job["status"] == "awaiting_approval"
             he_off = lr_offering(net)
             from crypto.signing import SigningKey
@@ -126,7 +129,7 @@ def _candidate_texts(raw: bytes) -> list[bytes]:
             stack.extend(v)
         elif isinstance(v, str):
             out.add(v.encode())
-    for tok in re.split(rb"[\s,;:+\"'=]+", raw[:1 << 20]):
+    for tok in re.split(rb"[\s,;:+\"'=]+", raw[: 1 << 20]):
         if 32 <= len(tok) <= 100:
             out.add(tok)
     decoded = set()
@@ -238,9 +241,13 @@ def test_thief_with_a_copy_of_the_data_dir_decrypts_nothing(busy_server: Any, tm
                 open_input(kp, job_id, data, max_size=1 << 26)
 
     # and starting the service on the copy (the thief's own host) is refused, not given fresh keys
-    r = subprocess.run([*SOM, "serve", "--data-dir", str(copy), "--port", str(_free_port())],
-                       env=_env(XDG_CONFIG_HOME=str(tmp_path / "thief-config")),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*SOM, "serve", "--data-dir", str(copy), "--port", str(_free_port())],
+        env=_env(XDG_CONFIG_HOME=str(tmp_path / "thief-config")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert "key directory" in r.stderr and "does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "thief-config" / "som").exists() or not any((tmp_path / "thief-config").rglob("kek.json"))
@@ -255,8 +262,9 @@ def test_unsafe_keys_in_data_dir_is_warned_at_start(tmp_path: Path) -> None:
     env = _env(SOM_DATA_DIR=str(data), SOM_UNSAFE_KEYS_IN_DATA_DIR="1")
     boot = subprocess.run([*SOM, "--json", "admin", "bootstrap"], env=env, capture_output=True, text=True, timeout=120)
     assert boot.returncode == 0, boot.stderr
-    proc = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         _wait_up(f"http://127.0.0.1:{port}", proc)
     finally:
@@ -272,8 +280,9 @@ def test_default_key_dir_is_outside_and_printed(tmp_path: Path, _key_root: Path)
     data = tmp_path / "data"
     port = _free_port()
     env = _env(SOM_DATA_DIR=str(data))
-    proc = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         _wait_up(f"http://127.0.0.1:{port}", proc)
     finally:
@@ -293,13 +302,23 @@ def test_old_data_dir_with_keys_inside_is_refused_with_the_move(tmp_path: Path) 
     data = tmp_path / "data"
     (data / "keys").mkdir(parents=True, mode=0o700)
     LocalFileKeyProvider.create(data / "keys" / "kek.json")
-    r = subprocess.run([*SOM, "serve", "--data-dir", str(data), "--port", str(_free_port())],
-                       env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*SOM, "serve", "--data-dir", str(data), "--port", str(_free_port())],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     msg = " ".join(r.stderr.split())
     assert "still holds secret keys" in msg and "mv " in msg and "kek.json" in msg, msg
-    inside = subprocess.run([*SOM, "serve", "--data-dir", str(tmp_path / "d2"), "--port", str(_free_port())],
-                            env=_env(SOM_KEY_DIR=str(tmp_path / "d2" / "k")), capture_output=True, text=True, timeout=120)
+    inside = subprocess.run(
+        [*SOM, "serve", "--data-dir", str(tmp_path / "d2"), "--port", str(_free_port())],
+        env=_env(SOM_KEY_DIR=str(tmp_path / "d2" / "k")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert inside.returncode == 2 and "inside the data directory" in " ".join(inside.stderr.split())
 
 
@@ -316,14 +335,17 @@ def test_db_wal_shm_and_log_files_are_0600(tmp_path: Path) -> None:
     boot = subprocess.run([*SOM, "--json", "admin", "bootstrap"], env=env, capture_output=True, text=True, timeout=120)
     assert boot.returncode == 0, boot.stderr
     admin_key = json.loads(boot.stdout)["api_key"]
-    proc = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*SOM, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_up(url, proc)
         admin = SomClient(url, admin_key)
         org = admin.create_org("modes-org")
         admin.create_key(org["id"], ["provider"], name="p")
-        files = {p.name: p for p in [data / "som.db", data / "som.db-wal", data / "som.db-shm", data / "logs" / "som.log"]}
+        files = {
+            p.name: p for p in [data / "som.db", data / "som.db-wal", data / "som.db-shm", data / "logs" / "som.log"]
+        }
         for name, p in files.items():  # while the server runs (WAL and SHM exist now)
             assert p.exists(), name
             assert stat.S_IMODE(p.stat().st_mode) == 0o600, (name, oct(p.stat().st_mode))
@@ -391,10 +413,22 @@ def test_docs_pages_render_in_a_browser_under_their_csp(live: Any, tmp_path: Pat
     _, url = live
     for page, rendered in (("/docs", "opblock-tag"), ("/redoc", "api-info")):
         r = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-             "--enable-logging=stderr", "--v=0", "--dump-dom", url + page],
-            capture_output=True, text=True, timeout=120,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=10000",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--dump-dom",
+                url + page,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert rendered in r.stdout, (page, r.stderr[-2000:])
         violations = [line for line in r.stderr.splitlines() if "Content Security Policy" in line]

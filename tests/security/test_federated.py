@@ -47,9 +47,13 @@ def test_a_non_participant_cannot_join_or_read(live: Any) -> None:
     with pytest.raises(SomAPIError) as e:
         outsider.join_federation(fed.id, samples=10)
     assert _status(e) == 403 and e.value.code == "forbidden"
-    for call in (lambda: outsider.federation(fed.id), lambda: outsider.federation_rounds(fed.id),
-                 lambda: outsider.federation_next(fed.id, wait=0), lambda: outsider.federation_receipts(fed.id),
-                 lambda: outsider.federation_reply(fed.id, b"\x00")):
+    for call in (
+        lambda: outsider.federation(fed.id),
+        lambda: outsider.federation_rounds(fed.id),
+        lambda: outsider.federation_next(fed.id, wait=0),
+        lambda: outsider.federation_receipts(fed.id),
+        lambda: outsider.federation_reply(fed.id, b"\x00"),
+    ):
         with pytest.raises(SomAPIError) as e:
             call()
         assert _status(e) == 404
@@ -88,8 +92,11 @@ def test_allowed_orgs_restricts_who_joins(live: Any) -> None:
     off, sk = open_offering(world)
     orgs = participant_orgs(world, off, sk, 2)
     split = breast_cancer_split(2)
-    fed = world.provider.create_federation(off, {"dim": 30, "mean": split.mean.tolist(), "scale": split.scale.tolist(), **RECIPE},
-                                           terms={"allowed_orgs": [orgs[0][0]]})
+    fed = world.provider.create_federation(
+        off,
+        {"dim": 30, "mean": split.mean.tolist(), "scale": split.scale.tolist(), **RECIPE},
+        terms={"allowed_orgs": [orgs[0][0]]},
+    )
     SomClient(url, orgs[0][1]).join_federation(fed["id"], samples=5)
     with pytest.raises(SomAPIError) as e:
         SomClient(url, orgs[1][1]).join_federation(fed["id"], samples=5)
@@ -135,18 +142,32 @@ def test_malformed_updates_are_refused_with_4xx(live: Any) -> None:
     a = SomClient(url, fed.orgs[0][1])
     a.join_federation(fed.id, samples=10)
     for body in (b"", b"\xff" * 64, b"not a protobuf at all" * 10):
-        r = httpx.post(f"{url}/v1/federations/{fed.id}/replies", content=body,
-                       headers={"Authorization": f"Bearer {fed.orgs[0][1]}", "Content-Type": "application/octet-stream"})
+        r = httpx.post(
+            f"{url}/v1/federations/{fed.id}/replies",
+            content=body,
+            headers={"Authorization": f"Bearer {fed.orgs[0][1]}", "Content-Type": "application/octet-stream"},
+        )
         assert 400 <= r.status_code < 500 and set(r.json()["error"]) >= {"code", "message"}
-    r = httpx.post(f"{url}/v1/federations/{fed.id}/replies", json={"w": [1, 2]},
-                   headers={"Authorization": f"Bearer {fed.orgs[0][1]}"})
+    r = httpx.post(
+        f"{url}/v1/federations/{fed.id}/replies",
+        json={"w": [1, 2]},
+        headers={"Authorization": f"Bearer {fed.orgs[0][1]}"},
+    )
     assert r.status_code == 415 and "error" in r.json()
-    r = httpx.post(f"{url}/v1/federations/{fed.id}/replies", content=b"\x00" * (40 * 1024 * 1024),
-                   headers={"Authorization": f"Bearer {fed.orgs[0][1]}", "Content-Type": "application/octet-stream"})
+    r = httpx.post(
+        f"{url}/v1/federations/{fed.id}/replies",
+        content=b"\x00" * (40 * 1024 * 1024),
+        headers={"Authorization": f"Bearer {fed.orgs[0][1]}", "Content-Type": "application/octet-stream"},
+    )
     assert r.status_code == 413
     # a bad recipe or terms at creation: 4xx, not 500
-    for recipe, terms in (({"dim": 0}, {}), ({"dim": 30, "lr": "fast"}, {}), ({"dim": 30}, {"epsilon": 1.0}),
-                          ({"dim": 30, "strategy": "krum"}, {}), ({"dim": 30}, {"counting": "vibes"})):
+    for recipe, terms in (
+        ({"dim": 0}, {}),
+        ({"dim": 30, "lr": "fast"}, {}),
+        ({"dim": 30}, {"epsilon": 1.0}),
+        ({"dim": 30, "strategy": "krum"}, {}),
+        ({"dim": 30}, {"counting": "vibes"}),
+    ):
         with pytest.raises(SomAPIError) as e:
             world.provider.create_federation(fed.offering_id, recipe, terms=terms)
         assert 400 <= _status(e) < 500
@@ -157,8 +178,12 @@ def test_budget_exhaustion_refuses_the_round(live: Any) -> None:
     split = breast_cancer_split(3)
     z, delta = 2.0, 1e-5
     budget = (epsilon_after(z, 2, delta) + epsilon_after(z, 3, delta)) / 2  # enough for 2 rounds, not 3
-    fed = open_federation(world, {**RECIPE, "rounds": 5, "noise_multiplier": z, "clipping": 1.0},
-                          terms={"epsilon": budget, "delta": delta}, split=split)
+    fed = open_federation(
+        world,
+        {**RECIPE, "rounds": 5, "noise_multiplier": z, "clipping": 1.0},
+        terms={"epsilon": budget, "delta": delta},
+        split=split,
+    )
     threads = run_participants(url, fed, split)
     for t in threads:
         t.start()

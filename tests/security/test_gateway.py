@@ -44,7 +44,9 @@ def sgw(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[Any, str]]:
         yield out
 
 
-def _post(url: str, key: str | None, off: str, body: bytes, ctype: str = "application/json", **headers: str) -> httpx.Response:
+def _post(
+    url: str, key: str | None, off: str, body: bytes, ctype: str = "application/json", **headers: str
+) -> httpx.Response:
     h = {"Content-Type": ctype, "Idempotency-Key": str(uuid.uuid4()), **headers}
     if key:
         h["Authorization"] = f"Bearer {key}"
@@ -120,7 +122,7 @@ CSV_CASES = [
     (f"{SECRET},2,3,4,5,inf\n".encode(), "line 1, column 6"),
     (f"{SECRET},2,3,4,5,-Infinity\n".encode(), "line 1, column 6"),
     (b"\xff\xfe" + SECRET.encode() + b",1\n", "UTF-8"),
-    (f"1,2,3,4,5,\"{SECRET}\n".encode(), ""),  # an unterminated quote: a cell that is no number
+    (f'1,2,3,4,5,"{SECRET}\n'.encode(), ""),  # an unterminated quote: a cell that is no number
     (f"1,2,3\x00,4,5,{SECRET}\n".encode(), "NUL"),
     (b"\n\n  \n", "no rows"),
     (b"a,b,c,d,e,f\n", "no rows"),  # a header only
@@ -182,9 +184,15 @@ def test_quota_exhausted_under_concurrency_never_overcharges(gw: tuple[Any, str]
     def call(i: int) -> None:
         with httpx.Client(timeout=60) as c:
             barrier.wait()
-            r = c.post(f"{url}/v1/offerings/{g.offering_id}/predict", content=_rows(features(1, seed=i)),
-                       headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                                "Idempotency-Key": str(uuid.uuid4())})
+            r = c.post(
+                f"{url}/v1/offerings/{g.offering_id}/predict",
+                content=_rows(features(1, seed=i)),
+                headers={
+                    "Authorization": f"Bearer {key}",
+                    "Content-Type": "application/json",
+                    "Idempotency-Key": str(uuid.uuid4()),
+                },
+            )
             statuses[i] = r.status_code
             if r.status_code != 200:
                 reasons[i] = r.json()["error"].get("reason", "")
@@ -224,16 +232,20 @@ def test_an_agent_cannot_answer_requests_it_was_not_given(sgw: tuple[Any, str], 
     def agent(off: str) -> tuple[httpx.Client, dict[str, str]]:
         k = w.provider.create_agent_key([off])["key"]
         c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=30)
-        aid = c.post("/v1/agent/hello", json={"seal_public": SealKeyPair.generate().public_text(),
-                                              "capabilities": ["gateway"]}).json()["id"]
+        aid = c.post(
+            "/v1/agent/hello", json={"seal_public": SealKeyPair.generate().public_text(), "capabilities": ["gateway"]}
+        ).json()["id"]
         return c, {"X-Som-Agent": aid}
 
     good, gh = agent(mine.offering_id)
     evil, eh = agent(theirs.offering_id)
     # another key's agent id is not ours
     assert evil.post("/v1/agent/gateway/exchange", json={"wait": 0}, headers=gh).status_code == 404
-    good.post("/v1/agent/gateway/exchange", json={"wait": 0, "input_dims": {mine.offering_id: 6, theirs.offering_id: 1}},
-              headers=gh)
+    good.post(
+        "/v1/agent/gateway/exchange",
+        json={"wait": 0, "input_dims": {mine.offering_id: 6, theirs.offering_id: 1}},
+        headers=gh,
+    )
     result: dict[str, Any] = {}
 
     def consumer() -> None:
@@ -246,27 +258,33 @@ def test_an_agent_cannot_answer_requests_it_was_not_given(sgw: tuple[Any, str], 
     assert set(took[0]) == {"id", "offering_id", "rows"}  # nothing about the consumer
     rid = took[0]["id"]
     # the other offering's agent cannot answer it (not given to it), nor take it
-    out = evil.post("/v1/agent/gateway/exchange", json={"answers": [{"id": rid, "outputs": [[0.0], [0.0]]}], "wait": 0},
-                    headers=eh).json()
+    out = evil.post(
+        "/v1/agent/gateway/exchange", json={"answers": [{"id": rid, "outputs": [[0.0], [0.0]]}], "wait": 0}, headers=eh
+    ).json()
     assert out == {"accepted": 0, "requests": []}
     # a malformed answer (wrong number of rows) fails the call cleanly: 503, released
-    out = good.post("/v1/agent/gateway/exchange", json={"answers": [{"id": rid, "outputs": [[0.5]]}], "wait": 0},
-                    headers=gh).json()
+    out = good.post(
+        "/v1/agent/gateway/exchange", json={"answers": [{"id": rid, "outputs": [[0.5]]}], "wait": 0}, headers=gh
+    ).json()
     assert out["accepted"] == 1
     t.join(timeout=30)
     _err(result["r"], 503)
     assert usage_states(w.rt, mine.contract_id or "") == [("released", 2)]
     # an answer for a request already finished is ignored
-    out = good.post("/v1/agent/gateway/exchange", json={"answers": [{"id": rid, "outputs": [[0.5], [0.5]]}], "wait": 0},
-                    headers=gh).json()
+    out = good.post(
+        "/v1/agent/gateway/exchange", json={"answers": [{"id": rid, "outputs": [[0.5], [0.5]]}], "wait": 0}, headers=gh
+    ).json()
     assert out["accepted"] == 0
     # the width announced for an offering this agent does not serve is ignored
     from marketplace.services.gateway_hub import hub_of
 
     assert hub_of(w.rt).input_dim(theirs.offering_id) is None
     # a user key cannot speak the agent's gateway protocol
-    r = httpx.post(f"{url}/v1/agent/gateway/exchange", json={"wait": 0},
-                   headers={"Authorization": f"Bearer {w.keys['provider']}", "X-Som-Agent": gh["X-Som-Agent"]})
+    r = httpx.post(
+        f"{url}/v1/agent/gateway/exchange",
+        json={"wait": 0},
+        headers={"Authorization": f"Bearer {w.keys['provider']}", "X-Som-Agent": gh["X-Som-Agent"]},
+    )
     assert r.status_code == 403
     good.close()
     evil.close()

@@ -115,9 +115,15 @@ def serve(tmp_path: Path, sqlite_url: str) -> Iterator[Callable[..., Any]]:
 def _terms(*, rate: int = 100_000, window: int = 60) -> Terms:
     now = utcnow()
     return Terms(
-        modes=frozenset({"remote_job"}), quota_units=10_000, rate_units=rate, rate_window_seconds=window,
-        valid_from=now - timedelta(seconds=5), valid_until=now + timedelta(days=30),
-        unit_price_minor=3, currency="EUR", max_batch=64,
+        modes=frozenset({"remote_job"}),
+        quota_units=10_000,
+        rate_units=rate,
+        rate_window_seconds=window,
+        valid_from=now - timedelta(seconds=5),
+        valid_until=now + timedelta(days=30),
+        unit_price_minor=3,
+        currency="EUR",
+        max_batch=64,
         job_limits=JobLimits(frozenset({"predict", "evaluate", "custom"}), 30, 512, 60),
     )
 
@@ -134,12 +140,19 @@ def _offering(lv: Live, *, rate: int = 100_000, window: int = 60) -> str:
     return str(off["id"])
 
 
-def _submit(cons: SomClient, offering_id: str, kind: str, data: bytes, *, units: int = 1,
-            code: str | None = None) -> tuple[dict[str, Any], bytes]:
+def _submit(
+    cons: SomClient, offering_id: str, kind: str, data: bytes, *, units: int = 1, code: str | None = None
+) -> tuple[dict[str, Any], bytes]:
     """Create, seal and upload a job by hand, keeping the sealed bytes; (job, sealed)."""
     job = cons.create_job(offering_id, kind, units=units, code=code, idempotency_key=str(uuid.uuid4()))
-    inp = JobInput(job_id=job["id"], kind=kind, reply_public=SealKeyPair.generate().public_text(), data=data,
-                   format="csv", code=code)
+    inp = JobInput(
+        job_id=job["id"],
+        kind=kind,
+        reply_public=SealKeyPair.generate().public_text(),
+        data=data,
+        format="csv",
+        code=code,
+    )
     sealed = seal_input(job["seal_public"], inp)
     return cons.upload_job_payload(job["id"], sealed), sealed
 
@@ -220,12 +233,15 @@ def test_a_storm_of_bad_keys_appends_a_bounded_number_of_leaves(serve: Any) -> N
     window = 2.0
     # the failed-authentication throttle (429 after 20 per client) is raised here: this test is
     # about what 200 refused requests append to the log, not about the throttle
-    with serve(auth_failure_window_seconds=window, auth_fail_max_per_client=10_000,
-               auth_fail_max_per_prefix=10_000) as lv:
+    with serve(
+        auth_failure_window_seconds=window, auth_fail_max_per_client=10_000, auth_fail_max_per_prefix=10_000
+    ) as lv:
         before = _leaf_count(lv)
         t0 = time.monotonic()
         bad_headers = [
-            {}, {"Authorization": "Bearer nope"}, {"Authorization": "bearer som_abc_def"},
+            {},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": "bearer som_abc_def"},
             {"Authorization": "Basic Zm9vOmJhcg=="},
         ]
         with httpx.Client(base_url=lv.url, timeout=30) as http:
@@ -291,8 +307,9 @@ def test_failed_submissions_count_against_the_rate_window(serve: Any) -> None:
 
 def _big_model(n: int = 100_000) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{"layer0.weight": np.ones((1, n)), "layer0.bias": np.ones(1),
-                     "layer0.activation": np.array("sigmoid")})
+    np.savez(
+        buf, **{"layer0.weight": np.ones((1, n)), "layer0.bias": np.ones(1), "layer0.activation": np.array("sigmoid")}
+    )
     return buf.getvalue()
 
 
@@ -303,9 +320,12 @@ def test_storage_quota_refuses_uploads_beyond_it_and_frees_when_jobs_end(serve: 
         # the provider: a first big version fits in 1 MiB, a second one does not
         big = prov.create_offering(name="big", task="binary-classification", hosting="marketplace")
         prov.upload_version(big["id"], _big_model(), format="npz")
-        r = httpx.post(f"{lv.url}/v1/offerings/{big['id']}/versions", params={"format": "npz"},
-                       content=_big_model(), headers={"Authorization": f"Bearer {lv.keys['provider']}",
-                                                      "Content-Type": "application/octet-stream"})
+        r = httpx.post(
+            f"{lv.url}/v1/offerings/{big['id']}/versions",
+            params={"format": "npz"},
+            content=_big_model(),
+            headers={"Authorization": f"Bearer {lv.keys['provider']}", "Content-Type": "application/octet-stream"},
+        )
         assert r.status_code == 413, r.text
         err = r.json()["error"]
         assert err["code"] == "payload_too_large" and "storage quota" in err["message"]
@@ -344,8 +364,13 @@ def test_a_secret_cell_that_fails_parsing_appears_nowhere(serve: Any) -> None:
         assert cdone["status"] == "failed" and cdone["error"], cdone
 
         secret = SECRET.encode()
-        for view in (cons.job(job["id"]), prov.job(job["id"]), prov.job(cj["id"]),
-                     *prov.jobs(role="provider"), *cons.jobs()):
+        for view in (
+            cons.job(job["id"]),
+            prov.job(job["id"]),
+            prov.job(cj["id"]),
+            *prov.jobs(role="provider"),
+            *cons.jobs(),
+        ):
             assert SECRET not in json.dumps(view), view
         trail = lv.compliance.paginate("/v1/audit", limit=200)
         assert trail and SECRET not in json.dumps(trail)

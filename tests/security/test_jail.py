@@ -35,7 +35,7 @@ from tests.marketplace.test_jobs_support import features, offering, to_csv
 CANARY = "som-jail-canary-" + secrets.token_hex(8)
 
 # What an approved job tries from inside. {paths}, {port}, {pid}, {marker}, {src} are filled in.
-ATTACK = r'''
+ATTACK = r"""
 import json, os, socket, sys, time
 report = {}
 
@@ -105,7 +105,7 @@ time.sleep(0.3)
 report["uid"] = [os.getuid(), os.getgid()]
 open("outputs/report.json", "w").write(json.dumps(report))
 print("attack done")
-'''
+"""
 
 
 def attack_code(*, paths: list[str], port: int, parent: int, data: str, sleep: str) -> str:
@@ -149,7 +149,9 @@ def job_cgroups() -> list[str]:
     return out
 
 
-def run_custom(cons: Any, prov: Any, offering_id: str, code: str, *, timeout: float = 120, **kw: Any) -> tuple[dict[str, Any], Any]:
+def run_custom(
+    cons: Any, prov: Any, offering_id: str, code: str, *, timeout: float = 120, **kw: Any
+) -> tuple[dict[str, Any], Any]:
     from marketplace.sdk.jobs_api import SealKeyRefused
 
     end = time.monotonic() + 30
@@ -197,12 +199,26 @@ def hosted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
             job, res = run_custom(live.consumer, live.provider, st.offering_id, "print('warm-up')\n")
             assert job["status"] == "succeeded", job
             sleep = f"3600.{secrets.randbelow(10**9)}"
-            code = attack_code(paths=secret_files(data_dir, Path(app.state.runtime.key_dir).resolve()), port=int(url.rsplit(":", 1)[1]),
-                               parent=os.getpid(), data=str(data_dir), sleep=sleep)
+            code = attack_code(
+                paths=secret_files(data_dir, Path(app.state.runtime.key_dir).resolve()),
+                port=int(url.rsplit(":", 1)[1]),
+                parent=os.getpid(),
+                data=str(data_dir),
+                sleep=sleep,
+            )
             job, res = run_custom(live.consumer, live.provider, st.offering_id, code)
             assert job["status"] == "succeeded", job
-            yield SimpleNamespace(app=app, url=url, live=live, offering=st.offering_id, data_dir=data_dir,
-                                  report=report_of(res), result=res, sleep=sleep, tmp=tmp)
+            yield SimpleNamespace(
+                app=app,
+                url=url,
+                live=live,
+                offering=st.offering_id,
+                data_dir=data_dir,
+                report=report_of(res),
+                result=res,
+                sleep=sleep,
+                tmp=tmp,
+            )
     finally:
         os.environ.pop("SOM_JAIL_CANARY", None)
         app.state.runtime.close()
@@ -287,7 +303,9 @@ def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SimpleNam
     try:
         w = build_world(app)
         with serve_in_thread(app) as url:
-            live = SimpleNamespace(provider=SomClient(url, w.keys["provider"]), consumer=SomClient(url, w.keys["consumer"]))
+            live = SimpleNamespace(
+                provider=SomClient(url, w.keys["provider"]), consumer=SomClient(url, w.keys["consumer"])
+            )
             st = offering(live, tmp_path, hosting="marketplace")
             yield SimpleNamespace(app=app, url=url, live=live, offering=st.offering_id)
     finally:
@@ -320,7 +338,9 @@ def test_approval_is_refused_with_503_once_the_jail_is_gone(server: SimpleNamesp
 @pytest.mark.parametrize(
     "server", [{"jail_bwrap": "/nonexistent/bwrap", "unsafe_unjailed_custom_jobs": True}], indirect=True
 )
-def test_unsafe_setting_runs_custom_jobs_unjailed_with_a_warning(server: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
+def test_unsafe_setting_runs_custom_jobs_unjailed_with_a_warning(
+    server: SimpleNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
     code = "import os\nopen('outputs/uid', 'w').write(str(os.getuid()))\n"
     with caplog.at_level("WARNING", logger="som.jail"):
         job, res = run_custom(server.live.consumer, server.live.provider, server.offering, code)
@@ -340,8 +360,11 @@ def test_som_agent_jails_custom_jobs_and_forgets_its_key(tmp_path: Path) -> None
     from tests.marketplace.test_cli_server import SOM
     from tests.marketplace.test_jobs_support import model_arrays, model_npz, terms, write_signing_key
 
-    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'som.db'}", workers=1,
-                                   agent_lease_seconds=5.0, agent_offline_seconds=10.0))
+    app = create_app(
+        make_settings(
+            tmp_path, f"sqlite:///{tmp_path / 'som.db'}", workers=1, agent_lease_seconds=5.0, agent_offline_seconds=10.0
+        )
+    )
     agent: subprocess.Popen[bytes] | None = None
     try:
         w = build_world(app)
@@ -359,13 +382,34 @@ def test_som_agent_jails_custom_jobs_and_forgets_its_key(tmp_path: Path) -> None
             (machine / "model.npz").write_bytes(model_npz(wgt, bias))
             agent_key = prov.create_agent_key([off["id"]])["key"]
             env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_")}
-            env.update({"SOM_URL": url, "SOM_API_KEY": agent_key, "SOM_JAIL_CANARY": CANARY,
-                        "XDG_CONFIG_HOME": str(tmp_path / "config")})
+            env.update(
+                {
+                    "SOM_URL": url,
+                    "SOM_API_KEY": agent_key,
+                    "SOM_JAIL_CANARY": CANARY,
+                    "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                }
+            )
             agent = subprocess.Popen(  # noqa: S603 - fixed argv
-                [*SOM, "agent", "--offering", off["id"], "--model", str(machine / "model.npz"), "--lease-wait", "2",
-                 "--workdir", str(machine / "work"), "--signing-key", str(key_file),
-                 "--seal-key", str(machine / "seal.key")],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                [
+                    *SOM,
+                    "agent",
+                    "--offering",
+                    off["id"],
+                    "--model",
+                    str(machine / "model.npz"),
+                    "--lease-wait",
+                    "2",
+                    "--workdir",
+                    str(machine / "work"),
+                    "--signing-key",
+                    str(key_file),
+                    "--seal-key",
+                    str(machine / "seal.key"),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             deadline = time.monotonic() + 60
             while not cons.get_offering(off["id"])["agent_online"]:
@@ -376,8 +420,9 @@ def test_som_agent_jails_custom_jobs_and_forgets_its_key(tmp_path: Path) -> None
             assert agent_key.encode() not in environ and CANARY.encode() in environ
             sleep = f"3600.{secrets.randbelow(10**9)}"
             paths = [str(machine / "seal.key"), str(key_file), str(machine / "model.npz")]
-            code = attack_code(paths=paths, port=int(url.rsplit(":", 1)[1]), parent=agent.pid,
-                               data=str(machine), sleep=sleep)
+            code = attack_code(
+                paths=paths, port=int(url.rsplit(":", 1)[1]), parent=agent.pid, data=str(machine), sleep=sleep
+            )
             job, res = run_custom(cons, prov, off["id"], code, timeout=180)
             assert job["status"] == "succeeded", job
             report = report_of(res)
@@ -405,7 +450,12 @@ def test_som_agent_without_the_jail_does_not_take_custom_jobs(tmp_path: Path) ->
 
     wgt, bias = model_arrays()
     (tmp_path / "model.npz").write_bytes(model_npz(wgt, bias))
-    cfg = AgentConfig(url="http://127.0.0.1:9", api_key="unused", model_path=tmp_path / "model.npz",
-                      seal_key_path=tmp_path / "seal.key", jail=JailConfig(bwrap="/nonexistent/bwrap"))
+    cfg = AgentConfig(
+        url="http://127.0.0.1:9",
+        api_key="unused",
+        model_path=tmp_path / "model.npz",
+        seal_key_path=tmp_path / "seal.key",
+        jail=JailConfig(bwrap="/nonexistent/bwrap"),
+    )
     agent = ProviderAgent(cfg)
     assert agent.jail_problem is not None and "bubblewrap not found" in agent.jail_problem

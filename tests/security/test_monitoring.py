@@ -48,7 +48,9 @@ def test_non_loopback_scrape_without_token_is_refused(sqlite_world: Any) -> None
     # an IPv4-mapped or spoofed-looking header changes nothing: the client address decides
     r = remote.get("/metrics", headers={"X-Forwarded-For": "127.0.0.1", "Host": "localhost"})
     assert r.status_code == 403
-    assert TestClient(app, client=("::ffff:10.1.2.3", 1), raise_server_exceptions=False).get("/metrics").status_code == 403
+    assert (
+        TestClient(app, client=("::ffff:10.1.2.3", 1), raise_server_exceptions=False).get("/metrics").status_code == 403
+    )
     for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
         assert TestClient(app, client=(host, 40000)).get("/metrics").status_code == 200, host
 
@@ -70,8 +72,16 @@ def test_metrics_token_is_required_when_set(guarded: Any) -> None:
 def test_consumer_cannot_read_another_orgs_or_a_providers_offering_monitoring(live: Any) -> None:
     w, url = live
     deal = make_deal(w)
-    r = metering.begin(w.rt, deal.consumer, offering_id=deal.offering_id, mode="remote_job", job_kind="predict",
-                       units=4, idempotency_key="sec-1", request_digest=metering.request_digest("sec-1"))
+    r = metering.begin(
+        w.rt,
+        deal.consumer,
+        offering_id=deal.offering_id,
+        mode="remote_job",
+        job_kind="predict",
+        units=4,
+        idempotency_key="sec-1",
+        request_digest=metering.request_digest("sec-1"),
+    )
     metering.commit(w.rt, r, result=b"x", media_type="application/octet-stream")
     path = f"/v1/monitoring/offerings/{deal.offering_id}"
 
@@ -85,8 +95,9 @@ def test_consumer_cannot_read_another_orgs_or_a_providers_offering_monitoring(li
     for who in ("consumer", "other_consumer", "other_provider", "compliance"):
         r = get(who, path)
         assert r.status_code == 404, who
-        assert r.json()["error"]["message"].replace(deal.offering_id, "X") == missing.json()["error"]["message"].replace(
-            "off_doesnotexist", "X")  # indistinguishable from an offering that does not exist
+        assert r.json()["error"]["message"].replace(deal.offering_id, "X") == missing.json()["error"][
+            "message"
+        ].replace("off_doesnotexist", "X")  # indistinguishable from an offering that does not exist
     assert get("consumer", "/v1/monitoring/marketplace").status_code == 403
     assert get("other_provider", "/v1/monitoring/marketplace").status_code == 403
     assert get("compliance", "/v1/monitoring/marketplace").json()["totals"]["units"] == 4
@@ -110,8 +121,9 @@ def test_raw_paths_cannot_explode_label_cardinality(live: Any) -> None:
             c.get(f"/ui/{j}.js")
             c.request(f"X{j[:4].upper()}", "/v1/whoami")
     for j in junk[:40]:  # hostile label values and error classes through the inference recorder
-        monitoring.record_inference(f"off\n{j}" * 5, 1, "mode " + j, queue_s=0, model_s=0, overhead_s=0, ok=False,
-                                    error_class=f"Err{j}")
+        monitoring.record_inference(
+            f"off\n{j}" * 5, 1, "mode " + j, queue_s=0, model_s=0, overhead_s=0, ok=False, error_class=f"Err{j}"
+        )
     text = httpx.get(f"{url}/metrics").text
     samples = _http_samples(text)
     routes = {s.labels["http_route"] for s in samples}

@@ -135,8 +135,13 @@ def onnx_external(location: str, *, where: str = "initializer", flag: bool = Tru
         nodes.insert(0, helper.make_node("Constant", [], ["k"], value=c))
     elif where == "subgraph":  # an initializer inside an If branch
         inner = _external(numpy_helper.from_array(np.ones((1,), dtype=np.float32), "z"), location, 4, flag=flag)
-        branch = helper.make_graph([helper.make_node("Identity", ["z"], ["o"])], "b", [],
-                                   [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])], [inner])
+        branch = helper.make_graph(
+            [helper.make_node("Identity", ["z"], ["o"])],
+            "b",
+            [],
+            [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])],
+            [inner],
+        )
         cond = numpy_helper.from_array(np.array(True), "cond")
         inits.append(cond)
         nodes.insert(0, helper.make_node("If", ["cond"], ["o2"], then_branch=branch, else_branch=branch))
@@ -144,9 +149,14 @@ def onnx_external(location: str, *, where: str = "initializer", flag: bool = Tru
         vals = _external(numpy_helper.from_array(np.ones((1,), dtype=np.float32), "sv"), location, 4, flag=flag)
         idx = numpy_helper.from_array(np.array([0], dtype=np.int64), "si")
         sparse.append(helper.make_sparse_tensor(vals, idx, [D_IN]))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D_IN])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits,
-                          sparse_initializer=sparse)
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D_IN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        inits,
+        sparse_initializer=sparse,
+    )
     return bytes(helper.make_model(g).SerializeToString())
 
 
@@ -155,8 +165,13 @@ def _locations(w: Any, tmp_path: Path) -> list[str]:
     out = []
     for f in _secret_files(w):
         p = Path(f)
-        out += [str(p), os.path.relpath(p, tmp_path), os.path.relpath(p, data),
-                "../" + p.parent.name + "/" + p.name, "../" * 12 + str(p).lstrip("/")]
+        out += [
+            str(p),
+            os.path.relpath(p, tmp_path),
+            os.path.relpath(p, data),
+            "../" + p.parent.name + "/" + p.name,
+            "../" * 12 + str(p).lstrip("/"),
+        ]
     return out + ["data/keys/does-not-exist.key", "/nonexistent/x", "../../nope"]
 
 
@@ -168,9 +183,13 @@ def test_onnx_external_data_upload_is_refused_without_an_oracle(srv: Any, tmp_pa
     for where in ("initializer", "constant", "subgraph", "sparse"):
         for flag in (True, False):
             for loc in _locations(w, tmp_path):
-                r = httpx.post(f"{url}/v1/offerings/{off['id']}/versions", params={"format": "onnx"},
-                               content=onnx_external(loc, where=where, flag=flag), headers=_h(w, "provider"),
-                               timeout=30)
+                r = httpx.post(
+                    f"{url}/v1/offerings/{off['id']}/versions",
+                    params={"format": "onnx"},
+                    content=onnx_external(loc, where=where, flag=flag),
+                    headers=_h(w, "provider"),
+                    timeout=30,
+                )
                 assert r.status_code == 422, (where, loc, r.text)
                 for s in secrets.values():
                     assert not _leaks(r.content, s), (where, loc)
@@ -191,8 +210,13 @@ def test_onnx_loader_refuses_external_data_directly(tmp_path: Path, monkeypatch:
     for loc in ("secret.bin", str(tmp_path / "secret.bin"), "missing.bin", "../" + tmp_path.name + "/secret.bin"):
         for where in ("initializer", "constant", "subgraph", "sparse"):
             data = onnx_external(loc, where=where)
-            for fn in (load_onnx, parse_onnx, lambda d: validate_artifact(d, "onnx"), lambda d: load_model(d, "onnx"),
-                       lambda d: compile_model(d, "onnx", calibration=np.zeros((4, D_IN)))):
+            for fn in (
+                load_onnx,
+                parse_onnx,
+                lambda d: validate_artifact(d, "onnx"),
+                lambda d: load_model(d, "onnx"),
+                lambda d: compile_model(d, "onnx", calibration=np.zeros((4, D_IN))),
+            ):
                 with pytest.raises(HEError) as e:
                     fn(data)
                 assert str(e.value) == EXTERNAL_DATA_REFUSED
@@ -213,11 +237,21 @@ def test_predict_job_on_a_smuggled_external_data_model_leaks_nothing(srv: Any, t
     vid = "ver_smuggled0000000000000"
     aad = f"som:{vid}:model"
     ct, wrapped = encrypt_artifact(evil, provider=rt.key_provider, aad=aad.encode())
-    prep = PreparedVersion(vid, "onnx", "sha256:" + "0" * 64, len(evil), {"input_dim": D_IN}, rt.blobs.put(ct),
-                           wrapped.to_json().encode(), wrapped.kek_id, aad)
+    prep = PreparedVersion(
+        vid,
+        "onnx",
+        "sha256:" + "0" * 64,
+        len(evil),
+        {"input_dim": D_IN},
+        rt.blobs.put(ct),
+        wrapped.to_json().encode(),
+        wrapped.kek_id,
+        aad,
+    )
     with rt.tx() as s:
-        v = catalog.commit_version(s, catalog.get_owned(s, _principal(w, "provider"), setup.offering_id), prep,
-                                   who=audit.Actor.system())
+        v = catalog.commit_version(
+            s, catalog.get_owned(s, _principal(w, "provider"), setup.offering_id), prep, who=audit.Actor.system()
+        )
         # the bypass also points the live contract at it (contracts pin the version they compute with)
         from marketplace.db.models_contracts import ContractRow
 
@@ -308,8 +342,15 @@ def test_zip_bomb_npz_upload_is_refused_quickly_in_bounded_memory(srv: Any) -> N
     bombs = [zip_bomb("layer0.weight.npy", 512, extra=extra), zip_bomb("layer0.weight.npy", 200, extra=extra)]
     assert 400 * 1024 < len(bombs[0]) < 600 * 1024
     for data in bombs:
-        r = _bounded(lambda d=data: httpx.post(f"{url}/v1/offerings/{off['id']}/versions", params={"format": "npz"},
-                                                content=d, headers=_h(w, "provider"), timeout=30))
+        r = _bounded(
+            lambda d=data: httpx.post(
+                f"{url}/v1/offerings/{off['id']}/versions",
+                params={"format": "npz"},
+                content=d,
+                headers=_h(w, "provider"),
+                timeout=30,
+            )
+        )
         assert r.status_code == 422, r.text
         assert "uncompressed" in r.text or "compression ratio" in r.text
 
@@ -320,7 +361,10 @@ def test_zip_bomb_npz_upload_is_refused_quickly_in_bounded_memory(srv: Any) -> N
         ([("../layer0.weight.npy", _npy(np.ones((1, D_IN))))], "unexpected archive member"),
         ([("x/../layer0.weight.npy", _npy(np.ones((1, D_IN))))], "unexpected archive member"),
         ([("/layer0.weight.npy", _npy(np.ones((1, D_IN))))], "unexpected archive member"),
-        ([("layer0.weight.npy", _npy(np.ones((1, D_IN)))), ("layer0.weight.npy", _npy(np.ones((1, D_IN))))], "duplicate"),
+        (
+            [("layer0.weight.npy", _npy(np.ones((1, D_IN)))), ("layer0.weight.npy", _npy(np.ones((1, D_IN))))],
+            "duplicate",
+        ),
         ([("layer0.weight.npy", _npy(np.array([{"a": 1}], dtype=object)))], "pickle"),
         ([("layer0.weight.npy", npy_header((10**12, D_IN)))], "does not match its header"),
     ],
@@ -328,15 +372,25 @@ def test_zip_bomb_npz_upload_is_refused_quickly_in_bounded_memory(srv: Any) -> N
 def test_malformed_npz_uploads_are_422(srv: Any, members: list[tuple[str, bytes]], why: str) -> None:
     w, url = srv
     off = w.provider.create_offering(name="bad", task="binary-classification")
-    r = httpx.post(f"{url}/v1/offerings/{off['id']}/versions", params={"format": "npz"}, content=npz_of(members),
-                   headers=_h(w, "provider"), timeout=30)
+    r = httpx.post(
+        f"{url}/v1/offerings/{off['id']}/versions",
+        params={"format": "npz"},
+        content=npz_of(members),
+        headers=_h(w, "provider"),
+        timeout=30,
+    )
     assert r.status_code == 422 and why in r.json()["error"]["message"], r.text
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pos=st.integers(min_value=0, max_value=10**6), byte=st.integers(min_value=0, max_value=255),
-       n=st.integers(min_value=1, max_value=4))
-def test_any_mutated_npz_is_4xx_never_500(tmp_path_factory: pytest.TempPathFactory, pos: int, byte: int, n: int) -> None:
+@given(
+    pos=st.integers(min_value=0, max_value=10**6),
+    byte=st.integers(min_value=0, max_value=255),
+    n=st.integers(min_value=1, max_value=4),
+)
+def test_any_mutated_npz_is_4xx_never_500(
+    tmp_path_factory: pytest.TempPathFactory, pos: int, byte: int, n: int
+) -> None:
     """Mutate the zip metadata or .npy headers of a valid model: the validator answers 4xx (or accepts)."""
     from marketplace.errors import MarketplaceError
     from marketplace.services.catalog import _validate
@@ -356,9 +410,13 @@ def test_any_mutated_npz_is_4xx_never_500(tmp_path_factory: pytest.TempPathFacto
 def _onnx_ok() -> bytes:
     w = numpy_helper.from_array(np.ones((D_IN, 1), dtype=np.float32), "W")
     b = numpy_helper.from_array(np.zeros((1,), dtype=np.float32), "B")
-    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "B"], ["z"]), helper.make_node("Sigmoid", ["z"], ["y"])],
-                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D_IN])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [w, b])
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["z"]), helper.make_node("Sigmoid", ["z"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D_IN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        [w, b],
+    )
     return bytes(helper.make_model(g).SerializeToString())
 
 
@@ -413,8 +471,13 @@ def test_mutated_npz_uploads_over_http_are_never_500(srv: Any) -> None:
         b = bytearray(base)
         for i in rng.integers(0, len(b), size=3):
             b[int(i)] = int(rng.integers(0, 256))
-        r = httpx.post(f"{url}/v1/offerings/{off['id']}/versions", params={"format": "npz"}, content=bytes(b),
-                       headers=_h(w, "provider"), timeout=30)
+        r = httpx.post(
+            f"{url}/v1/offerings/{off['id']}/versions",
+            params={"format": "npz"},
+            content=bytes(b),
+            headers=_h(w, "provider"),
+            timeout=30,
+        )
         assert r.status_code in (201, 413, 415, 422), r.text
 
 
@@ -436,15 +499,23 @@ def test_upload_validation_blocks_neither_the_event_loop_nor_the_database(srv: A
             while not done.is_set():
                 t = time.monotonic()
                 codes.append(c.get(f"{url}/v1/health").status_code)
-                codes.append(c.post(f"{url}/v1/offerings", json={"name": "w", "task": "t"},
-                                    headers=_h(w, "other_provider")).status_code)
+                codes.append(
+                    c.post(
+                        f"{url}/v1/offerings", json={"name": "w", "task": "t"}, headers=_h(w, "other_provider")
+                    ).status_code
+                )
                 lat.append(time.monotonic() - t)
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     try:
-        r = httpx.post(f"{url}/v1/offerings/{off['id']}/versions", params={"format": "npz"}, content=big,
-                       headers=_h(w, "provider"), timeout=120)
+        r = httpx.post(
+            f"{url}/v1/offerings/{off['id']}/versions",
+            params={"format": "npz"},
+            content=big,
+            headers=_h(w, "provider"),
+            timeout=120,
+        )
     finally:
         done.set()
         th.join(timeout=60)
@@ -499,7 +570,9 @@ def test_rows_beyond_the_paid_units_are_refused_from_the_header(tmp_path: Path) 
     junk = npz_of([("x.npy", head + os.urandom(1000 * D_IN * 8))])
     npy = head + os.urandom(1000 * D_IN * 8)
     for fmt, data in (("npz", junk), ("npy", npy)):
-        inp = JobInput(job_id="j", kind="predict", reply_public=SealKeyPair.generate().public_text(), data=data, format=fmt)
+        inp = JobInput(
+            job_id="j", kind="predict", reply_public=SealKeyPair.generate().public_text(), data=data, format=fmt
+        )
         with pytest.raises(JobFailed) as e:
             run_job(model, inp, expected_kind="predict", max_rows=5, workdir=tmp_path)
         assert e.value.reason == "too_many_rows"
@@ -532,25 +605,39 @@ def test_deep_or_oversize_json_fields_are_422_and_the_catalog_stays_up(srv_db: A
         {"model_card": "m" * 200_001},
     ]
     for fields in bad:
-        r = httpx.post(f"{url}/v1/offerings", json={"name": "deep", "task": "t", "hosting": "provider", **fields},
-                       headers=_h(w, "provider"), timeout=30)
+        r = httpx.post(
+            f"{url}/v1/offerings",
+            json={"name": "deep", "task": "t", "hosting": "provider", **fields},
+            headers=_h(w, "provider"),
+            timeout=30,
+        )
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid", r.text[:300]
         r = httpx.patch(f"{url}/v1/offerings/{off['id']}", json=fields, headers=_h(w, "provider"), timeout=30)
         assert r.status_code == 422, r.text[:300]
     # signed records and the agent's HE report are bounded the same way
     r = httpx.post(f"{url}/v1/offerings/{off['id']}/offers", json=_deep(900), headers=_h(w, "provider"), timeout=30)
     assert r.status_code == 422, r.text[:300]
-    r = httpx.post(f"{url}/v1/agent/offerings/{off['id']}/plan", json={"plan": {}, "report": _deep(900)},
-                   headers=_h(w, "provider"), timeout=30)
+    r = httpx.post(
+        f"{url}/v1/agent/offerings/{off['id']}/plan",
+        json={"plan": {}, "report": _deep(900)},
+        headers=_h(w, "provider"),
+        timeout=30,
+    )
     assert r.status_code == 422, r.text[:300]
     # the limits are at the edges, not below what real schemas need
-    ok = httpx.patch(f"{url}/v1/offerings/{off['id']}", json={"input_schema": _deep(31), "tags": ["fraud"]},
-                     headers=_h(w, "provider"), timeout=30)
+    ok = httpx.patch(
+        f"{url}/v1/offerings/{off['id']}",
+        json={"input_schema": _deep(31), "tags": ["fraud"]},
+        headers=_h(w, "provider"),
+        timeout=30,
+    )
     assert ok.status_code == 200, ok.text[:300]
     for who in ("consumer", "other_consumer", "provider", "admin"):
         r = httpx.get(f"{url}/v1/offerings", headers=_h(w, who), timeout=30)
         assert r.status_code == 200, (who, r.text[:300])
-    assert any(i["id"] == off["id"] for i in httpx.get(f"{url}/v1/offerings", headers=_h(w, "consumer")).json()["items"])
+    assert any(
+        i["id"] == off["id"] for i in httpx.get(f"{url}/v1/offerings", headers=_h(w, "consumer")).json()["items"]
+    )
 
 
 # ----------------------------------------------------------------------------- working directory
@@ -562,8 +649,13 @@ def test_som_serve_runs_in_an_empty_private_working_directory(tmp_path: Path) ->
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
     env["SOM_DATA_DIR"] = "data"  # relative to where it was started
-    proc = subprocess.Popen([*SOM, "serve", "--port", str(port)], env=env, cwd=tmp_path,  # noqa: S603
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*SOM, "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,  # noqa: S603
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -53,12 +53,14 @@ def officer(live, tmp_path):  # type: ignore[no-untyped-def]
             ledger.append_many(s, [usage(c, b * 5 + i, units=3) for i in range(5)])
         ledger.sign_checkpoint(rt)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOM_") and k != "DATABASE_URL"}
-    env.update({
-        "SOM_URL": url,
-        "SOM_API_KEY": world.keys["compliance"],
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),  # the default trust state lives here
-        "HOME": str(tmp_path / "home"),
-    })
+    env.update(
+        {
+            "SOM_URL": url,
+            "SOM_API_KEY": world.keys["compliance"],
+            "XDG_CONFIG_HOME": str(tmp_path / "config"),  # the default trust state lives here
+            "HOME": str(tmp_path / "home"),
+        }
+    )
     return world, env
 
 
@@ -85,7 +87,11 @@ def forge(src: Path, dst: Path, consumer_org: str, *, origin: str | None = None)
     for line in (src / "leaves.jsonl").read_text().splitlines():
         leaf = base64.b64decode(json.loads(line)["leaf"])
         rec = json.loads(leaf)
-        if rec.get("schema") == "som.usage/v1" and rec.get("outcome") == "charged" and rec.get("consumer_org") == consumer_org:
+        if (
+            rec.get("schema") == "som.usage/v1"
+            and rec.get("outcome") == "charged"
+            and rec.get("consumer_org") == consumer_org
+        ):
             removed += 1
             continue
         kept.append(leaf)
@@ -95,12 +101,16 @@ def forge(src: Path, dst: Path, consumer_org: str, *, origin: str | None = None)
     signer = NoteSigner(name, SigningKey.generate())
     tree = MerkleTree(kept)
     (dst / "checkpoints").mkdir(parents=True)
-    (dst / "leaves.jsonl").write_text("".join(
-        json.dumps({"index": i, "leaf": base64.b64encode(x).decode()}, separators=(",", ":")) + "\n"
-        for i, x in enumerate(kept)
-    ))
+    (dst / "leaves.jsonl").write_text(
+        "".join(
+            json.dumps({"index": i, "leaf": base64.b64encode(x).decode()}, separators=(",", ":")) + "\n"
+            for i, x in enumerate(kept)
+        )
+    )
     for size in sorted({len(kept) // 2, len(kept)}):
-        (dst / "checkpoints" / f"{size}.note").write_bytes(sign_checkpoint(Checkpoint(name, size, tree.root(size)), signer))
+        (dst / "checkpoints" / f"{size}.note").write_bytes(
+            sign_checkpoint(Checkpoint(name, size, tree.root(size)), signer)
+        )
     (dst / "log.vkey").write_text(signer.verifier.vkey() + "\n")
     return signer, removed
 
@@ -185,8 +195,13 @@ def _forged_receipt(genuine: dict[str, Any], signer: NoteSigner, origin: str) ->
     rec["units"] = 1
     leaf = json.dumps(rec, separators=(",", ":"), sort_keys=True).encode()
     note = sign_checkpoint(Checkpoint(origin, 1, leaf_hash(leaf)), signer)
-    return {"index": 0, "leaf": base64.b64encode(leaf).decode(), "leaf_hash": base64.b64encode(leaf_hash(leaf)).decode(),
-            "inclusion_proof": [], "checkpoint": note.decode()}
+    return {
+        "index": 0,
+        "leaf": base64.b64encode(leaf).decode(),
+        "leaf_hash": base64.b64encode(leaf_hash(leaf)).decode(),
+        "inclusion_proof": [],
+        "checkpoint": note.decode(),
+    }
 
 
 def test_receipt_resigned_with_another_key_is_refused(officer, tmp_path):

@@ -75,7 +75,10 @@ def swap_key(page: Any, note: str, origin: str, *, serve_key: bool = True) -> No
     forged = sign_checkpoint(Checkpoint(origin, cp.size, cp.root_hash), impostor).decode()
     page.route("**/v1/ledger/checkpoint", lambda r: r.fulfill(status=200, content_type="text/plain", body=forged))
     if serve_key:
-        page.route("**/v1/ledger/key", lambda r: r.fulfill(status=200, content_type="text/plain", body=impostor.verifier.vkey() + "\n"))
+        page.route(
+            "**/v1/ledger/key",
+            lambda r: r.fulfill(status=200, content_type="text/plain", body=impostor.verifier.vkey() + "\n"),
+        )
     return impostor
 
 
@@ -118,7 +121,9 @@ def test_a_different_key_or_origin_is_a_red_warning(page: Any, server: Any, atta
     expect(page.locator("#pin-notice")).to_be_visible()
 
     origin = "evil.example/ledger" if attack == "new-key-new-origin" else w.rt.settings.log_origin
-    impostor = swap_key(page, w.compliance.ledger_checkpoint().decode(), origin, serve_key=attack != "forged-note-real-key")
+    impostor = swap_key(
+        page, w.compliance.ledger_checkpoint().decode(), origin, serve_key=attack != "forged-note-real-key"
+    )
     page.reload()
     warning = page.locator("#key-warning")
     expect(warning).to_be_visible()

@@ -44,10 +44,17 @@ def test_another_org_cannot_replay_a_stored_answer_by_its_key(live: Any, tmp_pat
     c, ks, frame = _frame(world, url, off, tmp_path)
     answer = c.infer_raw(off, frame, keyset_id=ks, idempotency_key="victim-key-1")
     for key in (world.keys["other_consumer"], world.keys["provider"]):
-        r = httpx.post(f"{url}/v1/offerings/{off}/infer", content=frame, timeout=60, headers={
-            "Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream",
-            "Idempotency-Key": "victim-key-1", "X-Som-Keyset": ks,
-        })
+        r = httpx.post(
+            f"{url}/v1/offerings/{off}/infer",
+            content=frame,
+            timeout=60,
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "application/octet-stream",
+                "Idempotency-Key": "victim-key-1",
+                "X-Som-Keyset": ks,
+            },
+        )
         assert 400 <= r.status_code < 500, r.status_code
         assert r.json()["error"]["code"] and answer not in r.content
 
@@ -58,7 +65,8 @@ def test_unauthenticated_health_names_no_kek_when_keys_do_not_unwrap(live: Any, 
     world, url = live
     world.provider.upload_version(
         world.provider.create_offering(name="m", task="binary-classification", hosting="marketplace")["id"],
-        lr_breast_cancer().npz, format="npz",
+        lr_breast_cancer().npz,
+        format="npz",
     )
     path = world.rt.key_dir / "kek.json"
     ids = LocalFileKeyProvider(path, create_if_missing=False).kek_ids()
@@ -85,8 +93,9 @@ def test_kept_checkpoint_is_private_outside_the_data_dir_and_a_forged_one_is_ref
 
     world, url = live
     rt = world.rt
-    httpx.post(url + "/v1/ledger/checkpoints", headers={"Authorization": f"Bearer {world.keys['compliance']}"},
-               timeout=30).raise_for_status()
+    httpx.post(
+        url + "/v1/ledger/checkpoints", headers={"Authorization": f"Bearer {world.keys['compliance']}"}, timeout=30
+    ).raise_for_status()
     kept = kept_path(rt.key_dir, rt.settings.log_origin)
     assert kept.exists() and rt.data_dir not in kept.parents
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
@@ -101,8 +110,9 @@ def test_kept_checkpoint_is_private_outside_the_data_dir_and_a_forged_one_is_ref
     try:
         with pytest.raises(ledger.LedgerIntegrityError, match="not a checkpoint of log"):
             ledger.sign_checkpoint(rt)
-        r = httpx.post(url + "/v1/ledger/checkpoints",
-                       headers={"Authorization": f"Bearer {world.keys['compliance']}"}, timeout=30)
+        r = httpx.post(
+            url + "/v1/ledger/checkpoints", headers={"Authorization": f"Bearer {world.keys['compliance']}"}, timeout=30
+        )
         assert (r.status_code, r.json()["error"]["code"]) == (503, "ledger_integrity")
     finally:
         kept.write_bytes(real)
@@ -126,10 +136,17 @@ def test_a_storm_of_large_compute_bodies_is_shed_unread_and_uncharged(tmp_path: 
             junk = os.urandom(8 << 20)  # 8 MiB of garbage per request
 
             def one(_: int) -> int:
-                r = httpx.post(f"{url}/v1/offerings/{off}/infer", content=junk, timeout=120, headers={
-                    "Authorization": f"Bearer {world.keys['consumer']}", "Content-Type": "application/octet-stream",
-                    "Idempotency-Key": str(uuid.uuid4()), "X-Som-Keyset": ks,
-                })
+                r = httpx.post(
+                    f"{url}/v1/offerings/{off}/infer",
+                    content=junk,
+                    timeout=120,
+                    headers={
+                        "Authorization": f"Bearer {world.keys['consumer']}",
+                        "Content-Type": "application/octet-stream",
+                        "Idempotency-Key": str(uuid.uuid4()),
+                        "X-Som-Keyset": ks,
+                    },
+                )
                 return r.status_code
 
             with ThreadPoolExecutor(20) as pool:

@@ -41,8 +41,9 @@ def test_a_shared_offering_is_a_404_everywhere_for_another_org(world: Any) -> No
         for attacker in ("other_consumer", "other_provider", "compliance"):
             for method, path, body in _paths(off):
                 r = httpx.request(method, sv.url + path, json=body, headers=_h(world.keys[attacker]))
-                ghost = httpx.request(method, sv.url + path.replace(off, "off_doesnotexist"), json=body,
-                                      headers=_h(world.keys[attacker]))
+                ghost = httpx.request(
+                    method, sv.url + path.replace(off, "off_doesnotexist"), json=body, headers=_h(world.keys[attacker])
+                )
                 # the same answer as for no offering at all: 404, or 403 when the key lacks the role
                 assert r.status_code == ghost.status_code, (attacker, method, path, r.text)
                 assert r.json()["error"]["code"] == ghost.json()["error"]["code"]
@@ -50,7 +51,11 @@ def test_a_shared_offering_is_a_404_everywhere_for_another_org(world: Any) -> No
         # the grantee may read, but not administer: those are 404 as well (it is not the owner)
         for method, path, body in _paths(off)[3:8] + _paths(off)[10:]:
             r = httpx.request(method, sv.url + path, json=body, headers=_h(world.keys["consumer"]))
-            assert r.status_code == 404 or "needs one of the roles" in r.json()["error"]["message"], (method, path, r.text)
+            assert r.status_code == 404 or "needs one of the roles" in r.json()["error"]["message"], (
+                method,
+                path,
+                r.text,
+            )
         assert httpx.get(f"{sv.url}/v1/offerings/{off}", headers=_h(world.keys["consumer"])).status_code == 200
 
 
@@ -88,23 +93,35 @@ def test_private_offer_cannot_be_seen_or_accepted_by_another_org(world: Any) -> 
     with served(world) as sv:
         prov = sv.key("provider")
         off = lr_offering(prov)
-        offer = prov.publish_private_offer(off, make_terms(), to=[world.orgs["consumer"]], signing_key=SigningKey.generate())
+        offer = prov.publish_private_offer(
+            off, make_terms(), to=[world.orgs["consumer"]], signing_key=SigningKey.generate()
+        )
         # org B forges an acceptance of A's private offer straight at the API
         signed = sv.key("consumer").get_offer(offer["id"])
         from contracts.offer import Offer, accept_offer
 
-        contract = accept_offer(Offer.from_dict(signed["offer"]), consumer_org=world.orgs["other_consumer"],
-                                signing_key=SigningKey.generate())
-        r = httpx.post(f"{sv.url}/v1/offers/{offer['id']}/accept", json=contract.acceptance.to_dict(),
-                       headers=_h(world.keys["other_consumer"]))
+        contract = accept_offer(
+            Offer.from_dict(signed["offer"]),
+            consumer_org=world.orgs["other_consumer"],
+            signing_key=SigningKey.generate(),
+        )
+        r = httpx.post(
+            f"{sv.url}/v1/offers/{offer['id']}/accept",
+            json=contract.acceptance.to_dict(),
+            headers=_h(world.keys["other_consumer"]),
+        )
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         r = httpx.get(f"{sv.url}/v1/offers/{offer['id']}", headers=_h(world.keys["other_consumer"]))
         assert r.status_code == 404
         listed = httpx.get(f"{sv.url}/v1/offerings/{off}/offers", headers=_h(world.keys["other_consumer"])).json()
         assert offer["id"] not in {o["id"] for o in listed}
         # a malformed addressee list is a 422, never a 500
-        r = httpx.post(f"{sv.url}/v1/offerings/{off}/offers", params={"to": "org_nope"}, json={"x": 1},
-                       headers=_h(world.keys["provider"]))
+        r = httpx.post(
+            f"{sv.url}/v1/offerings/{off}/offers",
+            params={"to": "org_nope"},
+            json={"x": 1},
+            headers=_h(world.keys["provider"]),
+        )
         assert r.status_code == 422
 
 
@@ -120,9 +137,16 @@ def test_revoked_grant_stops_compute_paths_on_the_next_request(world: Any) -> No
         prov.revoke_grant(off, g["id"])
         assert status_of(cons.he_plan, off) == 404
         assert status_of(cons.he_plan, off, c["id"]) == 404
-        r = httpx.post(f"{sv.url}/v1/offerings/{off}/infer", content=b"x",
-                       headers={**_h(world.keys["consumer"]), "Content-Type": "application/octet-stream",
-                                "X-Som-Keyset": "ks_x", "Idempotency-Key": "k1"})
+        r = httpx.post(
+            f"{sv.url}/v1/offerings/{off}/infer",
+            content=b"x",
+            headers={
+                **_h(world.keys["consumer"]),
+                "Content-Type": "application/octet-stream",
+                "X-Som-Keyset": "ks_x",
+                "Idempotency-Key": "k1",
+            },
+        )
         assert r.status_code == 404
         assert status_of(cons.get_offer, offer["id"]) == 404
 

@@ -191,7 +191,8 @@ def test_state_changing_requests_with_the_cookie_need_the_csrf_token(stack: Stac
 
 def test_bearer_requests_need_no_csrf_token(stack: Stack) -> None:
     r = httpx.post(
-        stack.url + "/v1/orgs", json={"name": "no-csrf-needed"},
+        stack.url + "/v1/orgs",
+        json={"name": "no-csrf-needed"},
         headers={"Authorization": f"Bearer {stack.world.keys['admin']}"},
     )
     assert r.status_code == 201
@@ -250,7 +251,8 @@ def test_personal_key_cannot_exceed_the_users_roles_or_lifetime(stack: Stack) ->
         assert key["roles"] == ["provider"]
         # the key cannot mint a broader key either
         r = httpx.post(
-            stack.url + f"/v1/orgs/{me['org_id']}/keys", json={"roles": ["admin"]},
+            stack.url + f"/v1/orgs/{me['org_id']}/keys",
+            json={"roles": ["admin"]},
             headers={"Authorization": f"Bearer {key['key']}"},
         )
         assert r.status_code == 403
@@ -289,14 +291,26 @@ def test_broken_group_map_stops_the_server(tmp_path: Path, sqlite_url: str) -> N
     bad = tmp_path / "groups.toml"
     bad.write_text('[[groups]]\ngroup = "x"\norg = "acme"\nroles = ["root"]\n')
     s = make_settings(
-        tmp_path, sqlite_url, oidc_issuer="http://127.0.0.1:1", oidc_client_id="som",
-        oidc_client_secret="a-real-secret-1", oidc_group_map=bad,
+        tmp_path,
+        sqlite_url,
+        oidc_issuer="http://127.0.0.1:1",
+        oidc_client_id="som",
+        oidc_client_secret="a-real-secret-1",
+        oidc_group_map=bad,
     )
     with pytest.raises(SettingsError, match="unknown roles"):
         create_app(s)
     with pytest.raises(SettingsError, match="CLIENT_SECRET"):
-        create_app(make_settings(tmp_path, sqlite_url, oidc_issuer="http://127.0.0.1:1", oidc_client_id="som",
-                                 oidc_client_secret="changeme", oidc_group_map=bad))
+        create_app(
+            make_settings(
+                tmp_path,
+                sqlite_url,
+                oidc_issuer="http://127.0.0.1:1",
+                oidc_client_id="som",
+                oidc_client_secret="changeme",
+                oidc_group_map=bad,
+            )
+        )
 
 
 def test_unreachable_or_impostor_op_is_a_502_not_a_500(tmp_path: Path, sqlite_url: str) -> None:
@@ -308,8 +322,16 @@ def test_unreachable_or_impostor_op_is_a_502_not_a_500(tmp_path: Path, sqlite_ur
     gm = tmp_path / "groups.json"
     gm.write_text(json.dumps(GROUP_MAP))
     down = f"http://127.0.0.1:{free_port()}"
-    app = create_app(make_settings(tmp_path, sqlite_url, oidc_issuer=down, oidc_client_id="som",
-                                   oidc_client_secret="a-real-secret-1", oidc_group_map=gm))
+    app = create_app(
+        make_settings(
+            tmp_path,
+            sqlite_url,
+            oidc_issuer=down,
+            oidc_client_id="som",
+            oidc_client_secret="a-real-secret-1",
+            oidc_group_map=gm,
+        )
+    )
     try:
         with serve_in_thread(app) as url:
             r = httpx.get(url + "/v1/auth/login", headers={"Accept": "application/json"})
@@ -323,8 +345,16 @@ def test_unreachable_or_impostor_op_is_a_502_not_a_500(tmp_path: Path, sqlite_ur
     real.start()
     try:
         impostor = f"http://localhost:{real.port}"  # serves a discovery document naming 127.0.0.1
-        app = create_app(make_settings(tmp_path, sqlite_url, oidc_issuer=impostor, oidc_client_id="som",
-                                       oidc_client_secret="a-real-secret-1", oidc_group_map=gm))
+        app = create_app(
+            make_settings(
+                tmp_path,
+                sqlite_url,
+                oidc_issuer=impostor,
+                oidc_client_id="som",
+                oidc_client_secret="a-real-secret-1",
+                oidc_group_map=gm,
+            )
+        )
         try:
             with serve_in_thread(app) as url:
                 r = httpx.get(url + "/v1/auth/login", headers={"Accept": "application/json"})
@@ -358,8 +388,16 @@ def test_login_flood_is_bounded(tmp_path: Path, sqlite_url: str, monkeypatch: py
     monkeypatch.setattr(sso, "MAX_PENDING_LOGINS", 3)
     gm = tmp_path / "groups.json"
     gm.write_text(json.dumps(GROUP_MAP))
-    app = create_app(make_settings(tmp_path, sqlite_url, oidc_issuer=f"http://127.0.0.1:{free_port()}",
-                                   oidc_client_id="som", oidc_client_secret="a-real-secret-1", oidc_group_map=gm))
+    app = create_app(
+        make_settings(
+            tmp_path,
+            sqlite_url,
+            oidc_issuer=f"http://127.0.0.1:{free_port()}",
+            oidc_client_id="som",
+            oidc_client_secret="a-real-secret-1",
+            oidc_group_map=gm,
+        )
+    )
     try:
         with serve_in_thread(app) as url:
             codes = [httpx.get(url + "/v1/auth/login", headers={"Accept": "application/json"}) for _ in range(5)]

@@ -161,9 +161,7 @@ def make_contract(offer_id: str = "offer_vectors_1", quota: int = 1000) -> Contr
         signing_key=PROVIDER,
         now=T0 - timedelta(days=1),
     )
-    return accept_offer(
-        offer, consumer_org="org_consumer", signing_key=CONSUMER, now=T0 - timedelta(hours=1)
-    )
+    return accept_offer(offer, consumer_org="org_consumer", signing_key=CONSUMER, now=T0 - timedelta(hours=1))
 
 
 CONTRACT = make_contract()
@@ -191,8 +189,9 @@ def make_events() -> list[Any]:
 EVENTS = make_events()
 
 
-def usage(contract: Contract, n: int, units: int, minutes: int, *, mode: str = "he_inference",
-          outcome: str = "charged") -> dict[str, Any]:
+def usage(
+    contract: Contract, n: int, units: int, minutes: int, *, mode: str = "he_inference", outcome: str = "charged"
+) -> dict[str, Any]:
     return usage_record(
         contract,
         usage_id=f"use_vectors_{contract.offer.offer_id[-1]}_{n}",
@@ -317,8 +316,10 @@ def canonical_section() -> dict[str, Any]:
         ("usage, released", usage(CONTRACT, 3, 10, 40, outcome="released")),
         ("contract (signed offer + acceptance)", LEDGER_RECORDS[0]),
         ("contract event (suspension)", LEDGER_RECORDS[6]),
-        ("contract event (amendment, with terms, two signatures)",
-         contract_event_record(EVENTS[2], time=EVENTS[2].time)),
+        (
+            "contract event (amendment, with terms, two signatures)",
+            contract_event_record(EVENTS[2], time=EVENTS[2].time),
+        ),
         ("audit (non-ASCII, quote and backslash escapes)", AUDIT),
         ("audit (null org, target, request_id)", AUDIT_NULLS),
         ("job approval", JOB_APPROVAL),
@@ -327,19 +328,25 @@ def canonical_section() -> dict[str, Any]:
     for name, rec in records:
         data = canonicalize(rec)
         src = [JCS, LEAF_DOCS, RFC9162]
-        cases.append(case(
-            f"{name}: canonical bytes and RFC 9162 leaf hash", None, src, "canonical_record",
-            record=rec, input_text=_reordered_text(rec), canonical=data.decode(),
-            leaf_hash_hex=leaf_hash(data).hex(),
-        ))
+        cases.append(
+            case(
+                f"{name}: canonical bytes and RFC 9162 leaf hash",
+                None,
+                src,
+                "canonical_record",
+                record=rec,
+                input_text=_reordered_text(rec),
+                canonical=data.decode(),
+                leaf_hash_hex=leaf_hash(data).hex(),
+            )
+        )
         pos = data.index(b'"som.') + 5
         for desc, bad in [
             ("truncated by one byte", data[:-1]),
             ("trailing garbage", data + b"garbage"),
             ("bit flip in the schema name", flip(data, pos)),
         ]:
-            cases.append(case(f"{name}: {desc}", "SchemaError", [LEAF_DOCS], "parse_leaf",
-                              leaf_b64=b64(bad)))
+            cases.append(case(f"{name}: {desc}", "SchemaError", [LEAF_DOCS], "parse_leaf", leaf_b64=b64(bad)))
     data = canonicalize(records[0][1])
     extra = [
         ("usage: bit flip making invalid UTF-8", flip(data, 0, 7)),
@@ -361,15 +368,22 @@ def canonical_section() -> dict[str, Any]:
 def contracts_section() -> dict[str, Any]:
     c = CONTRACT.to_dict()
     src = [OFFERS, EDDSA, JCS]
-    cases = [case(
-        "signed offer + acceptance: both signatures verify; contract id and digests", None, src,
-        "verify_contract", contract=c,
-        pin_provider_key=CONTRACT.offer.provider_key, pin_consumer_key=CONTRACT.acceptance.consumer_key,
-        offer_signed_text=canonicalize(CONTRACT.offer.body()).decode(),
-        acceptance_signed_text=canonicalize(CONTRACT.acceptance.body()).decode(),
-        offer_digest=CONTRACT.offer.digest(), contract_digest=CONTRACT.digest(),
-        contract_id=CONTRACT.contract_id,
-    )]
+    cases = [
+        case(
+            "signed offer + acceptance: both signatures verify; contract id and digests",
+            None,
+            src,
+            "verify_contract",
+            contract=c,
+            pin_provider_key=CONTRACT.offer.provider_key,
+            pin_consumer_key=CONTRACT.acceptance.consumer_key,
+            offer_signed_text=canonicalize(CONTRACT.offer.body()).decode(),
+            acceptance_signed_text=canonicalize(CONTRACT.acceptance.body()).decode(),
+            offer_digest=CONTRACT.offer.digest(),
+            contract_digest=CONTRACT.digest(),
+            contract_id=CONTRACT.contract_id,
+        )
+    ]
 
     def bad(desc: str, err: str, mutate: Any, **pins: Any) -> None:
         d = copy.deepcopy(c)
@@ -381,36 +395,64 @@ def contracts_section() -> dict[str, Any]:
             for k in path[:-1]:
                 d = d[k]
             d[path[-1]] = value
+
         return m
 
-    bad("offer terms changed (quota_units)", "InvalidSignature",
-        set_(["offer", "terms", "quota_units"], 1001))
-    bad("offer price changed", "InvalidSignature",
-        set_(["offer", "terms", "price", "unit_price_minor"], 1))
-    bad("acceptance consumer_org changed", "InvalidSignature",
-        set_(["acceptance", "consumer_org"], "org_mallory"))
-    bad("offer signature bit flipped", "InvalidSignature",
-        set_(["offer", "signature"], flip_sig(c["offer"]["signature"])))
-    bad("acceptance signature bit flipped", "InvalidSignature",
-        set_(["acceptance", "signature"], flip_sig(c["acceptance"]["signature"])))
-    bad("offer provider_key swapped for the consumer's key", "InvalidSignature",
-        set_(["offer", "provider_key"], CONSUMER.verify_key.to_text()))
-    bad("acceptance consumer_key swapped for a stranger's key", "InvalidSignature",
-        set_(["acceptance", "consumer_key"], STRANGER.verify_key.to_text()))
-    bad("signatures swapped between offer and acceptance", "InvalidSignature",
-        lambda d: (d["offer"].__setitem__("signature", c["acceptance"]["signature"]),
-                   d["acceptance"].__setitem__("signature", c["offer"]["signature"])))
+    bad("offer terms changed (quota_units)", "InvalidSignature", set_(["offer", "terms", "quota_units"], 1001))
+    bad("offer price changed", "InvalidSignature", set_(["offer", "terms", "price", "unit_price_minor"], 1))
+    bad("acceptance consumer_org changed", "InvalidSignature", set_(["acceptance", "consumer_org"], "org_mallory"))
+    bad(
+        "offer signature bit flipped",
+        "InvalidSignature",
+        set_(["offer", "signature"], flip_sig(c["offer"]["signature"])),
+    )
+    bad(
+        "acceptance signature bit flipped",
+        "InvalidSignature",
+        set_(["acceptance", "signature"], flip_sig(c["acceptance"]["signature"])),
+    )
+    bad(
+        "offer provider_key swapped for the consumer's key",
+        "InvalidSignature",
+        set_(["offer", "provider_key"], CONSUMER.verify_key.to_text()),
+    )
+    bad(
+        "acceptance consumer_key swapped for a stranger's key",
+        "InvalidSignature",
+        set_(["acceptance", "consumer_key"], STRANGER.verify_key.to_text()),
+    )
+    bad(
+        "signatures swapped between offer and acceptance",
+        "InvalidSignature",
+        lambda d: (
+            d["offer"].__setitem__("signature", c["acceptance"]["signature"]),
+            d["acceptance"].__setitem__("signature", c["offer"]["signature"]),
+        ),
+    )
     other = make_contract(offer_id="offer_vectors_2")
-    bad("acceptance of another offer (offer_digest binds a different offer)", "InvalidSignature",
-        set_(["acceptance"], other.acceptance.to_dict()))
-    bad("untouched contract, provider key pinned to a stranger's", "InvalidSignature",
-        lambda d: None, pin_provider_key=STRANGER.verify_key.to_text())
-    bad("untouched contract, consumer key pinned to the provider's", "InvalidSignature",
-        lambda d: None, pin_consumer_key=PROVIDER.verify_key.to_text())
-    bad("offer signature truncated", "SchemaError",
-        set_(["offer", "signature"], c["offer"]["signature"][:-4]))
-    bad("acceptance with trailing garbage in its signature", "SchemaError",
-        set_(["acceptance", "signature"], c["acceptance"]["signature"] + "AAAA"))
+    bad(
+        "acceptance of another offer (offer_digest binds a different offer)",
+        "InvalidSignature",
+        set_(["acceptance"], other.acceptance.to_dict()),
+    )
+    bad(
+        "untouched contract, provider key pinned to a stranger's",
+        "InvalidSignature",
+        lambda d: None,
+        pin_provider_key=STRANGER.verify_key.to_text(),
+    )
+    bad(
+        "untouched contract, consumer key pinned to the provider's",
+        "InvalidSignature",
+        lambda d: None,
+        pin_consumer_key=PROVIDER.verify_key.to_text(),
+    )
+    bad("offer signature truncated", "SchemaError", set_(["offer", "signature"], c["offer"]["signature"][:-4]))
+    bad(
+        "acceptance with trailing garbage in its signature",
+        "SchemaError",
+        set_(["acceptance", "signature"], c["acceptance"]["signature"] + "AAAA"),
+    )
     bad("offer schema version changed", "SchemaError", set_(["offer", "schema"], "som.offer/v2"))
     bad("unknown field in the acceptance", "SchemaError", set_(["acceptance", "note"], "x"))
     return {
@@ -432,20 +474,36 @@ def events_section() -> dict[str, Any]:
         st = advance(CONTRACT, st, e)
         heads.append(st.head)
     cases = [
-        case("suspension, resumption, amendment (both sign), termination by the consumer", None,
-             src, "verify_chain", events=evs,
-             signed_texts=[canonicalize(e.body()).decode() for e in EVENTS],
-             event_digests=heads, want_status="terminated", want_seq=4,
-             status_at=[
-                 {"time": "2026-03-01T01:00:00.000000Z", "status": "active", "quota_units": 1000},
-                 {"time": "2026-03-01T02:30:00.000000Z", "status": "suspended", "quota_units": 1000},
-                 {"time": "2026-03-01T03:30:00.000000Z", "status": "active", "quota_units": 1000},
-                 {"time": "2026-03-01T04:30:00.000000Z", "status": "active", "quota_units": 2000},
-                 {"time": "2026-03-01T05:00:00.000000Z", "status": "terminated", "quota_units": 2000},
-             ]),
-        case("a prefix of the chain is itself a valid chain (suspended): a chain cannot show "
-             "truncation, the ledger does", None, src, "verify_chain", events=evs[:1],
-             event_digests=heads[:1], want_status="suspended", want_seq=1, status_at=[]),
+        case(
+            "suspension, resumption, amendment (both sign), termination by the consumer",
+            None,
+            src,
+            "verify_chain",
+            events=evs,
+            signed_texts=[canonicalize(e.body()).decode() for e in EVENTS],
+            event_digests=heads,
+            want_status="terminated",
+            want_seq=4,
+            status_at=[
+                {"time": "2026-03-01T01:00:00.000000Z", "status": "active", "quota_units": 1000},
+                {"time": "2026-03-01T02:30:00.000000Z", "status": "suspended", "quota_units": 1000},
+                {"time": "2026-03-01T03:30:00.000000Z", "status": "active", "quota_units": 1000},
+                {"time": "2026-03-01T04:30:00.000000Z", "status": "active", "quota_units": 2000},
+                {"time": "2026-03-01T05:00:00.000000Z", "status": "terminated", "quota_units": 2000},
+            ],
+        ),
+        case(
+            "a prefix of the chain is itself a valid chain (suspended): a chain cannot show "
+            "truncation, the ledger does",
+            None,
+            src,
+            "verify_chain",
+            events=evs[:1],
+            event_digests=heads[:1],
+            want_status="suspended",
+            want_seq=1,
+            status_at=[],
+        ),
     ]
 
     def bad(desc: str, err: str, events: list[dict[str, Any]]) -> None:
@@ -460,26 +518,52 @@ def events_section() -> dict[str, Any]:
         return out
 
     bad("suspension reason changed", "InvalidSignature", edit(0, ["reason"], "no reason"))
-    bad("termination time changed", "InvalidSignature",
-        edit(3, ["time"], "2026-03-01T05:00:01.000000Z"))
-    bad("suspension signature bit flipped", "InvalidSignature",
-        edit(0, ["signatures", "provider"], flip_sig(evs[0]["signatures"]["provider"])))
-    bad("amendment consumer signature bit flipped", "InvalidSignature",
-        edit(2, ["signatures", "consumer"], flip_sig(evs[2]["signatures"]["consumer"])))
+    bad("termination time changed", "InvalidSignature", edit(3, ["time"], "2026-03-01T05:00:01.000000Z"))
+    bad(
+        "suspension signature bit flipped",
+        "InvalidSignature",
+        edit(0, ["signatures", "provider"], flip_sig(evs[0]["signatures"]["provider"])),
+    )
+    bad(
+        "amendment consumer signature bit flipped",
+        "InvalidSignature",
+        edit(2, ["signatures", "consumer"], flip_sig(evs[2]["signatures"]["consumer"])),
+    )
     susp_by_stranger = sign_event(
-        draft_event(CONTRACT, initial_state(CONTRACT), "suspension", by="provider",
-                    reason="invoice overdue", now=T0 + timedelta(hours=2)),
-        "provider", STRANGER)
-    bad("suspension signed by another key under the provider's name (swapped key)",
-        "InvalidSignature", [susp_by_stranger.to_dict()])
+        draft_event(
+            CONTRACT,
+            initial_state(CONTRACT),
+            "suspension",
+            by="provider",
+            reason="invoice overdue",
+            now=T0 + timedelta(hours=2),
+        ),
+        "provider",
+        STRANGER,
+    )
+    bad(
+        "suspension signed by another key under the provider's name (swapped key)",
+        "InvalidSignature",
+        [susp_by_stranger.to_dict()],
+    )
     susp_by_consumer = sign_event(
-        draft_event(CONTRACT, initial_state(CONTRACT), "suspension", by="provider",
-                    reason="invoice overdue", now=T0 + timedelta(hours=2)),
-        "consumer", CONSUMER)
-    bad("suspension signed by the consumer (only the provider may suspend)", "ChainError",
-        [susp_by_consumer.to_dict()])
-    bad("amendment missing the consumer's signature", "ChainError",
-        edit(2, ["signatures"], {"provider": evs[2]["signatures"]["provider"]}))
+        draft_event(
+            CONTRACT,
+            initial_state(CONTRACT),
+            "suspension",
+            by="provider",
+            reason="invoice overdue",
+            now=T0 + timedelta(hours=2),
+        ),
+        "consumer",
+        CONSUMER,
+    )
+    bad("suspension signed by the consumer (only the provider may suspend)", "ChainError", [susp_by_consumer.to_dict()])
+    bad(
+        "amendment missing the consumer's signature",
+        "ChainError",
+        edit(2, ["signatures"], {"provider": evs[2]["signatures"]["provider"]}),
+    )
     bad("events reordered (resumption first)", "ChainError", [evs[1], evs[0], *evs[2:]])
     bad("an event dropped from the middle (resumption)", "ChainError", [evs[0], *evs[2:]])
     bad("an event repeated", "ChainError", [evs[0], evs[0]])
@@ -487,17 +571,37 @@ def events_section() -> dict[str, Any]:
     for e in EVENTS:
         st = advance(CONTRACT, st, e)
     after = sign_event(
-        draft_event(CONTRACT, st, "resumption", by="provider", reason="oops",
-                    now=T0 + timedelta(hours=6)), "provider", PROVIDER)
+        draft_event(CONTRACT, st, "resumption", by="provider", reason="oops", now=T0 + timedelta(hours=6)),
+        "provider",
+        PROVIDER,
+    )
     bad("a correctly signed event after the termination", "ChainError", [*evs, after.to_dict()])
     other = make_contract(offer_id="offer_vectors_2")
     foreign = sign_event(
-        draft_event(other, initial_state(other), "suspension", by="provider",
-                    reason="invoice overdue", now=T0 + timedelta(hours=2)), "provider", PROVIDER)
+        draft_event(
+            other,
+            initial_state(other),
+            "suspension",
+            by="provider",
+            reason="invoice overdue",
+            now=T0 + timedelta(hours=2),
+        ),
+        "provider",
+        PROVIDER,
+    )
     bad("a suspension of another contract", "ChainError", [foreign.to_dict()])
     resume_first = sign_event(
-        draft_event(CONTRACT, initial_state(CONTRACT), "resumption", by="provider",
-                    reason="nothing to resume", now=T0 + timedelta(hours=2)), "provider", PROVIDER)
+        draft_event(
+            CONTRACT,
+            initial_state(CONTRACT),
+            "resumption",
+            by="provider",
+            reason="nothing to resume",
+            now=T0 + timedelta(hours=2),
+        ),
+        "provider",
+        PROVIDER,
+    )
     bad("a resumption of an active contract", "ChainError", [resume_first.to_dict()])
     return {
         "about": "A contract's event chain (som.event/v1): each event's prev_digest is the "
@@ -529,12 +633,31 @@ def ledger_section() -> dict[str, Any]:
     src = [RECEIPTS, RFC9162, CHECKPOINT, NOTE, EDDSA]
     cases = []
     for i in range(7):
-        cases.append(case(f"receipt for leaf {i} in the checkpoint of size 7", None, src,
-                          "verify_receipt", receipt=receipt(LEAVES, i, 7), vkey=vkey,
-                          want_size=7, want_root_b64=b64(t.root(7))))
-    cases.append(case("receipt for leaf 1 in the checkpoint of size 3, origin pinned", None, src,
-                      "verify_receipt", receipt=receipt(LEAVES, 1, 3), vkey=vkey, origin=ORIGIN,
-                      want_size=3, want_root_b64=b64(t.root(3))))
+        cases.append(
+            case(
+                f"receipt for leaf {i} in the checkpoint of size 7",
+                None,
+                src,
+                "verify_receipt",
+                receipt=receipt(LEAVES, i, 7),
+                vkey=vkey,
+                want_size=7,
+                want_root_b64=b64(t.root(7)),
+            )
+        )
+    cases.append(
+        case(
+            "receipt for leaf 1 in the checkpoint of size 3, origin pinned",
+            None,
+            src,
+            "verify_receipt",
+            receipt=receipt(LEAVES, 1, 3),
+            vkey=vkey,
+            origin=ORIGIN,
+            want_size=3,
+            want_root_b64=b64(t.root(3)),
+        )
+    )
     good = receipt(LEAVES, 4, 7)
 
     def bad(desc: str, err: str, **changes: Any) -> None:
@@ -551,39 +674,62 @@ def ledger_section() -> dict[str, Any]:
     leaf = LEAVES[4]
     proof = good["inclusion_proof"]
     bad("leaf bit flip (leaf_hash left as it was)", "InvalidProof", leaf=b64(flip(leaf, 20)))
-    bad("leaf bit flip, leaf_hash recomputed", "InvalidProof",
-        leaf=b64(flip(leaf, 20)), leaf_hash=b64(leaf_hash(flip(leaf, 20))))
+    bad(
+        "leaf bit flip, leaf_hash recomputed",
+        "InvalidProof",
+        leaf=b64(flip(leaf, 20)),
+        leaf_hash=b64(leaf_hash(flip(leaf, 20))),
+    )
     bad("leaf_hash bit flip", "InvalidProof", leaf_hash=b64(flip(leaf_hash(leaf), 0)))
-    bad("leaf hashed as an RFC 9162 node (no 0x00 prefix)", "InvalidProof",
-        leaf_hash=b64(hashlib.sha256(leaf).digest()))
+    bad(
+        "leaf hashed as an RFC 9162 node (no 0x00 prefix)", "InvalidProof", leaf_hash=b64(hashlib.sha256(leaf).digest())
+    )
     bad("wrong index (5)", "InvalidProof", index=5)
     bad("wrong index (3)", "InvalidProof", index=3)
     bad("index beyond the checkpoint size", "InvalidProof", index=7)
     bad("truncated inclusion proof", "InvalidProof", inclusion_proof=proof[:-1])
     bad("inclusion proof with an extra hash", "InvalidProof", inclusion_proof=[*proof, proof[0]])
     bad("inclusion proof hashes reordered", "InvalidProof", inclusion_proof=list(reversed(proof)))
-    bad("inclusion proof hash bit flip", "InvalidProof",
-        inclusion_proof=[b64(flip(base64.b64decode(proof[0]), 31, 7)), *proof[1:]])
-    bad("inclusion proof hash truncated to 31 bytes", "InvalidProof",
-        inclusion_proof=[b64(base64.b64decode(proof[0])[:31]), *proof[1:]])
-    bad("trailing garbage after the note's signature line", "InvalidSignature",
-        checkpoint=note7 + "garbage")
-    bad("an extra non-signature line after the note", "InvalidSignature",
-        checkpoint=note7 + "garbage\n")
+    bad(
+        "inclusion proof hash bit flip",
+        "InvalidProof",
+        inclusion_proof=[b64(flip(base64.b64decode(proof[0]), 31, 7)), *proof[1:]],
+    )
+    bad(
+        "inclusion proof hash truncated to 31 bytes",
+        "InvalidProof",
+        inclusion_proof=[b64(base64.b64decode(proof[0])[:31]), *proof[1:]],
+    )
+    bad("trailing garbage after the note's signature line", "InvalidSignature", checkpoint=note7 + "garbage")
+    bad("an extra non-signature line after the note", "InvalidSignature", checkpoint=note7 + "garbage\n")
     bad("note truncated (final newline dropped)", "InvalidSignature", checkpoint=note7[:-1])
-    bad("note with its blank line removed", "InvalidSignature",
-        checkpoint=note7.replace("\n\n", "\n", 1))
+    bad("note with its blank line removed", "InvalidSignature", checkpoint=note7.replace("\n\n", "\n", 1))
     bad("note signature bit flip", "InvalidSignature", checkpoint=_flip_note_sig(note7))
-    bad("tree size in the note changed to 8 (signature no longer verifies)", "InvalidSignature",
-        checkpoint=note7.replace("\n7\n", "\n8\n", 1), index=4)
-    bad("root in the note swapped for the size-3 root (signature no longer verifies)",
-        "InvalidSignature", checkpoint=_bad_note_root(note7, t.root(3)))
-    bad("checkpoint swapped for the size-3 checkpoint (other size and root)", "InvalidProof",
-        checkpoint=note3, index=1, leaf=b64(LEAVES[1]), leaf_hash=b64(leaf_hash(LEAVES[1])))
-    bad("note signed by another key under the log's name", "InvalidSignature",
-        checkpoint=note_for(LEAVES, 7, IMPOSTOR_LOG))
-    bad("verified with another key's vkey", "InvalidSignature",
-        vkey=IMPOSTOR_LOG.verifier.vkey())
+    bad(
+        "tree size in the note changed to 8 (signature no longer verifies)",
+        "InvalidSignature",
+        checkpoint=note7.replace("\n7\n", "\n8\n", 1),
+        index=4,
+    )
+    bad(
+        "root in the note swapped for the size-3 root (signature no longer verifies)",
+        "InvalidSignature",
+        checkpoint=_bad_note_root(note7, t.root(3)),
+    )
+    bad(
+        "checkpoint swapped for the size-3 checkpoint (other size and root)",
+        "InvalidProof",
+        checkpoint=note3,
+        index=1,
+        leaf=b64(LEAVES[1]),
+        leaf_hash=b64(leaf_hash(LEAVES[1])),
+    )
+    bad(
+        "note signed by another key under the log's name",
+        "InvalidSignature",
+        checkpoint=note_for(LEAVES, 7, IMPOSTOR_LOG),
+    )
+    bad("verified with another key's vkey", "InvalidSignature", vkey=IMPOSTOR_LOG.verifier.vkey())
     bad("origin pinned to another log", "InvalidSignature", origin="other.example/ledger")
     bad("leaf base64 with trailing garbage", "ValueError", leaf=good["leaf"] + "!")
     bad("index as a string", "ValueError", index="4")
@@ -626,36 +772,53 @@ def cosign_section() -> dict[str, Any]:
     src = [COSIG, NOTE, EDDSA]
     sig = base64.b64decode(line.split(" ")[-1])
     cases = [
-        case("witness cosignature (tlog-cosignature/v1, timestamped Ed25519) on checkpoint 7",
-             None, src, "verify_cosignature", checkpoint_body=body7.decode(), line=line,
-             cosigner_vkey=wv, now=TS_COSIGN,
-             signed_message=(b"cosignature/v1\ntime %d\n" % TS_COSIGN + body7).decode()),
-        case("the cosigned note opens with the log's and the witness's keys", None,
-             [*src, CHECKPOINT], "open_note", note=note7 + line, vkeys=[log_vkey, wv],
-             note_vkey_types=["ed25519", "cosignature"], want_verified=2),
+        case(
+            "witness cosignature (tlog-cosignature/v1, timestamped Ed25519) on checkpoint 7",
+            None,
+            src,
+            "verify_cosignature",
+            checkpoint_body=body7.decode(),
+            line=line,
+            cosigner_vkey=wv,
+            now=TS_COSIGN,
+            signed_message=(b"cosignature/v1\ntime %d\n" % TS_COSIGN + body7).decode(),
+        ),
+        case(
+            "the cosigned note opens with the log's and the witness's keys",
+            None,
+            [*src, CHECKPOINT],
+            "open_note",
+            note=note7 + line,
+            vkeys=[log_vkey, wv],
+            note_vkey_types=["ed25519", "cosignature"],
+            want_verified=2,
+        ),
     ]
 
     def cbad(desc: str, err: str, **kw: Any) -> None:
-        fields = {"checkpoint_body": body7.decode(), "line": line, "cosigner_vkey": wv,
-                  "now": TS_COSIGN, **kw}
+        fields = {"checkpoint_body": body7.decode(), "line": line, "cosigner_vkey": wv, "now": TS_COSIGN, **kw}
         cases.append(case(f"cosignature: {desc}", err, src, "verify_cosignature", **fields))
 
     prefix = line[: line.rindex(" ") + 1]
     cbad("signature bit flip", "InvalidSignature", line=prefix + b64(flip(sig, 40)) + "\n")
     cbad("timestamp changed", "InvalidSignature", line=prefix + b64(flip(sig, 11)) + "\n")
     cbad("timestamp after now", "InvalidSignature", now=TS_COSIGN - 1)
-    cbad("over the size-3 checkpoint (swapped roots)", "InvalidSignature",
-         checkpoint_body=body3.decode())
-    cbad("checkpoint body with trailing garbage", "InvalidSignature",
-         checkpoint_body=body7.decode() + "garbage\n")
-    cbad("another witness key under the same name", "InvalidSignature",
-         cosigner_vkey=OTHER_WITNESS.verifier.vkey())
+    cbad("over the size-3 checkpoint (swapped roots)", "InvalidSignature", checkpoint_body=body3.decode())
+    cbad("checkpoint body with trailing garbage", "InvalidSignature", checkpoint_body=body7.decode() + "garbage\n")
+    cbad("another witness key under the same name", "InvalidSignature", cosigner_vkey=OTHER_WITNESS.verifier.vkey())
     cbad("line truncated", "InvalidSignature", line=line[:-10] + "\n")
-    cases.append(case("cosignature line checked as a plain Ed25519 note signature (type 0x01 "
-                      "vkey of the witness key): key ids differ, so no known key signed",
-                      "InvalidSignature", [NOTE, COSIG], "open_note", note=note7 + line,
-                      vkeys=[_ed25519_vkey(WITNESS_NAME, WITNESS_KEY)],
-                      note_vkey_types=["ed25519"]))
+    cases.append(
+        case(
+            "cosignature line checked as a plain Ed25519 note signature (type 0x01 "
+            "vkey of the witness key): key ids differ, so no known key signed",
+            "InvalidSignature",
+            [NOTE, COSIG],
+            "open_note",
+            note=note7 + line,
+            vkeys=[_ed25519_vkey(WITNESS_NAME, WITNESS_KEY)],
+            note_vkey_types=["ed25519"],
+        )
+    )
 
     # Witness state machine (add-checkpoint semantics) and a fork.
     state3 = {"origin": ORIGIN, "size": 3, "root_hash": b64(t.root(3)), "note": note3}
@@ -667,42 +830,90 @@ def cosign_section() -> dict[str, Any]:
     rewritten_note = note_for(rewritten, 7)
     wsrc = [WITNESS, COSIG, RFC9162]
 
-    def w(desc: str, err: str | None, state: dict[str, Any] | None, note: str, old: int,
-          proof: list[str], **kw: Any) -> None:
-        cases.append(case(f"witness: {desc}", err, wsrc, "witness_update", log_vkey=log_vkey,
-                          witness_seed_hex=WITNESS_KEY.unsafe_private_bytes().hex(),
-                          witness_name=WITNESS_NAME, state=state, checkpoint=note, old_size=old,
-                          consistency_proof_b64=proof, now=TS_COSIGN, **kw))
+    def w(
+        desc: str, err: str | None, state: dict[str, Any] | None, note: str, old: int, proof: list[str], **kw: Any
+    ) -> None:
+        cases.append(
+            case(
+                f"witness: {desc}",
+                err,
+                wsrc,
+                "witness_update",
+                log_vkey=log_vkey,
+                witness_seed_hex=WITNESS_KEY.unsafe_private_bytes().hex(),
+                witness_name=WITNESS_NAME,
+                state=state,
+                checkpoint=note,
+                old_size=old,
+                consistency_proof_b64=proof,
+                now=TS_COSIGN,
+                **kw,
+            )
+        )
 
-    w("cosigns 7 after 3 with a valid consistency proof", None, state3, note7, 3, cons,
-      want_line=line, want_state=state7)
-    w("first checkpoint (old size 0, empty proof)", None, None, note3, 0, [],
-      want_line=cosign(body3, WITNESS_SIGNER, now=TS_COSIGN), want_state=state3)
-    w("same checkpoint again (old size 7, empty proof)", None, state7, note7, 7, [],
-      want_line=line, want_state=state7)
-    w("FORK: a second checkpoint of size 7 with another root", "ForkDetected", state7, fork_note,
-      7, [])
-    w("a witness that only saw size 3 cannot see the fork (leaf 4 differs): it cosigns; only "
-      "someone holding both size-7 notes can (see exports)", None, state3, fork_note, 3,
-      [b64(p) for p in tree(fork).consistency_proof(3, 7)],
-      want_line=cosign(Checkpoint(ORIGIN, 7, tree(fork).root(7)).body(), WITNESS_SIGNER,
-                       now=TS_COSIGN),
-      want_state={"origin": ORIGIN, "size": 7, "root_hash": b64(tree(fork).root(7)),
-                  "note": fork_note})
-    w("rewritten history (leaf 1 differs) with its own consistency proof from 3",
-      "InvalidProof", state3, rewritten_note, 3,
-      [b64(p) for p in tree(rewritten).consistency_proof(3, 7)])
+    w(
+        "cosigns 7 after 3 with a valid consistency proof",
+        None,
+        state3,
+        note7,
+        3,
+        cons,
+        want_line=line,
+        want_state=state7,
+    )
+    w(
+        "first checkpoint (old size 0, empty proof)",
+        None,
+        None,
+        note3,
+        0,
+        [],
+        want_line=cosign(body3, WITNESS_SIGNER, now=TS_COSIGN),
+        want_state=state3,
+    )
+    w("same checkpoint again (old size 7, empty proof)", None, state7, note7, 7, [], want_line=line, want_state=state7)
+    w("FORK: a second checkpoint of size 7 with another root", "ForkDetected", state7, fork_note, 7, [])
+    w(
+        "a witness that only saw size 3 cannot see the fork (leaf 4 differs): it cosigns; only "
+        "someone holding both size-7 notes can (see exports)",
+        None,
+        state3,
+        fork_note,
+        3,
+        [b64(p) for p in tree(fork).consistency_proof(3, 7)],
+        want_line=cosign(Checkpoint(ORIGIN, 7, tree(fork).root(7)).body(), WITNESS_SIGNER, now=TS_COSIGN),
+        want_state={"origin": ORIGIN, "size": 7, "root_hash": b64(tree(fork).root(7)), "note": fork_note},
+    )
+    w(
+        "rewritten history (leaf 1 differs) with its own consistency proof from 3",
+        "InvalidProof",
+        state3,
+        rewritten_note,
+        3,
+        [b64(p) for p in tree(rewritten).consistency_proof(3, 7)],
+    )
     w("consistency proof truncated", "InvalidProof", state3, note7, 3, cons[:-1])
-    w("consistency proof hash bit flip", "InvalidProof", state3, note7, 3,
-      [b64(flip(base64.b64decode(cons[0]), 0)), *cons[1:]])
+    w(
+        "consistency proof hash bit flip",
+        "InvalidProof",
+        state3,
+        note7,
+        3,
+        [b64(flip(base64.b64decode(cons[0]), 0)), *cons[1:]],
+    )
     w("old size 0 with a non-empty proof", "InvalidProof", None, note7, 0, cons)
     w("rollback to size 3 after 7", "RollbackRefused", state7, note3, 7, [])
     w("old size not the one the witness last cosigned", "WitnessConflict", state3, note7, 0, [])
-    w("checkpoint signed by another key under the log's name", "InvalidSignature", state3,
-      note_for(LEAVES, 7, IMPOSTOR_LOG), 3, cons)
+    w(
+        "checkpoint signed by another key under the log's name",
+        "InvalidSignature",
+        state3,
+        note_for(LEAVES, 7, IMPOSTOR_LOG),
+        3,
+        cons,
+    )
     w("checkpoint signature bit flip", "InvalidSignature", state3, _flip_note_sig(note7), 3, cons)
-    w("checkpoint note with trailing garbage", "InvalidSignature", state3, note7 + "garbage", 3,
-      cons)
+    w("checkpoint note with trailing garbage", "InvalidSignature", state3, note7 + "garbage", 3, cons)
     return {
         "about": "A witness cosignature over the size-7 checkpoint (c2sp.org/tlog-cosignature, "
         "timestamp fixed) and the witness's add-checkpoint decisions, including a fork: the log "
@@ -719,13 +930,15 @@ def _ed25519_vkey(name: str, key: SigningKey) -> str:
     return NoteSigner(name, key).verifier.vkey()
 
 
-def _export_files(leaves: list[bytes], sizes: list[int], notes: dict[str, str] | None = None,
-                  vkey: str | None = None, signer: NoteSigner = LOG,
-                  origin: str = ORIGIN) -> dict[str, str]:
-    lines = "".join(
-        canonicalize({"index": i, "leaf": b64(x)}).decode() + "\n"
-        for i, x in enumerate(leaves)
-    )
+def _export_files(
+    leaves: list[bytes],
+    sizes: list[int],
+    notes: dict[str, str] | None = None,
+    vkey: str | None = None,
+    signer: NoteSigner = LOG,
+    origin: str = ORIGIN,
+) -> dict[str, str]:
+    lines = "".join(canonicalize({"index": i, "leaf": b64(x)}).decode() + "\n" for i, x in enumerate(leaves))
     files = {"leaves.jsonl": lines}
     for n in sizes:
         files[f"checkpoints/{n}.note"] = note_for(leaves, n, signer, origin)
@@ -744,8 +957,14 @@ def _summary(leaves: list[bytes], sizes: list[int]) -> dict[str, Any]:
     for r in recs:
         if r["schema"] == "som.contract/v1":
             cur = r["contract"]["offer"]["terms"]["price"]["currency"]
-            contracts[r["contract_id"]] = {"currency": cur, "charged_units": 0, "amount_minor": 0,
-                                           "usage_records": 0, "released_records": 0, "events": 0}
+            contracts[r["contract_id"]] = {
+                "currency": cur,
+                "charged_units": 0,
+                "amount_minor": 0,
+                "usage_records": 0,
+                "released_records": 0,
+                "events": 0,
+            }
         elif r["schema"] == "som.usage/v1":
             t = contracts[r["contract_id"]]
             t["usage_records"] += 1
@@ -766,16 +985,27 @@ def _summary(leaves: list[bytes], sizes: list[int]) -> dict[str, Any]:
         "latest_size": max(sizes),
         "latest_root": root,
         "trusted_size": None,
-        "compliance": {"leaves": n, "per_schema": dict(sorted(per_schema.items())),
-                       "contracts": dict(sorted(contracts.items()))},
+        "compliance": {
+            "leaves": n,
+            "per_schema": dict(sorted(per_schema.items())),
+            "contracts": dict(sorted(contracts.items())),
+        },
     }
 
 
 def exports_section() -> dict[str, Any]:
     src = [EXPORT, COMPLIANCE, RFC9162, CHECKPOINT]
     good = _export_files(LEAVES, [3, 7])
-    cases = [case("the 7-leaf ledger exported with checkpoints 3 and 7", None, src,
-                  "verify_export", files=good, want_summary=_summary(LEAVES, [3, 7]))]
+    cases = [
+        case(
+            "the 7-leaf ledger exported with checkpoints 3 and 7",
+            None,
+            src,
+            "verify_export",
+            files=good,
+            want_summary=_summary(LEAVES, [3, 7]),
+        )
+    ]
     lines = good["leaves.jsonl"].splitlines(keepends=True)
 
     def bad(desc: str, err: str, **kw: Any) -> None:
@@ -789,66 +1019,141 @@ def exports_section() -> dict[str, Any]:
 
     flipped = json.loads(lines[4])
     flipped["leaf"] = b64(flip(base64.b64decode(flipped["leaf"]), 30))
-    bad("leaf 4 bit flip", "LogVerificationError", want_message="[3, 7)",
-        files={"leaves.jsonl": "".join([*lines[:4], json.dumps(flipped, separators=(",", ":")) + "\n",
-                                        *lines[5:]])})
-    bad("last leaf missing (truncation)", "LogVerificationError",
-        files={"leaves.jsonl": "".join(lines[:-1])})
-    bad("trailing garbage line", "LogVerificationError",
-        files={"leaves.jsonl": good["leaves.jsonl"] + "garbage\n"})
-    bad("leaves 1 and 2 swapped", "LogVerificationError",
-        files={"leaves.jsonl": "".join([lines[0], lines[2].replace('"index":2', '"index":1'),
-                                        lines[1].replace('"index":1', '"index":2'), *lines[3:]])})
-    bad("the log's fork: a second size-7 checkpoint with another root", "LogVerificationError",
-        want_message="forked", files={"checkpoints/7b.note": note_for(_fork_leaves(4), 7)})
-    bad("checkpoint 3 re-signed with the size-7 root (swapped roots)", "LogVerificationError",
-        files={"checkpoints/3.note": sign_checkpoint(
-            Checkpoint(ORIGIN, 3, tree(LEAVES).root(7)), LOG).decode()})
-    bad("checkpoint 7 with trailing garbage", "LogVerificationError",
+    bad(
+        "leaf 4 bit flip",
+        "LogVerificationError",
+        want_message="[3, 7)",
+        files={"leaves.jsonl": "".join([*lines[:4], json.dumps(flipped, separators=(",", ":")) + "\n", *lines[5:]])},
+    )
+    bad("last leaf missing (truncation)", "LogVerificationError", files={"leaves.jsonl": "".join(lines[:-1])})
+    bad("trailing garbage line", "LogVerificationError", files={"leaves.jsonl": good["leaves.jsonl"] + "garbage\n"})
+    bad(
+        "leaves 1 and 2 swapped",
+        "LogVerificationError",
+        files={
+            "leaves.jsonl": "".join(
+                [
+                    lines[0],
+                    lines[2].replace('"index":2', '"index":1'),
+                    lines[1].replace('"index":1', '"index":2'),
+                    *lines[3:],
+                ]
+            )
+        },
+    )
+    bad(
+        "the log's fork: a second size-7 checkpoint with another root",
+        "LogVerificationError",
+        want_message="forked",
+        files={"checkpoints/7b.note": note_for(_fork_leaves(4), 7)},
+    )
+    bad(
+        "checkpoint 3 re-signed with the size-7 root (swapped roots)",
+        "LogVerificationError",
+        files={"checkpoints/3.note": sign_checkpoint(Checkpoint(ORIGIN, 3, tree(LEAVES).root(7)), LOG).decode()},
+    )
+    bad(
+        "checkpoint 7 with trailing garbage",
+        "LogVerificationError",
         want_message="checkpoints/7.note",
-        files={"checkpoints/7.note": good["checkpoints/7.note"] + "garbage"})
-    bad("checkpoint 3 signature bit flip", "LogVerificationError",
+        files={"checkpoints/7.note": good["checkpoints/7.note"] + "garbage"},
+    )
+    bad(
+        "checkpoint 3 signature bit flip",
+        "LogVerificationError",
         want_message="checkpoints/3.note",
-        files={"checkpoints/3.note": _flip_note_sig(good["checkpoints/3.note"])})
-    bad("checkpoints signed by another key under the log's name", "LogVerificationError",
-        files={"checkpoints/7.note": note_for(LEAVES, 7, IMPOSTOR_LOG)})
-    bad("log.vkey of another key", "UntrustedLogKey", want_message="expected",
-        files={"log.vkey": IMPOSTOR_LOG.verifier.vkey() + "\n"})
+        files={"checkpoints/3.note": _flip_note_sig(good["checkpoints/3.note"])},
+    )
+    bad(
+        "checkpoints signed by another key under the log's name",
+        "LogVerificationError",
+        files={"checkpoints/7.note": note_for(LEAVES, 7, IMPOSTOR_LOG)},
+    )
+    bad(
+        "log.vkey of another key",
+        "UntrustedLogKey",
+        want_message="expected",
+        files={"log.vkey": IMPOSTOR_LOG.verifier.vkey() + "\n"},
+    )
     # The attack the pinned key stops: drop a charged leaf, re-sign the rest under a new key
     # (and even a new origin), ship that key as log.vkey. Self-consistent; not the trusted log.
     dropped = [*LEAVES[:4], *LEAVES[5:]]
-    cases.append(case("charged leaf 4 removed, re-signed under another key shipped as log.vkey",
-                      "UntrustedLogKey", src, "verify_export", want_message="fingerprint",
-                      files=_export_files(dropped, [3, 6], vkey=IMPOSTOR_LOG.verifier.vkey(),
-                                          signer=IMPOSTOR_LOG)))
-    cases.append(case("charged leaf 4 removed, re-signed under another key and another origin",
-                      "UntrustedLogKey", src, "verify_export", want_message=OTHER_ORIGIN,
-                      files=_export_files(dropped, [3, 6], vkey=OTHER_LOG.verifier.vkey(),
-                                          signer=OTHER_LOG, origin=OTHER_ORIGIN)))
-    cases.append(case("the verifier expects another origin than the log's", "UntrustedLogKey",
-                      src, "verify_export", origin=OTHER_ORIGIN, want_message=OTHER_ORIGIN,
-                      files=good))
-    bad("no checkpoints", "LogVerificationError",
-        files={"checkpoints/3.note": None, "checkpoints/7.note": None})
+    cases.append(
+        case(
+            "charged leaf 4 removed, re-signed under another key shipped as log.vkey",
+            "UntrustedLogKey",
+            src,
+            "verify_export",
+            want_message="fingerprint",
+            files=_export_files(dropped, [3, 6], vkey=IMPOSTOR_LOG.verifier.vkey(), signer=IMPOSTOR_LOG),
+        )
+    )
+    cases.append(
+        case(
+            "charged leaf 4 removed, re-signed under another key and another origin",
+            "UntrustedLogKey",
+            src,
+            "verify_export",
+            want_message=OTHER_ORIGIN,
+            files=_export_files(dropped, [3, 6], vkey=OTHER_LOG.verifier.vkey(), signer=OTHER_LOG, origin=OTHER_ORIGIN),
+        )
+    )
+    cases.append(
+        case(
+            "the verifier expects another origin than the log's",
+            "UntrustedLogKey",
+            src,
+            "verify_export",
+            origin=OTHER_ORIGIN,
+            want_message=OTHER_ORIGIN,
+            files=good,
+        )
+    )
+    bad("no checkpoints", "LogVerificationError", files={"checkpoints/3.note": None, "checkpoints/7.note": None})
 
     # Compliance violations: the log verifies, a leaf breaks its contract.
     small = make_contract(offer_id="offer_vectors_3", quota=50)
-    q_leaves = [canonicalize(r) for r in [
-        contract_record(small, time=T0 - timedelta(hours=1)),
-        usage(small, 1, 40, 10),
-        usage(small, 2, 20, 20),
-    ]]
-    cases.append(case("quota violation: 40 + 20 units charged on a 50-unit quota", "ComplianceViolation",
-                      src, "verify_export", files=_export_files(q_leaves, [3]),
-                      want_index=2, want_message="quota"))
+    q_leaves = [
+        canonicalize(r)
+        for r in [
+            contract_record(small, time=T0 - timedelta(hours=1)),
+            usage(small, 1, 40, 10),
+            usage(small, 2, 20, 20),
+        ]
+    ]
+    cases.append(
+        case(
+            "quota violation: 40 + 20 units charged on a 50-unit quota",
+            "ComplianceViolation",
+            src,
+            "verify_export",
+            files=_export_files(q_leaves, [3]),
+            want_index=2,
+            want_message="quota",
+        )
+    )
     s_leaves = [*LEAVES, canonicalize(usage(CONTRACT, 4, 5, 150))]
-    cases.append(case("usage charged while the contract is suspended (after leaf 6)",
-                      "ComplianceViolation", src, "verify_export",
-                      files=_export_files(s_leaves, [3, 8]), want_index=7,
-                      want_message="suspended"))
-    cases.append(case("the same ledger cut before the bad leaf verifies", None, src,
-                      "verify_export", files=_export_files(q_leaves[:2], [2]),
-                      want_summary=_summary(q_leaves[:2], [2])))
+    cases.append(
+        case(
+            "usage charged while the contract is suspended (after leaf 6)",
+            "ComplianceViolation",
+            src,
+            "verify_export",
+            files=_export_files(s_leaves, [3, 8]),
+            want_index=7,
+            want_message="suspended",
+        )
+    )
+    cases.append(
+        case(
+            "the same ledger cut before the bad leaf verifies",
+            None,
+            src,
+            "verify_export",
+            files=_export_files(q_leaves[:2], [2]),
+            want_summary=_summary(q_leaves[:2], [2]),
+        )
+    )
     return {
         "about": "Offline export directories (files: relative path -> exact text) as "
         "'som ledger export' writes them, and what 'som ledger verify --vkey TRUSTED_VKEY "
@@ -917,32 +1222,55 @@ def _seal_fresh() -> dict[str, str]:
     from crypto.sealing import job_info, seal
     from marketplace.compute.payload import JobInput, JobResult, seal_input, seal_result
 
-    inp = JobInput(job_id=JOB_ID, kind="predict", reply_public=REPLY.public_text(),
-                   data=b"sepal_length,sepal_width\n5.1,3.5\n6.2,2.9\n", format="csv",
-                   params={"threshold": 1})
-    custom = JobInput(job_id=CUSTOM_JOB_ID, kind="custom", reply_public=REPLY.public_text(),
-                      data=b"a,b\n1,2\n", format="csv", code="print('hello')\n")
-    res = JobResult(job_id=JOB_ID, kind="predict", body=b"label\nsetosa\nvirginica\n",
-                    format="csv", metrics={"rows": 2}, stdout="ok\n", outputs=())
-    wrong_job = JobInput(job_id="job_vectors_9999", kind="predict",
-                         reply_public=REPLY.public_text(), data=b"x\n1\n")
+    inp = JobInput(
+        job_id=JOB_ID,
+        kind="predict",
+        reply_public=REPLY.public_text(),
+        data=b"sepal_length,sepal_width\n5.1,3.5\n6.2,2.9\n",
+        format="csv",
+        params={"threshold": 1},
+    )
+    custom = JobInput(
+        job_id=CUSTOM_JOB_ID,
+        kind="custom",
+        reply_public=REPLY.public_text(),
+        data=b"a,b\n1,2\n",
+        format="csv",
+        code="print('hello')\n",
+    )
+    res = JobResult(
+        job_id=JOB_ID,
+        kind="predict",
+        body=b"label\nsetosa\nvirginica\n",
+        format="csv",
+        metrics={"rows": 2},
+        stdout="ok\n",
+        outputs=(),
+    )
+    wrong_job = JobInput(job_id="job_vectors_9999", kind="predict", reply_public=REPLY.public_text(), data=b"x\n1\n")
     # A header naming another job, sealed under JOB_ID's info: the framing check must refuse it.
     from marketplace.compute.payload import INPUT_MAGIC, _frame
 
-    header = {"job_id": wrong_job.job_id, "kind": "predict", "reply_public": REPLY.public_text(),
-              "format": "csv", "params": {}}
+    header = {
+        "job_id": wrong_job.job_id,
+        "kind": "predict",
+        "reply_public": REPLY.public_text(),
+        "format": "csv",
+        "params": {},
+    }
     return {
         "input": seal_input(COMPUTE.public_text(), inp).hex(),
         "custom_input": seal_input(COMPUTE.public_text(), custom).hex(),
         "result": seal_result(REPLY.public_text(), res).hex(),
         "input_naming_other_job": seal(
-            COMPUTE.public_text(), _frame(INPUT_MAGIC, header, wrong_job.data),
-            info=job_info(JOB_ID, "input")).hex(),
+            COMPUTE.public_text(), _frame(INPUT_MAGIC, header, wrong_job.data), info=job_info(JOB_ID, "input")
+        ).hex(),
         "result_framed_as_input": seal(
-            REPLY.public_text(), _frame(INPUT_MAGIC, header, b""),
-            info=job_info(JOB_ID, "result")).hex(),
-        "raw_with_aad": seal(COMPUTE.public_text(), b"som raw sealed payload",
-                             info=b"som/vectors/raw", aad=b"ledger leaf 7").hex(),
+            REPLY.public_text(), _frame(INPUT_MAGIC, header, b""), info=job_info(JOB_ID, "result")
+        ).hex(),
+        "raw_with_aad": seal(
+            COMPUTE.public_text(), b"som raw sealed payload", info=b"som/vectors/raw", aad=b"ledger leaf 7"
+        ).hex(),
     }
 
 
@@ -968,24 +1296,51 @@ def sealed_section() -> dict[str, Any]:
     cus_plain = plain("custom_input", COMPUTE, job_info(CUSTOM_JOB_ID, "input"))
     raw_plain = plain("raw_with_aad", COMPUTE, b"som/vectors/raw", b"ledger leaf 7")
 
-    def raw(desc: str, err: str | None, blob: bytes, key: str, info: bytes, aad: bytes = b"",
-            **kw: Any) -> None:
-        cases.append(case(desc, err, src, "open_sealed", recipient=key, info_hex=info.hex(),
-                          aad_hex=aad.hex(), blob_hex=blob.hex(), **kw))
+    def raw(desc: str, err: str | None, blob: bytes, key: str, info: bytes, aad: bytes = b"", **kw: Any) -> None:
+        cases.append(
+            case(
+                desc,
+                err,
+                src,
+                "open_sealed",
+                recipient=key,
+                info_hex=info.hex(),
+                aad_hex=aad.hex(),
+                blob_hex=blob.hex(),
+                **kw,
+            )
+        )
 
-    def job(desc: str, err: str | None, api: str, blob: bytes, key: str, job_id: str,
-            **kw: Any) -> None:
-        cases.append(case(desc, err, psrc, api, recipient=key, job_id=job_id,
-                          blob_hex=blob.hex(), **kw))
+    def job(desc: str, err: str | None, api: str, blob: bytes, key: str, job_id: str, **kw: Any) -> None:
+        cases.append(case(desc, err, psrc, api, recipient=key, job_id=job_id, blob_hex=blob.hex(), **kw))
 
     info_in = job_info(JOB_ID, "input")
     info_res = job_info(JOB_ID, "result")
-    raw("job input: HPKE layer (info = job_info(job_id, 'input'))", None, blobs["input"],
-        "compute", info_in, want_plaintext_hex=inp_plain.hex())
-    raw("job result: HPKE layer (info = job_info(job_id, 'result'))", None, blobs["result"],
-        "reply", info_res, want_plaintext_hex=res_plain.hex())
-    raw("raw payload with aad", None, blobs["raw_with_aad"], "compute", b"som/vectors/raw",
-        b"ledger leaf 7", want_plaintext_hex=raw_plain.hex())
+    raw(
+        "job input: HPKE layer (info = job_info(job_id, 'input'))",
+        None,
+        blobs["input"],
+        "compute",
+        info_in,
+        want_plaintext_hex=inp_plain.hex(),
+    )
+    raw(
+        "job result: HPKE layer (info = job_info(job_id, 'result'))",
+        None,
+        blobs["result"],
+        "reply",
+        info_res,
+        want_plaintext_hex=res_plain.hex(),
+    )
+    raw(
+        "raw payload with aad",
+        None,
+        blobs["raw_with_aad"],
+        "compute",
+        b"som/vectors/raw",
+        b"ledger leaf 7",
+        want_plaintext_hex=raw_plain.hex(),
+    )
 
     def hdr(data: bytes) -> dict[str, Any]:
         n = int.from_bytes(data[8:12], "big")
@@ -995,13 +1350,35 @@ def sealed_section() -> dict[str, Any]:
     def body(data: bytes) -> bytes:
         return data[12 + int.from_bytes(data[8:12], "big") :]
 
-    job("job input opened and unframed (predict, csv)", None, "open_input", blobs["input"],
-        "compute", JOB_ID, want_header=hdr(inp_plain), want_body_hex=body(inp_plain).hex())
-    job("custom job input carries its code", None, "open_input", blobs["custom_input"],
-        "compute", CUSTOM_JOB_ID, want_header=hdr(cus_plain),
-        want_code_digest=digest("print('hello')\n"))
-    job("job result opened and unframed", None, "open_result", blobs["result"], "reply", JOB_ID,
-        want_header=hdr(res_plain))
+    job(
+        "job input opened and unframed (predict, csv)",
+        None,
+        "open_input",
+        blobs["input"],
+        "compute",
+        JOB_ID,
+        want_header=hdr(inp_plain),
+        want_body_hex=body(inp_plain).hex(),
+    )
+    job(
+        "custom job input carries its code",
+        None,
+        "open_input",
+        blobs["custom_input"],
+        "compute",
+        CUSTOM_JOB_ID,
+        want_header=hdr(cus_plain),
+        want_code_digest=digest("print('hello')\n"),
+    )
+    job(
+        "job result opened and unframed",
+        None,
+        "open_result",
+        blobs["result"],
+        "reply",
+        JOB_ID,
+        want_header=hdr(res_plain),
+    )
 
     inp = blobs["input"]
     enc_end = 9 + 32
@@ -1010,32 +1387,51 @@ def sealed_section() -> dict[str, Any]:
     raw("input: encapsulated key bit flip", "DecryptionError", flip(inp, 12), "compute", info_in)
     raw("input: truncated by one byte", "DecryptionError", inp[:-1], "compute", info_in)
     raw("input: trailing garbage", "DecryptionError", inp + b"garbage", "compute", info_in)
-    raw("input: truncated below the minimum length", "ValueError", inp[: 9 + 32 + 15], "compute",
-        info_in)
+    raw("input: truncated below the minimum length", "ValueError", inp[: 9 + 32 + 15], "compute", info_in)
     raw("input: magic bit flip", "ValueError", flip(inp, 0), "compute", info_in)
     raw("input: unsupported version", "ValueError", inp[:7] + b"\x02" + inp[8:], "compute", info_in)
     raw("input: opened as the result direction", "DecryptionError", inp, "compute", info_res)
-    raw("input: opened for another job id", "DecryptionError", inp, "compute",
-        job_info("job_vectors_0003", "input"))
+    raw("input: opened for another job id", "DecryptionError", inp, "compute", job_info("job_vectors_0003", "input"))
     raw("input: opened with another key", "DecryptionError", inp, "other", info_in)
     raw("input: opened with the reply key", "DecryptionError", inp, "reply", info_in)
     res = blobs["result"]
-    raw("result: encapsulated keys swapped with the input's", "DecryptionError",
-        res[:9] + inp[9:enc_end] + res[enc_end:], "reply", info_res)
+    raw(
+        "result: encapsulated keys swapped with the input's",
+        "DecryptionError",
+        res[:9] + inp[9:enc_end] + res[enc_end:],
+        "reply",
+        info_res,
+    )
     raw("result: ciphertext bit flip", "DecryptionError", flip(res, enc_end), "reply", info_res)
-    raw("raw: wrong aad", "DecryptionError", blobs["raw_with_aad"], "compute", b"som/vectors/raw",
-        b"ledger leaf 8")
-    raw("raw: aad dropped", "DecryptionError", blobs["raw_with_aad"], "compute",
-        b"som/vectors/raw")
-    raw("raw: larger than max_size", "ValueError", blobs["raw_with_aad"], "compute",
-        b"som/vectors/raw", b"ledger leaf 7", max_size=64)
-    job("job input: header names another job (sealed under this job's info)", "ValueError",
-        "open_input", blobs["input_naming_other_job"], "compute", JOB_ID)
-    job("job result: input framing (SOMJOBI1) inside a result", "ValueError", "open_result",
-        blobs["result_framed_as_input"], "reply", JOB_ID)
+    raw("raw: wrong aad", "DecryptionError", blobs["raw_with_aad"], "compute", b"som/vectors/raw", b"ledger leaf 8")
+    raw("raw: aad dropped", "DecryptionError", blobs["raw_with_aad"], "compute", b"som/vectors/raw")
+    raw(
+        "raw: larger than max_size",
+        "ValueError",
+        blobs["raw_with_aad"],
+        "compute",
+        b"som/vectors/raw",
+        b"ledger leaf 7",
+        max_size=64,
+    )
+    job(
+        "job input: header names another job (sealed under this job's info)",
+        "ValueError",
+        "open_input",
+        blobs["input_naming_other_job"],
+        "compute",
+        JOB_ID,
+    )
+    job(
+        "job result: input framing (SOMJOBI1) inside a result",
+        "ValueError",
+        "open_result",
+        blobs["result_framed_as_input"],
+        "reply",
+        JOB_ID,
+    )
     job("job input opened as a result", "DecryptionError", "open_result", inp, "compute", JOB_ID)
-    job("job input opened for another job id", "DecryptionError", "open_input", inp, "compute",
-        "job_vectors_0003")
+    job("job input opened for another job id", "DecryptionError", "open_input", inp, "compute", "job_vectors_0003")
     return {
         "about": "Open-vectors for sealed payloads. HPKE encapsulation is randomized, so these "
         "blobs were sealed once and are fixed: a verifier opens them with the private key "
@@ -1080,7 +1476,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in _seal_fresh().items():
             print(f'    "{k}": (')
             for i in range(0, len(v), 88):
-                print(f'        "{v[i:i + 88]}"')
+                print(f'        "{v[i : i + 88]}"')
             print("    ),")
         print("}")
         return 0

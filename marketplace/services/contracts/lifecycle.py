@@ -134,9 +134,16 @@ def accept_offer(
         raise Conflict(f"contract {cid} already exists") from e
     row.ledger_index = ledger_append(s, records.contract_record(contract, time=t))
     audit.emit(
-        s, who, "contract.accept", target=cid,
-        detail={"offer_id": offer_id, "offering_id": row.offering_id,
-                "provider_org": row.provider_org_id, "ledger_index": row.ledger_index},
+        s,
+        who,
+        "contract.accept",
+        target=cid,
+        detail={
+            "offer_id": offer_id,
+            "offering_id": row.offering_id,
+            "provider_org": row.provider_org_id,
+            "ledger_index": row.ledger_index,
+        },
     )
     return row
 
@@ -175,9 +182,7 @@ def party_query(
 def events_of(s: Session, contract_id: str) -> list[ContractEventRow]:
     return list(
         s.scalars(
-            select(ContractEventRow)
-            .where(ContractEventRow.contract_id == contract_id)
-            .order_by(ContractEventRow.seq)
+            select(ContractEventRow).where(ContractEventRow.contract_id == contract_id).order_by(ContractEventRow.seq)
         )
     )
 
@@ -228,8 +233,14 @@ def add_event(
             raise Conflict(f"{e}; fetch the contract again and sign an event that follows its head") from e
         raise Conflict(str(e)) from e
     erow = ContractEventRow(
-        contract_id=contract_id, seq=ev.seq, kind=ev.kind.value, by=ev.by.value,
-        digest=ev.digest(), record=ev.to_dict(), time=ev.time, created_at=t,
+        contract_id=contract_id,
+        seq=ev.seq,
+        kind=ev.kind.value,
+        by=ev.by.value,
+        digest=ev.digest(),
+        record=ev.to_dict(),
+        time=ev.time,
+        created_at=t,
     )
     s.add(erow)
     row.status = new.status
@@ -244,9 +255,17 @@ def add_event(
         raise Conflict("another event was recorded first; fetch the contract and sign again") from e
     erow.ledger_index = ledger_append(s, records.contract_event_record(ev, time=t))
     audit.emit(
-        s, who, _ACTIONS[ev.kind], target=contract_id,
-        detail={"seq": ev.seq, "by": ev.by.value, "reason": ev.reason[:200],
-                "status": row.status, "ledger_index": erow.ledger_index},
+        s,
+        who,
+        _ACTIONS[ev.kind],
+        target=contract_id,
+        detail={
+            "seq": ev.seq,
+            "by": ev.by.value,
+            "reason": ev.reason[:200],
+            "status": row.status,
+            "ledger_index": erow.ledger_index,
+        },
     )
     return erow
 

@@ -81,7 +81,10 @@ def publish_offer(
     s.add(row)
     s.flush()
     audit.emit(
-        s, who, "offer.publish", target=row.id,
+        s,
+        who,
+        "offer.publish",
+        target=row.id,
         detail={"offering_id": offering_id, "digest": row.digest, "provider_key": row.provider_key},
     )
     return row
@@ -95,7 +98,12 @@ def get_offer(s: Session, p: Principal, offer_id: str) -> OfferRow:
     if row.provider_org_id == p.org_id or p.has("admin"):
         return row
     off = s.get(Offering, row.offering_id)
-    if row.status != OfferState.OPEN or off is None or off.status != OfferingStatus.PUBLISHED or not sharing.may(s, p, off):
+    if (
+        row.status != OfferState.OPEN
+        or off is None
+        or off.status != OfferingStatus.PUBLISHED
+        or not sharing.may(s, p, off)
+    ):
         raise NotFound(f"offer {offer_id} not found", denied=offer_id)
     if row.addressed_to is not None and p.org_id not in row.addressed_to:  # a private offer to others
         raise NotFound(f"offer {offer_id} not found", denied=offer_id)

@@ -44,20 +44,26 @@ def sweep(rt: Runtime, *, now: datetime | None = None) -> None:
     old_results: list[str] = []
     with rt.tx() as s:
         settled += reap_lost(s, now)
-        for job in s.scalars(
-            select(Job).where(Job.status.in_(_LIVE), Job.finishing.is_(False), Job.deadline_at < now)
-        ):
-            settled.append(finish(
-                s, job, JobStatus.EXPIRED, now=now, event="job.expire", outcome="failure",
-                error="the job did not finish before its deadline", reason="deadline",
-                release="job expired or lost",
-            ))
+        for job in s.scalars(select(Job).where(Job.status.in_(_LIVE), Job.finishing.is_(False), Job.deadline_at < now)):
+            settled.append(
+                finish(
+                    s,
+                    job,
+                    JobStatus.EXPIRED,
+                    now=now,
+                    event="job.expire",
+                    outcome="failure",
+                    error="the job did not finish before its deadline",
+                    reason="deadline",
+                    release="job expired or lost",
+                )
+            )
         for job in s.scalars(select(Job).where(Job.result_blob.is_not(None), Job.result_expires_at < now)):
             old_results.append(job.result_blob or "")
             job.result_blob = None
-        stuck = list(s.scalars(select(Job.id).where(
-            Job.finishing.is_(True), Job.updated_at < now - timedelta(seconds=30)
-        )))
+        stuck = list(
+            s.scalars(select(Job.id).where(Job.finishing.is_(True), Job.updated_at < now - timedelta(seconds=30)))
+        )
     for done in settled:
         done.apply(rt)
     purge(rt, *old_results)
@@ -80,7 +86,9 @@ class Background:
         n = max(1, int(self.rt.settings.workers))
         self.threads.append(threading.Thread(target=self._sweeper, name="som-jobs-sweeper", daemon=True))
         for i in range(n):
-            self.threads.append(threading.Thread(target=self._worker, args=(i,), name=f"som-jobs-worker-{i}", daemon=True))
+            self.threads.append(
+                threading.Thread(target=self._worker, args=(i,), name=f"som-jobs-worker-{i}", daemon=True)
+            )
         for t in self.threads:
             t.start()
 
@@ -119,8 +127,12 @@ class Background:
                 run_marketplace_job(self.rt, item["id"], owner=owner, stop=self.stop)
             except Exception as e:  # noqa: BLE001 - the job fails, the worker lives
                 # the exception's message may quote the consumer's input: log its type and frames only
-                log.error("job worker crashed on %s: %s\n%s", item["id"], type(e).__name__,
-                          "".join(traceback.format_tb(e.__traceback__)))
+                log.error(
+                    "job worker crashed on %s: %s\n%s",
+                    item["id"],
+                    type(e).__name__,
+                    "".join(traceback.format_tb(e.__traceback__)),
+                )
                 with contextlib.suppress(Exception):
                     fail(self.rt, item["id"], owner=owner, reason="error", message="internal error in the worker")
 

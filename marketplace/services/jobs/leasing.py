@@ -27,16 +27,25 @@ __all__ = ["keep", "lease_for_agent", "lease_local", "reap_lost"]
 def _item(job: Job) -> dict[str, Any]:
     assert job.lease_expires_at is not None
     return {
-        "type": "job", "id": job.id, "kind": job.kind, "offering_id": job.offering_id,
-        "meta": {"units": job.units, "limits": job.limits, "code_digest": job.code_digest,
-                 "max_rows": job.units if job.kind != "custom" else None},
-        "lease_expires_at": job.lease_expires_at.isoformat(), "attempt": job.attempts,
+        "type": "job",
+        "id": job.id,
+        "kind": job.kind,
+        "offering_id": job.offering_id,
+        "meta": {
+            "units": job.units,
+            "limits": job.limits,
+            "code_digest": job.code_digest,
+            "max_rows": job.units if job.kind != "custom" else None,
+        },
+        "lease_expires_at": job.lease_expires_at.isoformat(),
+        "attempt": job.attempts,
     }
 
 
 def _take(rt: Runtime, s: Session, owner: str, now: datetime, *where: ColumnElement[bool]) -> dict[str, Any] | None:
-    job = leases.take(s, Job, owner, now, rt.settings.agent_lease_seconds, *where,
-                      move=lambda j, to: move(j, to, now=now))
+    job = leases.take(
+        s, Job, owner, now, rt.settings.agent_lease_seconds, *where, move=lambda j, to: move(j, to, now=now)
+    )
     if job is None:
         return None
     job.started_at = job.started_at or now
@@ -49,8 +58,17 @@ def lease_for_agent(rt: Runtime, s: Session, agent: Agent, now: datetime) -> dic
     kinds = [k for k in agent.capabilities if k in KINDS]
     if not kinds:
         return None
-    return _take(rt, s, agent.id, now, Job.hosting == "provider", Job.offering_id.in_(agent.offering_ids),
-                 Job.kind.in_(kinds), Job.seal_public == agent.seal_public, Job.deadline_at > now)
+    return _take(
+        rt,
+        s,
+        agent.id,
+        now,
+        Job.hosting == "provider",
+        Job.offering_id.in_(agent.offering_ids),
+        Job.kind.in_(kinds),
+        Job.seal_public == agent.seal_public,
+        Job.deadline_at > now,
+    )
 
 
 def lease_local(rt: Runtime, s: Session, owner: str, now: datetime) -> dict[str, Any] | None:
@@ -64,15 +82,30 @@ def reap_lost(s: Session, now: datetime, *, hosting: str | None = None, fail_los
     settled: list[Settlement] = []
 
     def give_up(job: Job) -> None:
-        settled.append(finish(
-            s, job, JobStatus.FAILED, now=now, event="job.lease.expire", reason="lost",
-            error=f"the compute site stopped answering {job.attempts} times; giving up",
-            detail={"now": JobStatus.FAILED.value}, release="job expired or lost",
-        ))
+        settled.append(
+            finish(
+                s,
+                job,
+                JobStatus.FAILED,
+                now=now,
+                event="job.lease.expire",
+                reason="lost",
+                error=f"the compute site stopped answering {job.attempts} times; giving up",
+                detail={"now": JobStatus.FAILED.value},
+                release="job expired or lost",
+            )
+        )
 
     where = [Job.finishing.is_(False)] + ([Job.hosting == hosting] if hosting else [])
-    for job in leases.reap(s, Job, now, *where, max_attempts=lambda j: j.max_attempts,
-                           move=lambda j, to: move(j, to, now=now), give_up=give_up if fail_lost else None):
+    for job in leases.reap(
+        s,
+        Job,
+        now,
+        *where,
+        max_attempts=lambda j: j.max_attempts,
+        move=lambda j, to: move(j, to, now=now),
+        give_up=give_up if fail_lost else None,
+    ):
         if job.status == JobStatus.QUEUED:
             audit.emit(s, audit.Actor.system(), "job.lease.expire", target=job.id, detail={"now": job.status})
     return settled

@@ -120,7 +120,10 @@ def create(
         existing = s.scalar(select(Job).where(Job.org_id == p.org_id, Job.idempotency_key == idempotency_key))
         if existing is not None:
             if (existing.offering_id, existing.kind, existing.code_digest, existing.units) != (
-                offering_id, kind, digest_of_code(code) if code is not None else None, units
+                offering_id,
+                kind,
+                digest_of_code(code) if code is not None else None,
+                units,
             ):
                 raise Invalid("this Idempotency-Key was already used for a different job; use a new key")
             return existing, False
@@ -138,12 +141,29 @@ def create(
             seal_public = marketplace_seal_key(rt).public_text()
         now = utcnow()
         job = Job(
-            id=new_id("job"), org_id=p.org_id, submitted_by=p.key_id, offering_id=off.id,
-            provider_org_id=off.org_id, hosting=off.hosting, kind=kind, status=JobStatus.CREATED.value,
-            seal_public=seal_public, seal_statement=statement, input_blob="", input_size=0, input_digest="",
-            code=code, code_digest=digest_of_code(code) if code is not None else None, units=units,
-            limits=lim, idempotency_key=idempotency_key, request_digest="", contract_id=contract_id,
-            created_at=now, updated_at=now, deadline_at=now + timedelta(seconds=timeout),
+            id=new_id("job"),
+            org_id=p.org_id,
+            submitted_by=p.key_id,
+            offering_id=off.id,
+            provider_org_id=off.org_id,
+            hosting=off.hosting,
+            kind=kind,
+            status=JobStatus.CREATED.value,
+            seal_public=seal_public,
+            seal_statement=statement,
+            input_blob="",
+            input_size=0,
+            input_digest="",
+            code=code,
+            code_digest=digest_of_code(code) if code is not None else None,
+            units=units,
+            limits=lim,
+            idempotency_key=idempotency_key,
+            request_digest="",
+            contract_id=contract_id,
+            created_at=now,
+            updated_at=now,
+            deadline_at=now + timedelta(seconds=timeout),
         )
         s.add(job)
         s.flush()
@@ -181,15 +201,32 @@ def submit_input(rt: Runtime, p: Principal, job_id: str, blob: bytes, *, who: au
             if job.input_digest == digest:
                 return job
             raise Conflict(f"job {job_id} was already submitted ({job.status}); create a new job")
-        req = metering.request_digest("jobs/v1", job.offering_id, job.kind, str(job.units), job.code_digest or "", digest)
+        req = metering.request_digest(
+            "jobs/v1", job.offering_id, job.kind, str(job.units), job.code_digest or "", digest
+        )
         timeout = max(1.0, (job.deadline_at - utcnow()).total_seconds())
-        key, offering_id, kind, units, contract_id = job.idempotency_key, job.offering_id, job.kind, job.units, job.contract_id
+        key, offering_id, kind, units, contract_id = (
+            job.idempotency_key,
+            job.offering_id,
+            job.kind,
+            job.units,
+            job.contract_id,
+        )
     with rt.tx() as s:
         storage.check_quota(rt, s, p.org_id, len(blob), what="this job's sealed input")
     res = metering.begin(
-        rt, p, offering_id=offering_id, mode="remote_job", units=units, idempotency_key=key,
-        request_digest=req, contract_id=contract_id, job_kind=kind, batch_size=1,
-        lease_seconds=timeout + 60.0, actor=who,
+        rt,
+        p,
+        offering_id=offering_id,
+        mode="remote_job",
+        units=units,
+        idempotency_key=key,
+        request_digest=req,
+        contract_id=contract_id,
+        job_kind=kind,
+        batch_size=1,
+        lease_seconds=timeout + 60.0,
+        actor=who,
     )
     if res.replay is not None:  # pragma: no cover - each job begins once; a replay means a reused key
         raise Conflict("this job's Idempotency-Key was already charged for another job")
@@ -206,8 +243,13 @@ def submit_input(rt: Runtime, p: Principal, job_id: str, blob: bytes, *, who: au
             job.reservation = reservation_dict(res)
             _clamp_to_contract(s, job)
             move(job, JobStatus.AWAITING_APPROVAL if job.kind == "custom" else JobStatus.QUEUED, now=utcnow())
-            audit.emit(s, who, "job.submit", target=job.id,
-                       detail={"status": job.status, "input_digest": digest, "usage_id": res.usage_id})
+            audit.emit(
+                s,
+                who,
+                "job.submit",
+                target=job.id,
+                detail={"status": job.status, "input_digest": digest, "usage_id": res.usage_id},
+            )
     except BaseException:
         metering.release(rt, res, reason="submission failed")
         purge(rt, addr)
@@ -230,7 +272,14 @@ def check_jail(rt: Runtime) -> None:
 
 
 def decide(
-    rt: Runtime, p: Principal, job_id: str, *, approve: bool, code_digest: str, reason: str, who: audit.Actor,
+    rt: Runtime,
+    p: Principal,
+    job_id: str,
+    *,
+    approve: bool,
+    code_digest: str,
+    reason: str,
+    who: audit.Actor,
 ) -> Job:
     """The provider approves or rejects a custom job's exact code (by digest)."""
     p.require("provider")
@@ -250,19 +299,35 @@ def decide(
         now = utcnow()
         decision = "approved" if approve else "rejected"
         if job.contract_id:
-            ledger_append(s, job_approval_record(
-                job_id=job.id, contract_id=job.contract_id, code_digest=job.code_digest or "",
-                decision=decision, actor=p.key_id, time=now,
-            ))
+            ledger_append(
+                s,
+                job_approval_record(
+                    job_id=job.id,
+                    contract_id=job.contract_id,
+                    code_digest=job.code_digest or "",
+                    decision=decision,
+                    actor=p.key_id,
+                    time=now,
+                ),
+            )
         job.decided_by = p.key_id
         detail = {"code_digest": job.code_digest, "reason": reason[:500]}
         if approve:
             move(job, JobStatus.QUEUED, now=now)
             audit.emit(s, who, "job.approve", target=job.id, detail=detail)
         else:
-            done = finish(s, job, JobStatus.FAILED, now=now, event="job.reject", who=who, detail=detail,
-                          error=f"rejected by the provider: {reason}"[:2000], reason="rejected",
-                          release="custom code rejected by the provider")
+            done = finish(
+                s,
+                job,
+                JobStatus.FAILED,
+                now=now,
+                event="job.reject",
+                who=who,
+                detail=detail,
+                error=f"rejected by the provider: {reason}"[:2000],
+                reason="rejected",
+                release="custom code rejected by the provider",
+            )
     if done is not None:
         done.apply(rt)
     else:
@@ -274,7 +339,6 @@ def approve(rt: Runtime, p: Principal, job_id: str, *, code_digest: str, who: au
     return decide(rt, p, job_id, approve=True, code_digest=code_digest, reason="", who=who)
 
 
-
 def cancel(rt: Runtime, p: Principal, job_id: str, *, who: audit.Actor) -> Job:
     """The consumer cancels a job that is not final yet; its units are released."""
     p.require("consumer")
@@ -282,8 +346,9 @@ def cancel(rt: Runtime, p: Principal, job_id: str, *, who: audit.Actor) -> Job:
         job = own(s, p, job_id)
         if job.status in FINAL or job.finishing:
             raise Conflict(f"job {job_id} is {job.status}; it can no longer be cancelled")
-        done = finish(s, job, JobStatus.CANCELLED, now=utcnow(), event="job.cancel", who=who,
-                      release="cancelled by the consumer")
+        done = finish(
+            s, job, JobStatus.CANCELLED, now=utcnow(), event="job.cancel", who=who, release="cancelled by the consumer"
+        )
     done.apply(rt)
     return job
 
@@ -306,4 +371,3 @@ def fetch_result(rt: Runtime, p: Principal, job_id: str, *, who: audit.Actor) ->
         addr = job.result_blob
     data: bytes = rt.blobs.get(addr)
     return job, data
-

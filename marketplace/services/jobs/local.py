@@ -45,16 +45,32 @@ def run_marketplace_job(rt: Runtime, job_id: str, *, owner: str, stop: threading
         if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
             return
         version = validation.version_for(s, job.offering_id, job.contract_id)  # the contract's pinned version
-        art = s.scalar(select(Artifact).where(Artifact.version_id == version.id, Artifact.purpose == "model")) if version else None
+        art = (
+            s.scalar(select(Artifact).where(Artifact.version_id == version.id, Artifact.purpose == "model"))
+            if version
+            else None
+        )
         off = s.get(Offering, job.offering_id)
         if art is None or version is None or off is None:
             raise Unavailable(f"offering {job.offering_id} has no model artifact")
-        audit.emit(s, audit.Actor.system(), "artifact.decrypt", target=art.id,
-                   detail={"purpose": "job", "job_id": job.id, "version": version.number})
+        audit.emit(
+            s,
+            audit.Actor.system(),
+            "artifact.decrypt",
+            target=art.id,
+            detail={"purpose": "job", "job_id": job.id, "version": version.number},
+        )
         spec = JobSpec(
-            job_id=job_id, kind=job.kind, input_blob=job.input_blob, model_blob=art.blob,
-            wrapped_key=bytes(art.wrapped_key), aad=art.aad, fmt=version.format, limits=job.limits,
-            approved_digest=job.code_digest, max_rows=job.units if job.kind != "custom" else None,
+            job_id=job_id,
+            kind=job.kind,
+            input_blob=job.input_blob,
+            model_blob=art.blob,
+            wrapped_key=bytes(art.wrapped_key),
+            aad=art.aad,
+            fmt=version.format,
+            limits=job.limits,
+            approved_digest=job.code_digest,
+            max_rows=job.units if job.kind != "custom" else None,
             max_sealed_bytes=rt.settings.max_sealed_bytes,
             input_limits=InputLimits(rt.settings.max_decompressed_bytes, rt.settings.max_compression_ratio),
         )

@@ -79,9 +79,14 @@ def _observe(
     started = job.started_at or queued
     end = job.finished_at or utcnow()
     monitoring.record_inference(
-        job.offering_id, ver.number if ver else 0, "remote_job",
-        queue_s=(started - queued).total_seconds(), model_s=(end - started).total_seconds(),
-        overhead_s=overhead_s, ok=ok, error_class=error_class,
+        job.offering_id,
+        ver.number if ver else 0,
+        "remote_job",
+        queue_s=(started - queued).total_seconds(),
+        model_s=(end - started).total_seconds(),
+        overhead_s=overhead_s,
+        ok=ok,
+        error_class=error_class,
     )
 
 
@@ -125,29 +130,52 @@ def charge(rt: Runtime, job_id: str, *, result: bytes | None) -> Job:
         if job is None:  # pragma: no cover
             raise NotFound(f"job {job_id} not found")
         if failed is not None:
-            done = finish(s, job, JobStatus.EXPIRED, now=now, event="job.expire", error=failed,
-                          reason="reservation_released", detail={"error": failed}, outcome="failure")
+            done = finish(
+                s,
+                job,
+                JobStatus.EXPIRED,
+                now=now,
+                event="job.expire",
+                error=failed,
+                reason="reservation_released",
+                detail={"error": failed},
+                outcome="failure",
+            )
         else:
-            done = finish(s, job, JobStatus.SUCCEEDED, now=now, event="job.succeed",
-                          usage_id=usage_id or (r.usage_id if r else None), receipt=receipt,
-                          result_ttl=rt.settings.job_result_ttl_seconds,
-                          detail={"usage_id": usage_id or (r.usage_id if r else None), "attempts": job.attempts})
+            done = finish(
+                s,
+                job,
+                JobStatus.SUCCEEDED,
+                now=now,
+                event="job.succeed",
+                usage_id=usage_id or (r.usage_id if r else None),
+                receipt=receipt,
+                result_ttl=rt.settings.job_result_ttl_seconds,
+                detail={"usage_id": usage_id or (r.usage_id if r else None), "attempts": job.attempts},
+            )
             _observe(s, job, r, overhead_s=time.perf_counter() - t0, ok=True)
     done.apply(rt)
     return job
 
 
-def fail(
-    rt: Runtime, job_id: str, *, owner: str, reason: str, message: str, may_post: MayPost | None = None
-) -> Job:
+def fail(rt: Runtime, job_id: str, *, owner: str, reason: str, message: str, may_post: MayPost | None = None) -> Job:
     """The compute site could not produce a result: the job fails and its units are released."""
     with rt.tx() as s:
         job = _posted(s, job_id, may_post)
         if job.status in FINAL or job.finishing:
             return job
-        done = finish(s, job, JobStatus.FAILED, now=utcnow(), event="job.fail", error=message[:4000],
-                      reason=reason[:40], detail={"reason": reason[:40]}, outcome="failure",
-                      release=f"job failed: {reason}"[:200])
+        done = finish(
+            s,
+            job,
+            JobStatus.FAILED,
+            now=utcnow(),
+            event="job.fail",
+            error=message[:4000],
+            reason=reason[:40],
+            detail={"reason": reason[:40]},
+            outcome="failure",
+            release=f"job failed: {reason}"[:200],
+        )
         _observe(s, job, reservation_of(job.reservation), overhead_s=0.0, ok=False, error_class=reason[:40])
     done.apply(rt)
     return job

@@ -43,4 +43,3 @@ def marketplace_seal_key(rt: Runtime) -> SealKeyPair:
             tmp.unlink(missing_ok=True)
     rt.job_seal_key = kp
     return kp
-

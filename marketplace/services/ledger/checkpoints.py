@@ -89,7 +89,6 @@ class StoredCheckpoint:
     created_at: datetime
 
 
-
 def _to_cp(row: Any) -> StoredCheckpoint:
     return StoredCheckpoint(int(row.size), bytes(row.root_hash), row.note.encode(), row.created_at)
 
@@ -104,6 +103,8 @@ def checkpoint_at(s: Session, size: int) -> StoredCheckpoint:
     if row is None:
         raise NotFound(f"no checkpoint of size {size}")
     return _to_cp(row)
+
+
 # ---------------------------------------------------------------------------- signing
 
 
@@ -137,17 +138,13 @@ def load_log_signer(path: Path, name: str) -> NoteSigner:
     return NoteSigner.from_skey(path.read_text())
 
 
-def _verify_extension(
-    s: Session, last: StoredCheckpoint | None, size: int, state_frontier: list[bytes]
-) -> bytes:
+def _verify_extension(s: Session, last: StoredCheckpoint | None, size: int, state_frontier: list[bytes]) -> bytes:
     """Recompute the root at ``size`` from the signed history; raise LedgerIntegrityError."""
     old = 0 if last is None else last.size
     old_ids = root_plan(old).ids  # smallest subtree first
     old_hashes = _fetch(s, old_ids)
     if last is not None and root_plan(old).rehash(old_hashes)[0] != last.root_hash:
-        raise LedgerIntegrityError(
-            f"the stored tree no longer gives the root signed at size {old}: nodes were changed"
-        )
+        raise LedgerIntegrityError(f"the stored tree no longer gives the root signed at size {old}: nodes were changed")
     frontier = list(reversed(old_hashes))
     made: list[tuple[int, bytes]] = []
     done = old
@@ -173,15 +170,12 @@ def _verify_extension(
         if made:
             keys = [k for k, _ in made]
             stored_nodes = {
-                int(k): bytes(h)
-                for k, h in s.execute(select(_NODES.c.id, _NODES.c.hash).where(_NODES.c.id.in_(keys)))
+                int(k): bytes(h) for k, h in s.execute(select(_NODES.c.id, _NODES.c.hash).where(_NODES.c.id.in_(keys)))
             }
             for k, h in made:
                 if stored_nodes.get(k) != h:
                     level, index = k >> NODE_LEVEL_SHIFT, k & ((1 << NODE_LEVEL_SHIFT) - 1)
-                    raise LedgerIntegrityError(
-                        f"stored node (level {level}, index {index}) does not match the leaves"
-                    )
+                    raise LedgerIntegrityError(f"stored node (level {level}, index {index}) does not match the leaves")
             made.clear()
         i = j
     if frontier != state_frontier:
@@ -219,9 +213,7 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
         if last is not None and last.size == size:
             return last
         if last is not None and last.size > size:
-            raise LedgerIntegrityError(
-                f"a checkpoint of size {last.size} exists but the log has only {size} leaves"
-            )
+            raise LedgerIntegrityError(f"a checkpoint of size {last.size} exists but the log has only {size} leaves")
         try:
             root = _verify_extension(s, last, size, _split(st.frontier))
         except LedgerIntegrityError as e:
@@ -237,9 +229,7 @@ def sign_checkpoint(rt: Runtime, *, now: datetime | None = None) -> StoredCheckp
         # kept before the note is stored or served (the state row lock orders the signers)
         logguard.write_kept(Path(rt.key_dir), rt.settings.log_origin, note, cp)
         created = now or utcnow()
-        s.execute(
-            insert(_CPS).values(size=size, root_hash=root, note=note.decode(), created_at=created)
-        )
+        s.execute(insert(_CPS).values(size=size, root_hash=root, note=note.decode(), created_at=created))
         s.execute(update(_STATE).where(_STATE.c.id == 1).values(signed_size=size))
     log.info("signed checkpoint size=%d", size)
     return StoredCheckpoint(size, root, note, created)
@@ -379,7 +369,6 @@ class Checkpointer:
                     sign_checkpoint(self.rt)
             except Exception:
                 log.exception("background checkpoint failed")
-
 
 
 def vkey(rt: Runtime) -> str:

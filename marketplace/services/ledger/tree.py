@@ -84,7 +84,6 @@ _sha256 = hashlib.sha256
 UNSIGNED_INFO = "ledger.unsigned"
 
 
-
 class LedgerIntegrityError(MarketplaceError):
     """The stored tree does not match the signed history; the log refuses to sign (HTTP 503)."""
 
@@ -111,9 +110,7 @@ def _split(frontier: bytes) -> list[bytes]:
     return [frontier[i : i + HASH_SIZE] for i in range(0, len(frontier), HASH_SIZE)]
 
 
-def _fold(
-    size: int, frontier: list[bytes], leaf_hashes: Iterable[bytes], nodes: list[tuple[int, bytes]]
-) -> int:
+def _fold(size: int, frontier: list[bytes], leaf_hashes: Iterable[bytes], nodes: list[tuple[int, bytes]]) -> int:
     """Append leaf hashes to the compact range ``(size, frontier)`` (largest subtree first,
     changed in place; RFC 9162 §2.1.1 hashing, as :class:`crypto.merkle.CompactRange`; the
     property tests check the stored tree against the reference one). Every completed perfect subtree at level
@@ -246,9 +243,7 @@ def _append_prepared(session: Session, prepared: Sequence[Prepared]) -> list[Lea
     conn.exec_driver_sql(leaves_sql, leaf_rows)
     if node_rows:
         conn.exec_driver_sql(nodes_sql, node_rows)
-    session.execute(
-        update(_STATE).where(_STATE.c.id == 1).values(size=size, frontier=b"".join(frontier))
-    )
+    session.execute(update(_STATE).where(_STATE.c.id == 1).values(size=size, frontier=b"".join(frontier)))
     session.info[UNSIGNED_INFO] = size - max(int(st.signed_size), 0)
     return [LeafRef(i, p[0]) for i, p in enumerate(prepared, start)]
 
@@ -281,9 +276,7 @@ def _fetch(s: Session, ids: Sequence[NodeId]) -> list[bytes]:
     small = [n for n in ids if n.level < NODE_MIN_LEVEL]
     high = [_node_key(n) for n in ids if n.level >= NODE_MIN_LEVEL]
     c = _LEAVES.c
-    q_low = select(c.idx, c.leaf_hash).where(
-        or_(*(c.idx.between(a, b - 1) for a, b in _spans(small)))
-    )
+    q_low = select(c.idx, c.leaf_hash).where(or_(*(c.idx.between(a, b - 1) for a, b in _spans(small))))
     q_high = select(_NODES.c.id, _NODES.c.hash).where(_NODES.c.id.in_(high))
     q = q_low.union_all(q_high) if small and high else (q_low if small else q_high)
     # Leaf indexes are < 2**48 <= every stored node key, so one dict holds both.
@@ -371,4 +364,3 @@ def iter_leaves(rt: Runtime, start: int, end: int, *, batch: int = 5000) -> Iter
         for idx, data in rows:
             yield int(idx), bytes(data)
         i = j
-

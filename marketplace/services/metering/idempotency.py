@@ -88,9 +88,7 @@ def receipt_for(rt: Runtime, p: Principal, usage_id: str) -> dict[str, Any]:
     """The receipt of a finished use, for its consumer, its provider or a compliance officer."""
     with rt.tx() as s:
         u = s.get(UsageRow, usage_id)
-        if u is None or not (
-            p.org_id in (u.consumer_org_id, u.provider_org_id) or p.has("compliance")
-        ):
+        if u is None or not (p.org_id in (u.consumer_org_id, u.provider_org_id) or p.has("compliance")):
             raise NotFound(f"usage {usage_id} not found", denied=usage_id)
         if u.state == UsageState.RESERVED:
             raise Conflict(f"usage {usage_id} is still in progress; no receipt yet")

@@ -70,7 +70,17 @@ from marketplace.services.metering.usage import (
     usage_state,
 )
 
-__all__ = ["INLINE_RESULT_BYTES", "LEASE_SECONDS", "Charged", "Reservation", "Use", "begin", "commit", "release", "reserved"]
+__all__ = [
+    "INLINE_RESULT_BYTES",
+    "LEASE_SECONDS",
+    "Charged",
+    "Reservation",
+    "Use",
+    "begin",
+    "commit",
+    "release",
+    "reserved",
+]
 
 #: Results up to this size are kept in the usage row; larger ones in the blob store.
 INLINE_RESULT_BYTES = 64 * 1024
@@ -106,7 +116,11 @@ class Charged:
 
 
 def _validate(
-    mode: str, units: int, idempotency_key: str, req_digest: str, job_kind: str | None,
+    mode: str,
+    units: int,
+    idempotency_key: str,
+    req_digest: str,
+    job_kind: str | None,
     batch_size: int | None,
 ) -> None:
     if mode not in MODES:
@@ -122,12 +136,26 @@ def _validate(
 
 
 def _audit_denial(
-    rt: Runtime, p: Principal, actor: Actor | None, denied: policy.Deny, *, contract_id: str, offering_id: str,
-    mode: str, units: int, job_kind: str | None, keyset_id: str | None,
+    rt: Runtime,
+    p: Principal,
+    actor: Actor | None,
+    denied: policy.Deny,
+    *,
+    contract_id: str,
+    offering_id: str,
+    mode: str,
+    units: int,
+    job_kind: str | None,
+    keyset_id: str | None,
 ) -> None:
     """Record a policy denial as ``authz.denied`` (its own transaction; none may be open)."""
-    detail: dict[str, Any] = {"reason": denied.reason.value, "message": denied.message[:500],
-                              "offering_id": offering_id, "mode": mode, "units": units}
+    detail: dict[str, Any] = {
+        "reason": denied.reason.value,
+        "message": denied.message[:500],
+        "offering_id": offering_id,
+        "mode": mode,
+        "units": units,
+    }
     if job_kind is not None:
         detail["job_kind"] = job_kind
     if keyset_id is not None:
@@ -176,8 +204,15 @@ def begin(
     kd = key_digest(idempotency_key)
     if not rt.settings.metering:
         return Reservation(
-            usage_id=new_id("use"), contract_id=contract_id, offering_id=offering_id, mode=mode,
-            units=units, time=t, metered=False, org_id=p.org_id, key_digest=kd,
+            usage_id=new_id("use"),
+            contract_id=contract_id,
+            offering_id=offering_id,
+            mode=mode,
+            units=units,
+            time=t,
+            metered=False,
+            org_id=p.org_id,
+            key_digest=kd,
         )
     p.require("consumer")
     lease = timedelta(seconds=LEASE_SECONDS if lease_seconds is None else lease_seconds)
@@ -202,8 +237,13 @@ def begin(
                     )
                 prev = s.get(UsageRow, idem.usage_id)
                 if idem.state == UsageState.CHARGED and prev is not None:
-                    replay_of = (prev.id, prev.result_blob or "", prev.result_inline,
-                                 prev.result_media_type or "", prev.ledger_index)
+                    replay_of = (
+                        prev.id,
+                        prev.result_blob or "",
+                        prev.result_inline,
+                        prev.result_media_type or "",
+                        prev.ledger_index,
+                    )
                 elif idem.state == UsageState.RESERVED and prev is not None:
                     if prev.lease_expires_at > t:
                         wait = int((prev.lease_expires_at - t).total_seconds()) + 1
@@ -217,15 +257,16 @@ def begin(
             if replay_of is None:
                 sweep(s, c, t)
                 bound: frozenset[str] = frozenset()
-                if keyset_id is not None and (
-                    keyset_bound(s, c.id, keyset_id)
-                ):
+                if keyset_id is not None and (keyset_bound(s, c.id, keyset_id)):
                     bound = frozenset({keyset_id})
                 st = usage_state(c, bound)
                 terms = terms_of(c)
                 req = policy.UseRequest(
-                    mode=mode, units=units, batch_size=batch_size or units,
-                    job_kind=job_kind, keyset_id=keyset_id,
+                    mode=mode,
+                    units=units,
+                    batch_size=batch_size or units,
+                    job_kind=job_kind,
+                    keyset_id=keyset_id,
                 )
                 decision = policy.decide(terms, st, req, t)
                 if isinstance(decision, policy.Deny):
@@ -235,42 +276,82 @@ def begin(
                     st, pres = policy.reserve(st, units, t, terms=terms)
                     apply_state(c, st, t)
                     u = UsageRow(
-                        id=new_id("use"), contract_id=c.id, offering_id=offering_id,
-                        consumer_org_id=c.consumer_org_id, provider_org_id=c.provider_org_id,
-                        mode=mode, job_kind=job_kind, keyset_id=keyset_id, units=units,
-                        state=UsageState.RESERVED, idempotency_key_digest=kd,
-                        request_digest=request_digest, reserved_at=t,
-                        window_start=pres.window_start, lease_expires_at=t + lease,
+                        id=new_id("use"),
+                        contract_id=c.id,
+                        offering_id=offering_id,
+                        consumer_org_id=c.consumer_org_id,
+                        provider_org_id=c.provider_org_id,
+                        mode=mode,
+                        job_kind=job_kind,
+                        keyset_id=keyset_id,
+                        units=units,
+                        state=UsageState.RESERVED,
+                        idempotency_key_digest=kd,
+                        request_digest=request_digest,
+                        reserved_at=t,
+                        window_start=pres.window_start,
+                        lease_expires_at=t + lease,
                     )
                     s.add(u)
                     if idem is None:
-                        s.add(IdempotencyKey(
-                            org_id=p.org_id, key_digest=kd, request_digest=request_digest,
-                            usage_id=u.id, contract_id=c.id, state=UsageState.RESERVED, created_at=t,
-                        ))
+                        s.add(
+                            IdempotencyKey(
+                                org_id=p.org_id,
+                                key_digest=kd,
+                                request_digest=request_digest,
+                                usage_id=u.id,
+                                contract_id=c.id,
+                                state=UsageState.RESERVED,
+                                created_at=t,
+                            )
+                        )
                     else:
                         idem.usage_id = u.id
                         idem.contract_id = c.id
                         idem.state = UsageState.RESERVED
                     res = Reservation(
-                        usage_id=u.id, contract_id=c.id, offering_id=offering_id, mode=mode,
-                        units=units, time=t, lease_expires_at=t + lease, org_id=p.org_id,
+                        usage_id=u.id,
+                        contract_id=c.id,
+                        offering_id=offering_id,
+                        mode=mode,
+                        units=units,
+                        time=t,
+                        lease_expires_at=t + lease,
+                        org_id=p.org_id,
                         key_digest=kd,
                     )
     except IntegrityError as e:  # the same key raced in on another contract (PostgreSQL)
         raise Conflict("a request with this Idempotency-Key is in progress; retry later") from e
     if denied is not None:
-        _audit_denial(rt, p, actor, denied, contract_id=denied_contract, offering_id=offering_id, mode=mode,
-                      units=units, job_kind=job_kind, keyset_id=keyset_id)
-        raise PolicyDenied(denied.message, reason=denied.reason.value, retry_after=denied.retry_after,
-                           contract_id=denied_contract)
+        _audit_denial(
+            rt,
+            p,
+            actor,
+            denied,
+            contract_id=denied_contract,
+            offering_id=offering_id,
+            mode=mode,
+            units=units,
+            job_kind=job_kind,
+            keyset_id=keyset_id,
+        )
+        raise PolicyDenied(
+            denied.message, reason=denied.reason.value, retry_after=denied.retry_after, contract_id=denied_contract
+        )
     if replay_of is not None:
         uid, blob, inline, media, index = replay_of
         body = rt.blobs.get(blob) if blob else (inline or b"")
         stored = StoredResult(body=body, media_type=media, receipt=ledger_receipt(rt, index), usage_id=uid)
         return Reservation(
-            usage_id=uid, contract_id=cid, offering_id=offering_id, mode=mode, units=units,
-            time=t, replay=stored, org_id=p.org_id, key_digest=kd,
+            usage_id=uid,
+            contract_id=cid,
+            offering_id=offering_id,
+            mode=mode,
+            units=units,
+            time=t,
+            replay=stored,
+            org_id=p.org_id,
+            key_digest=kd,
         )
     if res is None:  # pragma: no cover - every branch above sets one of them
         raise Conflict("metering state changed; retry")

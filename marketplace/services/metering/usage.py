@@ -61,7 +61,11 @@ def finish(
     st = usage_state(c, frozenset())
     # A released use gives its units back to the quota but not to the rate window: every attempt
     # that reserved (a failed, rejected, cancelled or expired job too) counts against the rate.
-    st = policy.commit(st, _policy_res(u)) if outcome is UsageState.CHARGED else policy.release(st, _policy_res(u), keep_rate=True)
+    st = (
+        policy.commit(st, _policy_res(u))
+        if outcome is UsageState.CHARGED
+        else policy.release(st, _policy_res(u), keep_rate=True)
+    )
     apply_state(c, st, now)
     rec = records.usage_record(
         contract_of(c),
@@ -142,9 +146,15 @@ def sweep_expired(rt: Runtime, *, now: datetime | None = None) -> int:
     :func:`begin` does this lazily per contract; a background reaper may call this."""
     t = now or utcnow()
     with rt.tx() as s:
-        ids = sorted(set(s.scalars(
-            select(UsageRow.contract_id).where(UsageRow.state == UsageState.RESERVED, UsageRow.lease_expires_at <= t)
-        )))
+        ids = sorted(
+            set(
+                s.scalars(
+                    select(UsageRow.contract_id).where(
+                        UsageRow.state == UsageState.RESERVED, UsageRow.lease_expires_at <= t
+                    )
+                )
+            )
+        )
     n = 0
     for cid in ids:
         with rt.tx() as s:

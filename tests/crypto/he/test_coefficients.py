@@ -77,8 +77,10 @@ def test_weighted_sum_distinguisher_only_without_defence(setup):
     other_bits = _residual_bits(model, pub, req, bare, w_other)
     protected_bits = _residual_bits(model, pub, req, evaluate(model, pub, req), w)
     q0_bits = ops.data_primes(pub.tenseal)[0].bit_length()
-    print(f"residual bits: true {true_bits:.1f}, other {other_bits:.1f}, protected {protected_bits:.1f}, "
-          f"limit {limit:.1f}, q0 {q0_bits}")
+    print(
+        f"residual bits: true {true_bits:.1f}, other {other_bits:.1f}, protected {protected_bits:.1f}, "
+        f"limit {limit:.1f}, q0 {q0_bits}"
+    )
     assert true_bits < limit  # the relation holds: the ciphertext reveals the weights
     assert other_bits > q0_bits - 3 and protected_bits > q0_bits - 3  # random-looking
 

@@ -40,7 +40,8 @@ def _onnx(op, extra_inits=()):
     w = numpy_helper.from_array(np.ones((4, 2), np.float32), "W")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node(op, ["h"], ["y"])]
     g = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
         [w, *extra_inits],
@@ -80,7 +81,9 @@ def test_truncated_artifacts_refused(lr_cancer, frac):
 
 def test_bad_npz_keys_and_shapes(lr_cancer):
     buf = io.BytesIO()
-    np.savez(buf, **{"layer0.weight": np.ones((2, 3)), "layer0.bias": np.ones(3), "layer0.activation": np.array("none")})
+    np.savez(
+        buf, **{"layer0.weight": np.ones((2, 3)), "layer0.bias": np.ones(3), "layer0.activation": np.array("none")}
+    )
     with pytest.raises(HEError, match="bias"):
         validate_artifact(buf.getvalue(), "npz")
     with pytest.raises(ValueError, match="too large"):
@@ -99,7 +102,9 @@ def test_wrong_dims(lr, keys):
 
 def _lr_bytes():
     buf = io.BytesIO()
-    np.savez(buf, **{"layer0.weight": np.ones((1, 30)), "layer0.bias": np.ones(1), "layer0.activation": np.array("sigmoid")})
+    np.savez(
+        buf, **{"layer0.weight": np.ones((1, 30)), "layer0.bias": np.ones(1), "layer0.activation": np.array("sigmoid")}
+    )
     return buf.getvalue()
 
 

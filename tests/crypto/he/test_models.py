@@ -32,7 +32,7 @@ def check(model, x, *, against_exact=True):
     err = float(np.abs(he - poly).max())
     print(f"agreement={agree:.4f} max_abs_logit_error={err:.2e}")
     assert agree >= 0.99
-    assert err < 2.0 ** -model.public_plan.precision_bits
+    assert err < 2.0**-model.public_plan.precision_bits
     return he
 
 
@@ -79,7 +79,8 @@ def _onnx_mlp(w1, b1, w2, b2, act):
         helper.make_node("Sigmoid", ["z"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w1.shape[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
         inits,
@@ -106,12 +107,13 @@ def test_onnx_mlp_with_relu_replaced_by_polynomial(cancer):
     print(f"onnx relu->poly agreement with the exact model: {exact_agree:.4f}")
     # distribution-weighted degree-2 fit: 100% measured (a uniform Chebyshev fit gave 96.5%)
     assert exact_agree >= 0.98
-    assert np.abs(he - poly).max() < 2.0 ** -model.public_plan.precision_bits
+    assert np.abs(he - poly).max() < 2.0**-model.public_plan.precision_bits
 
 
 def _onnx_graph(nodes, inits, d_in, d_out):
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d_in])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d_out])],
         [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
@@ -136,7 +138,9 @@ def test_onnx_logistic_regression_agrees_with_onnx_runtime_semantics(cancer):
     lr = LogisticRegression(max_iter=2000).fit(xtr, ytr)
     data = _onnx_graph(
         [helper.make_node("Gemm", ["x", "W", "B"], ["z"], transB=1), helper.make_node("Sigmoid", ["z"], ["y"])],
-        {"W": lr.coef_, "B": lr.intercept_}, 30, 1,
+        {"W": lr.coef_, "B": lr.intercept_},
+        30,
+        1,
     )
     model = compile_model(data, "onnx", calibration=xtr)
     plan = model.public_plan
@@ -162,7 +166,9 @@ def test_onnx_square_mlp_digits(mlp_digits, digits):
             helper.make_node("Gemm", ["a", "W2", "B2"], ["z"], transB=1),
             helper.make_node("Softmax", ["z"], ["y"], axis=1),
         ],
-        {"W1": w1, "B1": b1, "W2": w2, "B2": b2}, 64, 10,
+        {"W1": w1, "B1": b1, "W2": w2, "B2": b2},
+        64,
+        10,
     )
     model = compile_model(data, "onnx", calibration=xtr)
     plan = model.public_plan

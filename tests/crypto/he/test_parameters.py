@@ -94,7 +94,8 @@ def test_search_picks_cheapest_and_records_it(lr_cancer, cancer):
     assert s is not None and s.trials[-1].accepted and not any(t.accepted for t in s.trials[:-1])
     plan = model.public_plan
     assert (plan.poly_modulus_degree, plan.coeff_mod_bit_sizes) == (
-        s.chosen.poly_modulus_degree, s.chosen.coeff_mod_bit_sizes
+        s.chosen.poly_modulus_degree,
+        s.chosen.coeff_mod_bit_sizes,
     )
     assert sum(plan.coeff_mod_bit_sizes) <= ops.HE_STANDARD_MAX_LOG_Q[plan.poly_modulus_degree]
     # round trip keeps the record; the report shows it
@@ -121,14 +122,16 @@ def test_promise_is_measured_and_kept(lr_cancer, cancer):
 def test_unreachable_precision_is_refused(lr_cancer, cancer):
     # N=4096 holds only a ~2^29 scale for LR: its measured error (~4e-5) cannot promise 2^-20
     with pytest.raises(HEError, match=r"no CKKS parameters meet the requested precision 2\^-20"):
-        compile_model(lr_cancer, "npz", calibration=cancer[0], precision_bits=20, noise_bits=30,
-                      max_poly_modulus_degree=4096)
+        compile_model(
+            lr_cancer, "npz", calibration=cancer[0], precision_bits=20, noise_bits=30, max_poly_modulus_degree=4096
+        )
     with pytest.raises(ValueError, match="noise_bits - 3"):
         compile_model(lr_cancer, "npz", calibration=cancer[0], precision_bits=10, noise_bits=12)
 
 
 def test_hand_built_model_has_no_search(lr_cancer, cancer):
     m = compile_model(lr_cancer, "npz", calibration=cancer[0])
-    bare = CompiledModel(tuple(CompiledLayer(x.weight, x.bias, x.activation, x.coeffs) for x in m.layers),
-                         m.public_plan)
+    bare = CompiledModel(
+        tuple(CompiledLayer(x.weight, x.bias, x.activation, x.coeffs) for x in m.layers), m.public_plan
+    )
     assert bare.search is None and compile_report(bare, cancer[1][:5]).parameter_search is None

@@ -15,9 +15,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_api_keys_created_by"), ["created_by"], unique=False)
-        batch_op.create_foreign_key(
-            batch_op.f("fk_api_keys_created_by_api_keys"), "api_keys", ["created_by"], ["id"]
-        )
+        batch_op.create_foreign_key(batch_op.f("fk_api_keys_created_by_api_keys"), "api_keys", ["created_by"], ["id"])
 
 
 def downgrade() -> None:

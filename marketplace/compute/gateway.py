@@ -22,14 +22,11 @@ Not for: authorization, metering or parsing requests (:mod:`marketplace.services
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +35,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from marketplace.compute.he import ComputeError
+from marketplace.compute.pool import ComputeError, WorkerPool
 from marketplace.compute.store import StoreSpec, open_store
 
 __all__ = [
@@ -258,53 +255,11 @@ def _warm() -> int:
     return 0
 
 
-class GatewayPool:
-    """A lazily created process pool for gateway tasks; thread-safe; replaced if a worker dies."""
+class GatewayPool(WorkerPool[GatewayTask, GatewayAnswer]):
+    """The gateway worker pool: warm ONNX Runtime sessions in spawned processes (:func:`run_gateway_task`)."""
 
     def __init__(self, workers: int) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _executor(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._closed:
-                raise ComputeError("internal", "gateway pool is shut down")
-            if self._pool is None:
-                ctx = multiprocessing.get_context("spawn")  # the API process has threads: never fork
-                self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
-                for _ in range(self.workers):
-                    self._pool.submit(_warm)
-            return self._pool
-
-    def submit(self, task: GatewayTask) -> Future[GatewayAnswer]:
-        return self._executor().submit(run_gateway_task, task)
-
-    def run(self, task: GatewayTask, *, timeout: float | None = None) -> GatewayAnswer:
-        pool = self._executor()
-        try:
-            return pool.submit(run_gateway_task, task).result(timeout=timeout)
-        except ComputeError:
-            raise
-        except BrokenProcessPool:
-            log.error("gateway worker died; replacing the pool")
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise ComputeError("internal", "gateway worker died") from None
-        except TimeoutError:
-            raise ComputeError("internal", "computation timed out") from None
-
-    def shutdown(self) -> None:
-        with self._lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        super().__init__(workers, name="gateway", task=run_gateway_task, warm=_warm)
 
 
 _pool_lock = threading.Lock()

@@ -22,17 +22,14 @@ releases the reservation and answers 503). A crashed pool is replaced on next us
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from crypto.envelope import WrappedKey, decrypt_artifact
 from crypto.errors import CryptoError, HEError
 from crypto.he import CompiledModel, PublicContext, PublicPlan, evaluate
+from marketplace.compute.pool import ComputeError, WorkerPool
 from marketplace.compute.store import StoreSpec, open_store
 
 __all__ = ["ComputeError", "ComputePool", "HETask", "run_he_task"]
@@ -41,18 +38,6 @@ log = logging.getLogger("som.compute")
 
 MODEL_CACHE_SIZE = 8
 CONTEXT_CACHE_SIZE = 16
-
-
-class ComputeError(Exception):
-    """A computation failed. ``kind`` is ``"invalid"`` (caller's input) or ``"internal"``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-    def __reduce__(self) -> tuple[Any, ...]:  # picklable across the process boundary
-        return (ComputeError, (self.kind, self.message))
 
 
 @dataclass(frozen=True)
@@ -140,51 +125,8 @@ def _warm() -> int:
 # ---------------------------------------------------------------- API process side
 
 
-class ComputePool:
-    """A lazily created process pool; thread-safe; replaced if a worker dies."""
+class ComputePool(WorkerPool[HETask, bytes]):
+    """The HE worker pool: ``workers`` spawned processes evaluating :func:`run_he_task`."""
 
     def __init__(self, workers: int) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _executor(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._closed:
-                raise ComputeError("internal", "compute pool is shut down")
-            if self._pool is None:
-                ctx = multiprocessing.get_context("spawn")  # the API process has threads: never fork
-                self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
-                for _ in range(self.workers):
-                    self._pool.submit(_warm)
-            return self._pool
-
-    def submit(self, task: HETask) -> Future[bytes]:
-        return self._executor().submit(run_he_task, task)
-
-    def run(self, task: HETask, *, timeout: float | None = None) -> bytes:
-        """Evaluate in a worker; raises ComputeError (a dead pool is replaced for the next call)."""
-        pool = self._executor()
-        try:
-            return pool.submit(run_he_task, task).result(timeout=timeout)
-        except ComputeError:
-            raise
-        except BrokenProcessPool:
-            log.error("compute worker died; replacing the pool")
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise ComputeError("internal", "compute worker died") from None
-        except TimeoutError:
-            raise ComputeError("internal", "computation timed out") from None
-
-    def shutdown(self) -> None:
-        with self._lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        super().__init__(workers, name="compute", task=run_he_task, warm=_warm)

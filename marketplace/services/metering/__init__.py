@@ -29,12 +29,11 @@ from marketplace.services.metering.reserve import (
     LEASE_SECONDS,
     Charged,
     Reservation,
-    Use,
     begin,
     commit,
     release,
-    reserved,
 )
+from marketplace.services.metering.scope import Use, reserved
 from marketplace.services.metering.usage import sweep_expired
 
 __all__ = [

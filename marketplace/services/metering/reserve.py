@@ -37,8 +37,6 @@ Guarantees (DESIGN §5):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,7 +47,7 @@ from contracts import policy
 from contracts.terms import JOB_KINDS, MODES
 from marketplace.db.base import new_id, utcnow
 from marketplace.db.models_contracts import IdempotencyKey, UsageRow, UsageState
-from marketplace.errors import Conflict, Invalid, MarketplaceError, NotFound, PolicyDenied
+from marketplace.errors import Conflict, Invalid, NotFound, PolicyDenied
 from marketplace.runtime import Runtime
 from marketplace.services import audit
 from marketplace.services.audit import Actor
@@ -75,11 +73,9 @@ __all__ = [
     "LEASE_SECONDS",
     "Charged",
     "Reservation",
-    "Use",
     "begin",
     "commit",
     "release",
-    "reserved",
 ]
 
 #: Results up to this size are kept in the usage row; larger ones in the blob store.
@@ -407,37 +403,3 @@ def release(rt: Runtime, reservation: Reservation, *, reason: str, now: datetime
         if c is None or u is None or u.state != UsageState.RESERVED:
             return
         finish(s, c, u, UsageState.RELEASED, t, reason=reason or "released")
-
-
-class Use:
-    """One reserved use inside :func:`reserved`: ``replay`` (the first answer, when the key was
-    already charged: return it, do not compute) or :meth:`commit` once the result is there."""
-
-    def __init__(self, rt: Runtime, reservation: Reservation) -> None:
-        self.rt = rt
-        self.reservation = reservation
-        self.charged: Charged | None = None
-
-    @property
-    def replay(self) -> StoredResult | None:
-        return self.reservation.replay
-
-    def commit(self, result: bytes, *, media_type: str, now: datetime | None = None) -> Charged:
-        """Charge the use (:func:`commit`); after this an exception no longer releases it."""
-        self.charged = commit(self.rt, self.reservation, result=result, media_type=media_type, now=now)
-        return self.charged
-
-
-@contextmanager
-def reserved(rt: Runtime, p: Principal, **begin_args: Any) -> Iterator[Use]:
-    """Reserve (:func:`begin` with ``begin_args``), run the block, and release the units if it
-    raises before :meth:`Use.commit` (the reason: the error's message, or its type's name). A
-    block that neither commits nor raises leaves the reservation to its lease."""
-    use = Use(rt, begin(rt, p, **begin_args))
-    try:
-        yield use
-    except BaseException as e:
-        if use.charged is None:
-            reason = e.message if isinstance(e, MarketplaceError) else type(e).__name__
-            release(rt, use.reservation, reason=str(reason)[:200])
-        raise

@@ -49,6 +49,7 @@ from marketplace.compute.sandbox_child import (
     classify,
     collect_outputs,
     read_log,
+    result_of,
     rlimit_preexec,
     rmtree,
 )
@@ -164,21 +165,19 @@ def run_isolated(
             memory_mb=memory_mb,
             wall_seconds=wall_seconds,
         )
-        if too_big and reason == "ok":
-            reason, message = "error", f"outputs exceed the limit of {max_output_bytes} bytes"
-            outputs = {}
-        return SandboxResult(
-            ok=reason == "ok",
+        return result_of(
             exit_code=exit_code,
             stdout=stdout,
             stderr=stderr,
             outputs=outputs,
+            ignored=ignored,
+            too_big=too_big,
             reason=reason,
             message=message,
             pid=pid,
-            cpu_seconds=cpu,
-            wall_seconds=wall,
-            ignored_outputs=tuple(ignored),
+            cpu=cpu,
+            wall=wall,
+            max_output_bytes=max_output_bytes,
         )
     finally:
         os.close(scratch_fd)

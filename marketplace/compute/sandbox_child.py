@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = [
+    "result_of",
     "INPUT_NAME",
     "MIB",
     "POLL_SECONDS",
@@ -196,3 +197,38 @@ def classify(
     if sig:
         return "error", f"killed by signal {signal.Signals(sig).name}"
     return "error", f"exited with code {code}"
+
+
+def result_of(
+    *,
+    exit_code: int,
+    stdout: str,
+    stderr: str,
+    outputs: dict[str, bytes],
+    ignored: list[str],
+    too_big: bool,
+    reason: Reason,
+    message: str,
+    pid: int,
+    cpu: float,
+    wall: float,
+    max_output_bytes: int,
+) -> SandboxResult:
+    """The :class:`SandboxResult` of a finished run (jailed or not): outputs over the cap void a
+    run that otherwise succeeded."""
+    if too_big and reason == "ok":
+        reason, message = "error", f"outputs exceed the limit of {max_output_bytes} bytes"
+        outputs = {}
+    return SandboxResult(
+        ok=reason == "ok",
+        exit_code=exit_code,
+        stdout=stdout,
+        stderr=stderr,
+        outputs=outputs,
+        reason=reason,
+        message=message,
+        pid=pid,
+        cpu_seconds=cpu,
+        wall_seconds=wall,
+        ignored_outputs=tuple(ignored),
+    )

@@ -31,6 +31,7 @@ from marketplace.compute.sandbox_child import (
     classify,
     collect_outputs,
     read_log,
+    result_of,
     rmtree,
 )
 
@@ -198,21 +199,19 @@ def run_jailed(
         )
         if out_fd < 0 and reason == "ok":  # pragma: no cover - bubblewrap failed before the job
             reason, message = "error", "the jail could not be set up"
-        if too_big and reason == "ok":
-            reason, message = "error", f"outputs exceed the limit of {max_output_bytes} bytes"
-            outputs = {}
-        return SandboxResult(
-            ok=reason == "ok",
+        return result_of(
             exit_code=exit_code,
             stdout=stdout,
             stderr=stderr,
             outputs=outputs,
+            ignored=ignored,
+            too_big=too_big,
             reason=reason,
             message=message,
             pid=pid,
-            cpu_seconds=cpu,
-            wall_seconds=wall,
-            ignored_outputs=tuple(ignored),
+            cpu=cpu,
+            wall=wall,
+            max_output_bytes=max_output_bytes,
         )
     finally:
         for f in fds:

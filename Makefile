@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # whole on one worker (--dist loadfile), so module-scoped servers are never shared across workers.
 PYTEST_ARGS ?= -n 3 --dist loadfile
 
-.PHONY: install demo browser jail oidc test test-fast test-slow bench bench-peers lint docs clean
+.PHONY: install demo browser jail oidc jsfmt test test-fast test-slow bench bench-peers lint docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +49,13 @@ bench: install
 bench-peers:
 	bash bench/peers/run.sh
 
-lint: install
+# The web UI's formatter: prettier from the committed tools/js/package-lock.json (npm from Debian).
+jsfmt:
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	@if [ ! tools/js/node_modules/.package-lock.json -nt tools/js/package-lock.json ]; then cd tools/js && npm ci --no-audit --no-fund --loglevel=error; fi
+
+lint: install jsfmt
+	tools/js/node_modules/.bin/prettier --check "marketplace/web/static/*.js"
 	$(VENV)/bin/ruff format --check crypto contracts marketplace tests bench examples
 	$(VENV)/bin/ruff check crypto contracts marketplace
 	$(VENV)/bin/mypy crypto contracts marketplace

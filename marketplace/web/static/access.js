@@ -7,7 +7,13 @@ function checksTable(ui, report) {
   return table(
     ["Check", "Result", "Detail"],
     (report.checks || []).map((c) =>
-      h("tr", {}, h("td", {}, c.name), h("td", {}, badge(c.ok ? "ok" : "failed", c.ok ? "ok" : "warn")), h("td", {}, c.detail)),
+      h(
+        "tr",
+        {},
+        h("td", {}, c.name),
+        h("td", {}, badge(c.ok ? "ok" : "failed", c.ok ? "ok" : "warn")),
+        h("td", {}, c.detail),
+      ),
     ),
     "validation-checks",
   );
@@ -24,7 +30,12 @@ export async function validationPanel(ui, o, latest) {
     h("h3", {}, `Validation of version ${latest.number} `, badge(rep.status, rep.status === "passed" ? "ok" : "warn")),
     rep.reason ? h("p", { class: "error", id: "validation-reason" }, rep.reason) : null,
     rep.meta && Object.keys(rep.meta.metrics || {}).length
-      ? h("p", { class: "muted" }, `Declared on: ${rep.meta.measured_on || "(not said)"}`, rep.meta.notes ? ` · ${rep.meta.notes}` : "")
+      ? h(
+          "p",
+          { class: "muted" },
+          `Declared on: ${rep.meta.measured_on || "(not said)"}`,
+          rep.meta.notes ? ` · ${rep.meta.notes}` : "",
+        )
       : null,
     checksTable(ui, rep),
   );
@@ -55,7 +66,12 @@ export async function accessPanel(ui, o) {
     { id: "visibility", name: "visibility", "aria-label": "Visibility" },
     ["public", "organisation", "shared"].map((v) => h("option", { value: v, selected: v === o.visibility }, v)),
   );
-  const who = h("input", { id: "grant-grantee", placeholder: "org_... or team_...", "aria-label": "Grantee", size: 28 });
+  const who = h("input", {
+    id: "grant-grantee",
+    placeholder: "org_... or team_...",
+    "aria-label": "Grantee",
+    size: 28,
+  });
   const perm = h(
     "select",
     { id: "grant-permission", "aria-label": "Permission" },
@@ -74,12 +90,41 @@ export async function accessPanel(ui, o) {
       "p",
       {},
       o.status === "published"
-        ? h("button", { type: "button", id: "withdraw", onclick: () => act(ui, () => api(`${base}/withdraw`, { method: "POST" }), "withdrawn") }, "Withdraw")
-        : h("button", { type: "button", id: "publish", onclick: () => act(ui, () => api(`${base}/publish`, { method: "POST" }), "published") }, "Publish"),
+        ? h(
+            "button",
+            {
+              type: "button",
+              id: "withdraw",
+              onclick: () => act(ui, () => api(`${base}/withdraw`, { method: "POST" }), "withdrawn"),
+            },
+            "Withdraw",
+          )
+        : h(
+            "button",
+            {
+              type: "button",
+              id: "publish",
+              onclick: () => act(ui, () => api(`${base}/publish`, { method: "POST" }), "published"),
+            },
+            "Publish",
+          ),
       " Visibility ",
       vis,
       " ",
-      h("button", { type: "button", id: "set-visibility", onclick: () => act(ui, () => api(`${base}/visibility`, { method: "PUT", body: { visibility: vis.value } }), `visibility: ${vis.value}`) }, "Set"),
+      h(
+        "button",
+        {
+          type: "button",
+          id: "set-visibility",
+          onclick: () =>
+            act(
+              ui,
+              () => api(`${base}/visibility`, { method: "PUT", body: { visibility: vis.value } }),
+              `visibility: ${vis.value}`,
+            ),
+        },
+        "Set",
+      ),
     ),
     grants.length
       ? table(
@@ -91,7 +136,24 @@ export async function accessPanel(ui, o) {
               h("td", {}, h("code", {}, g.team_id || g.org_id)),
               h("td", {}, g.permission),
               h("td", {}, fmtTime(g.created_at)),
-              h("td", {}, h("button", { type: "button", class: "secondary revoke", onclick: () => act(ui, () => api(`${base}/grants/${encodeURIComponent(g.id)}`, { method: "DELETE", raw: true }), "revoked") }, "Revoke")),
+              h(
+                "td",
+                {},
+                h(
+                  "button",
+                  {
+                    type: "button",
+                    class: "secondary revoke",
+                    onclick: () =>
+                      act(
+                        ui,
+                        () => api(`${base}/grants/${encodeURIComponent(g.id)}`, { method: "DELETE", raw: true }),
+                        "revoked",
+                      ),
+                  },
+                  "Revoke",
+                ),
+              ),
             ),
           ),
           "grants",
@@ -127,22 +189,38 @@ export function uploadPanel(ui, o) {
   const value = h("input", { id: "metric-value", size: 8, placeholder: "0.97", "aria-label": "Declared value" });
   const evalFile = h("input", { type: "file", id: "eval-file", "aria-label": "Evaluation CSV" });
   const upload = () =>
-    act(ui, async () => {
-      const f = file.files[0];
-      if (!f) throw new Error("choose a model file");
-      const fmt = f.name.endsWith(".onnx") ? "onnx" : "npz";
-      const v = await api(`${base}/versions`, { method: "POST", params: { format: fmt }, body: f });
-      if (value.value.trim()) {
-        const body = { metrics: { [metric.value.trim()]: Number(value.value) } };
-        if (evalFile.files[0]) body.evaluation = parseCsv(await evalFile.files[0].text());
-        await api(`${base}/versions/${v.number}/metadata`, { method: "PUT", body });
-      }
-    }, "version uploaded and validated");
+    act(
+      ui,
+      async () => {
+        const f = file.files[0];
+        if (!f) throw new Error("choose a model file");
+        const fmt = f.name.endsWith(".onnx") ? "onnx" : "npz";
+        const v = await api(`${base}/versions`, { method: "POST", params: { format: fmt }, body: f });
+        if (value.value.trim()) {
+          const body = { metrics: { [metric.value.trim()]: Number(value.value) } };
+          if (evalFile.files[0]) body.evaluation = parseCsv(await evalFile.files[0].text());
+          await api(`${base}/versions/${v.number}/metadata`, { method: "PUT", body });
+        }
+      },
+      "version uploaded and validated",
+    );
   return h(
     "section",
     { class: "panel", id: "upload" },
     h("h3", {}, "Upload a version"),
-    h("p", {}, file, " metric ", metric, " = ", value, " measured on ", evalFile, " ", h("button", { type: "button", id: "upload-version", onclick: upload }, "Upload")),
+    h(
+      "p",
+      {},
+      file,
+      " metric ",
+      metric,
+      " = ",
+      value,
+      " measured on ",
+      evalFile,
+      " ",
+      h("button", { type: "button", id: "upload-version", onclick: upload }, "Upload"),
+    ),
   );
 }
 
@@ -171,7 +249,17 @@ export function newOfferingPanel(ui) {
     "section",
     { class: "panel", id: "new-offering" },
     h("h3", {}, "New offering"),
-    h("p", {}, name, " task ", task, " visibility ", vis, " ", h("button", { type: "button", id: "create-offering", onclick: create }, "Create draft")),
+    h(
+      "p",
+      {},
+      name,
+      " task ",
+      task,
+      " visibility ",
+      vis,
+      " ",
+      h("button", { type: "button", id: "create-offering", onclick: create }, "Create draft"),
+    ),
   );
 }
 
@@ -189,7 +277,11 @@ export async function teamsView(ui) {
         ? table(
             ["Team", "Id", "Members", ""],
             teams.map((t) => {
-              const key = h("input", { class: "member-key", placeholder: "key_...", "aria-label": `Key to add to ${t.name}` });
+              const key = h("input", {
+                class: "member-key",
+                placeholder: "key_...",
+                "aria-label": `Key to add to ${t.name}`,
+              });
               return h(
                 "tr",
                 { "data-team": t.name },
@@ -199,17 +291,78 @@ export async function teamsView(ui) {
                   "td",
                   {},
                   t.members.map((m) =>
-                    h("span", { class: "member" }, h("code", {}, m), " ",
-                      h("button", { type: "button", class: "link remove-member", "aria-label": `Remove ${m}`, onclick: () => act(ui, () => api(`/v1/teams/${encodeURIComponent(t.id)}/members/${encodeURIComponent(m)}`, { method: "DELETE" }), `removed ${m}`) }, "×"), " "),
+                    h(
+                      "span",
+                      { class: "member" },
+                      h("code", {}, m),
+                      " ",
+                      h(
+                        "button",
+                        {
+                          type: "button",
+                          class: "link remove-member",
+                          "aria-label": `Remove ${m}`,
+                          onclick: () =>
+                            act(
+                              ui,
+                              () =>
+                                api(`/v1/teams/${encodeURIComponent(t.id)}/members/${encodeURIComponent(m)}`, {
+                                  method: "DELETE",
+                                }),
+                              `removed ${m}`,
+                            ),
+                        },
+                        "×",
+                      ),
+                      " ",
+                    ),
                   ),
                 ),
-                h("td", {}, key, " ", h("button", { type: "button", class: "add-member", onclick: () => act(ui, () => api(`/v1/teams/${encodeURIComponent(t.id)}/members`, { method: "POST", body: { member_id: key.value.trim() } }), "member added") }, "Add")),
+                h(
+                  "td",
+                  {},
+                  key,
+                  " ",
+                  h(
+                    "button",
+                    {
+                      type: "button",
+                      class: "add-member",
+                      onclick: () =>
+                        act(
+                          ui,
+                          () =>
+                            api(`/v1/teams/${encodeURIComponent(t.id)}/members`, {
+                              method: "POST",
+                              body: { member_id: key.value.trim() },
+                            }),
+                          "member added",
+                        ),
+                    },
+                    "Add",
+                  ),
+                ),
               );
             }),
             "teams",
           )
         : h("p", { class: "empty" }, "No teams yet."),
-      h("p", {}, name, " ", h("button", { type: "button", id: "create-team", onclick: () => act(ui, () => api("/v1/teams", { method: "POST", body: { name: name.value.trim() } }), "team created") }, "Create team")),
+      h(
+        "p",
+        {},
+        name,
+        " ",
+        h(
+          "button",
+          {
+            type: "button",
+            id: "create-team",
+            onclick: () =>
+              act(ui, () => api("/v1/teams", { method: "POST", body: { name: name.value.trim() } }), "team created"),
+          },
+          "Create team",
+        ),
+      ),
     ),
   ];
 }

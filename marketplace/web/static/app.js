@@ -9,7 +9,15 @@
 
 import { accessPanel, newOfferingPanel, teamsView, uploadPanel, validationPanel } from "./access.js";
 import { renderMarkdown } from "./md.js";
-import { b64decode, parseCheckpoint, parseVkey, sameVkey, verifyInclusion, verifyNoteSignature, vkeyFingerprint } from "./merkle.js";
+import {
+  b64decode,
+  parseCheckpoint,
+  parseVkey,
+  sameVkey,
+  verifyInclusion,
+  verifyNoteSignature,
+  vkeyFingerprint,
+} from "./merkle.js";
 import { monitoringView } from "./monitor.js";
 
 const KEY = "som.apiKey";
@@ -55,7 +63,10 @@ function flash(text, kind = "error") {
     return;
   }
   banner.className = `message ${kind}`;
-  banner.append(h("span", {}, text), h("button", { class: "link", type: "button", "aria-label": "Dismiss", onclick: () => flash("") }, "×"));
+  banner.append(
+    h("span", {}, text),
+    h("button", { class: "link", type: "button", "aria-label": "Dismiss", onclick: () => flash("") }, "×"),
+  );
   banner.hidden = false;
 }
 
@@ -68,11 +79,15 @@ async function api(path, { method = "GET", params, accept = "application/json", 
   const key = sessionStorage.getItem(KEY);
   if (key) headers.Authorization = `Bearer ${key}`;
   else if (sso && method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = sso.csrf;
-  if (body !== undefined) headers["Content-Type"] = body instanceof Blob ? "application/octet-stream" : "application/json";
+  if (body !== undefined)
+    headers["Content-Type"] = body instanceof Blob ? "application/octet-stream" : "application/json";
   let r;
   try {
     r = await fetch(url, {
-      method, headers, cache: "no-store", credentials: key || !sso ? "omit" : "same-origin",
+      method,
+      headers,
+      cache: "no-store",
+      credentials: key || !sso ? "omit" : "same-origin",
       body: body === undefined || body instanceof Blob ? body : JSON.stringify(body),
     });
   } catch (e) {
@@ -146,7 +161,11 @@ function pager(page, onGo) {
   return h(
     "nav",
     { class: "pager", "aria-label": "Pages" },
-    h("button", { type: "button", disabled: offset <= 0, onclick: () => onGo(Math.max(0, offset - limit)) }, "← Previous"),
+    h(
+      "button",
+      { type: "button", disabled: offset <= 0, onclick: () => onGo(Math.max(0, offset - limit)) },
+      "← Previous",
+    ),
     h("span", { class: "muted" }, `${first}–${last} of ${total}`),
     h("button", { type: "button", disabled: next === null || next === undefined, onclick: () => onGo(next) }, "Next →"),
   );
@@ -156,7 +175,15 @@ function table(headers, rows, cls = "") {
   return h(
     "table",
     { class: cls },
-    h("thead", {}, h("tr", {}, headers.map((t) => h("th", { scope: "col" }, t)))),
+    h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        headers.map((t) => h("th", { scope: "col" }, t)),
+      ),
+    ),
     h("tbody", {}, rows),
   );
 }
@@ -197,8 +224,13 @@ function signInView(message) {
   nav.replaceChildren();
   who.replaceChildren();
   const input = h("input", {
-    id: "api-key", name: "api-key", type: "password", autocomplete: "off", spellcheck: "false",
-    placeholder: "som_…", required: true,
+    id: "api-key",
+    name: "api-key",
+    type: "password",
+    autocomplete: "off",
+    spellcheck: "false",
+    placeholder: "som_…",
+    required: true,
   });
   const err = h("p", { class: "error", id: "signin-error", role: "alert", hidden: !message }, message ?? "");
   const form = h(
@@ -206,9 +238,25 @@ function signInView(message) {
     { class: "signin panel", id: "signin" },
     h("h2", {}, "Sign in"),
     ssoAvailable
-      ? h("p", {}, h("a", { class: "button primary", id: "sso-login", href: `/v1/auth/login?next=${encodeURIComponent("/ui/" + (location.hash || ""))}` }, "Sign in with SSO"))
+      ? h(
+          "p",
+          {},
+          h(
+            "a",
+            {
+              class: "button primary",
+              id: "sso-login",
+              href: `/v1/auth/login?next=${encodeURIComponent("/ui/" + (location.hash || ""))}`,
+            },
+            "Sign in with SSO",
+          ),
+        )
       : null,
-    h("p", { class: "muted" }, "Paste your API key. It stays in this browser tab (session storage) and is sent only as an Authorization header."),
+    h(
+      "p",
+      { class: "muted" },
+      "Paste your API key. It stays in this browser tab (session storage) and is sent only as an Authorization header.",
+    ),
     field("API key", input),
     err,
     h("button", { type: "submit", class: "primary" }, "Sign in"),
@@ -263,10 +311,17 @@ function renderChrome() {
   if (hasRole("consumer", "provider", "compliance", "admin")) links.push(["monitoring", "Monitoring"]);
   links.push(["teams", "Teams"]);
   links.push(["me", "Account"]);
-  const current = (location.hash.slice(2).split(/[/?]/)[0] || defaultView());
+  const current = location.hash.slice(2).split(/[/?]/)[0] || defaultView();
   nav.replaceChildren(
     ...links.map(([v, t]) =>
-      h("a", { href: `#/${v}`, "aria-current": current === v || (current === "offering" && v === "catalog") ? "page" : null }, t),
+      h(
+        "a",
+        {
+          href: `#/${v}`,
+          "aria-current": current === v || (current === "offering" && v === "catalog") ? "page" : null,
+        },
+        t,
+      ),
     ),
   );
   who.replaceChildren(
@@ -287,7 +342,14 @@ async function catalogView(params) {
     field("Search", h("input", { name: "q", type: "search", value: q.q ?? "", placeholder: "name or description" })),
     field("Task", h("input", { name: "task", value: q.task ?? "", placeholder: "e.g. binary-classification" })),
     field("Tag", h("input", { name: "tag", value: q.tag ?? "" })),
-    field("Hosting", select("hosting", q.hosting, [["", "any"], ["marketplace", "marketplace"], ["provider", "provider"]])),
+    field(
+      "Hosting",
+      select("hosting", q.hosting, [
+        ["", "any"],
+        ["marketplace", "marketplace"],
+        ["provider", "provider"],
+      ]),
+    ),
     h("button", { type: "submit", class: "primary" }, "Search"),
   );
   form.addEventListener("submit", (ev) => {
@@ -320,7 +382,9 @@ async function catalogView(params) {
   return [
     h("h2", {}, "Catalog"),
     form,
-    items.length ? h("ul", { class: "offerings", id: "offerings" }, items) : h("p", { class: "empty" }, "No offerings match."),
+    items.length
+      ? h("ul", { class: "offerings", id: "offerings" }, items)
+      : h("p", { class: "empty" }, "No offerings match."),
     pager(page, (off) => go("catalog", { ...q, offset: off })),
     hasRole("provider") ? newOfferingPanel(UI) : null,
   ];
@@ -355,11 +419,20 @@ function heCard(version) {
   const rows = HE_FIELDS.filter(([, k]) => r[k] !== undefined && r[k] !== null).map(([label, k, f]) =>
     h("tr", {}, h("th", { scope: "row" }, label), h("td", {}, f ? f(r[k]) : String(r[k]))),
   );
-  return h("section", { class: "panel he-card", id: "he-card" }, h("h3", {}, `HE model card (version ${version.number})`), h("table", { class: "kv" }, h("tbody", {}, rows)));
+  return h(
+    "section",
+    { class: "panel he-card", id: "he-card" },
+    h("h3", {}, `HE model card (version ${version.number})`),
+    h("table", { class: "kv" }, h("tbody", {}, rows)),
+  );
 }
 
 // Contract modes: how each is shown, and what it reveals to whom (docs/gateway.md).
-const MODE_LABELS = { he_inference: "encrypted inference (HE)", remote_job: "remote jobs", gateway: "gateway (plaintext)" };
+const MODE_LABELS = {
+  he_inference: "encrypted inference (HE)",
+  remote_job: "remote jobs",
+  gateway: "gateway (plaintext)",
+};
 
 function modeLabel(m) {
   return MODE_LABELS[m] || m;
@@ -405,7 +478,10 @@ async function offeringView(params, [id]) {
   const sorted = [...versions].sort((a, b) => b.number - a.number);
   const withHE = sorted.find((v) => v.he_report);
   const owner = me && me.org_id === o.org_id && hasRole("provider");
-  const [validation, access] = await Promise.all([validationPanel(UI, o, sorted[0]), owner ? accessPanel(UI, o) : null]);
+  const [validation, access] = await Promise.all([
+    validationPanel(UI, o, sorted[0]),
+    owner ? accessPanel(UI, o) : null,
+  ]);
   return [
     h("p", {}, h("a", { href: "#/catalog" }, "← Catalog")),
     h("h2", {}, o.name, " ", agentBadge(o)),
@@ -415,7 +491,12 @@ async function offeringView(params, [id]) {
       [
         ["Offering", h("code", {}, o.id)],
         ["Task", o.task],
-        ["Hosting", o.hosting === "provider" ? "provider-hosted (weights stay with the provider's agent)" : "marketplace-hosted (encrypted at rest)"],
+        [
+          "Hosting",
+          o.hosting === "provider"
+            ? "provider-hosted (weights stay with the provider's agent)"
+            : "marketplace-hosted (encrypted at rest)",
+        ],
         ["Status", o.status],
         ["Licence", o.licence],
         ["Tags", o.tags.length ? o.tags.map((t) => badge(`#${t}`, "tag")) : "none"],
@@ -425,7 +506,14 @@ async function offeringView(params, [id]) {
     ),
     o.description ? h("p", { class: "desc" }, o.description) : null,
     h("section", { class: "panel" }, h("h3", {}, "Model card"), card),
-    withHE ? heCard(withHE) : h("section", { class: "panel" }, h("h3", {}, "HE model card"), h("p", { class: "empty" }, "Not compiled for encrypted inference yet.")),
+    withHE
+      ? heCard(withHE)
+      : h(
+          "section",
+          { class: "panel" },
+          h("h3", {}, "HE model card"),
+          h("p", { class: "empty" }, "Not compiled for encrypted inference yet."),
+        ),
     h(
       "section",
       { class: "panel" },
@@ -462,11 +550,19 @@ async function offeringView(params, [id]) {
           ? table(
               ["Offer", "Status", "Terms"],
               offers.map((of) =>
-                h("tr", {}, h("td", {}, h("code", {}, short(of.id, 16))), h("td", {}, of.status), h("td", {}, termsSummary(of.offer && of.offer.terms))),
+                h(
+                  "tr",
+                  {},
+                  h("td", {}, h("code", {}, short(of.id, 16))),
+                  h("td", {}, of.status),
+                  h("td", {}, termsSummary(of.offer && of.offer.terms)),
+                ),
               ),
             )
           : h("p", { class: "empty" }, "No open offers."),
-      offers && offers.some((of) => of.offer && of.offer.terms && (of.offer.terms.modes || []).includes("gateway")) ? gatewayNotice(o.hosting) : null,
+      offers && offers.some((of) => of.offer && of.offer.terms && (of.offer.terms.modes || []).includes("gateway"))
+        ? gatewayNotice(o.hosting)
+        : null,
     ),
   ];
 }
@@ -476,7 +572,11 @@ async function offeringView(params, [id]) {
 async function downloadStatement(id, button) {
   button.disabled = true;
   try {
-    const r = await api(`/v1/contracts/${encodeURIComponent(id)}/statement`, { params: { format: "csv" }, accept: "text/csv", raw: true });
+    const r = await api(`/v1/contracts/${encodeURIComponent(id)}/statement`, {
+      params: { format: "csv" },
+      accept: "text/csv",
+      raw: true,
+    });
     const url = URL.createObjectURL(await r.blob());
     const a = h("a", { href: url, download: `statement-${id}.csv`, hidden: true });
     document.body.append(a);
@@ -493,13 +593,15 @@ async function downloadStatement(id, button) {
 async function contractsView(params) {
   const q = Object.fromEntries(params);
   const roles = ["consumer", "provider"].filter((r) => hasRole(r, "admin"));
-  const role = roles.includes(q.role) ? q.role : roles[0] ?? "consumer";
+  const role = roles.includes(q.role) ? q.role : (roles[0] ?? "consumer");
   const offset = Number(q.offset ?? 0) || 0;
   const page = await api("/v1/contracts", { params: { role, limit: PAGE, offset } });
   const tabs = h(
     "div",
     { class: "tabs", role: "tablist" },
-    roles.map((r) => h("a", { href: hashFor("contracts", { role: r }), role: "tab", "aria-selected": String(r === role) }, `As ${r}`)),
+    roles.map((r) =>
+      h("a", { href: hashFor("contracts", { role: r }), role: "tab", "aria-selected": String(r === role) }, `As ${r}`),
+    ),
   );
   const rows = page.items.map((c) => {
     const u = c.usage;
@@ -511,8 +613,22 @@ async function contractsView(params) {
     return h(
       "tr",
       { "data-contract": c.id },
-      h("td", {}, h("code", {}, short(c.id, 16)), h("br"), h("a", { href: `#/offering/${encodeURIComponent(c.offering_id)}`, class: "muted" }, "offering")),
-      h("td", {}, h("code", { title: role === "consumer" ? c.provider_org_id : c.consumer_org_id }, short(role === "consumer" ? c.provider_org_id : c.consumer_org_id, 16))),
+      h(
+        "td",
+        {},
+        h("code", {}, short(c.id, 16)),
+        h("br"),
+        h("a", { href: `#/offering/${encodeURIComponent(c.offering_id)}`, class: "muted" }, "offering"),
+      ),
+      h(
+        "td",
+        {},
+        h(
+          "code",
+          { title: role === "consumer" ? c.provider_org_id : c.consumer_org_id },
+          short(role === "consumer" ? c.provider_org_id : c.consumer_org_id, 16),
+        ),
+      ),
       h("td", {}, badge(c.effective_status, statusKind)),
       h("td", { class: "terms" }, termsSummary(t)),
       h(
@@ -520,7 +636,11 @@ async function contractsView(params) {
         { class: "usage" },
         h("meter", { min: 0, max: Math.max(u.quota_units, 1), value: u.used_units }),
         h("div", {}, `${u.used_units} / ${u.quota_units} units used`),
-        h("div", { class: "muted" }, `${u.reserved_units} reserved · ${u.remaining_units} left${charged ? ` · ${charged} charged` : ""}`),
+        h(
+          "div",
+          { class: "muted" },
+          `${u.reserved_units} reserved · ${u.remaining_units} left${charged ? ` · ${charged} charged` : ""}`,
+        ),
       ),
       h("td", {}, btn),
     );
@@ -529,7 +649,11 @@ async function contractsView(params) {
     h("h2", {}, "Contracts"),
     roles.length > 1 ? tabs : null,
     rows.length
-      ? table(["Contract", role === "consumer" ? "Provider" : "Consumer", "Status", "Terms", "Usage", ""], rows, "contracts")
+      ? table(
+          ["Contract", role === "consumer" ? "Provider" : "Consumer", "Status", "Terms", "Usage", ""],
+          rows,
+          "contracts",
+        )
       : h("p", { class: "empty" }, "No contracts."),
     pager(page, (off) => go("contracts", { role, offset: off })),
   ];
@@ -543,7 +667,15 @@ async function auditView(params) {
     "form",
     { class: "filters", id: "audit-filters" },
     field("Action", h("input", { name: "action", value: q.action ?? "", placeholder: "e.g. offering.create" })),
-    field("Outcome", select("outcome", q.outcome, [["", "any"], ["success", "success"], ["denied", "denied"], ["failure", "failure"]])),
+    field(
+      "Outcome",
+      select("outcome", q.outcome, [
+        ["", "any"],
+        ["success", "success"],
+        ["denied", "denied"],
+        ["failure", "failure"],
+      ]),
+    ),
     field("Organisation id", h("input", { name: "org_id", value: q.org_id ?? "", placeholder: "org_…" })),
     field("Actor", h("input", { name: "actor", value: q.actor ?? "", placeholder: "key id" })),
     field("From", h("input", { name: "since", type: "datetime-local", value: toLocalInput(q.since) })),
@@ -560,7 +692,16 @@ async function auditView(params) {
   });
   const offset = Number(q.offset ?? 0) || 0;
   const page = await api("/v1/audit", {
-    params: { action: q.action, outcome: q.outcome, org_id: q.org_id, actor: q.actor, since: q.since, until: q.until, limit: PAGE, offset },
+    params: {
+      action: q.action,
+      outcome: q.outcome,
+      org_id: q.org_id,
+      actor: q.actor,
+      since: q.since,
+      until: q.until,
+      limit: PAGE,
+      offset,
+    },
   });
   const rows = page.items.map((e) =>
     h(
@@ -572,14 +713,20 @@ async function auditView(params) {
       h("td", {}, e.org_id ? h("code", { class: "nowrap", title: e.org_id }, short(e.org_id, 16)) : ""),
       h("td", { class: "action" }, e.action),
       h("td", {}, h("code", { class: "nowrap", title: e.target }, short(e.target, 24))),
-      h("td", { class: "outcome" }, badge(e.outcome, e.outcome === "success" ? "ok" : e.outcome === "denied" ? "bad" : "warn")),
+      h(
+        "td",
+        { class: "outcome" },
+        badge(e.outcome, e.outcome === "success" ? "ok" : e.outcome === "denied" ? "bad" : "warn"),
+      ),
       h("td", {}, Object.keys(e.detail ?? {}).length ? h("code", { class: "detail" }, JSON.stringify(e.detail)) : ""),
     ),
   );
   return [
     h("h2", {}, "Audit trail"),
     form,
-    rows.length ? table(["#", "Time", "Actor", "Org", "Action", "Target", "Outcome", "Detail"], rows, "audit") : h("p", { class: "empty" }, "No events match."),
+    rows.length
+      ? table(["#", "Time", "Actor", "Org", "Action", "Target", "Outcome", "Detail"], rows, "audit")
+      : h("p", { class: "empty" }, "No events match."),
     pager(page, (off) => go("audit", { ...q, offset: off })),
   ];
 }
@@ -633,7 +780,8 @@ async function checkLogKey(note, cp, vkey) {
   const mine = { ...pinned, name: parseVkey(pinned.vkey).name, fingerprint: await vkeyFingerprint(pinned.vkey) };
   const problems = [];
   if (!sameVkey(vkey, pinned.vkey)) problems.push("the server presents a different log key than the one you pinned");
-  if (cp.origin !== pinned.origin) problems.push(`the checkpoint is for origin ${cp.origin}, the pinned log is ${pinned.origin}`);
+  if (cp.origin !== pinned.origin)
+    problems.push(`the checkpoint is for origin ${cp.origin}, the pinned log is ${pinned.origin}`);
   try {
     await verifyNoteSignature(note, pinned.vkey);
   } catch {
@@ -645,25 +793,46 @@ async function checkLogKey(note, cp, vkey) {
 function logKeyPanel(trust, cp) {
   const { served } = trust;
   const fp = (k, id) => h("code", { class: "fingerprint", id }, k.fingerprint);
-  const line = h("p", { id: "log-key" }, "Log key ", h("code", {}, served.name), " · fingerprint ", fp(served, "log-key-fingerprint"), " · ");
+  const line = h(
+    "p",
+    { id: "log-key" },
+    "Log key ",
+    h("code", {}, served.name),
+    " · fingerprint ",
+    fp(served, "log-key-fingerprint"),
+    " · ",
+  );
   const box = h("div", { id: "log-key-panel" }, line);
   if (trust.state === "unpinned") {
     const pin = h("button", { type: "button", class: "secondary", id: "pin-key" }, "Pin this key");
     pin.addEventListener("click", () => {
-      localStorage.setItem(PINNED_LOG_KEY, JSON.stringify({ vkey: served.vkey, origin: cp.origin, pinned_at: new Date().toISOString() }));
+      localStorage.setItem(
+        PINNED_LOG_KEY,
+        JSON.stringify({ vkey: served.vkey, origin: cp.origin, pinned_at: new Date().toISOString() }),
+      );
       sessionStorage.setItem("som.ledger.justPinned", "1");
       render();
     });
-    line.append(h("span", { class: "muted", id: "pin-status" }, "not pinned: compare the fingerprint with the one the operator publishes, out of band, then "), pin);
+    line.append(
+      h(
+        "span",
+        { class: "muted", id: "pin-status" },
+        "not pinned: compare the fingerprint with the one the operator publishes, out of band, then ",
+      ),
+      pin,
+    );
   } else if (trust.state === "pinned") {
     line.append(h("span", { class: "verified ok", id: "pin-status" }, "✓ matches the key you pinned"));
     if (sessionStorage.getItem("som.ledger.justPinned")) {
       sessionStorage.removeItem("som.ledger.justPinned");
       box.append(
-        h("p", { class: "notice", id: "pin-notice", role: "status" },
+        h(
+          "p",
+          { class: "notice", id: "pin-notice", role: "status" },
           `Pinned log key ${served.name} (fingerprint ${served.fingerprint}, origin ${cp.origin}) in this browser. `,
           "Check this fingerprint out of band (the operator's published one, or `som ledger key` over a channel you trust). ",
-          "Every checkpoint is now checked against this key; a different key or origin is flagged in red."),
+          "Every checkpoint is now checked against this key; a different key or origin is flagged in red.",
+        ),
       );
     }
   } else {
@@ -674,11 +843,35 @@ function logKeyPanel(trust, cp) {
     });
     line.append(h("span", { class: "verified bad", id: "pin-status" }, "✗ NOT the key you pinned"));
     box.append(
-      h("div", { class: "key-warning", id: "key-warning", role: "alert" },
+      h(
+        "div",
+        { class: "key-warning", id: "key-warning", role: "alert" },
         h("strong", {}, "⚠ Do not trust this ledger view: " + trust.problems.join("; ") + "."),
-        h("p", {}, "Pinned: ", h("code", {}, trust.pinned.name), " fingerprint ", fp(trust.pinned, "pinned-fingerprint"), ` · origin ${trust.pinned.origin}`),
-        h("p", {}, "Served: ", h("code", {}, served.name), " fingerprint ", fp(served, "served-fingerprint"), ` · checkpoint origin ${cp.origin}`),
-        h("p", {}, "If the operator really rotated the key, confirm the new fingerprint out of band before pinning it. ", unpin)),
+        h(
+          "p",
+          {},
+          "Pinned: ",
+          h("code", {}, trust.pinned.name),
+          " fingerprint ",
+          fp(trust.pinned, "pinned-fingerprint"),
+          ` · origin ${trust.pinned.origin}`,
+        ),
+        h(
+          "p",
+          {},
+          "Served: ",
+          h("code", {}, served.name),
+          " fingerprint ",
+          fp(served, "served-fingerprint"),
+          ` · checkpoint origin ${cp.origin}`,
+        ),
+        h(
+          "p",
+          {},
+          "If the operator really rotated the key, confirm the new fingerprint out of band before pinning it. ",
+          unpin,
+        ),
+      ),
     );
   }
   return box;
@@ -689,13 +882,24 @@ async function verifyLeaf(leaf, cp, cell, button, trusted) {
   cell.replaceChildren(h("span", { class: "muted" }, "verifying…"));
   try {
     const trust = await trusted;
-    if (trust.state === "mismatch") throw new Error("the checkpoint is not the pinned log's: " + trust.problems.join("; "));
+    if (trust.state === "mismatch")
+      throw new Error("the checkpoint is not the pinned log's: " + trust.problems.join("; "));
     if (trust.state === "error") throw new Error(trust.message);
     if (trust.sigError) throw new Error(trust.sigError);
     const proof = await api("/v1/ledger/proof/inclusion", { params: { index: leaf.index, size: cp.size } });
-    if (proof.size !== cp.size || proof.index !== leaf.index) throw new Error("the server answered for another leaf or tree");
+    if (proof.size !== cp.size || proof.index !== leaf.index)
+      throw new Error("the server answered for another leaf or tree");
     await verifyInclusion(b64decode(leaf.leaf), leaf.index, cp.size, proof.proof.map(b64decode), cp.root);
-    cell.replaceChildren(h("span", { class: "verified ok", title: `SHA-256 inclusion proof of ${proof.proof.length} hashes checked against the checkpoint root (size ${cp.size})` }, "✓ included"));
+    cell.replaceChildren(
+      h(
+        "span",
+        {
+          class: "verified ok",
+          title: `SHA-256 inclusion proof of ${proof.proof.length} hashes checked against the checkpoint root (size ${cp.size})`,
+        },
+        "✓ included",
+      ),
+    );
   } catch (e) {
     cell.replaceChildren(h("span", { class: "verified bad", title: e.message }, `✗ ${e.message}`));
   } finally {
@@ -721,8 +925,12 @@ async function ledgerView(params) {
       return;
     }
     if (trust.sigError) sig.replaceChildren(h("span", { class: "verified bad" }, `✗ ${trust.sigError}`));
-    else if (trust.state === "unpinned") sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by ${trust.served.name} (the served key; not pinned)`));
-    else if (trust.state === "pinned") sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by the pinned key ${trust.pinned.name}`));
+    else if (trust.state === "unpinned")
+      sig.replaceChildren(
+        h("span", { class: "verified ok" }, `✓ signed by ${trust.served.name} (the served key; not pinned)`),
+      );
+    else if (trust.state === "pinned")
+      sig.replaceChildren(h("span", { class: "verified ok" }, `✓ signed by the pinned key ${trust.pinned.name}`));
     else sig.replaceChildren(h("span", { class: "verified bad" }, "✗ not verified against the pinned key"));
     keyPanel.replaceChildren(logKeyPanel(trust, cp));
   });
@@ -746,7 +954,19 @@ async function ledgerView(params) {
   });
   const rows = leaves.map((leaf) => {
     const cell = h("td", { class: "verify-result" });
-    const btn = h("button", { type: "button", class: "secondary verify", disabled: leaf.index >= cp.size, title: leaf.index >= cp.size ? "Not covered by the latest checkpoint yet: sign a checkpoint first" : "Fetch the inclusion proof and check it here, in your browser" }, "Verify");
+    const btn = h(
+      "button",
+      {
+        type: "button",
+        class: "secondary verify",
+        disabled: leaf.index >= cp.size,
+        title:
+          leaf.index >= cp.size
+            ? "Not covered by the latest checkpoint yet: sign a checkpoint first"
+            : "Fetch the inclusion proof and check it here, in your browser",
+      },
+      "Verify",
+    );
     btn.addEventListener("click", () => verifyLeaf(leaf, cp, cell, btn, trusted));
     return h(
       "tr",
@@ -756,7 +976,12 @@ async function ledgerView(params) {
       h(
         "td",
         { class: "record" },
-        h("details", {}, h("summary", {}, recordSummary(leaf.record)), h("pre", {}, JSON.stringify(leaf.record, null, 2))),
+        h(
+          "details",
+          {},
+          h("summary", {}, recordSummary(leaf.record)),
+          h("pre", {}, JSON.stringify(leaf.record, null, 2)),
+        ),
       ),
       h("td", {}, h("code", { class: "nowrap", title: leaf.leaf_hash }, short(leaf.leaf_hash, 10))),
       h("td", {}, btn),
@@ -781,7 +1006,16 @@ async function ledgerView(params) {
       "section",
       { class: "panel checkpoint" },
       h("h3", {}, "Latest signed checkpoint"),
-      h("p", {}, "Tree size ", h("strong", { id: "tree-size" }, String(cp.size)), " · origin ", h("code", {}, cp.origin), " · ", sig),
+      h(
+        "p",
+        {},
+        "Tree size ",
+        h("strong", { id: "tree-size" }, String(cp.size)),
+        " · origin ",
+        h("code", {}, cp.origin),
+        " · ",
+        sig,
+      ),
       keyPanel,
       h("pre", { id: "checkpoint-note" }, note),
       signNow,
@@ -804,8 +1038,16 @@ async function ledgerView(params) {
       h(
         "nav",
         { class: "pager" },
-        h("button", { type: "button", disabled: start <= 0, onclick: () => go("ledger", { start: prev }) }, "← Earlier"),
-        h("button", { type: "button", disabled: leaves.length < PAGE, onclick: () => go("ledger", { start: start + PAGE }) }, "Later →"),
+        h(
+          "button",
+          { type: "button", disabled: start <= 0, onclick: () => go("ledger", { start: prev }) },
+          "← Earlier",
+        ),
+        h(
+          "button",
+          { type: "button", disabled: leaves.length < PAGE, onclick: () => go("ledger", { start: start + PAGE }) },
+          "Later →",
+        ),
       ),
     ),
   ];
@@ -821,7 +1063,11 @@ async function personalKeyForm() {
     "form",
     { class: "panel", id: "personal-key-form" },
     h("h3", {}, "Personal API key"),
-    h("p", { class: "muted" }, "For the CLI or the SDK: your roles at most, 30 days at most; it stops working when your groups no longer give you its roles."),
+    h(
+      "p",
+      { class: "muted" },
+      "For the CLI or the SDK: your roles at most, 30 days at most; it stops working when your groups no longer give you its roles.",
+    ),
     field("Name", name),
     field("Lifetime (days)", days),
     h("button", { type: "submit", class: "primary" }, "Create key"),
@@ -830,7 +1076,10 @@ async function personalKeyForm() {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     try {
-      const k = await api("/v1/auth/keys", { method: "POST", body: { name: name.value, ttl_days: Number(days.value) } });
+      const k = await api("/v1/auth/keys", {
+        method: "POST",
+        body: { name: name.value, ttl_days: Number(days.value) },
+      });
       out.replaceChildren(h("p", {}, "Shown once; store it now: "), h("code", { id: "personal-key-value" }, k.key));
     } catch (e) {
       out.replaceChildren(h("p", { class: "error", role: "alert" }, e.message));
@@ -860,7 +1109,11 @@ async function meView() {
           ["Session until", fmtTime(m.session_expires_at)],
         ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
       ),
-      h("p", { class: "muted" }, "Signed in with SSO: your roles and teams come from your organisation's groups, re-read at every sign-in."),
+      h(
+        "p",
+        { class: "muted" },
+        "Signed in with SSO: your roles and teams come from your organisation's groups, re-read at every sign-in.",
+      ),
       await personalKeyForm(),
     ];
   }
@@ -878,7 +1131,11 @@ async function meView() {
         ["Roles", me.roles.map((r) => badge(r, "role"))],
       ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
     ),
-    h("p", { class: "muted" }, "The key is kept in this tab's session storage only; closing the tab or signing out forgets it."),
+    h(
+      "p",
+      { class: "muted" },
+      "The key is kept in this tab's session storage only; closing the tab or signing out forgets it.",
+    ),
   ];
 }
 
@@ -894,22 +1151,42 @@ function svg(tag, attrs, ...children) {
 function accuracyPlot(rounds) {
   const pts = rounds.filter((r) => typeof r.metrics.accuracy === "number").map((r) => [r.number, r.metrics.accuracy]);
   if (!pts.length) return h("p", { class: "muted" }, "No accuracy yet.");
-  const W = 480, H = 200, P = 32;
+  const W = 480,
+    H = 200,
+    P = 32;
   const maxX = Math.max(...pts.map((p) => p[0]), 2);
   const lo = Math.max(0, Math.min(...pts.map((p) => p[1])) - 0.05);
   const x = (n) => P + ((n - 1) / (maxX - 1)) * (W - 2 * P);
   const y = (a) => H - P - ((a - lo) / (1 - lo || 1)) * (H - 2 * P);
   return svg(
     "svg",
-    { id: "accuracy-plot", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "Accuracy per round" },
+    {
+      id: "accuracy-plot",
+      viewBox: `0 0 ${W} ${H}`,
+      width: W,
+      height: H,
+      role: "img",
+      "aria-label": "Accuracy per round",
+    },
     svg("line", { x1: P, y1: H - P, x2: W - P, y2: H - P, stroke: "currentColor" }),
     svg("line", { x1: P, y1: P, x2: P, y2: H - P, stroke: "currentColor" }),
     svg("text", { x: P, y: P - 8, "font-size": 11 }, "accuracy"),
     svg("text", { x: W - P, y: H - 8, "font-size": 11, "text-anchor": "end" }, "round"),
     svg("text", { x: 4, y: y(1) + 4, "font-size": 10 }, "1.0"),
     svg("text", { x: 4, y: y(lo) + 4, "font-size": 10 }, lo.toFixed(2)),
-    svg("polyline", { points: pts.map((p) => `${x(p[0])},${y(p[1])}`).join(" "), fill: "none", stroke: "currentColor", "stroke-width": 2 }),
-    pts.map((p) => svg("circle", { class: "point", cx: x(p[0]), cy: y(p[1]), r: 3 }, svg("title", {}, `round ${p[0]}: ${p[1].toFixed(4)}`))),
+    svg("polyline", {
+      points: pts.map((p) => `${x(p[0])},${y(p[1])}`).join(" "),
+      fill: "none",
+      stroke: "currentColor",
+      "stroke-width": 2,
+    }),
+    pts.map((p) =>
+      svg(
+        "circle",
+        { class: "point", cx: x(p[0]), cy: y(p[1]), r: 3 },
+        svg("title", {}, `round ${p[0]}: ${p[1].toFixed(4)}`),
+      ),
+    ),
   );
 }
 
@@ -920,32 +1197,86 @@ async function federationsView() {
     { class: "panel" },
     h("h2", {}, "Federations"),
     rows.length
-      ? table(["Federation", "Status", "Rounds", "Participants", "ε spent"], rows.map((f) => h("tr", {},
-        h("td", {}, h("a", { href: `#/federation/${encodeURIComponent(f.id)}` }, f.name || f.id)),
-        h("td", {}, f.status), h("td", {}, `${f.rounds_done} / ${f.recipe.rounds}`),
-        h("td", {}, String(f.participants.length)), h("td", {}, f.epsilon_spent.toFixed(3)))))
+      ? table(
+          ["Federation", "Status", "Rounds", "Participants", "ε spent"],
+          rows.map((f) =>
+            h(
+              "tr",
+              {},
+              h("td", {}, h("a", { href: `#/federation/${encodeURIComponent(f.id)}` }, f.name || f.id)),
+              h("td", {}, f.status),
+              h("td", {}, `${f.rounds_done} / ${f.recipe.rounds}`),
+              h("td", {}, String(f.participants.length)),
+              h("td", {}, f.epsilon_spent.toFixed(3)),
+            ),
+          ),
+        )
       : h("p", { class: "muted" }, "None: your organisation runs or takes part in no federation."),
   );
 }
 
 async function federationView(params, [id]) {
-  const [f, rounds] = await Promise.all([api(`/v1/federations/${encodeURIComponent(id)}`), api(`/v1/federations/${encodeURIComponent(id)}/rounds`)]);
+  const [f, rounds] = await Promise.all([
+    api(`/v1/federations/${encodeURIComponent(id)}`),
+    api(`/v1/federations/${encodeURIComponent(id)}/rounds`),
+  ]);
   return [
-    h("section", { class: "panel" },
+    h(
+      "section",
+      { class: "panel" },
       h("h2", {}, `Federation ${f.name || f.id}`),
-      h("p", { id: "federation-status" }, `Status: ${f.status}; ${f.rounds_done} of ${f.recipe.rounds} rounds; ε spent ${f.epsilon_spent.toFixed(3)}`
-        + (f.terms.epsilon ? ` of ${f.terms.epsilon}` : "") + (f.result_version_id ? `; new version ${f.result_version_id}` : "")),
+      h(
+        "p",
+        { id: "federation-status" },
+        `Status: ${f.status}; ${f.rounds_done} of ${f.recipe.rounds} rounds; ε spent ${f.epsilon_spent.toFixed(3)}` +
+          (f.terms.epsilon ? ` of ${f.terms.epsilon}` : "") +
+          (f.result_version_id ? `; new version ${f.result_version_id}` : ""),
+      ),
       f.error ? h("p", { class: "error" }, f.error) : null,
-      h("h3", {}, "Accuracy per round"), accuracyPlot(rounds)),
-    h("section", { class: "panel" }, h("h3", {}, "Participants"),
-      table(["Organisation", "Samples", "Rounds", "Units", "Credit", "ε"], f.participants.map((p) => h("tr", {},
-        h("td", {}, p.org_id), h("td", {}, String(p.samples)), h("td", {}, String(p.rounds)), h("td", {}, String(p.units)),
-        h("td", {}, String(p.credit_minor)), h("td", {}, p.epsilon_spent.toFixed(3)))), "participants")),
-    h("section", { class: "panel" }, h("h3", {}, "Rounds"),
-      table(["Round", "Participants", "Accuracy", "ε", "Ledger leaves"], rounds.map((r) => h("tr", {},
-        h("td", {}, String(r.number)), h("td", {}, String(r.participants.length)),
-        h("td", {}, typeof r.metrics.accuracy === "number" ? r.metrics.accuracy.toFixed(4) : "–"),
-        h("td", {}, r.epsilon.toFixed(3)), h("td", {}, r.ledger_indexes.join(", ")))), "rounds")),
+      h("h3", {}, "Accuracy per round"),
+      accuracyPlot(rounds),
+    ),
+    h(
+      "section",
+      { class: "panel" },
+      h("h3", {}, "Participants"),
+      table(
+        ["Organisation", "Samples", "Rounds", "Units", "Credit", "ε"],
+        f.participants.map((p) =>
+          h(
+            "tr",
+            {},
+            h("td", {}, p.org_id),
+            h("td", {}, String(p.samples)),
+            h("td", {}, String(p.rounds)),
+            h("td", {}, String(p.units)),
+            h("td", {}, String(p.credit_minor)),
+            h("td", {}, p.epsilon_spent.toFixed(3)),
+          ),
+        ),
+        "participants",
+      ),
+    ),
+    h(
+      "section",
+      { class: "panel" },
+      h("h3", {}, "Rounds"),
+      table(
+        ["Round", "Participants", "Accuracy", "ε", "Ledger leaves"],
+        rounds.map((r) =>
+          h(
+            "tr",
+            {},
+            h("td", {}, String(r.number)),
+            h("td", {}, String(r.participants.length)),
+            h("td", {}, typeof r.metrics.accuracy === "number" ? r.metrics.accuracy.toFixed(4) : "–"),
+            h("td", {}, r.epsilon.toFixed(3)),
+            h("td", {}, r.ledger_indexes.join(", ")),
+          ),
+        ),
+        "rounds",
+      ),
+    ),
   ];
 }
 
@@ -976,7 +1307,11 @@ async function detectSession() {
     ssoAvailable = false;
   }
   if (!ssoAvailable || sessionStorage.getItem(KEY)) return;
-  const r = await fetch("/v1/auth/me", { cache: "no-store", credentials: "same-origin", headers: { Accept: "application/json" } });
+  const r = await fetch("/v1/auth/me", {
+    cache: "no-store",
+    credentials: "same-origin",
+    headers: { Accept: "application/json" },
+  });
   if (r.ok) {
     const m = await r.json();
     sso = { csrf: m.csrf_token };
@@ -1015,7 +1350,13 @@ async function render() {
       return;
     }
     main.replaceChildren(
-      h("section", { class: "panel error-panel", role: "alert" }, h("h2", {}, "Something went wrong"), h("p", { class: "error", id: "view-error" }, e.message), h("p", {}, h("a", { href: "#/catalog" }, "Back to the catalog"))),
+      h(
+        "section",
+        { class: "panel error-panel", role: "alert" },
+        h("h2", {}, "Something went wrong"),
+        h("p", { class: "error", id: "view-error" }, e.message),
+        h("p", {}, h("a", { href: "#/catalog" }, "Back to the catalog")),
+      ),
     );
   } finally {
     if (seq === renderSeq) main.removeAttribute("aria-busy");

@@ -77,7 +77,9 @@ const OL = /^\s*\d{1,9}[.)]\s+(.*)$/;
 /** Render Markdown source to a DocumentFragment of safe elements. */
 export function renderMarkdown(src, doc = document) {
   const out = doc.createDocumentFragment();
-  const lines = String(src ?? "").replace(/\r\n?/g, "\n").split("\n");
+  const lines = String(src ?? "")
+    .replace(/\r\n?/g, "\n")
+    .split("\n");
   let i = 0;
   while (i < lines.length) {
     const line = lines[i];

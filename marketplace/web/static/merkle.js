@@ -156,7 +156,9 @@ export function parseVkey(vkey) {
  * SHA-256 of the key bytes (type byte and public key), first 16 hex digits in groups of 4. */
 export async function vkeyFingerprint(vkey) {
   const { key } = parseVkey(vkey);
-  const hex = Array.from(await sha256(key), (b) => b.toString(16).padStart(2, "0")).join("").slice(0, 16);
+  const hex = Array.from(await sha256(key), (b) => b.toString(16).padStart(2, "0"))
+    .join("")
+    .slice(0, 16);
   return hex.match(/.{4}/g).join(" ");
 }
 

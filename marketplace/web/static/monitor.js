@@ -17,7 +17,13 @@ const RANGES = {
   "30d": { step: "day", seconds: 30 * 86400, label: "last 30 days (days)" },
 };
 
-const state = (window.somMonitoring = window.somMonitoring ?? { charts: new Map(), drawMs: {}, refreshes: 0, timer: null, lastBuildMs: null });
+const state = (window.somMonitoring = window.somMonitoring ?? {
+  charts: new Map(),
+  drawMs: {},
+  refreshes: 0,
+  timer: null,
+  lastBuildMs: null,
+});
 
 // -- formatting --------------------------------------------------------------------------------
 
@@ -56,7 +62,10 @@ export function dense(spec, fill) {
   const cols = spec.series.map(() => new Array(n).fill(fill));
   spec.t.forEach((x, j) => {
     const i = Math.round((x - start) / step);
-    if (i >= 0 && i < n) spec.series.forEach((s, k) => { cols[k][i] = s.values[j]; });
+    if (i >= 0 && i < n)
+      spec.series.forEach((s, k) => {
+        cols[k][i] = s.values[j];
+      });
   });
   return [t, ...cols];
 }
@@ -71,7 +80,9 @@ function windowOf(report) {
 // that first draw is kept as window.somMonitoring.drawMs[id] (what the bench reports).
 export function chart(el, spec) {
   const kind = spec.series[0]?.kind ?? "count";
-  const data = spec.window ? dense(spec, kind === "duration" ? null : 0) : [spec.t, ...spec.series.map((s) => s.values)];
+  const data = spec.window
+    ? dense(spec, kind === "duration" ? null : 0)
+    : [spec.t, ...spec.series.map((s) => s.values)];
   const t0 = performance.now();
   const prev = state.charts.get(spec.id);
   if (prev && prev.el === el && prev.labels === spec.series.map((s) => s.label).join("|") && el.isConnected) {
@@ -88,7 +99,12 @@ export function chart(el, spec) {
       height: spec.height ?? 220,
       scales: {
         x: spec.window ? { time: true, range: [spec.window.start, spec.window.end] } : { time: true },
-        y: { range: (u, lo, hi) => [0, kind === "duration" ? Math.max(1e-4, (hi ?? 0) * 1.15) : Math.max(1, Math.ceil((hi ?? 0) * 1.15))] },
+        y: {
+          range: (u, lo, hi) => [
+            0,
+            kind === "duration" ? Math.max(1e-4, (hi ?? 0) * 1.15) : Math.max(1, Math.ceil((hi ?? 0) * 1.15)),
+          ],
+        },
       },
       series: [
         {},
@@ -116,7 +132,14 @@ export function chart(el, spec) {
         ],
       },
     };
-    state.charts.set(spec.id, { chart: null, el, data, labels: spec.series.map((s) => s.label).join("|"), source: spec, t0 });
+    state.charts.set(spec.id, {
+      chart: null,
+      el,
+      data,
+      labels: spec.series.map((s) => s.label).join("|"),
+      source: spec,
+      t0,
+    });
     state.charts.get(spec.id).chart = new uPlot(opts, data, el);
   }
   const ms = performance.now() - t0;
@@ -140,7 +163,13 @@ function h(tag, attrs, ...children) {
 }
 
 function tiles(items) {
-  return h("div", { class: "kpis" }, items.map(([label, value, id]) => h("div", { class: "kpi" }, h("span", { class: "kpi-label" }, label), h("strong", { "data-kpi": id }, value))));
+  return h(
+    "div",
+    { class: "kpis" },
+    items.map(([label, value, id]) =>
+      h("div", { class: "kpi" }, h("span", { class: "kpi-label" }, label), h("strong", { "data-kpi": id }, value)),
+    ),
+  );
 }
 
 function box(id) {
@@ -162,44 +191,94 @@ function latencySpecs(prefix, latency, window) {
 }
 
 function modeMix(id, title, a, window) {
-  return { id, title, t: a.t, window, series: Object.entries(a.calls_by_mode ?? {}).map(([m, v]) => ({ label: m, values: v })) };
+  return {
+    id,
+    title,
+    t: a.t,
+    window,
+    series: Object.entries(a.calls_by_mode ?? {}).map(([m, v]) => ({ label: m, values: v })),
+  };
 }
 
 function revenueSpec(id, a, window) {
   const cur = Object.keys(a.revenue ?? {});
-  return { id, window, title: `Revenue per bucket (minor units${cur.length ? `, ${cur.join(", ")}` : ""})`, t: a.t, series: cur.length ? cur.map((c) => ({ label: c, values: a.revenue[c] })) : [{ label: "revenue", values: a.t.map(() => 0) }] };
+  return {
+    id,
+    window,
+    title: `Revenue per bucket (minor units${cur.length ? `, ${cur.join(", ")}` : ""})`,
+    t: a.t,
+    series: cur.length
+      ? cur.map((c) => ({ label: c, values: a.revenue[c] }))
+      : [{ label: "revenue", values: a.t.map(() => 0) }],
+  };
 }
 
 // -- the three tabs ----------------------------------------------------------------------------
 
 async function providerTab(api, q, win, body) {
-  const list = await api("/v1/monitoring/offerings", { params: { step: "day", from: new Date(Date.now() - 30 * 86400e3).toISOString() } });
+  const list = await api("/v1/monitoring/offerings", {
+    params: { step: "day", from: new Date(Date.now() - 30 * 86400e3).toISOString() },
+  });
   if (!list.offerings.length) return [h("p", { class: "empty" }, "You have no offerings.")];
   const id = list.offerings.some((o) => o.offering_id === q.offering) ? q.offering : list.offerings[0].offering_id;
   const [rep, daily] = await Promise.all([
     api(`/v1/monitoring/offerings/${encodeURIComponent(id)}`, { params: win }),
-    api(`/v1/monitoring/offerings/${encodeURIComponent(id)}`, { params: { step: "day", from: new Date(Date.now() - 30 * 86400e3).toISOString() } }),
+    api(`/v1/monitoring/offerings/${encodeURIComponent(id)}`, {
+      params: { step: "day", from: new Date(Date.now() - 30 * 86400e3).toISOString() },
+    }),
   ]);
   const tot = rep.totals;
   const specs = [
-    { id: "provider-adoption", title: "Adoption per day: calls, consumers, contracts (30 days)", t: daily.adoption.t, window: windowOf(daily),
-      series: [{ label: "calls", values: daily.adoption.calls }, { label: "consumers", values: daily.adoption.consumers }, { label: "contracts", values: daily.adoption.contracts }] },
+    {
+      id: "provider-adoption",
+      title: "Adoption per day: calls, consumers, contracts (30 days)",
+      t: daily.adoption.t,
+      window: windowOf(daily),
+      series: [
+        { label: "calls", values: daily.adoption.calls },
+        { label: "consumers", values: daily.adoption.consumers },
+        { label: "contracts", values: daily.adoption.contracts },
+      ],
+    },
     modeMix("provider-modes", "Mode mix: calls per mode", rep.adoption, windowOf(rep)),
     revenueSpec("provider-revenue", rep.adoption, windowOf(rep)),
-    { id: "provider-units", title: "Units per bucket", t: rep.adoption.t, window: windowOf(rep), series: [{ label: "units", values: rep.adoption.units }] },
+    {
+      id: "provider-units",
+      title: "Units per bucket",
+      t: rep.adoption.t,
+      window: windowOf(rep),
+      series: [{ label: "units", values: rep.adoption.units }],
+    },
     ...latencySpecs("provider", rep.latency, windowOf(rep)),
   ];
-  const select = h("select", { name: "offering", id: "monitor-offering" }, list.offerings.map((o) => h("option", { value: o.offering_id, selected: o.offering_id === id }, `${o.name} (${o.offering_id})`)));
+  const select = h(
+    "select",
+    { name: "offering", id: "monitor-offering" },
+    list.offerings.map((o) =>
+      h("option", { value: o.offering_id, selected: o.offering_id === id }, `${o.name} (${o.offering_id})`),
+    ),
+  );
   select.addEventListener("change", () => body.go({ ...q, offering: select.value }));
   return {
     nodes: [
       h("div", { class: "filters" }, h("label", { class: "field" }, h("span", {}, "Offering"), select)),
       tiles([
-        ["Calls", fmtCount(tot.calls), "calls"], ["Units", fmtCount(tot.units), "units"], ["Consumers", fmtCount(tot.consumers), "consumers"],
-        ["Active contracts", fmtCount(rep.active_contracts), "active_contracts"], ["Revenue", fmtMoneyMap(tot.revenue), "revenue"],
+        ["Calls", fmtCount(tot.calls), "calls"],
+        ["Units", fmtCount(tot.units), "units"],
+        ["Consumers", fmtCount(tot.consumers), "consumers"],
+        ["Active contracts", fmtCount(rep.active_contracts), "active_contracts"],
+        ["Revenue", fmtMoneyMap(tot.revenue), "revenue"],
         ["Errors", fmtCount(Object.values(rep.latency.errors_by_class ?? {}).reduce((a, b) => a + b, 0)), "errors"],
       ]),
-      h("p", { class: "muted proof" }, `From ${fmtCount(tot.leaf_count)} charged usage leaves of the ledger`, rep.adoption.leaves.first.length ? ` (indexes ${Math.min(...rep.adoption.leaves.first)}–${Math.max(...rep.adoption.leaves.last)})` : "", ". Each bucket lists the leaves it summarises; check them against the ledger export."),
+      h(
+        "p",
+        { class: "muted proof" },
+        `From ${fmtCount(tot.leaf_count)} charged usage leaves of the ledger`,
+        rep.adoption.leaves.first.length
+          ? ` (indexes ${Math.min(...rep.adoption.leaves.first)}–${Math.max(...rep.adoption.leaves.last)})`
+          : "",
+        ". Each bucket lists the leaves it summarises; check them against the ledger export.",
+      ),
     ],
     specs,
     report: rep,
@@ -208,15 +287,59 @@ async function providerTab(api, q, win, body) {
 
 async function consumerTab(api, q, win) {
   const rep = await api("/v1/monitoring/contracts", { params: win });
-  if (!rep.contracts.length) return { nodes: [h("p", { class: "empty" }, "You have no contracts.")], specs: [], report: rep };
+  if (!rep.contracts.length)
+    return { nodes: [h("p", { class: "empty" }, "You have no contracts.")], specs: [], report: rep };
   const specs = [];
   const rows = [];
   for (const c of rep.contracts) {
-    specs.push({ id: `consumer-usage-${c.contract_id}`, title: `${c.offering_name}: calls and units (${c.contract_id})`, t: c.series.t, window: windowOf(rep), series: [{ label: "calls", values: c.series.calls }, { label: "units", values: c.series.units }] });
-    specs.push({ id: `consumer-latency-${c.contract_id}`, title: `${c.offering_name}: latency (p50 / p95 / p99)`, t: c.series.t, window: windowOf(rep), series: [{ label: "p50", values: c.series.p50, kind: "duration" }, { label: "p95", values: c.series.p95, kind: "duration" }, { label: "p99", values: c.series.p99, kind: "duration" }] });
-    rows.push(h("tr", { "data-contract": c.contract_id }, h("td", {}, h("code", {}, c.contract_id)), h("td", {}, c.offering_name), h("td", {}, c.status), h("td", { class: "num" }, fmtCount(c.totals.calls)), h("td", { class: "num" }, fmtCount(c.totals.units)), h("td", { class: "num" }, fmtCount(c.totals.spend))));
+    specs.push({
+      id: `consumer-usage-${c.contract_id}`,
+      title: `${c.offering_name}: calls and units (${c.contract_id})`,
+      t: c.series.t,
+      window: windowOf(rep),
+      series: [
+        { label: "calls", values: c.series.calls },
+        { label: "units", values: c.series.units },
+      ],
+    });
+    specs.push({
+      id: `consumer-latency-${c.contract_id}`,
+      title: `${c.offering_name}: latency (p50 / p95 / p99)`,
+      t: c.series.t,
+      window: windowOf(rep),
+      series: [
+        { label: "p50", values: c.series.p50, kind: "duration" },
+        { label: "p95", values: c.series.p95, kind: "duration" },
+        { label: "p99", values: c.series.p99, kind: "duration" },
+      ],
+    });
+    rows.push(
+      h(
+        "tr",
+        { "data-contract": c.contract_id },
+        h("td", {}, h("code", {}, c.contract_id)),
+        h("td", {}, c.offering_name),
+        h("td", {}, c.status),
+        h("td", { class: "num" }, fmtCount(c.totals.calls)),
+        h("td", { class: "num" }, fmtCount(c.totals.units)),
+        h("td", { class: "num" }, fmtCount(c.totals.spend)),
+      ),
+    );
   }
-  const table = h("table", { class: "monitor-contracts" }, h("thead", {}, h("tr", {}, ["Contract", "Offering", "Status", "Calls", "Units", "Spend (minor)"].map((t) => h("th", { scope: "col" }, t)))), h("tbody", {}, rows));
+  const table = h(
+    "table",
+    { class: "monitor-contracts" },
+    h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        ["Contract", "Offering", "Status", "Calls", "Units", "Spend (minor)"].map((t) => h("th", { scope: "col" }, t)),
+      ),
+    ),
+    h("tbody", {}, rows),
+  );
   return { nodes: [table], specs, report: rep };
 }
 
@@ -225,14 +348,55 @@ async function marketplaceTab(api, q, win) {
   const tot = rep.totals;
   const specs = [
     modeMix("market-modes", "Calls per mode (marketplace)", rep.adoption, windowOf(rep)),
-    { id: "market-usage", title: "Units and consumers (marketplace)", t: rep.adoption.t, window: windowOf(rep), series: [{ label: "units", values: rep.adoption.units }, { label: "consumers", values: rep.adoption.consumers }] },
+    {
+      id: "market-usage",
+      title: "Units and consumers (marketplace)",
+      t: rep.adoption.t,
+      window: windowOf(rep),
+      series: [
+        { label: "units", values: rep.adoption.units },
+        { label: "consumers", values: rep.adoption.consumers },
+      ],
+    },
     ...latencySpecs("market", rep.latency, windowOf(rep)),
   ];
-  const rows = rep.offerings.map((o) => h("tr", { "data-offering": o.offering_id }, h("td", {}, o.name), h("td", {}, h("code", {}, o.offering_id)), h("td", { class: "num" }, fmtCount(o.calls)), h("td", { class: "num" }, fmtCount(o.units)), h("td", { class: "num" }, fmtCount(o.consumers)), h("td", {}, fmtMoneyMap(o.revenue))));
+  const rows = rep.offerings.map((o) =>
+    h(
+      "tr",
+      { "data-offering": o.offering_id },
+      h("td", {}, o.name),
+      h("td", {}, h("code", {}, o.offering_id)),
+      h("td", { class: "num" }, fmtCount(o.calls)),
+      h("td", { class: "num" }, fmtCount(o.units)),
+      h("td", { class: "num" }, fmtCount(o.consumers)),
+      h("td", {}, fmtMoneyMap(o.revenue)),
+    ),
+  );
   return {
     nodes: [
-      tiles([["Calls", fmtCount(tot.calls), "calls"], ["Units", fmtCount(tot.units), "units"], ["Consumers", fmtCount(tot.consumers), "consumers"], ["Contracts", fmtCount(tot.contracts), "contracts"], ["Revenue", fmtMoneyMap(tot.revenue), "revenue"]]),
-      rows.length ? h("table", { class: "monitor-offerings" }, h("thead", {}, h("tr", {}, ["Offering", "Id", "Calls", "Units", "Consumers", "Revenue"].map((t) => h("th", { scope: "col" }, t)))), h("tbody", {}, rows)) : h("p", { class: "empty" }, "No usage in this range."),
+      tiles([
+        ["Calls", fmtCount(tot.calls), "calls"],
+        ["Units", fmtCount(tot.units), "units"],
+        ["Consumers", fmtCount(tot.consumers), "consumers"],
+        ["Contracts", fmtCount(tot.contracts), "contracts"],
+        ["Revenue", fmtMoneyMap(tot.revenue), "revenue"],
+      ]),
+      rows.length
+        ? h(
+            "table",
+            { class: "monitor-offerings" },
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                ["Offering", "Id", "Calls", "Units", "Consumers", "Revenue"].map((t) => h("th", { scope: "col" }, t)),
+              ),
+            ),
+            h("tbody", {}, rows),
+          )
+        : h("p", { class: "empty" }, "No usage in this range."),
     ],
     specs,
     report: rep,
@@ -253,11 +417,16 @@ export async function monitoringView(params, ctx) {
   const tabs = [];
   if (ctx.roles.some((r) => r === "provider" || r === "admin")) tabs.push(["provider", "My offerings", providerTab]);
   if (ctx.roles.some((r) => r === "consumer" || r === "admin")) tabs.push(["consumer", "My contracts", consumerTab]);
-  if (ctx.roles.some((r) => r === "compliance" || r === "admin")) tabs.push(["marketplace", "Marketplace", marketplaceTab]);
-  if (!tabs.length) return [h("h2", {}, "Monitoring"), h("p", { class: "empty" }, "Your roles have no monitoring view.")];
+  if (ctx.roles.some((r) => r === "compliance" || r === "admin"))
+    tabs.push(["marketplace", "Marketplace", marketplaceTab]);
+  if (!tabs.length)
+    return [h("h2", {}, "Monitoring"), h("p", { class: "empty" }, "Your roles have no monitoring view.")];
   const tab = tabs.find(([k]) => k === q.tab) ?? tabs[0];
   const range = RANGES[q.range] ? q.range : "24h";
-  const winFor = () => ({ step: RANGES[range].step, from: new Date(Date.now() - RANGES[range].seconds * 1000).toISOString() });
+  const winFor = () => ({
+    step: RANGES[range].step,
+    from: new Date(Date.now() - RANGES[range].seconds * 1000).toISOString(),
+  });
   const body = { go: (p) => ctx.go({ ...p, tab: tab[0], range }) };
   const status = h("span", { class: "muted", id: "monitor-updated" }, "");
   const content = h("div", { id: "monitor-content" });
@@ -285,7 +454,8 @@ export async function monitoringView(params, ctx) {
     for (const el of [...charts.children]) if (!have.has(el.id.slice("chart-".length))) el.remove();
     state.report = res.report;
     state.pending = res.specs;
-    if (charts.isConnected) for (const spec of res.specs) chart(charts.querySelector(`#chart-${CSS.escape(spec.id)}`), spec);
+    if (charts.isConnected)
+      for (const spec of res.specs) chart(charts.querySelector(`#chart-${CSS.escape(spec.id)}`), spec);
     state.refreshes += 1;
     state.updatedAt = new Date().toISOString();
     status.textContent = `updated ${new Date().toLocaleTimeString()} · refreshes every ${REFRESH_MS / 1000} s`;
@@ -313,11 +483,27 @@ export async function monitoringView(params, ctx) {
       if (el && !state.charts.has(spec.id)) chart(el, spec);
     }
   });
-  const rangeSel = h("select", { name: "range", id: "monitor-range" }, Object.entries(RANGES).map(([k, r]) => h("option", { value: k, selected: k === range }, r.label)));
+  const rangeSel = h(
+    "select",
+    { name: "range", id: "monitor-range" },
+    Object.entries(RANGES).map(([k, r]) => h("option", { value: k, selected: k === range }, r.label)),
+  );
   rangeSel.addEventListener("change", () => ctx.go({ ...q, tab: tab[0], range: rangeSel.value }));
   return [
     h("h2", {}, "Monitoring"),
-    tabs.length > 1 ? h("div", { class: "tabs", role: "tablist" }, tabs.map(([k, label]) => h("a", { href: `#/monitoring?tab=${k}&range=${range}`, role: "tab", "aria-selected": String(k === tab[0]) }, label))) : null,
+    tabs.length > 1
+      ? h(
+          "div",
+          { class: "tabs", role: "tablist" },
+          tabs.map(([k, label]) =>
+            h(
+              "a",
+              { href: `#/monitoring?tab=${k}&range=${range}`, role: "tab", "aria-selected": String(k === tab[0]) },
+              label,
+            ),
+          ),
+        )
+      : null,
     h("div", { class: "filters" }, h("label", { class: "field" }, h("span", {}, "Range"), rangeSel), status),
     content,
     charts,

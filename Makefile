@@ -49,13 +49,13 @@ bench: install
 bench-peers:
 	bash bench/peers/run.sh
 
-# The web UI's formatter: prettier from the committed tools/js/package-lock.json (npm from Debian).
+# The web UI's formatter: prettier from the committed marketplace/web/package-lock.json (npm from Debian).
 jsfmt:
 	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
-	@if [ ! tools/js/node_modules/.package-lock.json -nt tools/js/package-lock.json ]; then cd tools/js && npm ci --no-audit --no-fund --loglevel=error; fi
+	@if [ ! marketplace/web/node_modules/.package-lock.json -nt marketplace/web/package-lock.json ]; then cd marketplace/web && npm ci --no-audit --no-fund --loglevel=error; fi
 
 lint: install jsfmt
-	tools/js/node_modules/.bin/prettier --check "marketplace/web/static/*.js"
+	marketplace/web/node_modules/.bin/prettier --check "marketplace/web/static/*.js"
 	$(VENV)/bin/ruff format --check crypto contracts marketplace tests bench examples
 	$(VENV)/bin/ruff check crypto contracts marketplace
 	$(VENV)/bin/mypy crypto contracts marketplace

@@ -125,6 +125,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    # every path template served, for the metrics' route labels (routers are included lazily)
+    app.state.route_paths = tuple(getattr(r, "path", "") for router in ROUTERS for r in router.routes)
     routes_monitoring.mount_metrics(app)  # GET /metrics: Prometheus text, not part of the API document
     routes_auth.configure_oidc(rt, app)  # SSO when SOM_OIDC_ISSUER is set (docs/sso.md)
     routes_docs.mount_assets(app)

@@ -44,6 +44,8 @@ def route_templates(app: Any) -> list[tuple[re.Pattern[str], str]]:
     if cached is not None:
         return list(cached)
     found = set(app.openapi().get("paths", {}))
+    # routes outside the schema (the UI's redirects, /metrics): create_app lists every router's paths
+    found.update(getattr(app.state, "route_paths", ()))
     for r in getattr(app.router, "routes", ()):
         t = getattr(r, "path", None)
         if isinstance(t, str) and t:

@@ -4,7 +4,6 @@ tests/marketplace/test_web_ui.py."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ except ImportError:  # the browser fixture skips
 from tests.conftest import build_world, make_settings, serve_in_thread
 from tests.marketplace.sharing_support import lr_offering, status_of
 from tests.marketplace.test_sharing import _eval_at
-from tests.marketplace.test_web_ui import CHROMIUM, CHROMIUM_ARGS, sign_in
+from tests.marketplace.test_web_ui import browser, sign_in  # noqa: F401, F811 - browser: the one Chromium fixture
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +33,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]
         assert getattr(app.state, "internal_errors", 0) == 0, "the app answered 500"
     finally:
         app.state.runtime.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium) as root")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

